@@ -1,0 +1,146 @@
+"""Multi-head self-attention: projections, head split, rotary, and dispatch to the `ops` kernels.
+
+The math of each attention kind lives in `protein_performer.ops`; this module owns the weights and
+buffers those functions need (q/k/v projections, the random-feature projection, the RPE bias) and
+gives every kind the same interface. For a feature map, return_attention=True gives the matrix that
+the kind's forward applied to v (exact for softmax, implied by the features for FAVOR+).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from protein_performer import ops
+from protein_performer.nn.rotary import RotaryEmbedding
+
+if TYPE_CHECKING:  # model.py imports this module, so the config type is imported for checkers only
+    from protein_performer.model import PerformerConfig
+
+ATTENTION_KINDS = ("softmax", "favor", "favor_relu", "favor_rpe", "combiner")
+# Kinds that hold a random-feature projection (a buffer redrawn during training).
+RANDOM_FEATURE_KINDS = ("favor", "favor_relu", "favor_rpe")
+# Kinds with a constant-size recurrent state, so a causal model can decode one token at a time.
+RECURRENT_KINDS = ("favor", "favor_relu")
+_FAVOR_KERNEL = {"favor": "softmax", "favor_relu": "relu"}
+
+
+class SelfAttention(nn.Module):
+    """Self-attention of one block, for any kind in ATTENTION_KINDS.
+
+    No dropout on attention weights: kernelized attention never materialises them, and keeping the
+    kinds alike makes their comparison fair. Dropout acts on the output, as it enters the residual.
+    """
+
+    projection: Tensor | None
+
+    def __init__(self, config: PerformerConfig, layer_index: int) -> None:
+        super().__init__()
+        self.kind = config.attention
+        self.causal = config.causal
+        self.layer_index = layer_index  # place in the stack (0-based): seeds its projection, names it in hooks
+        self.n_heads = config.n_heads
+        self.head_dim = config.d_model // config.n_heads
+        self.combiner_block_size = config.combiner_block_size
+        self.combiner_variant = config.combiner_variant
+
+        self.qkv = nn.Linear(config.d_model, 3 * config.d_model)
+        self.out_proj = nn.Linear(config.d_model, config.d_model)
+        self.dropout = nn.Dropout(config.dropout)
+        self.rotary = RotaryEmbedding(self.head_dim) if config.position == "rotary" else None
+        # Persistent buffer: saved in checkpoints, moved with .to(), never touched by the optimiser.
+        # Filled by redraw_projection (the model draws all layers at construction).
+        projection = (torch.zeros(config.nb_features, self.head_dim)
+                      if self.kind in RANDOM_FEATURE_KINDS else None)
+        self.register_buffer("projection", projection, persistent=True)
+        # b_(j-i) for offsets -(max_length-1) .. max_length-1, cut to the centre [heads, 2L-1] for each
+        # input; zero = plain FAVOR+ at initialisation.
+        self.rpe_bias = (nn.Parameter(torch.zeros(config.n_heads, 2 * config.max_length - 1))
+                         if self.kind == "favor_rpe" else None)
+
+    def extra_repr(self) -> str:
+        features = f", nb_features={self.projection.shape[0]}" if self.projection is not None else ""
+        return f"kind={self.kind}, causal={self.causal}, heads={self.n_heads}, head_dim={self.head_dim}{features}"
+
+    @torch.no_grad()
+    def redraw_projection(self, generator: torch.Generator) -> None:
+        """Draw a fresh orthogonal Gaussian projection [nb_features, head_dim] from `generator` (CPU).
+
+        Drawn on the generator's device (CPU) in float64, then copied into the buffer's device and dtype,
+        so the matrix does not depend on where the model lives. No-op for kinds without random features.
+        """
+        if self.projection is None:
+            return
+        fresh = ops.gaussian_orthogonal_random_matrix(
+            self.projection.shape[0], self.head_dim, generator=generator, dtype=torch.float64)
+        self.projection.copy_(fresh)
+
+    def project_qkv(self, x: Tensor, offset: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+        """x [batch, length, d_model] -> q, k, v, each [batch, heads, length, head_dim].
+
+        Rotary (if configured) is applied to q and k here, before any feature map; `offset` is the
+        position of x's first token (non-zero during step-by-step decoding).
+        """
+        batch, length, _ = x.shape
+        q, k, v = (self.qkv(x)
+                   .view(batch, length, 3, self.n_heads, self.head_dim)
+                   .permute(2, 0, 3, 1, 4)  # (3, B, H, L, D)
+                   .unbind(0))
+        if self.rotary is not None:
+            q, k = self.rotary(q, offset), self.rotary(k, offset)
+        return q, k, v
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+        """Attention output [batch, heads, length, head_dim] of this layer's kind."""
+        if self.kind == "softmax":
+            return ops.softmax_attention(q, k, v, causal=self.causal, key_padding_mask=key_padding_mask)
+        if self.kind in _FAVOR_KERNEL:
+            return ops.favor_attention(q, k, v, self.projection, causal=self.causal,
+                                       kernel=_FAVOR_KERNEL[self.kind], key_padding_mask=key_padding_mask)
+        if self.kind == "favor_rpe":
+            rpe_bias = ops.slice_rpe_bias(self.rpe_bias, q.shape[-2])  # (H, 2L-1)
+            return ops.favor_rpe_attention(q, k, v, self.projection, rpe_bias,
+                                           causal=self.causal, key_padding_mask=key_padding_mask)
+        return ops.combiner_attention(q, k, v, causal=self.causal, block_size=self.combiner_block_size,
+                                      variant=self.combiner_variant, key_padding_mask=key_padding_mask)
+
+    def attention_weights(self, q: Tensor, k: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+        """The [batch, heads, length, length] matrix A that `attend` applies: attend(q, k, v) = A @ v."""
+        if self.kind == "softmax":
+            return ops.softmax_attention_weights(q, k, causal=self.causal, key_padding_mask=key_padding_mask)
+        if self.kind in _FAVOR_KERNEL:
+            return ops.implied_attention(q, k, self.projection, causal=self.causal,
+                                         kernel=_FAVOR_KERNEL[self.kind], key_padding_mask=key_padding_mask)
+        if self.kind == "favor_rpe":
+            rpe_bias = ops.slice_rpe_bias(self.rpe_bias, q.shape[-2])  # (H, 2L-1)
+            return ops.implied_rpe_attention(q, k, self.projection, rpe_bias,
+                                             causal=self.causal, key_padding_mask=key_padding_mask)
+        return ops.combiner_attention_weights(q, k, causal=self.causal, block_size=self.combiner_block_size,
+                                              variant=self.combiner_variant, key_padding_mask=key_padding_mask)
+
+    def forward(self, x: Tensor, key_padding_mask: Tensor | None = None,
+                return_attention: bool = False) -> tuple[Tensor, Tensor | None]:
+        """x [batch, length, d_model] -> (output [batch, length, d_model], weights [batch, heads, L, L] | None).
+
+        key_padding_mask: bool [batch, length], True at padding; padded keys get zero weight.
+        """
+        batch, length, d_model = x.shape
+        q, k, v = self.project_qkv(x)
+        y = self.attend(q, k, v, key_padding_mask)  # (B, H, L, D)
+        weights = self.attention_weights(q, k, key_padding_mask) if return_attention else None
+        y = y.transpose(1, 2).reshape(batch, length, d_model)  # (B, L, H*D)
+        return self.dropout(self.out_proj(y)), weights
+
+    def step(self, x_t: Tensor, position: int, state: Any = None) -> tuple[Tensor, Any]:
+        """One causal decoding step: x_t [batch, d_model] at `position` -> (output [batch, d_model], state).
+
+        The state is the op's constant-size running sum of phi(k) v^T and phi(k) (favor kinds only);
+        pass None at position 0.
+        """
+        if not self.causal or self.kind not in RECURRENT_KINDS:
+            raise ValueError(f"step-by-step decoding needs a causal model with attention in {RECURRENT_KINDS}, "
+                             f"this layer is attention={self.kind!r}, causal={self.causal}")
+        q, k, v = (t.squeeze(2) for t in self.project_qkv(x_t[:, None, :], offset=position))  # (B, H, D)
+        y, state = ops.favor_causal_step(q, k, v, self.projection, state, kernel=_FAVOR_KERNEL[self.kind])
+        return self.dropout(self.out_proj(y.reshape(x_t.shape[0], -1))), state

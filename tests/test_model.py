@@ -1,0 +1,405 @@
+"""ProteinPerformer and PerformerConfig: shapes, causality, padding, attention maps, random features,
+decoding, and the Hydra seam (conf/model x conf/attention)."""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from Bio import SeqIO
+from omegaconf import OmegaConf
+
+from protein_performer.data import Alphabet
+
+from protein_performer.model import (
+    ATTENTION_GROUP_FIELDS,
+    PerformerConfig,
+    PerformerOutput,
+    ProteinPerformer,
+    config_from_hydra,
+    projection_seed,
+)
+from protein_performer.nn import ATTENTION_KINDS, RANDOM_FEATURE_KINDS
+
+VOCAB, PAD = 25, 1
+CONF = Path(__file__).resolve().parent.parent / "conf"
+
+
+def tiny_config(attention: str = "favor", causal: bool = False, **overrides: Any) -> PerformerConfig:
+    """conf/model/tiny.yaml's sizes with test-friendly extras: no dropout, few features, short max_length."""
+    values: dict[str, Any] = dict(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=2, d_ff=64, dropout=0.0,
+                                  attention=attention, causal=causal, nb_features=16, max_length=48, pad_idx=PAD)
+    if attention == "combiner":
+        values["combiner_block_size"] = 4  # several blocks at test lengths
+    values.update(overrides)
+    return PerformerConfig(**values)
+
+
+def sharp_model(config: PerformerConfig) -> ProteinPerformer:
+    """A float64 model in eval mode with weights far from the near-uniform init (std 0.02), so that a
+    leak of a padded or future token shows up as a large difference, not a rounding-level one."""
+    model = ProteinPerformer(config).double().eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "norm" not in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype) * 0.3)
+    return model
+
+
+def random_ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(PAD + 1, VOCAB, (batch, length), generator=generator)
+
+
+# ----------------------------------------------------------------------------------------------------
+# forward
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ATTENTION_KINDS)
+def test_forward_shapes(kind: str) -> None:
+    model = ProteinPerformer(tiny_config(kind)).eval()
+    ids = random_ids(3, 10)
+    out = model(ids, repr_layers=(0, 1, -1), return_attention=True)
+    assert isinstance(out, PerformerOutput)
+    assert out.logits.shape == (3, 10, VOCAB)
+    assert sorted(out.hidden_states) == [0, 1, 2]
+    assert all(h.shape == (3, 10, 32) for h in out.hidden_states.values())
+    assert out.attentions is not None and out.attentions.shape == (3, 2, 2, 10, 10)
+    assert model(ids).attentions is None and model(ids).hidden_states == {}
+
+
+def test_hidden_state_layers_follow_esm_convention() -> None:
+    model = ProteinPerformer(tiny_config(position="learned")).eval()
+    ids = random_ids(2, 9)
+    out = model(ids, repr_layers=(0, 2))
+    positions = model.position_embedding(torch.arange(9))
+    torch.testing.assert_close(out.hidden_states[0], model.token_embedding(ids) + positions)
+    # The last layer is the final LayerNorm's output: the LM head reads exactly it.
+    torch.testing.assert_close(out.logits, model.lm_head(out.hidden_states[2]))
+    with pytest.raises(ValueError, match="repr_layers"):
+        model(ids, repr_layers=(3,))
+
+
+def test_lm_head_is_tied_to_the_embedding_by_default() -> None:
+    tied = ProteinPerformer(tiny_config())
+    assert tied.lm_head.weight is tied.token_embedding.weight
+    untied = ProteinPerformer(tiny_config(tie_embeddings=False))
+    assert untied.lm_head.weight is not untied.token_embedding.weight
+    assert untied.num_parameters() - tied.num_parameters() == VOCAB * 32
+    # The pad embedding starts at zero and receives no gradient through the embedding lookup.
+    assert tied.token_embedding.weight[PAD].abs().sum() == 0
+
+
+@pytest.mark.parametrize("kind", ATTENTION_KINDS)
+def test_every_parameter_gets_a_gradient(kind: str) -> None:
+    model = ProteinPerformer(tiny_config(kind, causal=kind != "softmax"))
+    with torch.no_grad():
+        for block in model.blocks:  # a zero RPE bias still gets gradients, but start off zero anyway
+            if block.attention.rpe_bias is not None:
+                block.attention.rpe_bias.normal_()
+    model(random_ids(2, 12)).logits.logsumexp(-1).sum().backward()
+    missing = [name for name, p in model.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+    assert missing == []
+
+
+# ----------------------------------------------------------------------------------------------------
+# causality and padding, for every attention kind
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidirectional"])
+@pytest.mark.parametrize("kind", ATTENTION_KINDS)
+def test_causal_logits_ignore_future_tokens(kind: str, causal: bool) -> None:
+    model = sharp_model(tiny_config(kind, causal=causal))
+    ids = random_ids(2, 14, seed=1)
+    changed = ids.clone()
+    changed[:, 6:] = random_ids(2, 8, seed=2)
+    before, after = model(ids).logits, model(changed).logits
+    early_gap = (before[:, :6] - after[:, :6]).abs().max().item()
+    if causal:
+        assert early_gap < 1e-10, f"position < 6 saw a change at >= 6 (max logit change {early_gap:.2e})"
+        assert (before[:, 6:] - after[:, 6:]).abs().max() > 1e-3
+    else:  # the same test detects leaks: a bidirectional model does see the future
+        assert early_gap > 1e-3
+
+
+@pytest.mark.parametrize("kind", ATTENTION_KINDS)
+def test_padding_is_invisible(kind: str) -> None:
+    """Bidirectional: every position attends to the padding unless it is masked. (Right padding of a
+    causal model sits in every real position's future, which the causality test covers.)"""
+    model = sharp_model(tiny_config(kind))
+    alone = random_ids(1, 9, seed=3)
+    batch = random_ids(2, 17, seed=4)  # junk (not pad ids) after position 9 of row 0: padding is the mask
+    batch[0, :9] = alone[0]
+    padding = torch.zeros(2, 17, dtype=torch.bool)
+    padding[0, 9:] = True
+    expected = model(alone).logits[0]
+    padded = model(batch, padding).logits[0, :9]
+    torch.testing.assert_close(padded, expected, rtol=1e-9, atol=1e-9)
+    unmasked = model(batch).logits[0, :9]  # without the mask the junk is visible: the test can fail
+    assert (unmasked - expected).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("kind", ["favor", "softmax"])
+def test_real_proteins_in_a_padded_batch_match_each_protein_alone(kind: str, data_dir: Path) -> None:
+    """The float32 training set-up: Alphabet ids of real UniProt proteins, <cls> residues <eos>, padded."""
+    alphabet = Alphabet()
+    short = (str(record.seq) for record in SeqIO.parse(data_dir / "uniprot_sample.fasta", "fasta")
+             if len(record.seq) <= 60)  # whole proteins of different lengths within max_length
+    examples = [torch.tensor([alphabet.cls_idx, *alphabet.encode(sequence), alphabet.eos_idx])
+                for sequence in itertools.islice(short, 4)]
+    ids = torch.nn.utils.rnn.pad_sequence(examples, batch_first=True, padding_value=alphabet.pad_idx)
+    padding = ids == alphabet.pad_idx
+    assert padding.any(), "the sample's first proteins should differ in length"
+    config = tiny_config(kind, vocab_size=len(alphabet), pad_idx=alphabet.pad_idx, max_length=64)
+    model = ProteinPerformer(config).eval()
+    batched = model(ids, padding).logits
+    for row, example in enumerate(examples):
+        alone = model(example[None]).logits[0]
+        torch.testing.assert_close(batched[row, : len(example)], alone, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------
+# attention maps
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+@pytest.mark.parametrize("kind", ATTENTION_KINDS)
+def test_attentions_are_the_matrices_the_forward_applied(kind: str, causal: bool) -> None:
+    """Hooks record each layer's input and its heads' merged output during the same forward pass that
+    returns `attentions`; attentions[:, layer] @ v must then reproduce that output."""
+    model = sharp_model(tiny_config(kind, causal=causal))
+    inputs: list[torch.Tensor] = []
+    outputs: list[torch.Tensor] = []
+    for block in model.blocks:
+        block.attention.register_forward_pre_hook(lambda _m, args: inputs.append(args[0]))
+        block.attention.out_proj.register_forward_pre_hook(lambda _m, args: outputs.append(args[0]))
+    ids = random_ids(2, 13, seed=5)
+    padding = torch.zeros(2, 13, dtype=torch.bool)
+    padding[1, 8:] = True
+    attentions = model(ids, padding, return_attention=True).attentions
+    assert attentions is not None
+    for layer, block in enumerate(model.blocks):
+        _, _, v = block.attention.project_qkv(inputs[layer])
+        applied = (attentions[:, layer].to(v.dtype) @ v).transpose(1, 2).reshape(2, 13, 32)  # (B, L, H*D)
+        torch.testing.assert_close(applied, outputs[layer], rtol=1e-7, atol=1e-9)
+    assert attentions[1, :, :, :, 8:].abs().max() == 0
+    rows = attentions.sum(-1)[~padding[:, None, None, :].expand(-1, 2, 2, -1)]  # real queries' rows
+    torch.testing.assert_close(rows, torch.ones_like(rows))
+
+
+def test_softmax_maps_are_exact_softmax() -> None:
+    model = sharp_model(tiny_config("softmax"))
+    captured: list[torch.Tensor] = []
+    model.blocks[0].attention.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
+    ids = random_ids(1, 7)
+    attentions = model(ids, return_attention=True).attentions
+    q, k, _ = model.blocks[0].attention.project_qkv(captured[0])
+    expected = torch.softmax(q @ k.transpose(-1, -2) / (16 ** 0.5), dim=-1)
+    torch.testing.assert_close(attentions[:, 0], expected)
+
+
+# ----------------------------------------------------------------------------------------------------
+# random features
+# ----------------------------------------------------------------------------------------------------
+
+
+def _projections(model: ProteinPerformer) -> list[torch.Tensor]:
+    return [block.attention.projection.clone() for block in model.blocks]
+
+
+@pytest.mark.parametrize("kind", RANDOM_FEATURE_KINDS)
+def test_redraw_is_a_function_of_seed_step_and_layer(kind: str) -> None:
+    torch.manual_seed(0)
+    a = ProteinPerformer(tiny_config(kind))
+    torch.manual_seed(1)  # another "rank" with a different global RNG state
+    b = ProteinPerformer(tiny_config(kind))
+    for model in (a, b):
+        model.redraw_projections(step=5000)
+    first, second = _projections(a), _projections(b)
+    for x, y in zip(first, second):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+    assert not torch.allclose(first[0], first[1]), "layers must get different projections"
+    a.redraw_projections(step=6000)
+    assert not torch.allclose(_projections(a)[0], first[0]), "a new step must give a new projection"
+    c = ProteinPerformer(tiny_config(kind, feature_seed=1))
+    c.redraw_projections(step=5000)
+    assert not torch.allclose(_projections(c)[0], first[0]), "feature_seed must matter"
+
+
+def test_projection_seeds_do_not_collide_for_nearby_triples() -> None:
+    seeds = {projection_seed(s, t, layer) for s in range(3) for t in range(0, 3000, 1000) for layer in range(4)}
+    assert len(seeds) == 36 and all(0 <= seed < 2**63 for seed in seeds)
+
+
+def test_redraw_leaves_parameters_alone_and_is_a_no_op_for_softmax() -> None:
+    model = ProteinPerformer(tiny_config("favor"))
+    before = {name: p.clone() for name, p in model.named_parameters()}
+    model.redraw_projections(step=3)
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+    softmax = ProteinPerformer(tiny_config("softmax"))
+    softmax.redraw_projections(step=3)
+    assert not softmax.uses_random_features and model.uses_random_features
+    with pytest.raises(ValueError, match="non-negative integer step"):
+        model.redraw_projections(step=-1)
+
+
+def test_eval_forward_is_deterministic() -> None:
+    model = ProteinPerformer(tiny_config("favor", dropout=0.1)).eval()
+    ids = random_ids(2, 12)
+    torch.testing.assert_close(model(ids).logits, model(ids).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", RANDOM_FEATURE_KINDS)
+def test_projection_travels_in_the_state_dict(kind: str) -> None:
+    source = ProteinPerformer(tiny_config(kind)).eval()
+    source.redraw_projections(step=7)
+    state = source.state_dict()
+    assert {f"blocks.{i}.attention.projection" for i in range(2)} <= set(state)
+    target = ProteinPerformer(tiny_config(kind, feature_seed=99)).eval()
+    ids = random_ids(1, 10)
+    assert not torch.allclose(target(ids).logits, source(ids).logits)
+    target.load_state_dict(state)
+    torch.testing.assert_close(target(ids).logits, source(ids).logits, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# step-by-step decoding
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind,position", [("favor", "rotary"), ("favor_relu", "learned"), ("favor", "none")])
+def test_decode_step_equals_the_parallel_forward(kind: str, position: str) -> None:
+    model = sharp_model(tiny_config(kind, causal=True, position=position))
+    ids = random_ids(2, 11, seed=6)
+    parallel = model(ids).logits
+    state = None
+    for t in range(ids.shape[1]):
+        logits, state = model.decode_step(ids[:, t], state)
+        torch.testing.assert_close(logits, parallel[:, t], rtol=1e-8, atol=1e-8)
+
+
+def test_generate_extends_the_prompt_reproducibly() -> None:
+    model = ProteinPerformer(tiny_config("favor", causal=True)).eval()
+    prompt = random_ids(2, 4)
+    first = model.generate(prompt, 6, generator=torch.Generator().manual_seed(0))
+    again = model.generate(prompt, 6, generator=torch.Generator().manual_seed(0))
+    assert first.shape == (2, 10) and torch.equal(first[:, :4], prompt) and torch.equal(first, again)
+    greedy = model.generate(prompt, 3, temperature=0)
+    assert torch.equal(greedy[:, 4], model(prompt).logits[:, -1].argmax(-1))
+
+
+@pytest.mark.parametrize("kind,causal", [("favor", False), ("softmax", True), ("favor_rpe", True)])
+def test_decode_step_needs_a_causal_recurrent_kind(kind: str, causal: bool) -> None:
+    model = ProteinPerformer(tiny_config(kind, causal=causal))
+    with pytest.raises(ValueError, match="decode_step needs causal=True"):
+        model.decode_step(random_ids(1, 1)[:, 0])
+
+
+# ----------------------------------------------------------------------------------------------------
+# PerformerConfig
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_config_round_trips_through_a_dict() -> None:
+    config = tiny_config("combiner", combiner_block_size=None)
+    assert config.combiner_block_size == 7  # round(sqrt(max_length=48))
+    assert PerformerConfig.from_dict(config.to_dict()) == config
+
+
+def test_config_from_dict_rejects_unknown_keys() -> None:
+    values = tiny_config().to_dict() | {"n_head": 4}
+    with pytest.raises(ValueError, match=r"unknown PerformerConfig keys \['n_head'\]"):
+        PerformerConfig.from_dict(values)
+
+
+def test_position_defaults_depend_on_the_attention_kind() -> None:
+    assert tiny_config("favor").position == "rotary"
+    assert tiny_config("favor_rpe").position == "none"
+    assert tiny_config("favor_rpe", position="rotary").position == "rotary"  # explicit choice is kept
+    assert ProteinPerformer(tiny_config("favor_rpe")).blocks[0].attention.rotary is None
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(d_model=30, n_heads=4), "not divisible by n_heads"),
+    (dict(attention="linear"), "unknown attention kind"),
+    (dict(position="absolute"), "unknown position"),
+    (dict(d_model=30, n_heads=2), "must be even"),
+    (dict(position="none"), "blind to residue order"),
+    (dict(dropout=1.0), "dropout"),
+    (dict(n_layers=0), "n_layers must be a positive integer"),
+    (dict(causal="yes"), "causal must be true or false"),
+    (dict(pad_idx=VOCAB), "pad_idx"),
+    (dict(combiner_variant="diagonal"), "combiner_variant"),
+], ids=lambda value: value if isinstance(value, str) else ",".join(value))
+def test_invalid_configs_fail_with_a_clear_message(overrides: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        tiny_config(**overrides)
+
+
+def test_sequences_beyond_max_length_are_refused_where_positions_are_tabled() -> None:
+    ids = random_ids(1, 49)
+    for config in (tiny_config(position="learned"), tiny_config("favor_rpe")):
+        with pytest.raises(ValueError, match="max_length"):
+            ProteinPerformer(config)(ids)
+    assert ProteinPerformer(tiny_config(position="rotary"))(ids).logits.shape == (1, 49, VOCAB)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Hydra seam: conf/model/*.yaml x conf/attention/*.yaml
+# ----------------------------------------------------------------------------------------------------
+
+
+def _compose(model: str, attention: str, seed: int = 3) -> tuple[Any, Any]:
+    """The two groups as Hydra would place them under a root that defines `seed` (conf/train.yaml)."""
+    root = OmegaConf.create({"seed": seed, "model": OmegaConf.load(CONF / "model" / f"{model}.yaml"),
+                             "attention": OmegaConf.load(CONF / "attention" / f"{attention}.yaml")})
+    return root.model, root.attention
+
+
+@pytest.mark.parametrize("attention", sorted(p.stem for p in (CONF / "attention").glob("*.yaml")))
+@pytest.mark.parametrize("model", sorted(p.stem for p in (CONF / "model").glob("*.yaml")))
+def test_every_model_and_attention_preset_builds_a_config(model: str, attention: str) -> None:
+    model_cfg, attention_cfg = _compose(model, attention)
+    config = config_from_hydra(model_cfg, attention_cfg, vocab_size=VOCAB, pad_idx=PAD, causal=True)
+    assert config.attention == attention
+    assert config.d_model == model_cfg.d_model and config.n_layers == model_cfg.n_layers
+    assert config.position == ("none" if attention == "favor_rpe" else "rotary")
+    if attention in RANDOM_FEATURE_KINDS:
+        assert config.feature_seed == 3 and config.nb_features == 256
+
+
+def test_presets_have_the_papers_sizes() -> None:
+    sizes = {name: config_from_hydra(*_compose(name, "favor"), vocab_size=VOCAB, pad_idx=PAD, causal=False)
+             for name in ("tiny", "small", "progen", "concat")}
+    progen, concat = sizes["progen"], sizes["concat"]
+    assert (progen.n_layers, progen.n_heads, progen.d_model, progen.d_ff) == (36, 8, 512, 1024)
+    assert (concat.n_layers, concat.d_model, concat.d_ff, concat.max_length) == (6, 512, 2048, 8192)
+    assert ProteinPerformer(sizes["tiny"]).num_parameters() < 25_000
+    assert ProteinPerformer(sizes["small"]).num_parameters() < 1_000_000
+
+
+def test_config_from_hydra_fails_loudly_on_unknown_or_misplaced_keys() -> None:
+    model_cfg, attention_cfg = _compose("tiny", "favor")
+    kwargs = dict(vocab_size=VOCAB, pad_idx=PAD, causal=False)
+    with pytest.raises(ValueError, match=r"conf/model: unknown or misplaced keys \['n_head'\]"):
+        config_from_hydra({**model_cfg, "n_head": 2}, attention_cfg, **kwargs)
+    with pytest.raises(ValueError, match=r"conf/model: unknown or misplaced keys \['nb_features'\]"):
+        config_from_hydra({**model_cfg, "nb_features": 8}, attention_cfg, **kwargs)
+    with pytest.raises(ValueError, match=r"conf/model: unknown or misplaced keys \['causal'\]"):
+        config_from_hydra({**model_cfg, "causal": True}, attention_cfg, **kwargs)
+    with pytest.raises(ValueError, match=r"conf/attention: unknown or misplaced keys \['d_model'\]"):
+        config_from_hydra(model_cfg, {**attention_cfg, "d_model": 8}, **kwargs)
+    with pytest.raises(ValueError, match="needs `kind`"):
+        config_from_hydra(model_cfg, {"nb_features": 8}, **kwargs)
+
+
+def test_attention_group_fields_exist_in_the_config() -> None:
+    names = {f.name for f in dataclasses.fields(PerformerConfig)}
+    assert set(ATTENTION_GROUP_FIELDS) <= names
