@@ -1,0 +1,86 @@
+"""Proteins from FASTA to training batches.
+
+    fasta.py      read_fasta / chunked reading (Biopython), accessions, DataError
+    alphabet.py   Alphabet: residues <-> uint8 token ids through a byte lookup table
+    splits.py     train/valid/test/ood from a stable hash of the accession
+    store.py      build_token_store (FASTA -> HDF5, streaming) and TokenStore (reading it)
+    sampling.py   single proteins (crops, token-budget batches) or a concatenated stream in windows
+    masking.py    masked-LM corruption and causal-LM labels
+    dataset.py    ProteinBatches: one split's batches, sharded over DDP ranks and DataLoader workers
+    datamodule.py ProteinDataModule (Lightning), building the store from FASTA into a cache on first use
+
+The torch/Lightning parts (dataset, datamodule) are imported on first use, so preprocessing and
+FASTA reading start without loading torch.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from protein_performer.data.alphabet import Alphabet, EncodedSequences
+from protein_performer.data.fasta import (
+    DataError,
+    FastaChunk,
+    FastaFormatError,
+    FastaRecord,
+    expand_inputs,
+    parse_accession,
+    read_fasta,
+    read_fasta_chunks,
+)
+from protein_performer.data.masking import IGNORE_INDEX, OBJECTIVES, causal_lm_labels, mask_for_mlm
+from protein_performer.data.sampling import SAMPLINGS, budget_batches, plan_epoch, single_examples
+from protein_performer.data.splits import SPLITS, SplitSpec, accession_hash
+from protein_performer.data.store import StoreSummary, TokenStore, build_token_store
+
+_LAZY = {
+    "Batch": "protein_performer.data.dataset",
+    "BatchSpec": "protein_performer.data.dataset",
+    "ProteinBatches": "protein_performer.data.dataset",
+    "EpochLoader": "protein_performer.data.datamodule",
+    "ProteinDataModule": "protein_performer.data.datamodule",
+}
+
+if TYPE_CHECKING:
+    from protein_performer.data.datamodule import EpochLoader, ProteinDataModule
+    from protein_performer.data.dataset import Batch, BatchSpec, ProteinBatches
+
+__all__ = [
+    "Alphabet",
+    "Batch",
+    "BatchSpec",
+    "DataError",
+    "EncodedSequences",
+    "EpochLoader",
+    "FastaChunk",
+    "FastaFormatError",
+    "FastaRecord",
+    "IGNORE_INDEX",
+    "OBJECTIVES",
+    "ProteinBatches",
+    "ProteinDataModule",
+    "SAMPLINGS",
+    "SPLITS",
+    "SplitSpec",
+    "StoreSummary",
+    "TokenStore",
+    "accession_hash",
+    "budget_batches",
+    "build_token_store",
+    "causal_lm_labels",
+    "expand_inputs",
+    "mask_for_mlm",
+    "parse_accession",
+    "plan_epoch",
+    "read_fasta",
+    "read_fasta_chunks",
+    "single_examples",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'protein_performer.data' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value

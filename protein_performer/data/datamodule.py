@@ -1,0 +1,246 @@
+"""ProteinDataModule: a token store (given, or built from FASTA into a cache) -> sharded batch loaders."""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+import os
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from protein_performer.data.dataset import BatchSpec, ProteinBatches
+from protein_performer.data.fasta import DataError, expand_inputs
+from protein_performer.data.splits import SplitSpec
+from protein_performer.data.store import FORMAT_VERSION, TokenStore, build_token_store, input_identity
+
+__all__ = ["ProteinDataModule", "EpochLoader"]
+
+log = logging.getLogger(__name__)
+
+# The checkout this package runs from (an editable install): relative data paths that do not exist
+# under the working directory are looked up here, so data=sample works from any directory.
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _locate(path: str) -> str:
+    """`path` as given if it exists (or matches) under the working directory; else, if it is relative
+    and exists under the repository root, that one."""
+    if os.path.isabs(path) or glob.glob(os.path.expanduser(path)):
+        return path
+    candidate = REPO_ROOT / path
+    return str(candidate) if glob.glob(str(candidate)) else path
+
+
+class EpochLoader(DataLoader):
+    """A DataLoader (batch_size=None: the dataset yields batches) that sets its dataset's epoch.
+
+    Before each pass it asks `epoch_source` (the Trainer's current epoch, so a resumed run continues
+    the same sequence) or, without one, counts its own passes. Workers receive a fresh copy of the
+    dataset every pass (persistent_workers=False), epoch included.
+    """
+
+    def __init__(self, dataset: ProteinBatches, epoch_source: Callable[[], int | None] | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(dataset, batch_size=None, persistent_workers=False, **kwargs)
+        self.epoch_source = epoch_source
+        self.passes = 0
+
+    def __iter__(self):  # type: ignore[override]
+        epoch = self.epoch_source() if self.epoch_source is not None else None
+        self.dataset.set_epoch(self.passes if epoch is None else epoch)  # type: ignore[attr-defined]
+        self.passes += 1
+        return super().__iter__()
+
+
+class ProteinDataModule(pl.LightningDataModule):
+    """Masked- or causal-LM batches of proteins from a token store, for Lightning (DDP-aware).
+
+    Batches: {"input_ids": LongTensor [B, L], "labels": LongTensor [B, L] (-100 = no target),
+    "padding_mask": BoolTensor [B, L] (True at padding)}.
+    - mlm: labels hold the original token at the ~15% chosen residue positions (80% of them shown as
+      <mask>, 10% as a random amino acid, 10% unchanged).
+    - clm: labels[:, i] = input_ids[:, i + 1] (already shifted: logits[:, i] predicts labels[:, i]);
+      -100 at the last position and wherever the next token is padding.
+    Either way the loss is cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100).
+
+    Data: `store` (an .h5 from `python -m protein_performer.preprocess`) if given; otherwise `fasta`
+    (a file, a glob or a list; plain or .gz), tokenised on first use into `cache_dir` under a name
+    keyed by the inputs' paths, sizes and mtimes and the split settings, so a changed input or
+    setting builds a new store. Relative paths are relative to the working directory, or, if nothing
+    is there, to the repository root (so the bundled data/uniprot_sample.fasta is found from anywhere).
+    Lightning builds the cache in `prepare_data` (local rank 0; other ranks wait at its barrier);
+    without a Trainer, `setup` builds it on local rank 0 while other ranks wait for the file.
+
+    Loaders: train_dataloader (split "train"), val_dataloader ("valid"), test_dataloader
+    ([test, ood], matching ProteinLM's eval_split_names), ood_dataloader. Every DDP rank and DataLoader
+    worker reads whole, disjoint blocks of the split; training reshuffles every epoch from
+    (seed, epoch) and gives every rank the same number of batches.
+
+    Args (see conf/data/*.yaml):
+        objective: "mlm" | "clm".
+        sampling: "single" (one protein per example) | "concat" (a <eos>-joined stream cut into windows).
+        max_length: tokens per example (single, incl. <cls>/<eos>) or per window (concat).
+        tokens_per_batch: single: padded tokens per batch (batch size x longest example).
+        batch_size: concat: windows per batch.
+        eval_crop: single, evaluation: "windows" (every residue once) | "start" (the first residues).
+        valid_fraction, test_fraction, ood_accessions, ood_regex: split settings (SplitSpec), used when
+            building from FASTA (a given store carries its own).
+        num_workers, pin_memory: DataLoader settings.
+        seed: data order, crops and masks.
+        mask_probability, mask_fraction, random_fraction: MLM recipe.
+        block_records, block_batches: the largest unit of reading and sharding (records for single,
+            batches of windows for concat); small splits get smaller blocks.
+        compression, background_reader: how a cache store is built (see build_token_store).
+        build_timeout: seconds a rank waits for another to finish building the cache.
+    """
+
+    def __init__(
+        self,
+        objective: str = "mlm",
+        sampling: str = "single",
+        max_length: int = 1024,
+        fasta: str | Sequence[str] | None = None,
+        store: str | None = None,
+        cache_dir: str = ".cache/protein_performer",
+        tokens_per_batch: int = 16384,
+        batch_size: int = 8,
+        eval_crop: str = "windows",
+        valid_fraction: float = 0.01,
+        test_fraction: float = 0.01,
+        ood_accessions: str | None = None,
+        ood_regex: str | None = None,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        seed: int = 0,
+        mask_probability: float = 0.15,
+        mask_fraction: float = 0.8,
+        random_fraction: float = 0.1,
+        block_records: int = 2048,
+        block_batches: int = 8,
+        compression: str = "gzip",
+        background_reader: bool = True,
+        build_timeout: float = 24 * 3600.0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.spec = BatchSpec(objective=objective, sampling=sampling, max_length=max_length,
+                              tokens_per_batch=tokens_per_batch, batch_size=batch_size, eval_crop=eval_crop,
+                              mask_probability=mask_probability, mask_fraction=mask_fraction,
+                              random_fraction=random_fraction, block_records=block_records,
+                              block_batches=block_batches)
+        self.split_spec = SplitSpec(valid_fraction=valid_fraction, test_fraction=test_fraction,
+                                    ood_accessions=ood_accessions, ood_regex=ood_regex)
+        if num_workers < 0:
+            raise DataError(f"num_workers must be >= 0, got {num_workers}")
+        fasta_list = None if fasta is None else ([fasta] if isinstance(fasta, str) else [str(f) for f in fasta])
+        self.fasta = None if fasta_list is None else [_locate(f) for f in fasta_list]
+        self.store = None if store is None else Path(_locate(store))
+        self.cache_dir = Path(cache_dir).expanduser().absolute()
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.seed = seed
+        self.compression = compression
+        self.background_reader = background_reader
+        self.build_timeout = build_timeout
+        self.store_path: Path | None = None  # set by prepare_data / setup
+
+    # ---- the store --------------------------------------------------------------------------------
+
+    def cache_path(self) -> Path:
+        """Where the store built from `fasta` lives: named after the first input, keyed by all of them."""
+        if self.fasta is None:
+            raise DataError("no data: set data.fasta=<FASTA file or glob> (data=uniref50 reads $UNIREF50_FASTA, "
+                            "data=trembl and trembl_concat read $TREMBL_FASTA) or data.store=<token store .h5>")
+        paths = expand_inputs(self.fasta)
+        key = json.dumps({"format_version": FORMAT_VERSION, "inputs": input_identity(paths),
+                          "split": self.split_spec.identity(), "compression": self.compression}, sort_keys=True)
+        digest = hashlib.blake2b(key.encode(), digest_size=8).hexdigest()
+        return self.cache_dir / f"{paths[0].name.split('.')[0]}-{digest}.h5"
+
+    def _resolve_store(self, build: bool) -> Path:
+        if self.store is not None:
+            if not self.store.is_file():
+                raise DataError(f"{self.store}: no such token store (data.store); build one with "
+                                "python -m protein_performer.preprocess input=<fasta> output=<file.h5>")
+            return self.store
+        path = self.cache_path()
+        if path.is_file():
+            return path
+        if build:
+            log.info("tokenising %s into %s (once; later runs reuse it)", " ".join(self.fasta or []), path)
+            summary = build_token_store(self.fasta or [], path, split=self.split_spec, compression=self.compression,
+                                        background_reader=self.background_reader, overwrite=True)
+            log.info("token store %s:\n%s", path, summary.format())
+            return path
+        deadline = time.monotonic() + self.build_timeout
+        while not path.is_file():  # another rank is building it; the rename makes it appear complete
+            if time.monotonic() > deadline:
+                raise DataError(f"{path}: waited {self.build_timeout:.0f} s for local rank 0 to build this token "
+                                "store; build it first with python -m protein_performer.preprocess")
+            time.sleep(1.0)
+        return path
+
+    def prepare_data(self) -> None:
+        """Build the cached store if needed. Lightning calls this on local rank 0 only."""
+        self.store_path = self._resolve_store(build=True)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Find (or, outside Lightning, build on local rank 0 / wait for) the store and check it."""
+        self.store_path = self._resolve_store(build=self._local_rank() == 0)
+        with TokenStore(self.store_path) as store:
+            log.info("%r", store)
+        # Our __len__ is exact per rank and worker (see ProteinBatches), which Lightning cannot know.
+        warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
+
+    # ---- loaders ----------------------------------------------------------------------------------
+
+    def _local_rank(self) -> int:
+        if self.trainer is not None:
+            return self.trainer.local_rank
+        return int(os.environ.get("LOCAL_RANK", 0))
+
+    def _rank_and_world(self) -> tuple[int, int]:
+        if self.trainer is not None:
+            return self.trainer.global_rank, self.trainer.world_size
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
+    def _epoch(self) -> int | None:
+        return self.trainer.current_epoch if self.trainer is not None else None
+
+    def dataset(self, split: str, *, rank: int | None = None, world_size: int | None = None) -> ProteinBatches:
+        """The batches of `split` ("train", "valid", "test", "ood") for one rank (default: this one)."""
+        if self.store_path is None:
+            self.setup()
+        assert self.store_path is not None
+        auto_rank, auto_world = self._rank_and_world()
+        return ProteinBatches(self.store_path, split, self.spec, train=split == "train", seed=self.seed,
+                              rank=auto_rank if rank is None else rank,
+                              world_size=auto_world if world_size is None else world_size,
+                              workers=self.num_workers)
+
+    def dataloader(self, split: str, *, rank: int | None = None, world_size: int | None = None) -> EpochLoader:
+        return EpochLoader(self.dataset(split, rank=rank, world_size=world_size), epoch_source=self._epoch,
+                           num_workers=self.num_workers, pin_memory=self.pin_memory)
+
+    def train_dataloader(self) -> EpochLoader:
+        return self.dataloader("train")
+
+    def val_dataloader(self) -> EpochLoader:
+        return self.dataloader("valid")
+
+    def test_dataloader(self) -> list[EpochLoader]:
+        """[test, ood]: the order of ProteinLM's eval_split_names."""
+        return [self.dataloader("test"), self.dataloader("ood")]
+
+    def ood_dataloader(self) -> EpochLoader:
+        return self.dataloader("ood")

@@ -1,0 +1,287 @@
+"""Batches of one split of a token store, sharded over DDP ranks and DataLoader workers.
+
+`ProteinBatches` is an IterableDataset that yields whole batches (a DataLoader with batch_size=None
+passes them through). Per epoch, every process computes the same `EpochPlan` from (seed, epoch):
+the split's blocks in a shuffled order, dealt to the world_size * workers shards. A shard reads its
+blocks with two contiguous slices each (offsets, then tokens), which is what a compressed chunked
+HDF5 file is fast at, and turns them into batches:
+
+    {"input_ids": LongTensor [B, L], "labels": LongTensor [B, L] (-100: no target),
+     "padding_mask": BoolTensor [B, L] (True at padding)}
+
+All randomness (block order, crops, batch order, masking) comes from generators seeded by
+(seed, epoch, split, block, batch), so a batch is reproducible whatever the number of workers
+and whichever worker builds it. Evaluation splits use epoch 0 every time: the same crops and masks
+at every validation, so curves compare like with like.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from protein_performer.data.alphabet import Alphabet
+from protein_performer.data.fasta import DataError
+from protein_performer.data.masking import OBJECTIVES, causal_lm_labels, mask_for_mlm
+from protein_performer.data.sampling import (
+    SAMPLINGS,
+    EpochPlan,
+    budget_batches,
+    count_budget_batches,
+    example_token_counts,
+    join_with_eos,
+    plan_epoch,
+    single_examples,
+)
+from protein_performer.data.splits import SPLITS
+from protein_performer.data.store import TokenStore
+
+__all__ = ["BatchSpec", "ProteinBatches", "Batch"]
+
+Batch = dict[str, torch.Tensor]
+_OFFSETS_PER_READ = 1 << 20  # records per read when scanning a split's lengths
+_MIN_BLOCKS_PER_SHARD = 4  # small splits get small blocks, so every shard has some to balance
+
+
+@dataclass(frozen=True)
+class BatchSpec:
+    """How examples and batches are made (the DataModule's arguments of the same names)."""
+
+    objective: str = "mlm"  # "mlm" | "clm"
+    sampling: str = "single"  # "single" | "concat"
+    max_length: int = 1024  # tokens per example (single: incl. <cls> and <eos>) or per window (concat)
+    tokens_per_batch: int = 16384  # single: padded tokens per batch (batch size x longest example)
+    batch_size: int = 8  # concat: windows per batch
+    eval_crop: str = "windows"  # single, evaluation: "windows" (every residue once) | "start"
+    mask_probability: float = 0.15
+    mask_fraction: float = 0.8
+    random_fraction: float = 0.1
+    block_records: int = 2048  # single: records per block (the unit of reading and sharding), at most
+    block_batches: int = 8  # concat: batches per block, at most
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise DataError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.sampling not in SAMPLINGS:
+            raise DataError(f"sampling must be one of {SAMPLINGS}, got {self.sampling!r}")
+        if self.eval_crop not in ("windows", "start"):
+            raise DataError(f"eval_crop must be 'windows' or 'start', got {self.eval_crop!r}")
+        if self.max_length < 3:
+            raise DataError(f"max_length must be >= 3, got {self.max_length}")
+        if self.sampling == "single" and self.tokens_per_batch < self.max_length:
+            raise DataError(f"tokens_per_batch ({self.tokens_per_batch}) must be >= max_length ({self.max_length}): "
+                            "a batch must hold at least one full-length protein")
+        if self.batch_size < 1 or self.block_records < 1 or self.block_batches < 1:
+            raise DataError("batch_size, block_records and block_batches must be >= 1")
+
+
+class ProteinBatches(IterableDataset):
+    """The batches of one split for one DDP rank; DataLoader workers split them further.
+
+    Args:
+        store: path of the token store.
+        split: "train", "valid", "test" or "ood".
+        train: random crops, shuffled blocks and batches, a new plan every epoch, and equal batch
+            counts on every rank; otherwise deterministic crops and every batch of the split.
+        rank, world_size: this process's place in DDP (0, 1 without DDP).
+        workers: the DataLoader's num_workers (0 = the main process reads).
+    """
+
+    def __init__(self, store: str | Path, split: str, spec: BatchSpec, *, train: bool, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, workers: int = 0) -> None:
+        super().__init__()
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        self.store_path = Path(store)
+        self.split = split
+        self.split_code = SPLITS.index(split)
+        self.spec = spec
+        self.train = train
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.workers = max(workers, 1)
+        self.alphabet = Alphabet()
+        self.epoch = 0
+        self._store: TokenStore | None = None
+        store_now = self._open()
+        self.records = store_now.split_sizes[split]
+        self.residues = store_now.split_residues[split]
+        self.block_batches, self.block_size = self._blocks(store_now)
+        store_now.close()  # workers open their own handle; none is inherited across the fork
+        self._plan: tuple[int, EpochPlan] | None = None
+
+    # ---- the plan ---------------------------------------------------------------------------------
+
+    def _open(self) -> TokenStore:
+        # One handle per process: a TokenStore reopens itself after a fork.
+        if self._store is None:
+            self._store = TokenStore(self.store_path)
+        return self._store
+
+    @property
+    def stream_tokens(self) -> int:
+        """concat: length of the split's stream (every record followed by <eos>)."""
+        return self.residues + self.records
+
+    def _blocks(self, store: TokenStore) -> tuple[np.ndarray, int]:
+        """(batches per block int64 [n_blocks], block size in records (single) or windows (concat))."""
+        shards = self.world_size * self.workers
+        spec = self.spec
+        if self.spec.sampling == "concat":
+            windows = math.ceil(self.stream_tokens / spec.max_length) if self.records else 0
+            batches = math.ceil(windows / spec.batch_size)
+            per_block = min(spec.block_batches, max(1, math.ceil(batches / (_MIN_BLOCKS_PER_SHARD * shards))))
+            size = per_block * spec.batch_size
+            counts = np.full(math.ceil(windows / size), per_block, dtype=np.int64)
+            if windows % size:
+                counts[-1] = math.ceil((windows % size) / spec.batch_size)
+            return counts, size
+        size = min(spec.block_records, max(1, math.ceil(self.records / (_MIN_BLOCKS_PER_SHARD * shards))))
+        crop = "random" if self.train else spec.eval_crop
+        counts = []
+        step = size * max(1, _OFFSETS_PER_READ // size)  # whole blocks per read
+        # One pass over the split's offsets, about a million records at a time: constant memory.
+        for first in range(0, self.records, step):
+            offsets = store.offsets(self.split, first, min(first + step, self.records))
+            lengths = np.diff(offsets)
+            for begin in range(0, len(lengths), size):
+                tokens = example_token_counts(lengths[begin:begin + size], spec.max_length, crop)
+                counts.append(count_budget_batches(tokens, spec.tokens_per_batch))
+        return np.asarray(counts, dtype=np.int64), size
+
+    def set_epoch(self, epoch: int) -> None:
+        """Training reshuffles per epoch; call before iterating (the DataModule's loaders do)."""
+        self.epoch = epoch
+
+    @property
+    def _plan_epoch(self) -> int:
+        return self.epoch if self.train else 0
+
+    def plan(self) -> EpochPlan:
+        epoch = self._plan_epoch
+        if self._plan is None or self._plan[0] != epoch:
+            order = np.arange(len(self.block_batches))
+            if self.train:
+                order = np.random.default_rng((self.seed, epoch, self.split_code)).permutation(order)
+            self._plan = (epoch, plan_epoch(self.block_batches, order, self.world_size, self.workers,
+                                            equal_ranks=self.train))
+        return self._plan[1]
+
+    def __len__(self) -> int:
+        """Batches this rank yields this epoch (all of its workers together)."""
+        return self.plan().batches_of_rank(self.rank)
+
+    # ---- iteration --------------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        if info is not None:
+            if info.num_workers != self.workers:
+                raise RuntimeError(f"dataset planned for {self.workers} workers, DataLoader has {info.num_workers}")
+            yield from self._worker_batches(info.id)
+            return
+        # In the main process: all of this rank's worker shards, interleaved in the order a
+        # DataLoader with `workers` workers would deliver them (round robin, skipping exhausted ones).
+        streams = [self._worker_batches(worker) for worker in range(self.workers)]
+        while streams:
+            for stream in list(streams):
+                batch = next(stream, None)
+                if batch is None:
+                    streams.remove(stream)
+                else:
+                    yield batch
+
+    def _worker_batches(self, worker: int) -> Iterator[Batch]:
+        plan = self.plan()
+        quota = int(plan.quota[self.rank, worker])
+        blocks = plan.shard_blocks[self.rank * self.workers + worker]
+        produced = 0
+        for block in blocks.tolist():
+            if produced == quota:
+                return
+            read = self._single_block if self.spec.sampling == "single" else self._concat_block
+            for batch in read(block):
+                yield batch
+                produced += 1
+                if produced == quota:
+                    return
+
+    def _rng(self, *keys: int) -> np.random.Generator:
+        return np.random.default_rng((self.seed, self._plan_epoch, self.split_code, *keys))
+
+    def _single_block(self, block: int) -> Iterator[Batch]:
+        store = self._open()
+        first = block * self.block_size
+        offsets = store.offsets(self.split, first, min(first + self.block_size, self.records))
+        tokens = store.read_tokens(self.split, int(offsets[0]), int(offsets[-1]))
+        offsets = offsets - offsets[0]
+        rng = self._rng(block)
+        examples = single_examples(np.diff(offsets), self.spec.max_length,
+                                   "random" if self.train else self.spec.eval_crop, rng)
+        batches = budget_batches(examples.take + 2, self.spec.tokens_per_batch)
+        if self.train:
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        for number, rows in enumerate(batches):
+            ids = self._assemble(tokens, offsets[examples.record[rows]] + examples.start[rows], examples.take[rows])
+            yield self._targets(ids, self._rng(block, number))
+
+    def _assemble(self, tokens: np.ndarray, source: np.ndarray, take: np.ndarray) -> np.ndarray:
+        """[B, max(take) + 2] int64: <cls> tokens[source[b]:source[b] + take[b]] <eos>, then <pad>."""
+        count = len(take)
+        ids = np.full((count, int(take.max()) + 2), self.alphabet.pad_idx, dtype=np.int64)
+        ids[:, 0] = self.alphabet.cls_idx
+        ids[np.arange(count), take + 1] = self.alphabet.eos_idx
+        before = np.cumsum(take) - take
+        row = np.repeat(np.arange(count), take)
+        within = np.arange(int(take.sum())) - np.repeat(before, take)
+        ids[row, within + 1] = tokens[np.repeat(source, take) + within]
+        return ids
+
+    def _concat_block(self, block: int) -> Iterator[Batch]:
+        length = self.spec.max_length
+        begin = block * self.block_size * length
+        end = min(begin + self.block_size * length, self.stream_tokens)
+        first, last = self._record_at(begin), self._record_at(end - 1)
+        store = self._open()
+        offsets = store.offsets(self.split, first, last + 1)
+        tokens = store.read_tokens(self.split, int(offsets[0]), int(offsets[-1]))
+        stream_start = int(offsets[0]) + first  # stream position of record `first`
+        stream = join_with_eos(tokens, offsets - offsets[0], self.alphabet.eos_idx)
+        piece = stream[begin - stream_start:end - stream_start]
+        windows = math.ceil(len(piece) / length)
+        ids = np.full((windows, length), self.alphabet.pad_idx, dtype=np.int64)
+        ids.reshape(-1)[:len(piece)] = piece
+        for number, start in enumerate(range(0, windows, self.spec.batch_size)):
+            yield self._targets(ids[start:start + self.spec.batch_size], self._rng(block, number))
+
+    def _record_at(self, position: int) -> int:
+        """The record whose stream span (residues and its <eos>) holds stream `position`: the last
+        record r with offsets[r] + r <= position, by binary search over the on-disk offsets."""
+        store = self._open()
+        low, high = 0, self.records - 1
+        while low < high:
+            middle = (low + high + 1) // 2
+            if store.offset(self.split, middle) + middle <= position:
+                low = middle
+            else:
+                high = middle - 1
+        return low
+
+    def _targets(self, ids: np.ndarray, rng: np.random.Generator) -> Batch:
+        padding = ids == self.alphabet.pad_idx
+        if self.spec.objective == "mlm":
+            inputs, labels = mask_for_mlm(ids, self.alphabet, rng, probability=self.spec.mask_probability,
+                                          mask_fraction=self.spec.mask_fraction,
+                                          random_fraction=self.spec.random_fraction)
+        else:
+            inputs, labels = ids, causal_lm_labels(ids, self.alphabet.pad_idx)
+        return {"input_ids": torch.from_numpy(inputs), "labels": torch.from_numpy(labels),
+                "padding_mask": torch.from_numpy(padding)}

@@ -1,0 +1,406 @@
+"""FASTA reading: plain or gzip, one file or a glob, with errors that name the file and the line.
+
+Two readers share one opener and its checks:
+- `read_fasta` yields one `FastaRecord` per protein (accession, description, sequence, header line):
+  the friendly interface, for embedding a few thousand proteins.
+- `read_fasta_chunks` yields `FastaChunk`s of a few thousand records as joined byte strings: the fast
+  path behind `build_token_store`, which must keep up with 100 GB of TrEMBL. Both parse with
+  Biopython's `SimpleFastaParser` (plain string tuples, no SeqRecord per protein).
+  `read_fasta_chunks_in_background` runs it in a child process so parsing and encoding overlap.
+
+Accessions, the stable key of a record (splits hash it):
+- UniProtKB `>db|ACCESSION|ENTRY_NAME description OS=... OX=... GN=... PE=... SV=...` -> ACCESSION
+- UniRef `>UniRef50_Q6GZX4 description n=1 Tax=... TaxID=... RepID=...` -> UniRef50_Q6GZX4
+- anything else: the first word of the header (`>1es5-A` -> 1es5-A)
+"""
+from __future__ import annotations
+
+import gc
+import glob
+import gzip
+import io
+import multiprocessing
+import os
+import re
+import traceback
+import zlib
+from collections import deque
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+from Bio.SeqIO.FastaIO import SimpleFastaParser
+
+__all__ = [
+    "DataError",
+    "FastaFormatError",
+    "FastaRecord",
+    "FastaChunk",
+    "expand_inputs",
+    "parse_accession",
+    "accession_spans",
+    "check_fasta",
+    "read_fasta",
+    "read_fasta_chunks",
+    "read_fasta_chunks_in_background",
+    "header_line_of_record",
+]
+
+PathInput = str | os.PathLike[str]
+_GZIP_MAGIC = b"\x1f\x8b"
+_HEAD_BYTES = 1 << 16  # how much of a file the opener inspects for binary content
+_READ_BUFFER = 1 << 20
+# Control bytes that never occur in text (whitespace excluded): their presence means binary input.
+_CONTROL = re.compile(rb"[\x00-\x08\x0e-\x1f\x7f]")
+_GLOB_CHARACTERS = re.compile(r"[*?\[]")
+# What a damaged gzip stream raises while it is being read.
+_STREAM_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile)
+
+
+class DataError(Exception):
+    """Bad input data or configuration. The message names the file (and line) and what to do.
+
+    Command-line entry points print it without a traceback and exit with status 2.
+    """
+
+
+class FastaFormatError(DataError):
+    """A file that is not valid FASTA: empty, binary, text before the first '>', truncated gzip."""
+
+
+@dataclass(frozen=True)
+class FastaRecord:
+    """One protein of a FASTA file."""
+
+    accession: str  # stable key (see the module docstring)
+    description: str  # the whole header line without '>'
+    sequence: str  # residues as written (whitespace removed; case, gaps and '*' untouched)
+    line: int  # 1-based line number of the header in its file
+    path: Path
+
+
+@dataclass(frozen=True)
+class FastaChunk:
+    """Consecutive records of one file, as joined byte strings (latin-1, byte for byte).
+
+    titles: the n header lines without '>', joined with b"\\n".
+    sequences: the n sequences concatenated (whitespace removed), lengths[i] bytes each.
+    """
+
+    path: Path
+    first_record: int  # index of the chunk's first record in its file (0-based)
+    titles: bytes
+    sequences: bytes
+    lengths: np.ndarray  # int64 [n]
+    position: int  # bytes of the (possibly compressed) file consumed so far: progress, not exact
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+
+def expand_inputs(inputs: PathInput | Sequence[PathInput]) -> list[Path]:
+    """Files named by a path, a glob (`uniref/*.fasta.gz`), or a list of either; sorted per glob.
+
+    Raises DataError for a glob that matches nothing, a missing file or a directory.
+    """
+    items = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    if not items:
+        raise DataError("no input given: pass a FASTA file or a glob such as 'data/*.fasta.gz'")
+    paths: list[Path] = []
+    for item in items:
+        pattern = os.path.expanduser(os.fspath(item))
+        if _GLOB_CHARACTERS.search(pattern):
+            matches = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+            if not matches:
+                raise DataError(f"{pattern}: no file matches this pattern")
+            paths.extend(Path(p) for p in matches)
+        elif os.path.isdir(pattern):
+            raise DataError(f"{pattern}: is a directory; pass a file or a glob such as '{pattern}/*.fasta'")
+        elif not os.path.exists(pattern):
+            raise DataError(f"{pattern}: no such file")
+        else:
+            paths.append(Path(pattern))
+    return list(dict.fromkeys(paths))  # a file named twice is read once
+
+
+def parse_accession(title: str) -> str:
+    """The record key of a header line (without '>'): see the module docstring. '' if there is none.
+
+    The reference for `accession_spans`, which does the same for thousands of headers at once.
+    """
+    words = title.split(None, 1)
+    if not words:
+        return ""
+    word = words[0]
+    if "|" in word:
+        field = word.split("|")[1]
+        if field:
+            return field
+    return word
+
+
+def accession_spans(titles: bytes, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """Where each accession lies in `titles` (`count` header lines joined by b"\\n").
+
+    Returns (start, stop) int64 [count]: accession i is titles[start[i]:stop[i]], exactly what
+    `parse_accession` returns for that line. Vectorised over the chunk: positions of newlines, blanks
+    and '|' found once with numpy, then matched to lines by binary search.
+    """
+    text = np.frombuffer(titles, dtype=np.uint8)
+    end = len(text)
+    newlines = np.flatnonzero(text == ord("\n"))
+    if len(newlines) != count - 1:
+        raise ValueError(f"{count} titles expected, found {len(newlines) + 1} lines")
+    line_start = np.concatenate([[0], newlines + 1])
+    line_end = np.concatenate([newlines, [end]])
+    blanks = np.flatnonzero((text == ord(" ")) | (text == ord("\t")))
+    word_end = np.minimum(np.append(blanks, end)[np.searchsorted(blanks, line_start)], line_end)
+    pipes = np.flatnonzero(text == ord("|"))
+    padded = np.append(pipes, [end, end])
+    k = np.searchsorted(pipes, line_start)
+    first_pipe, second_pipe = padded[k], padded[k + 1]
+    in_word = first_pipe < word_end
+    field_stop = np.minimum(second_pipe, word_end)
+    use_field = in_word & (field_stop > first_pipe + 1)  # an empty field falls back to the word
+    start = np.where(use_field, first_pipe + 1, line_start)
+    stop = np.where(use_field, field_stop, word_end)
+    # A header with leading blanks ('> P12345 ...') is rare: parse those few lines the slow way.
+    leading = np.flatnonzero((word_end == line_start) & (line_end > line_start))
+    for i in leading:
+        line = titles[line_start[i]:line_end[i]].decode("latin-1")
+        accession = parse_accession(line).encode("latin-1")
+        offset = titles.find(accession, line_start[i], line_end[i]) if accession else line_start[i]
+        start[i], stop[i] = offset, offset + len(accession)
+    return start.astype(np.int64), stop.astype(np.int64)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Opening and checking a file.
+
+
+def _line_of_offset(head: bytes, offset: int) -> int:
+    return head.count(b"\n", 0, offset) + 1
+
+
+@contextmanager
+def _open_fasta(path: Path) -> Iterator[tuple[IO[str], IO[bytes]]]:
+    """(text handle, raw file) of a plain or gzip FASTA (detected by its magic bytes, not its name).
+
+    Checks the first 64 KiB: empty file, binary content, text before the first '>'. The raw file's
+    position reports progress through the compressed bytes.
+    """
+    try:
+        raw = open(path, "rb")
+    except OSError as error:
+        raise DataError(f"{path}: cannot open ({error.strerror})") from None
+    with raw:
+        compressed = raw.read(2) == _GZIP_MAGIC
+        raw.seek(0)
+        stream: IO[bytes] = gzip.GzipFile(fileobj=raw, mode="rb") if compressed else raw
+        buffered = io.BufferedReader(stream, _READ_BUFFER)  # type: ignore[arg-type]
+        try:
+            head = buffered.peek(_HEAD_BYTES)[:_HEAD_BYTES]
+        except EOFError as error:
+            raise _truncated(path, error) from None
+        except (*_STREAM_ERRORS, OSError) as error:
+            raise FastaFormatError(f"{path}: not a readable gzip file ({error})") from None
+        _check_head(path, head, compressed)
+        text = io.TextIOWrapper(buffered, encoding="latin-1", newline="\n")
+        try:
+            yield text, raw
+        finally:
+            text.close()  # and with it the buffer and the gzip stream
+
+
+def check_fasta(path: Path) -> None:
+    """Open `path` and check its start (empty, binary, text before the first '>'); FastaFormatError if bad."""
+    with _open_fasta(path):
+        pass
+
+
+def _check_head(path: Path, head: bytes, compressed: bool) -> None:
+    kind = "gzip file" if compressed else "file"
+    if not head.strip():
+        raise FastaFormatError(f"{path}: empty {kind}: no FASTA records")
+    control = _CONTROL.search(head)
+    if control is not None:
+        line = _line_of_offset(head, control.start())
+        raise FastaFormatError(f"{path}:{line}: binary data (byte 0x{head[control.start()]:02x} at offset "
+                               f"{control.start()}{' after decompression' if compressed else ''}); "
+                               "expected FASTA text")
+    first = len(head) - len(head.lstrip())
+    if head[first:first + 1] != b">":
+        line = _line_of_offset(head, first)
+        snippet = head[first:first + 40].split(b"\n")[0].decode("latin-1")
+        raise FastaFormatError(f"{path}:{line}: text before the first '>' header ({snippet!r}); "
+                               "a FASTA file starts with a '>' header line")
+
+
+def _truncated(path: Path, error: BaseException) -> FastaFormatError:
+    line = _lines_before_failure(path)
+    return FastaFormatError(f"{path}:{line}: the gzip stream is truncated or corrupt: the text breaks off at line "
+                            f"{line} ({error}); re-download or re-compress the file")
+
+
+def _lines_before_failure(path: Path) -> int:
+    """Number of the line the readable part of a damaged gzip stream ends in (error path only)."""
+    lines = 1
+    with open(path, "rb") as raw, gzip.GzipFile(fileobj=raw) as stream:
+        try:
+            while block := stream.read1(1 << 16):
+                lines += block.count(b"\n")
+        except _STREAM_ERRORS:
+            pass
+    return lines
+
+
+def header_line_of_record(path: Path, record: int) -> int:
+    """1-based line of the header of record number `record` (0-based) in `path` (error path only)."""
+    with _open_fasta(path) as (text, _):
+        seen = -1
+        for number, line in enumerate(text, start=1):
+            if line.startswith(">"):
+                seen += 1
+                if seen == record:
+                    return number
+    raise ValueError(f"{path} has no record number {record}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Readers.
+
+
+def read_fasta(inputs: PathInput | Sequence[PathInput]) -> Iterator[FastaRecord]:
+    """Every record of the input files (a path, a glob or a list), in order, empty sequences included.
+
+    Raises FastaFormatError naming the file and line for: an empty file, binary content, text before
+    the first '>', a truncated gzip stream, a header without an identifier.
+    """
+    for path in expand_inputs(inputs):
+        yield from _read_one(path)
+
+
+def _read_one(path: Path) -> Iterator[FastaRecord]:
+    header_lines: deque[int] = deque()
+
+    def numbered(handle: IO[str]) -> Iterator[str]:
+        for number, line in enumerate(handle, start=1):
+            if line.startswith(">"):
+                header_lines.append(number)
+            yield line
+
+    count = 0
+    with _open_fasta(path) as (text, _):
+        records = SimpleFastaParser(numbered(text))
+        while True:
+            try:
+                title, sequence = next(records)
+            except StopIteration:
+                break
+            except _STREAM_ERRORS as error:
+                raise _truncated(path, error) from None
+            line = header_lines.popleft()
+            if _CONTROL.search(title.encode("latin-1")) is not None:
+                raise FastaFormatError(f"{path}:{line}: binary data in this header line; expected FASTA text")
+            accession = parse_accession(title)
+            if not accession:
+                raise FastaFormatError(f"{path}:{line}: header line has no identifier: '>{title}'")
+            control = _CONTROL.search(sequence.encode("latin-1"))
+            if control is not None:
+                raise FastaFormatError(f"{path}: binary data in the sequence of the record at line {line} "
+                                       f"(byte 0x{ord(sequence[control.start()]):02x}); expected FASTA text")
+            count += 1
+            yield FastaRecord(accession, title, sequence, line, path)
+    if count == 0:
+        raise FastaFormatError(f"{path}: no FASTA records")
+
+
+def read_fasta_chunks(path: Path, chunk_records: int = 2048) -> Iterator[FastaChunk]:
+    """Records of one file in chunks of `chunk_records` (the last one shorter).
+
+    Per record the Python work is only the parser's; joining, lengths and encoding are done per
+    chunk. Content checks that need the sequences' bytes (binary data, empty accessions) are the
+    consumer's: it has the bytes at hand and reports the line with `header_line_of_record`.
+    """
+    if chunk_records < 1:
+        raise ValueError(f"chunk_records must be >= 1, got {chunk_records}")
+    first = 0
+    with _open_fasta(path) as (text, raw):
+        parser = SimpleFastaParser(text)
+        while True:
+            try:
+                batch = list(islice(parser, chunk_records))
+            except _STREAM_ERRORS as error:
+                raise _truncated(path, error) from None
+            if not batch:
+                break
+            titles, sequences = zip(*batch)
+            yield FastaChunk(
+                path=path,
+                first_record=first,
+                titles="\n".join(titles).encode("latin-1"),
+                sequences="".join(sequences).encode("latin-1"),
+                lengths=np.fromiter(map(len, sequences), dtype=np.int64, count=len(sequences)),
+                position=raw.tell(),
+            )
+            first += len(batch)
+    if first == 0:
+        raise FastaFormatError(f"{path}: no FASTA records")
+
+
+def _reader_main(paths: list[Path], chunk_records: int, connection: Any) -> None:
+    """Child process: parse every file and send its chunks, then ("done",) or ("error", ...)."""
+    gc.disable()  # the parser makes millions of short-lived tuples; cyclic GC finds nothing in them
+    try:
+        for path in paths:
+            for chunk in read_fasta_chunks(path, chunk_records):
+                connection.send(("chunk", chunk))
+        connection.send(("done",))
+    except DataError as error:
+        connection.send(("error", error))
+    except BaseException:  # anything else is a bug: hand its traceback to the parent
+        connection.send(("crash", traceback.format_exc()))
+    finally:
+        connection.close()
+
+
+def read_fasta_chunks_in_background(paths: Sequence[Path], chunk_records: int = 2048) -> Iterator[FastaChunk]:
+    """`read_fasta_chunks` over several files, parsed in a child process while the caller works.
+
+    Parsing is most of preprocessing; with it in its own process the caller's encoding and HDF5
+    writing overlap with it. A pipe carries at most a chunk or two, so memory stays constant.
+    Errors raised in the child (DataError) are raised again here.
+    """
+    methods = multiprocessing.get_all_start_methods()
+    # fork: the child needs nothing but this module and starts instantly; it never touches the
+    # parent's HDF5 or tqdm state, which is what makes forking unsafe elsewhere.
+    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    receiver, sender = context.Pipe(duplex=False)
+    process = context.Process(target=_reader_main, args=(list(paths), chunk_records, sender),
+                              name="fasta-reader", daemon=True)
+    process.start()
+    sender.close()
+    try:
+        while True:
+            try:
+                message = receiver.recv()
+            except EOFError:
+                process.join()
+                raise RuntimeError(f"the FASTA reader process died (exit code {process.exitcode})") from None
+            if message[0] == "chunk":
+                yield message[1]
+            elif message[0] == "done":
+                return
+            elif message[0] == "error":
+                raise message[1]
+            else:
+                raise RuntimeError(f"the FASTA reader process failed:\n{message[1]}")
+    finally:
+        receiver.close()
+        if process.is_alive():
+            process.terminate()
+        process.join()

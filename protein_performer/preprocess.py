@@ -1,0 +1,48 @@
+"""FASTA -> HDF5 token store.
+
+    python -m protein_performer.preprocess input=uniref50.fasta.gz output=uniref50.h5
+    python -m protein_performer.preprocess input='shards/*.fasta' output=all.h5 ood_regex='OS=Homo sapiens'
+
+Options: conf/preprocess.yaml. Bad input (missing or empty file, binary data, text before the first
+'>', a truncated .gz) stops with one line naming the file and line, exit status 2, and no output file.
+"""
+from __future__ import annotations
+
+import sys
+
+import hydra
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from protein_performer.data.fasta import DataError
+from protein_performer.data.splits import SplitSpec
+from protein_performer.data.store import build_token_store
+
+
+USAGE = "python -m protein_performer.preprocess input=<FASTA file or glob> output=<store.h5> [key=value ...]"
+
+
+def preprocess(cfg: DictConfig) -> None:
+    missing = [key for key in ("input", "output") if OmegaConf.is_missing(cfg, key)]
+    if missing:
+        raise DataError(f"{' and '.join(missing)} must be given: {USAGE}")
+    inputs = OmegaConf.to_container(cfg.input) if isinstance(cfg.input, ListConfig) else str(cfg.input)
+    split = SplitSpec(valid_fraction=cfg.valid_fraction, test_fraction=cfg.test_fraction,
+                      ood_accessions=cfg.ood_accessions, ood_regex=cfg.ood_regex)
+    summary = build_token_store(inputs, cfg.output, split=split, compression=cfg.compression,
+                                compression_threads=cfg.compression_threads, chunk_records=cfg.chunk_records,
+                                background_reader=cfg.background_reader, overwrite=cfg.overwrite,
+                                progress=cfg.progress)
+    print(f"wrote {cfg.output}\n{summary.format()}")
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="preprocess")
+def main(cfg: DictConfig) -> None:
+    try:
+        preprocess(cfg)
+    except DataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
