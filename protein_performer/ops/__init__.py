@@ -1,0 +1,30 @@
+"""Pure attention math on tensors shaped [batch, heads, length, head_dim]: no parameters, no config."""
+from protein_performer.ops.favor import (
+    FavorState,
+    favor_attention,
+    favor_causal_step,
+    gaussian_orthogonal_random_matrix,
+    implied_attention,
+    relu_kernel_features,
+    softmax_kernel_features,
+)
+from protein_performer.ops.softmax import softmax_attention, softmax_attention_weights
+from protein_performer.ops.rpe_fft import favor_rpe_attention, implied_rpe_attention, slice_rpe_bias
+from protein_performer.ops.combiner import combiner_attention, combiner_attention_weights
+
+__all__ = [
+    "FavorState",
+    "favor_attention",
+    "favor_causal_step",
+    "gaussian_orthogonal_random_matrix",
+    "implied_attention",
+    "relu_kernel_features",
+    "softmax_attention",
+    "softmax_attention_weights",
+    "softmax_kernel_features",
+    "favor_rpe_attention",
+    "implied_rpe_attention",
+    "slice_rpe_bias",
+    "combiner_attention",
+    "combiner_attention_weights",
+]
