@@ -1,4 +1,5 @@
 """Pure attention math on tensors shaped [batch, heads, length, head_dim]: no parameters, no config."""
+from protein_performer.ops.combiner import combiner_attention, combiner_attention_weights
 from protein_performer.ops.favor import (
     FavorState,
     favor_attention,
@@ -8,9 +9,8 @@ from protein_performer.ops.favor import (
     relu_kernel_features,
     softmax_kernel_features,
 )
-from protein_performer.ops.softmax import softmax_attention, softmax_attention_weights
 from protein_performer.ops.rpe_fft import favor_rpe_attention, implied_rpe_attention, slice_rpe_bias
-from protein_performer.ops.combiner import combiner_attention, combiner_attention_weights
+from protein_performer.ops.softmax import softmax_attention, softmax_attention_weights
 
 __all__ = [
     "FavorState",

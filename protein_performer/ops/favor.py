@@ -25,6 +25,7 @@ hand-written backward); ``_favor_attention_reference`` is the same computation i
 Everything runs in float32 (or float64 when given float64) even under bf16/fp16 autocast; the output
 is cast back to the dtype of ``v``.
 """
+
 from __future__ import annotations
 
 import math
@@ -51,7 +52,7 @@ DEFAULT_CHUNK_SIZE = 64
 #: The generalized (ReLU) kernel adds this to every feature so that denominators never vanish.
 RELU_EPS = 1e-3
 #: Chunks per group of the two-level state scan of the causal path.
-SCAN_GROUP = 16
+SCAN_GROUP = 32
 
 
 # --------------------------------------------------------------------------------------------------
@@ -83,7 +84,9 @@ def gaussian_orthogonal_random_matrix(
     if nb_features < 1 or dim < 1:
         raise ValueError(f"gaussian_orthogonal_random_matrix: need nb_features, dim >= 1, got {nb_features}, {dim}.")
     if scaling not in (0, 1):
-        raise ValueError(f"gaussian_orthogonal_random_matrix: scaling must be 0 (chi norms) or 1 (sqrt(dim)), got {scaling}.")
+        raise ValueError(
+            f"gaussian_orthogonal_random_matrix: scaling must be 0 (chi norms) or 1 (sqrt(dim)), got {scaling}."
+        )
     gen_device = generator.device if generator is not None else torch.device("cpu")
     opts = {"generator": generator, "device": gen_device, "dtype": torch.float64}
     if orthogonal:
@@ -250,7 +253,9 @@ def _check(
                 "split heads before calling."
             )
     if q.shape != k.shape:
-        raise ValueError(f"{where}: q {tuple(q.shape)} and k {tuple(k.shape)} must have the same shape (self-attention).")
+        raise ValueError(
+            f"{where}: q {tuple(q.shape)} and k {tuple(k.shape)} must have the same shape (self-attention)."
+        )
     if v is not None and v.shape[:3] != k.shape[:3]:
         raise ValueError(f"{where}: v {tuple(v.shape)} must match k {tuple(k.shape)} in batch, heads and length.")
     if projection.dim() != 2 or projection.shape[1] != q.shape[-1]:
@@ -269,7 +274,13 @@ def _check(
 
 
 def _features(
-    q: Tensor, k: Tensor, v: Tensor | None, projection: Tensor, kernel: Kernel, causal: bool, key_padding_mask: Tensor | None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor | None,
+    projection: Tensor,
+    kernel: Kernel,
+    causal: bool,
+    key_padding_mask: Tensor | None,
 ) -> _Features:
     """Query/key features with the stabilisers described in the module docstring (call with autocast off)."""
     dtype = _compute_dtype(q)
@@ -434,22 +445,21 @@ def _decayed_scan(x: Tensor, source: Tensor | None, target: Tensor | None, *, re
     if groups > 1:
         # Group b sends its total to the next group in scan order (b + 1, or b - 1 when reversed),
         # taken relative to the receiving group's boundary target ("exit"): its first (last) target.
-        # The one group with no receiver gets a zero row instead, so no slicing copy of x is needed.
+        # Totals are computed for every group (no slicing copy of x); the last one's is never read.
         if reverse:
             exit_offset = torch.cat([t[:, :1, 0], t[:, :-1, -1]], dim=1)  # (BH, groups); [0] unused
-            senders, receivers, idle = slice(1, None), slice(None, -1), 0
+            senders, receivers = slice(1, None), slice(None, -1)
         else:
             exit_offset = torch.cat([t[:, 1:, 0], t[:, -1:, -1]], dim=1)  # [groups - 1] unused
-            senders, receivers, idle = slice(None, -1), slice(1, None), groups - 1
+            senders, receivers = slice(None, -1), slice(1, None)
         to_exit = torch.exp(s - exit_offset[..., None])  # (BH, groups, G)
-        to_exit[:, idle] = 0.0
         totals = torch.bmm(to_exit.view(BH * groups, 1, G), xs).view(BH, groups, P)
         neighbour = torch.roll(exit_offset, 1 if not reverse else -1, dims=1)  # previous sender's exit
         step = torch.exp(neighbour - exit_offset)  # rescales the carried sum to this group's exit
         carried = torch.empty_like(totals)  # carried[b]: everything up to group b, at exit_offset[b]
         order = list(range(groups - 1, 0, -1)) if reverse else list(range(groups - 1))
         carried[:, order[0]] = totals[:, order[0]]
-        for previous, b in zip(order, order[1:]):
+        for previous, b in zip(order[:-1], order[1:], strict=True):
             torch.addcmul(totals[:, b], carried[:, previous], step[:, b, None], out=carried[:, b])
         to_target = torch.exp(exit_offset[:, senders, None] - t[:, receivers])  # (BH, groups - 1, G)
         out[:, receivers].addcmul_(to_target[..., None], carried[:, senders, None, :])
@@ -474,7 +484,9 @@ def _bidirectional_backward(saved: tuple, grad_out: Tensor) -> tuple[Tensor, Ten
     return grad_query, grad_key, grad_value
 
 
-def _causal_forward(query: Tensor, key: Tensor, value: Tensor, key_offset: Tensor | None, chunk_size: int) -> tuple[Tensor, tuple]:
+def _causal_forward(
+    query: Tensor, key: Tensor, value: Tensor, key_offset: Tensor | None, chunk_size: int
+) -> tuple[Tensor, tuple]:
     """Chunked causal linear attention with running key offsets; see :func:`_causal_reference`.
 
     query, key [B, H, L, m]; value [B, H, L, D]; key_offset [B, H, L] or None; L a multiple of
@@ -543,7 +555,9 @@ def _causal_backward(saved: tuple, grad_out: Tensor) -> tuple[Tensor, Tensor, Te
     grad_v = f @ state_grad[..., :-1]  # (BH, n, C, D): through the chunk sums
     if to_end is not None:
         grad_v.mul_(to_end[..., None])
-    grad_v = grad_v.view(flat, C, D).baddbmm_(scores.view(flat, C, C).transpose(-1, -2), grad_num[..., :-1].reshape(flat, C, D))
+    grad_v = grad_v.view(flat, C, D).baddbmm_(
+        scores.view(flat, C, C).transpose(-1, -2), grad_num[..., :-1].reshape(flat, C, D)
+    )
     return grad_g.view(B, H, L, m), grad_f.view(B, H, L, m), grad_v.view(B, H, L, D)
 
 
@@ -584,7 +598,7 @@ class _SoftmaxFavor(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, projection, key_padding_mask, causal: bool, chunk_size: int) -> Tensor:
         D = q.shape[-1]
-        scale = D ** -0.25
+        scale = D**-0.25
         pad = key_padding_mask[:, None, :, None] if key_padding_mask is not None else None
         w_query = projection.T * scale  # (D, m)
         # key logits k' W^T - |k'|^2 / 2 as one matmul: [k', |k'|^2 / 2] @ [W, -1]^T
@@ -620,7 +634,7 @@ class _SoftmaxFavor(torch.autograd.Function):
         grad_q = grad_query.mul_(query) @ w_query.T  # d exp(x) = exp(x) dx
         grad_k_aug = grad_key.mul_(key) @ w_key.T  # [dL W, -sum_m dL]
         D = k_scaled.shape[-1]
-        grad_k = torch.addcmul(grad_k_aug[..., :D], k_scaled, grad_k_aug[..., D:]).mul_(D ** -0.25)
+        grad_k = torch.addcmul(grad_k_aug[..., :D], k_scaled, grad_k_aug[..., D:]).mul_(D**-0.25)
         if key_padding_mask is not None:
             pad = key_padding_mask[:, None, :, None]
             grad_q.masked_fill_(pad, 0.0)
@@ -678,6 +692,7 @@ def favor_attention(
         qc, kc, vc, w = q.to(dtype), k.to(dtype), v.to(dtype), projection.to(dtype)
         if key_padding_mask is not None:
             vc = vc.masked_fill(key_padding_mask[:, None, :, None], 0.0)
+        chunk_size = min(chunk_size, max(L, 1))  # a short sequence is one chunk, not a padded one
         tail = -L % chunk_size if causal else 0
         if tail:
             # Zero positions after the end are in every real query's future: they need no mask.

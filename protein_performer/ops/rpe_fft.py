@@ -17,14 +17,17 @@ O(L m D) activations and recompute blocks in the backward pass:
   linear convolution, a product of spectra after zero-padding to n_fft >= 2L - 1 (a 2-3-5-smooth
   length): O(m (D + 1) L log L) time, the paper's algorithm. Work is chunked over (batch x head) rows
   and features so that a chunk holds at most ``_CHUNK_ELEMENTS`` numbers.
-- "dense": blocks of queries against their keys, (phi_q phi_k^T * C) [v, 1]: O(L^2 (m + D)) time,
-  O(block x L) memory, half the keys when causal. All GEMMs, no FFT.
+- "dense": blocks of queries against their keys, (phi_q phi_k^T * C * E) [v, 1] with E = 1, or the
+  causal rescaling below: O(L^2 (m + D)) time, O(block x L) memory, half the keys when causal. All
+  GEMMs, no FFT.
 
 On a CPU an FFT step costs ~25 GEMM multiply-adds (``_FFT_COST``, measured here), so the dense path
-is the faster one up to L ~ 4e4 (bidirectional; ~9e4 causal) at m = 256, D = 64, and ~4e3 at m = 16,
-D = 8; ``toeplitz="auto"`` picks by that cost model. Either way this is one to two orders of magnitude
-more work than plain FAVOR+ (O(L m D)): the convolution needs all m (D + 1) channels at O(L log L)
-each, the dense path L^2 (m + D) multiply-adds.
+is the faster one up to L ~ 4e4 (bidirectional) at m = 256, D = 64, and ~4e3 at m = 16, D = 8;
+``toeplitz="auto"`` picks by that cost model for bidirectional attention and always picks dense for
+causal attention (Stabilisers: the FFT path is not causal in floating point; by cost alone it would
+win beyond L ~ 9e4 causal). Either way this is one to two orders of magnitude more work than plain
+FAVOR+ (O(L m D)): the convolution needs all m (D + 1) channels at O(L log L) each, the dense path
+L^2 (m + D) multiply-adds.
 
 Precision. An FFT convolution's rounding error is set by the largest terms of the whole signal, not
 by the terms one output row sums: a row whose visible c_ij phi(k_j) are all e^-20 below the largest
@@ -35,17 +38,32 @@ then), at about twice the cost of float32 FFTs. The dense path sums each row's o
 the compute dtype (float32, or float64 for float64 input).
 
 Stabilisers. exp(b) is shifted by the max of b per head (over the offsets the mode reads): a constant
-per head cancels in the ratio and keeps c <= 1, so nothing overflows. The features are those of
-:func:`~protein_performer.ops.favor.softmax_kernel_features`: queries divided by their own row max
-(cancels per query), keys by one max over the valid keys of the (batch, head) (cancels as a constant).
-A per-key stabiliser would not cancel and would change the kernel; FAVOR+'s causal path uses a running
-key max with per-query rescaling, but a per-query rescale breaks the Toeplitz structure, so it cannot be
-used with one convolution. Consequences for causal attention: outputs at i <= t do not depend on tokens
-after t in exact arithmetic; in floating point the FFT mixes the rounding noise of every position into
-every output (relative size ~1e-16 times the dynamic range), and a future key could only do more by
-pushing the shared key max ~80 nats (float32 features) above every past key, which underflows the
-past. Padded keys are exactly invisible: they are zeroed (``masked_fill``) and excluded from the key
-max; padded queries get zero output rows, as in ``favor_attention``.
+per head cancels in the ratio and keeps c <= 1, so nothing overflows. Query features are those of
+:func:`~protein_performer.ops.favor.softmax_kernel_features`, divided by their own row max (cancels
+per query). Key features are exp(logit - offset), the offset chosen as in ``favor_attention``:
+- bidirectional (both paths): one max over the valid keys of the (batch, head), a constant that
+  cancels.
+- causal, dense path (what "auto" runs; also :func:`implied_rpe_attention`): the running offset
+  M_j = max over valid keys j' <= j. Key j is stored as exp(logit_j - M_j) <= 1 and query i reads it
+  with the factor E_ij = exp(M_j - M_i) <= 1 (M is nondecreasing), multiplied into the [block, keys]
+  weight block together with c_(j-i): a row and a column scaling through the offset just before the
+  block, exact exps inside it (:func:`_apply_decay_`), O(L^2) multiplies against L^2 (m + D) / 2 GEMM
+  multiply-adds. Nothing query i reads depends on a key after i, and the weights of later keys are
+  exact zeros, so outputs (and gradients of past outputs) at i <= t are bit-for-bit independent of
+  positions > t, even when a future key's features would dwarf or underflow the past's.
+- causal, FFT path (``toeplitz="fft"`` only): E_ij = exp(M_j) exp(-M_i) is rank one and could be
+  folded into keys and queries, but M_j - M_0 is unbounded (a large-norm first key has a very
+  negative logit), so exp(M_j - M_0) overflows; and even perfectly stabilised, an FFT convolution
+  adds to every output rounding noise ~1e-16 times the largest terms of the whole signal, future
+  positions included. So this path keeps the one shared max over all valid keys and is causal in
+  exact arithmetic only: in floating point a future key perturbs earlier outputs by that rounding
+  (relative size ~1e-16 times the dynamic range of the visible terms), and a future key whose logit
+  rises far enough above the past keys' (50-70 nats suffice in float32, where features and their
+  products phi(q).phi(k) underflow near e^-87; ~700 in float64) underflows their contributions,
+  changing earlier outputs or turning them into zero rows. Use it for causal
+  attention only to test the algorithm or when key logits are known to span a few tens of nats.
+Padded keys are exactly invisible: they are zeroed (``masked_fill``) and excluded from the key
+offsets (shared or running); padded queries get zero output rows, as in ``favor_attention``.
 """
 from __future__ import annotations
 
@@ -55,7 +73,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from protein_performer.ops.favor import softmax_kernel_features
+from protein_performer.ops.favor import _decay, _masked, _running_key_offset, _softmax_logits, softmax_kernel_features
 
 __all__ = ["favor_rpe_attention", "implied_rpe_attention", "slice_rpe_bias"]
 
@@ -147,17 +165,45 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _features(q: Tensor, k: Tensor, projection: Tensor, key_padding_mask: Tensor | None) -> tuple[Tensor, Tensor]:
-    """FAVOR+ softmax-kernel features: queries row-stabilised, keys by one max over valid keys; both
-    zero at padding (padded queries get zero rows, as in ``favor_attention``); [B, H, L, m] each.
-    Call with autocast off."""
+def _features(
+    q: Tensor, k: Tensor, projection: Tensor, key_padding_mask: Tensor | None, *, running: bool
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """FAVOR+ softmax-kernel features, both zero at padding (padded queries get zero rows, as in
+    ``favor_attention``); call with autocast off.
+
+    Returns:
+        phi_q [B, H, L, m], row-stabilised; phi_k [B, H, L, m]; key_offset [B, H, L] or None.
+        ``running=False``: keys share one offset, the max over the valid keys (key_offset None).
+        ``running=True`` (causal): key j is exp(logit_j - M_j) with M_j the running max over valid
+        keys j' <= j (detached), returned as key_offset; the reader rescales by exp(M_j - M_i).
+    """
     dtype = _compute_dtype(q)
     q, k, projection = q.to(dtype), k.to(dtype), projection.to(dtype)
-    phi_q = softmax_kernel_features(q, projection, is_query=True)
-    if key_padding_mask is not None:
-        phi_q = phi_q.masked_fill(key_padding_mask[:, None, :, None], 0.0)
-    phi_k = softmax_kernel_features(k, projection, is_query=False, key_padding_mask=key_padding_mask)
-    return phi_q, phi_k
+    phi_q = _masked(softmax_kernel_features(q, projection, is_query=True), key_padding_mask)
+    if not running:
+        return phi_q, softmax_kernel_features(k, projection, is_query=False, key_padding_mask=key_padding_mask), None
+    logits = _softmax_logits(k, projection)
+    key_offset = _running_key_offset(logits, key_padding_mask)
+    return phi_q, _masked(torch.exp(logits - key_offset[..., None]), key_padding_mask), key_offset
+
+
+def _apply_decay_(x: Tensor, key_offset: Tensor, start: int, stop: int) -> Tensor:
+    """x[r, i - start, j] *= exp(M_j - M_i) in place for queries start <= i < stop, keys j < stop.
+
+    x: [R, T, stop]; key_offset: M, [R, L], nondecreasing. Keys before the block factor through
+    M_ref = M_(start - 1), which is >= M_j (j < start) and <= M_i (i >= start): exp(M_j - M_ref) and
+    exp(M_ref - M_i) are a column and a row scaling, both <= 1 and neither reading a key after i (a
+    fresh [T, L] factor tensor would cost more than the exp: its 10^7-element allocation). Keys inside
+    the block get the exact factor, clamped to 1 for j > i, where the causal c is 0 (exp(M_j - M_i)
+    could overflow there and inf * 0 would be NaN). Returns x."""
+    rows_offset = key_offset[:, start:stop]
+    if start > 0:
+        ref = key_offset[:, start - 1 : start]
+        past = x[:, :, :start]
+        past.mul_(torch.exp(ref - rows_offset)[:, :, None]).mul_(torch.exp(key_offset[:, :start] - ref)[:, None, :])
+    diagonal = (rows_offset[:, None, :] - rows_offset[:, :, None]).clamp_(max=0.0).exp_()
+    x[:, :, start:stop].mul_(diagonal)
+    return x
 
 
 def _relative_weights(rpe_bias: Tensor, causal: bool, dtype: torch.dtype) -> Tensor:
@@ -291,12 +337,15 @@ def _add_diagonal_sums(grad_c: Tensor, block: Tensor, start: int, stop: int) -> 
 
 
 class _ToeplitzDense(torch.autograd.Function):
-    """The same product as :class:`_ToeplitzFFT` by blocks of queries: (phi_q phi_k^T * C) w.
+    """The same product as :class:`_ToeplitzFFT` by blocks of queries: (phi_q phi_k^T * C * E) w.
 
-    Causal (c zero at offsets > 0) reads keys j < stop only. Returns [R, L, E] in the input dtype."""
+    With ``key_offset`` ([R, L], the running key offsets M of causal features, detached) the weights
+    also carry E_ij = exp(M_j - M_i) (:func:`_apply_decay_`, causal only); None means E = 1 (one shared
+    offset). Causal (c zero at offsets > 0) reads keys j < stop only. Returns [R, L, E] in the input dtype."""
 
     @staticmethod
-    def forward(ctx, phi_q: Tensor, phi_k: Tensor, w: Tensor, c: Tensor, causal: bool) -> Tensor:
+    def forward(ctx, phi_q: Tensor, phi_k: Tensor, w: Tensor, c: Tensor, key_offset: Tensor | None,
+                causal: bool) -> Tensor:
         rows, length, _ = phi_k.shape
         heads = c.shape[0]
         c = c.contiguous()  # _toeplitz_block views it with explicit strides
@@ -304,16 +353,18 @@ class _ToeplitzDense(torch.autograd.Function):
         for start, stop in _query_blocks(rows, length):
             keys = stop if causal else length
             weights = phi_q[:, start:stop] @ phi_k[:, :keys].transpose(1, 2)  # (R, T, keys)
+            if key_offset is not None:
+                _apply_decay_(weights, key_offset, start, stop)
             toeplitz = _toeplitz_block(c, start, stop, keys)  # (H, T, keys)
-            weights = (weights.view(-1, heads, stop - start, keys) * toeplitz).view_as(weights)
+            weights.view(-1, heads, stop - start, keys).mul_(toeplitz)
             out[:, start:stop] = weights @ w[:, :keys]
-        ctx.save_for_backward(phi_q, phi_k, w, c)
+        ctx.save_for_backward(phi_q, phi_k, w, c, key_offset)
         ctx.causal = causal
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        phi_q, phi_k, w, c = ctx.saved_tensors
+        phi_q, phi_k, w, c, key_offset = ctx.saved_tensors
         rows, length, _ = phi_k.shape
         heads = c.shape[0]
         grad_q, grad_k, grad_w = torch.empty_like(phi_q), torch.zeros_like(phi_k), torch.zeros_like(w)
@@ -322,23 +373,29 @@ class _ToeplitzDense(torch.autograd.Function):
             keys = stop if ctx.causal else length
             size = stop - start
             scores = phi_q[:, start:stop] @ phi_k[:, :keys].transpose(1, 2)  # (R, T, keys)
+            # weights = S E C: d/dC sees S E, d/dS sees E C (E is a constant of the offsets).
+            damped = scores if key_offset is None else _apply_decay_(scores, key_offset, start, stop)
             toeplitz = _toeplitz_block(c, start, stop, keys)  # (H, T, keys)
-            weights = (scores.view(-1, heads, size, keys) * toeplitz).view_as(scores)
+            weights = (damped.view(-1, heads, size, keys) * toeplitz).view_as(damped)
             grad_weights = grad_out[:, start:stop] @ w[:, :keys].transpose(1, 2)  # d loss / d weights
             grad_w[:, :keys] += weights.transpose(1, 2) @ grad_out[:, start:stop]
-            _add_diagonal_sums(grad_c, _by_head(grad_weights * scores, heads), start, stop)
+            _add_diagonal_sums(grad_c, _by_head(grad_weights * damped, heads), start, stop)
             grad_scores = (grad_weights.view(-1, heads, size, keys) * toeplitz).view_as(grad_weights)
+            if key_offset is not None:
+                _apply_decay_(grad_scores, key_offset, start, stop)
             grad_q[:, start:stop] = grad_scores @ phi_k[:, :keys]
             grad_k[:, :keys] += grad_scores.transpose(1, 2) @ phi_q[:, start:stop]
-        return grad_q, grad_k, grad_w, grad_c, None
+        return grad_q, grad_k, grad_w, grad_c, None, None
 
 
 def _use_fft(length: int, features: int, columns: int, causal: bool) -> bool:
-    """The "auto" choice: FFT when its modelled cost is below the dense path's (see ``_FFT_COST``)."""
+    """The "auto" choice: never for causal attention (the FFT path is not causal in floating point,
+    module docstring), else FFT when its modelled cost is below the dense path's (``_FFT_COST``)."""
+    if causal:
+        return False
     n_fft = _fft_size(2 * length - 1)
     fft = features * columns * n_fft * math.log2(max(n_fft, 2)) * _FFT_COST
-    dense = length * length * (features + columns) * (0.5 if causal else 1.0)
-    return fft < dense
+    return fft < length * length * (features + columns)
 
 
 def favor_rpe_attention(
@@ -363,7 +420,8 @@ def favor_rpe_attention(
         key_padding_mask: bool [batch, length], True at padded keys. Padded positions are also
             dropped as queries (zero output rows), as in ``favor_attention``.
         toeplitz: "fft" (O(L log L m D), the paper's algorithm), "dense" (O(L^2 (m + D)) by blocks)
-            or "auto" (the cheaper one by the CPU cost model). All give the same result.
+            or "auto" (bidirectional: the cheaper one by the CPU cost model; causal: always dense).
+            All agree in exact arithmetic; only dense is causal in floating point (module docstring).
 
     Returns:
         [batch, heads, length, head_dim] in v's dtype (features in float32, or float64 for float64
@@ -375,7 +433,9 @@ def favor_rpe_attention(
         raise ValueError(f"favor_rpe_attention: toeplitz must be 'auto', 'fft' or 'dense', got {toeplitz!r}.")
     B, H, L, D = v.shape
     with torch.autocast(device_type=q.device.type, enabled=False):
-        phi_q, phi_k = _features(q, k, projection, key_padding_mask)
+        use_fft = toeplitz == "fft" or (toeplitz == "auto" and _use_fft(L, projection.shape[0], D + 1, causal))
+        # The dense path reads causal keys through running offsets; the FFT needs one shared offset.
+        phi_q, phi_k, key_offset = _features(q, k, projection, key_padding_mask, running=causal and not use_fft)
         dtype = phi_q.dtype
         value = v.to(dtype)
         if key_padding_mask is not None:
@@ -384,11 +444,11 @@ def favor_rpe_attention(
         w = torch.cat([value, value.new_ones(B, H, L, 1)], dim=-1)  # (B, H, L, D + 1)
         m = phi_q.shape[-1]
         args = (phi_q.reshape(B * H, L, m), phi_k.reshape(B * H, L, m), w.reshape(B * H, L, D + 1))
-        use_fft = toeplitz == "fft" or (toeplitz == "auto" and _use_fft(L, m, D + 1, causal))
         if use_fft:
             product = _ToeplitzFFT.apply(*args, _relative_weights(rpe_bias, causal, _FFT_DTYPE))
         else:
-            product = _ToeplitzDense.apply(*args, _relative_weights(rpe_bias, causal, dtype), causal)
+            offset = None if key_offset is None else key_offset.reshape(B * H, L)
+            product = _ToeplitzDense.apply(*args, _relative_weights(rpe_bias, causal, dtype), offset, causal)
         product = product.view(B, H, L, D + 1)
         numerator, denominator = product[..., :D], product[..., D]
         # A zero denominator (no visible key) comes with a zero numerator: return a zero row, not NaN.
@@ -417,10 +477,12 @@ def implied_rpe_attention(
     _check("implied_rpe_attention", q, k, None, projection, rpe_bias, key_padding_mask)
     L = q.shape[2]
     with torch.autocast(device_type=q.device.type, enabled=False):
-        phi_q, phi_k = _features(q, k, projection, key_padding_mask)
+        phi_q, phi_k, key_offset = _features(q, k, projection, key_padding_mask, running=causal)
         c = _relative_weights(rpe_bias, causal, phi_q.dtype)  # (H, 2L - 1)
         positions = torch.arange(L, device=q.device)
         offsets = positions[None, :] - positions[:, None] + L - 1  # (L, L): (j - i) + L - 1
         scores = (phi_q @ phi_k.transpose(-1, -2)) * c[:, offsets]  # (B, H, L, L)
+        if key_offset is not None:  # causal: the same running-offset rescaling as the dense path
+            scores = scores * _decay(key_offset[..., :, None], key_offset[..., None, :])
         denominator = scores.sum(dim=-1, keepdim=True)
         return scores / torch.where(denominator > 0, denominator, torch.ones_like(denominator))

@@ -5,6 +5,7 @@ temperature ``1/sqrt(head_dim)`` is applied here. ``key_padding_mask`` is bool `
 True at padding (the ``nn.MultiheadAttention`` convention). A query that can see no key at all (every
 key padded, or padded and in its future) gets a zero output row, never NaN.
 """
+
 from __future__ import annotations
 
 import math

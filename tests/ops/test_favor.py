@@ -1,5 +1,6 @@
 """FAVOR+ against its O(L^2) references: exactness (float64, gradients), approximation of softmax
 attention, causality (stabiliser included), padding, numerical safety."""
+
 from __future__ import annotations
 
 import math
@@ -17,6 +18,7 @@ from protein_performer.ops import (
     softmax_attention,
     softmax_kernel_features,
 )
+from protein_performer.ops import favor as favor_module
 from protein_performer.ops.favor import _decayed_scan, _favor_attention_reference
 
 F64 = torch.float64
@@ -77,11 +79,11 @@ MODES = [
     for causal in (False, True)
     for kernel in ("softmax", "relu")
 ]
-# Lengths and chunk sizes: a partial last chunk; 36 whole chunks (several groups of the state scan,
-# the last one partial); a single chunk longer than the sequence.
+# Lengths and chunk sizes: a partial last chunk; 100 whole chunks (four groups of the chunk-state
+# scan, the last one partial); a chunk size longer than the sequence (one chunk).
 SHAPES = [
     pytest.param(37, 8, id="L37-chunk8"),
-    pytest.param(144, 4, id="L144-chunk4"),
+    pytest.param(200, 2, id="L200-chunk2"),
     pytest.param(21, 128, id="L21-chunk128"),
 ]
 
@@ -91,7 +93,9 @@ SHAPES = [
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("nb_features,dim", [(64, 16), (100, 16), (8, 16)], ids=["4blocks", "partial-block", "under-one-block"])
+@pytest.mark.parametrize(
+    "nb_features,dim", [(64, 16), (100, 16), (8, 16)], ids=["4blocks", "partial-block", "under-one-block"]
+)
 def test_orthogonal_projection_blocks_are_orthogonal(nb_features, dim):
     w = gaussian_orthogonal_random_matrix(nb_features, dim, scaling=1, generator=_gen(0), dtype=F64)
     assert w.shape == (nb_features, dim)
@@ -122,7 +126,9 @@ def test_chi_scaled_rows_have_gaussian_norms():
 def test_feature_maps_follow_the_paper():
     x, _, _ = _qkv(1, 2, 9, 8, seed=21)
     w = _projection(16, 8)
-    torch.testing.assert_close(softmax_kernel_features(x, w, is_query=False, stabilize=False), _paper_features(x, w, "softmax"))
+    torch.testing.assert_close(
+        softmax_kernel_features(x, w, is_query=False, stabilize=False), _paper_features(x, w, "softmax")
+    )
     torch.testing.assert_close(relu_kernel_features(x, w), _paper_features(x, w, "relu"))
 
 
@@ -167,8 +173,10 @@ def test_favor_equals_its_references_with_gradients(causal, kernel, padded, leng
     for ref_name, reference in references.items():
         torch.testing.assert_close(out, reference, rtol=1e-10, atol=1e-12, msg=lambda m, r=ref_name: f"{r}: {m}")
         ref_grads = torch.autograd.grad((reference * grad_out).sum(), (q, k, v), retain_graph=True)
-        for name, a, b in zip("qkv", grads, ref_grads):
-            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=lambda m, n=name, r=ref_name: f"{r} grad {n}: {m}")
+        for name, a, b in zip("qkv", grads, ref_grads, strict=True):
+            torch.testing.assert_close(
+                a, b, rtol=1e-9, atol=1e-11, msg=lambda m, n=name, r=ref_name: f"{r} grad {n}: {m}"
+            )
     if causal:
         assert implied.triu(diagonal=1).eq(0).all()
     valid = torch.ones(2, length, dtype=torch.bool) if mask is None else ~mask
@@ -176,10 +184,12 @@ def test_favor_equals_its_references_with_gradients(causal, kernel, padded, leng
     torch.testing.assert_close(rows, valid[:, None, :].to(F64).expand_as(rows))
 
 
+@pytest.mark.parametrize("group", [4, favor_module.SCAN_GROUP], ids=lambda g: f"group{g}")
 @pytest.mark.parametrize("reverse", [False, True], ids=["prefix", "suffix"])
-@pytest.mark.parametrize("n", [1, 16, 37], ids=lambda n: f"n{n}")
-def test_chunk_state_scan_equals_a_loop(n, reverse):
+@pytest.mark.parametrize("n", [1, 32, 75], ids=lambda n: f"n{n}")
+def test_chunk_state_scan_equals_a_loop(n, reverse, group, monkeypatch):
     # The two-level decayed scan of the causal path against its definition, offsets jumping around.
+    monkeypatch.setattr(favor_module, "SCAN_GROUP", group)
     g = _gen(20)
     x = torch.rand(3, n, 5, generator=g, dtype=F64)
     end = torch.cumsum(torch.rand(3, n, generator=g, dtype=F64) * 30, dim=1)  # nondecreasing
@@ -249,7 +259,7 @@ def test_error_shrinks_like_inverse_sqrt_features():
         mse = [(favor_attention(q, k, v, _projection(m, 16, seed=100 + s)) - exact).pow(2).mean() for s in range(8)]
         rmse.append(torch.stack(mse).mean().sqrt().item())
     slope = (math.log(rmse[-1]) - math.log(rmse[0])) / (math.log(features[-1]) - math.log(features[0]))
-    assert all(a > b for a, b in zip(rmse, rmse[1:])), rmse
+    assert all(a > b for a, b in zip(rmse[:-1], rmse[1:], strict=True)), rmse
     assert -0.75 < slope < -0.35, (slope, rmse)
 
 
@@ -332,12 +342,14 @@ def test_causal_stabiliser_ignores_a_dominant_future_key():
     w = _projection(32, 16, dtype=torch.float32) * 4
     before = favor_attention(q, k, v, w, causal=True, chunk_size=16)
     k2 = k.clone()
-    k2[0, 0, 10] = w[w.norm(dim=1).argmax()] * 16 ** 0.25  # x' = w: logit |w|^2 / 2 (~ several hundred)
+    k2[0, 0, 10] = w[w.norm(dim=1).argmax()] * 16**0.25  # x' = w: logit |w|^2 / 2 (~ several hundred)
     after = favor_attention(q, k2, v, w, causal=True, chunk_size=16)
     assert torch.isfinite(after).all()
     torch.testing.assert_close(after[:, :, :10], before[:, :, :10], rtol=0, atol=1e-6)
     implied = implied_attention(q, k2, w, causal=True)
-    torch.testing.assert_close(implied[:, :, :10], implied_attention(q, k, w, causal=True)[:, :, :10], rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        implied[:, :, :10], implied_attention(q, k, w, causal=True)[:, :, :10], rtol=0, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("kernel", ["softmax", "relu"])
@@ -346,7 +358,7 @@ def test_causal_gradients_do_not_flow_from_past_outputs_to_future_inputs(kernel)
     w = _projection(16, 8)
     out = favor_attention(q, k, v, w, causal=True, kernel=kernel, chunk_size=8)
     grads = torch.autograd.grad(out[:, :, :12].sum(), (q, k, v))
-    for name, grad in zip("qkv", grads):
+    for name, grad in zip("qkv", grads, strict=True):
         assert grad[:, :, 12:].eq(0).all(), name
         assert grad[:, :, :12].abs().sum() > 0, name
 
@@ -362,7 +374,9 @@ def test_padding_is_invisible_whatever_the_junk(causal, kernel, junk):
     short, long = 19, 33
     q, k, v = _qkv(2, 2, long, 16, seed=13, dtype=torch.float32)
     w = _projection(32, 16, dtype=torch.float32)
-    alone = favor_attention(q[:1, :, :short], k[:1, :, :short], v[:1, :, :short], w, causal=causal, kernel=kernel, chunk_size=8)
+    alone = favor_attention(
+        q[:1, :, :short], k[:1, :, :short], v[:1, :, :short], w, causal=causal, kernel=kernel, chunk_size=8
+    )
     for t in (q, k, v):
         t[0, :, short:] = junk
     mask = _padding(2, long, [short, long])
@@ -381,7 +395,7 @@ def test_padded_positions_get_zero_gradients_and_real_ones_stay_finite(causal, k
     mask = _padding(2, 21, [15, 21])
     out = favor_attention(q, k, v, w, causal=causal, kernel=kernel, key_padding_mask=mask, chunk_size=8)
     assert out[0, :, 15:].eq(0).all()
-    for name, grad in zip("qkv", torch.autograd.grad(out.sum(), (q, k, v))):
+    for name, grad in zip("qkv", torch.autograd.grad(out.sum(), (q, k, v)), strict=True):
         assert torch.isfinite(grad).all(), name
         assert grad[0, :, 15:].eq(0).all(), name
 
@@ -447,7 +461,12 @@ def test_features_are_float32_under_autocast():
     ids=["3d-query", "projection-dim", "kernel", "mask-dtype"],
 )
 def test_bad_arguments_raise_clear_errors(kwargs, match):
-    args = {"q": torch.zeros(1, 2, 5, 8), "k": torch.zeros(1, 2, 5, 8), "v": torch.zeros(1, 2, 5, 8), "projection": torch.zeros(16, 8)}
+    args = {
+        "q": torch.zeros(1, 2, 5, 8),
+        "k": torch.zeros(1, 2, 5, 8),
+        "v": torch.zeros(1, 2, 5, 8),
+        "projection": torch.zeros(16, 8),
+    }
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         favor_attention(**args)

@@ -270,8 +270,9 @@ def test_fft_size_is_the_smallest_5_smooth_length():
 def test_auto_picks_dense_for_short_and_fft_for_long_sequences():
     assert not rpe_fft._use_fft(1024, 256, 65, causal=False)
     assert rpe_fft._use_fft(1 << 17, 256, 65, causal=False)
-    # the causal dense path reads half the keys, so the FFT pays off later
-    assert rpe_fft._use_fft(1 << 16, 256, 65, causal=False) and not rpe_fft._use_fft(1 << 16, 256, 65, causal=True)
+    # causal attention is always dense: the FFT mixes every position's rounding into every output
+    assert rpe_fft._use_fft(1 << 16, 256, 65, causal=False)
+    assert not any(rpe_fft._use_fft(1 << e, 256, 65, causal=True) for e in (10, 16, 20))
 
 
 def test_auto_and_bad_algorithm_names():
@@ -282,3 +283,57 @@ def test_auto_and_bad_algorithm_names():
     )
     with pytest.raises(ValueError, match="toeplitz"):
         favor_rpe_attention(q, k, v, projection, bias, toeplitz="direct")
+
+
+def _loud_future(q, k, v, projection, t: int):
+    """Copies of q, k, v whose positions > t are replaced: fresh queries, values x100, fresh keys
+    of which one has 30x the norm and one sits at the largest logit any key can reach (k' = w_a for
+    the projection row of largest norm: logit |w_a|^2 / 2)."""
+    g = _gen(13)
+    q2, k2, v2 = q.clone(), k.clone(), v.clone()
+    future = q2[:, :, t + 1 :].shape
+    q2[:, :, t + 1 :] = torch.randn(future, generator=g, dtype=q.dtype)
+    k2[:, :, t + 1 :] = torch.randn(future, generator=g, dtype=q.dtype)
+    k2[:, :, t + 1] *= 30
+    k2[:, :, t + 3] = projection[projection.norm(dim=1).argmax()] * q.shape[-1] ** 0.25
+    v2[:, :, t + 1 :] *= 100
+    return q2, k2, v2
+
+
+@pytest.mark.parametrize(
+    "chunk_elements",
+    # 6 rows x 40 keys: one query block, or blocks of 8 (t = 17 inside the third, keys before it
+    # rescaled through the offset at its start)
+    [pytest.param(None, id="one-block"), pytest.param(6 * 40 * 8, id="blocks-of-8")],
+)
+@pytest.mark.parametrize("toeplitz", ["auto", "dense"])
+def test_causal_float32_ignores_loud_future_keys(toeplitz, chunk_elements, monkeypatch):
+    """Causal means causal, stabilisers included, in float32. Past keys of 6x the usual norm have
+    logits 50-150 nats below the future key at the logit maximum: one key max shared by the whole
+    sequence underflows their features and moves past outputs by O(1) (at 3x, where nothing
+    underflows, its rounding alone moves them by 2.5e-6). Running key offsets make past outputs and
+    past gradients independent of the future. "auto" never picks the FFT path for causal attention
+    (it mixes every position's rounding into every output), so dense is the path to hold to this."""
+    if chunk_elements is not None:
+        monkeypatch.setattr(rpe_fft, "_CHUNK_ELEMENTS", chunk_elements)
+    length, t = 40, 17
+    q, k, v, projection, bias = _inputs(length=length, dim=32, nb_features=64, seed=4, dtype=torch.float32)
+    k = k * 6
+    q2, k2, v2 = _loud_future(q, k, v, projection, t)
+    mask = _padding(length, [length, 36])
+    cotangent = torch.randn(q.shape, generator=_gen(6))
+    cotangent[:, :, t + 1 :] = 0  # a loss on the past outputs only
+
+    def run(*qkv):
+        leaves = [x.clone().requires_grad_() for x in qkv]
+        out = favor_rpe_attention(*leaves, projection, bias, causal=True, key_padding_mask=mask, toeplitz=toeplitz)
+        (out * cotangent).sum().backward()
+        return out.detach(), [x.grad[:, :, : t + 1] for x in leaves]
+
+    before, grads_before = run(q, k, v)
+    after, grads_after = run(q2, k2, v2)
+    assert torch.isfinite(after).all() and (before[:, :, : t + 1].abs().amax(dim=-1) > 1e-3).all()
+    torch.testing.assert_close(after[:, :, : t + 1], before[:, :, : t + 1], rtol=1e-6, atol=1e-6)
+    for name, got, want in zip("qkv", grads_after, grads_before):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6, msg=lambda m: f"grad {name}: {m}")
+    assert (after[:, :, t + 1 :] - before[:, :, t + 1 :]).abs().max() > 1e-2  # the future did change

@@ -1,4 +1,5 @@
 """Exact softmax attention (the baseline) against a per-query transcription of the definition."""
+
 from __future__ import annotations
 
 import math
@@ -32,7 +33,11 @@ def _definition(q, k, v, *, causal: bool, key_padding_mask):
     out = torch.zeros_like(v)
     for b in range(B):
         for i in range(L):
-            visible = [j for j in range(L) if not (causal and j > i) and not (key_padding_mask is not None and key_padding_mask[b, j])]
+            visible = [
+                j
+                for j in range(L)
+                if not (causal and j > i) and not (key_padding_mask is not None and key_padding_mask[b, j])
+            ]
             if visible:
                 weights = torch.softmax(q[b, :, i : i + 1] @ k[b, :, visible].transpose(-1, -2) / math.sqrt(D), dim=-1)
                 out[b, :, i] = (weights @ v[b, :, visible])[:, 0]

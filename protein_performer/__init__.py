@@ -1,0 +1,45 @@
+"""protein-performer: long-context protein language models with FAVOR+ attention.
+
+    from protein_performer import load_model
+    model, alphabet = load_model("outputs/<date>/<time>/checkpoints/last.ckpt")
+
+Public names are imported on first use, so `import protein_performer` stays cheap and a command such
+as `python -m protein_performer.preprocess` does not import the model or Lightning.
+"""
+from __future__ import annotations
+
+import importlib
+from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
+
+try:
+    __version__ = version("protein-performer")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0.0.0+unknown"
+
+_EXPORTS = {
+    "PerformerConfig": "protein_performer.model",
+    "ProteinPerformer": "protein_performer.model",
+    "PerformerOutput": "protein_performer.model",
+    "load_model": "protein_performer.checkpoint",
+    "Alphabet": "protein_performer.data",
+}
+
+__all__ = [*_EXPORTS, "__version__"]
+
+if TYPE_CHECKING:
+    from protein_performer.checkpoint import load_model
+    from protein_performer.data import Alphabet
+    from protein_performer.model import PerformerConfig, PerformerOutput, ProteinPerformer
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'protein_performer' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

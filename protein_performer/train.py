@@ -1,0 +1,135 @@
+"""Train a protein language model: `python -m protein_performer.train [group=option ...] [key=value ...]`.
+
+Hydra composes the run from conf/train.yaml (groups data, model, attention, trainer, logger, callbacks,
+experiment); this file only instantiates and calls fit and test. Examples:
+
+    python -m protein_performer.train model=small data=sample trainer=cpu        # the CPU demo
+    python -m protein_performer.train experiment=bid trainer=ddp trainer.devices=8
+    python -m protein_performer.train -m attention=softmax,favor,favor_relu name=cmp1   # one wandb group
+    python -m protein_performer.train ckpt_path=outputs/<date>/<time>/checkpoints/last.ckpt   # resume
+"""
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import hydra
+import pytorch_lightning as pl
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
+from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+
+from protein_performer.data import Alphabet
+from protein_performer.model import config_from_hydra
+from protein_performer.training.module import ProteinLM
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+@dataclass
+class TrainResult:
+    """What a finished run reports (rank 0's view)."""
+
+    val_perplexity: float  # on the final weights
+    checkpoint: str | None  # last.ckpt: the final weights, resumable
+    best_checkpoint: str | None  # lowest validation perplexity seen
+    metrics: dict[str, float]  # every logged metric's final value (val/..., test/..., ood/...)
+    trainer: pl.Trainer
+    module: ProteinLM
+
+
+def train(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> TrainResult:
+    """Fit (and optionally test) the run `cfg` describes (see conf/train.yaml).
+
+    callbacks: added to the configured ones (conf/callbacks), e.g. by a notebook or a test.
+    """
+    try:
+        return _train(cfg, callbacks)
+    finally:
+        # Close this run's wandb run even on failure: the next job of a multirun (same process) would
+        # otherwise log into it.
+        wandb = sys.modules.get("wandb")
+        if wandb is not None and wandb.run is not None:
+            wandb.finish()
+
+
+def _train(cfg: DictConfig, callbacks: Sequence[pl.Callback]) -> TrainResult:
+    pl.seed_everything(cfg.seed, workers=True)
+    datamodule: pl.LightningDataModule = hydra.utils.instantiate(cfg.data)
+    alphabet = Alphabet()
+    model_config = config_from_hydra(cfg.model, cfg.attention, vocab_size=len(alphabet), pad_idx=alphabet.pad_idx,
+                                     causal=cfg.objective == "clm")
+    module = ProteinLM(model_config.to_dict(), cfg.objective, seed=cfg.seed, alphabet_tokens=alphabet.tokens,
+                       **OmegaConf.to_container(cfg.optim, resolve=True))
+
+    loggers = [hydra.utils.instantiate(c) for c in cfg.logger.values() if c is not None]
+    configured = [hydra.utils.instantiate(c) for c in cfg.callbacks.values() if c is not None]
+    if not loggers:  # logger=none: nothing to record learning rates into (Lightning would refuse to run)
+        configured = [c for c in configured if not isinstance(c, LearningRateMonitor)]
+    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=[*configured, *callbacks],
+                                                  logger=loggers or False)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    for logger in trainer.loggers:
+        logger.log_hyperparams({"config": resolved, "parameters": module.model.num_parameters()})
+
+    if trainer.is_global_zero:
+        print(f"{model_config.attention} {cfg.objective.upper()} model: {module.model.num_parameters():,} "
+              f"parameters, {model_config.n_layers} layers, d_model {model_config.d_model}; "
+              f"outputs in {cfg.output_dir}")
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+
+    checkpointer = trainer.checkpoint_callback
+    if module.last_validated_step != trainer.global_step:
+        # The last validation came before the last step (max_steps not a multiple of the validation
+        # interval): measure the final weights and save them as last.ckpt so the two agree.
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+        if isinstance(checkpointer, ModelCheckpoint) and checkpointer.dirpath is not None:
+            last = checkpointer.format_checkpoint_name({}, checkpointer.CHECKPOINT_NAME_LAST)
+            trainer.save_checkpoint(last)
+            checkpointer.last_model_path = last
+    val_perplexity = float(trainer.callback_metrics.get("val/perplexity", math.nan))
+    metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
+    if cfg.test:
+        for results in trainer.test(module, datamodule=datamodule, verbose=False):
+            metrics.update({key: float(value) for key, value in results.items()})
+
+    last_path = best_path = None
+    if isinstance(checkpointer, ModelCheckpoint):
+        last_path = checkpointer.last_model_path or None
+        best_path = checkpointer.best_model_path or None
+    if trainer.is_global_zero:
+        evaluations = "  ".join(f"{key} {value:.3f}" for key, value in sorted(metrics.items())
+                                if key.endswith("/perplexity") and key.split("/")[0] not in ("train", "val"))
+        print(f"final validation perplexity: {val_perplexity:.3f}  (guessing uniformly among the 20 standard "
+              "amino acids scores 20)" + (f"\n{evaluations}" if evaluations else ""))
+        print(f"checkpoint: {last_path}" + (f"  (best by validation perplexity: {best_path})" if best_path else ""))
+    return TrainResult(val_perplexity, last_path, best_path, metrics, trainer, module)
+
+
+def compose_config(overrides: Sequence[str] = (), output_dir: str | Path | None = None) -> DictConfig:
+    """The config `python -m protein_performer.train <overrides>` would run, built without a command line.
+
+    For tests and notebooks: `train(compose_config(["model=tiny", "trainer=cpu"], tmp_dir))`.
+    output_dir: where the run writes; None = the run dir the command line would create under outputs/.
+    """
+    with hydra.initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+        cfg = hydra.compose("train", overrides=list(overrides), return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)  # so ${hydra:...} interpolations resolve as under @hydra.main
+    with open_dict(cfg):
+        run_dir = cfg.hydra.run.dir
+        del cfg["hydra"]  # @hydra.main hands the task a config without it, too
+        cfg.output_dir = str(output_dir if output_dir is not None else run_dir)
+    return cfg
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> float:
+    """Hydra entry point; returns the final validation perplexity (for sweepers that minimise it)."""
+    return train(cfg).val_perplexity
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,8 @@
+"""Lightning training of ProteinPerformer: the LightningModule, callbacks and multi-device strategies.
+
+The command line is `python -m protein_performer.train` (protein_performer/train.py).
+"""
+from protein_performer.training.callbacks import BatchFingerprints, FeatureRedraw, Throughput
+from protein_performer.training.module import ProteinLM, TokenMetrics, lr_factor
+
+__all__ = ["BatchFingerprints", "FeatureRedraw", "ProteinLM", "Throughput", "TokenMetrics", "lr_factor"]

@@ -1,0 +1,112 @@
+"""Lightning callbacks: FAVOR+ feature redraws, throughput in tokens/s, and per-rank batch fingerprints."""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+
+
+class FeatureRedraw(pl.Callback):
+    """Redraw the FAVOR+ random projections every `interval` optimizer steps.
+
+    The Performer paper found periodic redraws essential for training with random features. The new
+    matrices come from `model.redraw_projections(global_step)`, a pure function of
+    (feature_seed, step, layer), so every DDP rank draws the same ones without communicating and a
+    resumed run redraws exactly when an uninterrupted one would. Evaluation never redraws.
+
+    interval: optimizer steps between redraws; None reads the model's `config.feature_redraw_interval`
+        (0 = never). Models without random features (softmax, combiner) are left alone.
+    """
+
+    def __init__(self, interval: int | None = None) -> None:
+        if interval is not None and interval < 0:
+            raise ValueError(f"FeatureRedraw interval must be >= 0 (0 = never), got {interval}")
+        self.interval = interval
+        self.redraw_steps: list[int] = []  # the steps this process redrew at (inspected by tests)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        model = pl_module.model
+        interval = model.config.feature_redraw_interval if self.interval is None else self.interval
+        step = trainer.global_step
+        # With gradient accumulation several batches end at one global_step; redraw once, after the
+        # optimizer step that reached it.
+        if not model.uses_random_features or interval == 0 or step == 0 or step % interval:
+            return
+        if self.redraw_steps and self.redraw_steps[-1] == step:
+            return
+        model.redraw_projections(step)
+        self.redraw_steps.append(step)
+
+
+class Throughput(pl.Callback):
+    """Log train/tokens_per_sec: non-padding tokens processed per wall-clock second, all ranks together.
+
+    A moving window over the last `window` training batches (data loading included, validation
+    excluded), so it is the rate a user waits on; shown on the progress bar. Under DDP the rank's own
+    rate is multiplied by the world size (ranks see equally sized batches; no collective per step).
+    """
+
+    def __init__(self, window: int = 20) -> None:
+        if window < 1:
+            raise ValueError(f"Throughput window must be >= 1 batch, got {window}")
+        # (time at the end of a batch, tokens in it); the first entry marks the window's start.
+        self._marks: deque[tuple[float, int]] = deque(maxlen=window + 1)
+        self.tokens_per_sec: float | None = None  # the latest value
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if not self._marks:
+            self._marks.append((time.perf_counter(), 0))
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        if not self._marks:
+            return
+        self._marks.append((time.perf_counter(), int((~batch["padding_mask"]).sum())))
+        tokens = sum(count for _, count in list(self._marks)[1:])
+        seconds = self._marks[-1][0] - self._marks[0][0]
+        self.tokens_per_sec = tokens * trainer.world_size / max(seconds, 1e-9)
+        pl_module.log("train/tokens_per_sec", self.tokens_per_sec, prog_bar=True)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._marks.clear()  # a window never spans a validation
+
+
+class BatchFingerprints(pl.Callback):
+    """Write what each rank trained on, to check data sharding and replica agreement (used by tests).
+
+    On train end every rank writes <directory>/rank<r>.json with the SHA-1 of every training batch's
+    input_ids (in order) and one SHA-1 over all parameters and buffers: under DDP the batch hashes of
+    different ranks should differ while the parameter digests should be equal.
+    """
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        self.batch_hashes: list[str] = []
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        self.batch_hashes.append(_digest([batch["input_ids"]]))
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        state = [tensor for _, tensor in sorted(pl_module.state_dict().items())]
+        record = {"rank": trainer.global_rank, "world_size": trainer.world_size,
+                  "global_step": trainer.global_step, "batches": self.batch_hashes,
+                  "parameters": _digest(state)}
+        (self.directory / f"rank{trainer.global_rank}.json").write_text(json.dumps(record, indent=1))
+
+
+def _digest(tensors: list[Tensor]) -> str:
+    sha = hashlib.sha1()
+    for tensor in tensors:
+        sha.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return sha.hexdigest()

@@ -1,0 +1,248 @@
+"""ProteinLM: the LightningModule that trains a ProteinPerformer as a masked or causal language model.
+
+The network is a plain nn.Module (`protein_performer.model`); this module owns what only training needs:
+the loss, token-level metrics per split, the optimiser and its schedule, and the per-step seeding
+that makes dropout resumable. Everything needed to rebuild the network is in `hparams`, so
+`protein_performer.load_model` reads a checkpoint without Hydra.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from torch import Tensor, nn
+
+from protein_performer.data import IGNORE_INDEX, OBJECTIVES
+from protein_performer.model import PerformerConfig, ProteinPerformer
+
+DECAY_KINDS = ("linear", "cosine", "constant")
+
+
+class TokenMetrics(torchmetrics.Metric):
+    """Loss, accuracy and perplexity over every scored token of an epoch (summed across DDP ranks).
+
+    Perplexity is exp of the token-weighted mean loss over the whole split, not a mean of per-batch
+    perplexities, so it does not depend on how the split was cut into batches.
+    """
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("loss_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("correct", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, loss_sum: Tensor, correct: Tensor, count: Tensor) -> None:  # type: ignore[override]
+        self.loss_sum += loss_sum.detach().double()
+        self.correct += correct.detach()
+        self.count += count.detach()
+
+    def compute(self) -> dict[str, Tensor]:  # type: ignore[override]
+        count = self.count.clamp(min=1).double()
+        loss = self.loss_sum / count
+        return {"loss": loss.float(), "accuracy": (self.correct / count).float(), "perplexity": loss.exp().float()}
+
+
+class ProteinLM(pl.LightningModule):
+    """Masked (objective="mlm") or causal (objective="clm") LM training of a ProteinPerformer.
+
+    Batches are dicts from `protein_performer.data.ProteinDataModule`:
+        input_ids [batch, length] long, labels [batch, length] long (-100 = no target),
+        padding_mask [batch, length] bool (True at padding).
+    For MLM the labels are set at masked positions only; for CLM the data module has already shifted
+    them (labels[:, i] is the target of logits[:, i]) and set them at every non-padding position. The
+    loss is the mean cross-entropy over scored tokens, so metrics mean "masked tokens" for MLM and
+    "all tokens" for CLM without any objective-specific code here.
+
+    Logged: train/{loss,accuracy,perplexity} every step; {val,test,ood}/{loss,accuracy,perplexity}
+    per evaluation, and val/elapsed_seconds (wall-clock since training began, carried across resumes)
+    so runs can be compared against time.
+    """
+
+    def __init__(
+        self,
+        model_config: Mapping[str, Any],
+        objective: str = "mlm",
+        *,
+        lr: float = 1e-3,
+        betas: Sequence[float] = (0.9, 0.98),
+        eps: float = 1e-9,
+        weight_decay: float = 0.1,
+        warmup_steps: int = 1000,
+        decay: str = "linear",
+        min_lr_ratio: float = 0.0,
+        seed: int = 0,
+        alphabet_tokens: Sequence[str] | None = None,
+        eval_split_names: Sequence[str] = ("test", "ood"),
+    ) -> None:
+        """model_config: PerformerConfig as a plain dict (PerformerConfig.to_dict()); stored in hparams.
+
+        Optimiser: AdamW (weight decay decoupled from the adaptive update, Loshchilov & Hutter) with
+        lr, betas, eps, weight_decay; the LR rises linearly from 0 over warmup_steps, then follows
+        `decay` down to min_lr_ratio * lr at the trainer's last step.
+        seed: dropout is re-seeded at every optimizer step from (seed, step, rank), which makes a
+            resumed run continue the exact trajectory of an uninterrupted one.
+        alphabet_tokens: the Alphabet's token list, saved so load_model can check that it still matches.
+        eval_split_names: the metric prefix of each test dataloader, in the order the data module
+            returns them.
+        """
+        super().__init__()
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+        if decay not in DECAY_KINDS:
+            raise ValueError(f"optim.decay must be one of {DECAY_KINDS}, got {decay!r}")
+        if not 0.0 <= min_lr_ratio <= 1.0:
+            raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
+        if warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps must be >= 0, got {warmup_steps}")
+        config = PerformerConfig.from_dict(dict(model_config))
+        if config.causal != (objective == "clm"):
+            raise ValueError(f"objective={objective!r} needs a {'causal' if objective == 'clm' else 'bidirectional'} "
+                             f"model, but model_config has causal={config.causal}")
+        self.save_hyperparameters({
+            "model_config": config.to_dict(), "objective": objective, "lr": lr, "betas": list(betas), "eps": eps,
+            "weight_decay": weight_decay, "warmup_steps": warmup_steps, "decay": decay,
+            "min_lr_ratio": min_lr_ratio, "seed": seed,
+            "alphabet_tokens": list(alphabet_tokens) if alphabet_tokens is not None else None,
+            "eval_split_names": list(eval_split_names),
+        })
+        self.model = ProteinPerformer(config)
+        self.eval_metrics = nn.ModuleDict({name: TokenMetrics() for name in ("val", *eval_split_names)})
+        self.last_validated_step = -1  # global_step of the latest real (non-sanity) validation
+        self._elapsed_before = 0.0  # wall-clock seconds of training before this process (from a checkpoint)
+        self._fit_started: float | None = None
+
+    @property
+    def config(self) -> PerformerConfig:
+        return self.model.config
+
+    def forward(self, input_ids: Tensor, padding_mask: Tensor | None = None) -> Tensor:
+        """input_ids [batch, length] -> logits [batch, length, vocab_size]."""
+        return self.model(input_ids, padding_mask).logits
+
+    def token_statistics(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """(summed cross-entropy in nats, number of correct argmax predictions, number of scored tokens)."""
+        logits = self(batch["input_ids"], batch["padding_mask"])
+        labels = batch["labels"]
+        # bf16 autocast leaves logits in bf16; the log-softmax over the vocabulary wants fp32.
+        loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
+                                   reduction="sum")
+        scored = labels != IGNORE_INDEX
+        correct = ((logits.argmax(dim=-1) == labels) & scored).sum()
+        return loss_sum, correct, scored.sum()
+
+    # ---- training -------------------------------------------------------------------------------------
+
+    def on_fit_start(self) -> None:
+        self._fit_started = time.monotonic()
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Dropout draws from the global torch RNG. Seeding it per optimizer step (and rank, so ranks drop
+        # different units) makes the masks a function of (seed, step, rank) alone, not of how many random
+        # numbers were drawn before: a run resumed from a checkpoint sees the masks an uninterrupted run saw.
+        step_seed = np.random.SeedSequence([self.hparams.seed, self.global_step, self.global_rank])
+        torch.manual_seed(int(step_seed.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1)))
+
+    def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
+        loss_sum, correct, count = self.token_statistics(batch)
+        count = count.clamp(min=1)  # a batch without a masked token contributes zero loss, not NaN
+        loss = loss_sum / count
+        batch_size = batch["input_ids"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        self.log("train/accuracy", correct / count, batch_size=batch_size)
+        self.log("train/perplexity", loss.detach().exp(), batch_size=batch_size)
+        return loss
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(parameter_groups(self, hp.weight_decay), lr=hp.lr, betas=tuple(hp.betas),
+                                      eps=hp.eps)
+        total = self.trainer.estimated_stepping_batches  # inf when neither max_steps nor max_epochs is set
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_factor(step, hp.warmup_steps, total, hp.decay, hp.min_lr_ratio))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # ---- evaluation -----------------------------------------------------------------------------------
+
+    def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
+        self.eval_metrics["val"].update(*self.token_statistics(batch))
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_split("val")
+        if not self.trainer.sanity_checking:
+            self.last_validated_step = self.global_step
+            self.log("val/elapsed_seconds", self.elapsed_seconds())
+            # Lightning uses a metric named "step" as the loggers' x value: validation curves then sit at
+            # the optimizer step they measured (by default they land one step early).
+            self.log("step", float(self.global_step))
+
+    def test_step(self, batch: Mapping[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        names = self.hparams.eval_split_names
+        if dataloader_idx >= len(names):
+            raise ValueError(f"test dataloader {dataloader_idx} has no name: the data module returned more test "
+                             f"loaders than eval_split_names={list(names)}")
+        self.eval_metrics[names[dataloader_idx]].update(*self.token_statistics(batch))
+
+    def on_test_epoch_end(self) -> None:
+        for name in self.hparams.eval_split_names:
+            if self.eval_metrics[name].update_called:
+                self._log_split(name)
+
+    def _log_split(self, name: str) -> None:
+        metric = self.eval_metrics[name]
+        values = metric.compute()  # already reduced across ranks
+        metric.reset()
+        for key, value in values.items():
+            self.log(f"{name}/{key}", value, prog_bar=name == "val" and key == "perplexity",
+                     add_dataloader_idx=False)
+
+    # ---- wall-clock across resumes ------------------------------------------------------------------------
+
+    def elapsed_seconds(self) -> float:
+        """Wall-clock seconds spent in fit so far, including the processes before a resume."""
+        running = time.monotonic() - self._fit_started if self._fit_started is not None else 0.0
+        return self._elapsed_before + running
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["elapsed_seconds"] = self.elapsed_seconds()
+        checkpoint["last_validated_step"] = self.last_validated_step
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._elapsed_before = float(checkpoint.get("elapsed_seconds", 0.0))
+        self.last_validated_step = int(checkpoint.get("last_validated_step", -1))
+
+
+def parameter_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW parameter groups: matrices (linear and embedding weights) decay, vectors do not.
+
+    Biases and LayerNorm gains are left undecayed: pulling them toward zero only fights the
+    normalisation. Tied parameters (the LM head shares the embedding) appear once.
+    """
+    decay, no_decay = [], []
+    for parameter in module.parameters():  # yields each shared tensor once
+        if parameter.requires_grad:
+            (decay if parameter.dim() >= 2 else no_decay).append(parameter)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: float, decay: str, min_ratio: float) -> float:
+    """Multiplier of the peak LR at optimizer step `step` (0-based): linear warmup, then `decay`.
+
+    Warmup reaches 1.0 at step warmup_steps; linear and cosine decay reach min_ratio at total_steps
+    (the trainer's last step). With no known end (total_steps infinite) the LR stays at its peak.
+    """
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    if decay == "constant" or not math.isfinite(total_steps) or total_steps <= warmup_steps:
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / (total_steps - warmup_steps))
+    shape = 1.0 - progress if decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+    return min_ratio + (1.0 - min_ratio) * shape

@@ -1,0 +1,119 @@
+"""ProteinLM without a Trainer: loss and metric definitions, optimiser groups, LR schedule."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from protein_performer.data import Alphabet
+from protein_performer.model import PerformerConfig
+from protein_performer.training.module import ProteinLM, TokenMetrics, lr_factor, parameter_groups
+
+
+def _sequences(data_dir, count: int) -> list[str]:
+    """The first `count` sequences of the bundled UniProtKB sample."""
+    sequences, current = [], []
+    for line in (data_dir / "uniprot_sample.fasta").read_text().splitlines():
+        if line.startswith(">"):
+            if current:
+                sequences.append("".join(current))
+            current = []
+        else:
+            current.append(line.strip())
+    sequences.append("".join(current))
+    return sequences[:count]
+
+
+def _batch(data_dir, objective: str, length: int = 48) -> dict[str, torch.Tensor]:
+    """<cls> residues <eos> of 4 real proteins (cropped, padded), labelled as the data module does."""
+    alphabet = Alphabet()
+    rows = [np.concatenate([[alphabet.cls_idx], alphabet.encode(s)[: length - 2], [alphabet.eos_idx]])
+            for s in _sequences(data_dir, 4)]
+    rows[1] = rows[1][:20]  # one short row so that padding is exercised
+    input_ids = torch.full((len(rows), length), alphabet.pad_idx)
+    for i, row in enumerate(rows):
+        input_ids[i, : len(row)] = torch.from_numpy(row.astype(np.int64))
+    padding_mask = input_ids == alphabet.pad_idx
+    labels = torch.full_like(input_ids, -100)
+    if objective == "mlm":
+        masked = (torch.rand(input_ids.shape, generator=torch.Generator().manual_seed(0)) < 0.15) & ~padding_mask
+        labels[masked] = input_ids[masked]
+        input_ids = input_ids.masked_fill(masked, alphabet.mask_idx)
+    else:  # labels[:, i] is the token after position i
+        labels[:, :-1] = input_ids[:, 1:]
+        labels[:, :-1][padding_mask[:, 1:]] = -100
+    return {"input_ids": input_ids, "labels": labels, "padding_mask": padding_mask}
+
+
+def _module(objective: str, attention: str = "favor") -> ProteinLM:
+    alphabet = Alphabet()
+    config = PerformerConfig(vocab_size=len(alphabet), d_model=32, n_layers=2, n_heads=2, d_ff=64,
+                             attention=attention, causal=objective == "clm", nb_features=16,
+                             pad_idx=alphabet.pad_idx)
+    torch.manual_seed(0)
+    return ProteinLM(config.to_dict(), objective)
+
+
+@pytest.mark.parametrize("objective", ["mlm", "clm"])
+def test_loss_is_cross_entropy_averaged_over_labelled_tokens(objective, data_dir):
+    module = _module(objective).eval()
+    batch = _batch(data_dir, objective)
+    loss_sum, correct, count = module.token_statistics(batch)
+
+    logits = module(batch["input_ids"], batch["padding_mask"])
+    positions = (batch["labels"] != -100).nonzero().tolist()
+    losses = [-F.log_softmax(logits[b, i], dim=-1)[batch["labels"][b, i]] for b, i in positions]
+    hits = [int(logits[b, i].argmax() == batch["labels"][b, i]) for b, i in positions]
+    assert count == len(positions)
+    torch.testing.assert_close(loss_sum, torch.stack(losses).sum())
+    assert correct == sum(hits)
+    if objective == "clm":  # every real token but the last of each row is scored
+        assert count == int((~batch["padding_mask"]).sum()) - batch["input_ids"].shape[0]
+
+
+def test_perplexity_is_exp_of_token_weighted_loss_not_mean_of_batch_perplexities():
+    metric = TokenMetrics()
+    metric.update(torch.tensor(10.0), torch.tensor(3), torch.tensor(5))  # mean loss 2 over 5 tokens
+    metric.update(torch.tensor(3.0), torch.tensor(0), torch.tensor(1))  # mean loss 3 over 1 token
+    values = metric.compute()
+    torch.testing.assert_close(values["loss"], torch.tensor(13.0 / 6))
+    torch.testing.assert_close(values["perplexity"], torch.tensor(math.exp(13.0 / 6)))
+    torch.testing.assert_close(values["accuracy"], torch.tensor(0.5))
+
+
+def test_objective_must_match_the_model_direction():
+    config = _module("clm").config.to_dict()
+    with pytest.raises(ValueError, match="objective='mlm' needs a bidirectional model"):
+        ProteinLM(config, "mlm")
+
+
+def test_weight_decay_applies_to_matrices_only_and_tied_weights_once():
+    module = _module("mlm")
+    decay, no_decay = parameter_groups(module, 0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    ids = {id(p) for p in decay["params"]}
+    assert id(module.model.token_embedding.weight) in ids  # also the tied LM head
+    assert id(module.model.blocks[0].attention.qkv.weight) in ids
+    assert all(p.dim() == 1 for p in no_decay["params"])  # biases and LayerNorm gains
+    assert id(module.model.final_norm.weight) in {id(p) for p in no_decay["params"]}
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(module.parameters()))
+
+
+@pytest.mark.parametrize("decay", ["linear", "cosine"])
+def test_learning_rate_warms_up_linearly_then_decays_to_the_floor(decay):
+    factors = [lr_factor(step, 10, 110, decay, 0.1) for step in range(111)]
+    assert factors[0] == pytest.approx(1 / 11) and factors[9] == pytest.approx(10 / 11)
+    assert np.all(np.diff(factors[:11]) > 0)  # warming up
+    assert factors[10] == pytest.approx(1.0)  # the peak, right after warmup
+    assert np.all(np.diff(factors[10:]) < 0)  # decaying
+    assert factors[110] == pytest.approx(0.1)
+    midpoint = 1 - 0.9 * 0.5 if decay == "linear" else 0.1 + 0.9 * 0.5  # both halfway at step 60
+    assert factors[60] == pytest.approx(midpoint)
+
+
+def test_learning_rate_stays_at_peak_without_a_known_end_or_with_constant_decay():
+    assert lr_factor(500, 10, math.inf, "linear", 0.0) == 1.0
+    assert lr_factor(500, 10, 1000, "constant", 0.0) == 1.0

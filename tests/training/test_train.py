@@ -1,0 +1,130 @@
+"""Training runs in-process: every attention kind and objective, learning, resuming, loading, logging."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from protein_performer import load_model
+from protein_performer.model import ProteinPerformer
+from protein_performer.nn import ATTENTION_KINDS
+from protein_performer.train import TrainResult, compose_config, train
+from protein_performer.training import FeatureRedraw
+
+from .runs import tiny_overrides
+
+STEPS = 30  # the uninterrupted run; the interrupted one stops at STEPS // 2 and resumes
+REDRAW = 4  # FAVOR+ feature redraw interval of these runs: several redraws per run, none at the stop
+
+
+class StopAt(pl.Callback):
+    """Ends fit after the validation (and checkpoint) at `step`, like a job killed right after saving."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.global_step == self.step:
+            trainer.should_stop = True
+
+
+def _run(output_dir: Path, cache: Path, *extra: str, callbacks: tuple[pl.Callback, ...] = ()) -> TrainResult:
+    # An epoch is STEPS // 2 batches, so the interruption falls on an epoch boundary: the data module
+    # replays an interrupted epoch from its start (its loaders are not resumable mid-epoch), while a
+    # new epoch's order and masks depend on (seed, epoch) only.
+    cfg = compose_config(tiny_overrides(cache, f"trainer.max_steps={STEPS}", f"trainer.val_check_interval={STEPS // 2}",
+                                        f"+trainer.limit_train_batches={STEPS // 2}",
+                                        "logger=csv", "trainer.log_every_n_steps=1", "attention=favor", "model.d_model=64", "model.d_ff=128",
+                                        f"attention.feature_redraw_interval={REDRAW}", "optim.lr=3e-3", *extra),
+                         output_dir)
+    return train(cfg, callbacks)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, store_cache) -> TrainResult:
+    """STEPS optimizer steps of a tiny FAVOR+ MLM on the bundled sample, uninterrupted."""
+    return _run(tmp_path_factory.mktemp("straight"), store_cache)
+
+
+def test_loss_falls_on_real_sequences(straight):
+    # An untrained model predicts about uniformly over the 30 tokens (perplexity ~30); residue
+    # frequencies alone are worth ~18. The run must have learned at least those.
+    assert straight.val_perplexity < 20.0
+    rows = list(csv.DictReader((Path(straight.trainer.default_root_dir) / "metrics.csv").open()))
+    losses = [float(row["train/loss"]) for row in rows if row.get("train/loss")]
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.2
+
+
+def test_resumed_run_continues_the_same_trajectory(straight, tmp_path, store_cache):
+    first = _run(tmp_path / "first", store_cache, callbacks=(StopAt(STEPS // 2),))
+    assert first.trainer.global_step == STEPS // 2
+    resumed = _run(tmp_path / "resumed", store_cache, f"ckpt_path={first.checkpoint}")
+    assert resumed.trainer.global_step == STEPS
+
+    # Same data order, masks, dropout (seeded per step) and feature redraws (from the step): the
+    # resumed weights match the uninterrupted ones up to float reassociation.
+    expected, actual = straight.module.state_dict(), resumed.module.state_dict()
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=1e-4, atol=1e-5, msg=key)
+    assert resumed.val_perplexity == pytest.approx(straight.val_perplexity, rel=1e-4)
+    assert resumed.metrics["train/loss"] == pytest.approx(straight.metrics["train/loss"], rel=1e-4)
+
+
+def test_favor_features_are_redrawn_on_schedule(straight):
+    redraw = next(c for c in straight.trainer.callbacks if isinstance(c, FeatureRedraw))
+    assert redraw.redraw_steps == list(range(REDRAW, STEPS + 1, REDRAW))
+    model = straight.module.model
+    fresh = ProteinPerformer(model.config)
+    fresh.redraw_projections(redraw.redraw_steps[-1])
+    for trained, expected in zip(model.blocks, fresh.blocks):
+        torch.testing.assert_close(trained.attention.projection, expected.attention.projection)
+
+
+def test_load_model_gives_the_trained_network_for_inference(straight):
+    model, alphabet = load_model(straight.checkpoint)
+    assert not model.training and alphabet.tokens == straight.module.hparams.alphabet_tokens
+    trained = straight.module.model.eval()
+    ids = torch.tensor([[alphabet.cls_idx, *alphabet.encode("MKTAYIAKQRQISFVKSHFSRQ"), alphabet.eos_idx]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, trained(ids).logits)
+    # A run directory works too: its checkpoints/last.ckpt.
+    again, _ = load_model(Path(straight.checkpoint).parent.parent)
+    torch.testing.assert_close(again.blocks[0].attention.projection, model.blocks[0].attention.projection)
+
+
+def test_run_logs_curves_throughput_and_evaluations(straight):
+    run_dir = Path(straight.trainer.default_root_dir)
+    rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
+    validations = [row for row in rows if row.get("val/perplexity")]
+    assert [int(row["step"]) for row in validations] == [STEPS // 2, STEPS]
+    elapsed = [float(row["val/elapsed_seconds"]) for row in validations]
+    assert 0 < elapsed[0] < elapsed[1]
+    assert all(float(row["train/tokens_per_sec"]) > 0 for row in rows if row.get("train/tokens_per_sec"))
+    for split in ("test", "ood"):
+        assert 1 < straight.metrics[f"{split}/perplexity"] < 31
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [f"best-step{STEPS:06d}.ckpt", "last.ckpt"]
+
+
+@pytest.mark.parametrize("objective", ["mlm", "clm"])
+@pytest.mark.parametrize("attention", ATTENTION_KINDS)
+def test_fast_dev_run(attention, objective, tmp_path, store_cache):
+    cfg = compose_config(tiny_overrides(store_cache, f"attention={attention}", f"objective={objective}",
+                                        "+trainer.fast_dev_run=true", "logger=none"), tmp_path)
+    result = train(cfg)
+    assert result.trainer.global_step == 1
+    assert result.module.model.config.causal == (objective == "clm")
+    for key in ("train/loss", "val/perplexity", "test/perplexity"):
+        assert torch.isfinite(torch.tensor(result.metrics[key])), key
+
+
+def test_one_bf16_mixed_precision_step_on_cpu(tmp_path, store_cache):
+    cfg = compose_config(tiny_overrides(store_cache, "trainer.precision=bf16-mixed", "+trainer.fast_dev_run=true",
+                                        "logger=none", "test=false"), tmp_path)
+    result = train(cfg)
+    assert result.trainer.precision == "bf16-mixed"
+    assert torch.isfinite(torch.tensor(result.metrics["train/loss"]))
+    assert result.module.model.token_embedding.weight.dtype == torch.float32  # fp32 master weights
