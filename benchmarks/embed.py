@@ -123,23 +123,22 @@ def main() -> None:
         return
 
     fast, baseline = args.kinds
-    print(f"embedding >= {args.residues} residues per run, {args.device}, torch threads {torch.get_num_threads()}, "
-          f"d_model {args.d_model}, "
-          f"{args.n_layers} layers, {args.n_heads} heads, d_ff {args.d_ff}, nb_features {args.nb_features}")
-    header = (f"{'length':>7} | {fast + ' res/s':>13} {baseline + ' res/s':>15} {'speed ratio':>11} | "
-              f"{fast + ' MiB':>10} {baseline + ' MiB':>12} {'memory ratio':>12}")
-    print(header)
-    print("-" * len(header))
+    print(f"Embedding throughput, >= {args.residues} residues per run; {args.device}, torch threads "
+          f"{torch.get_num_threads()}; d_model {args.d_model}, {args.n_layers} layers, {args.n_heads} heads, "
+          f"d_ff {args.d_ff}, nb_features {args.nb_features}\n")
+    print(f"| length | {fast} res/s | {baseline} res/s | speed {fast}/{baseline} | {fast} peak MiB "
+          f"| {baseline} peak MiB | memory {baseline}/{fast} |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
     for length in args.lengths:
         a, b = measure(fast, length, args), measure(baseline, length, args)
         if "error" in a or "error" in b:
-            print(f"{length:>7} | failed: {a.get('error') or b.get('error')}")
+            print(f"| {length} | failed: {a.get('error') or b.get('error')} ||||||")
             continue
         speed_a, speed_b = a["residues"] / a["seconds"], b["residues"] / b["seconds"]
-        print(f"{length:>7} | {speed_a:>13,.0f} {speed_b:>15,.0f} {speed_a / speed_b:>10.2f}x | "
-              f"{a['peak_mib']:>10,.0f} {b['peak_mib']:>12,.0f} {b['peak_mib'] / max(a['peak_mib'], 1e-9):>11.2f}x")
-    print(f"speed ratio = {fast} residues/s over {baseline}'s; memory ratio = {baseline} peak over {fast}'s "
-          "(above 1: the fast kind wins)")
+        print(f"| {length:,} | {speed_a:,.0f} | {speed_b:,.0f} | {speed_a / speed_b:.2f}x | {a['peak_mib']:,.0f} "
+              f"| {b['peak_mib']:,.0f} | {b['peak_mib'] / max(a['peak_mib'], 1e-9):.2f}x |")
+    print(f"\nRatios above 1 favour {fast}. Peak memory is the run's resident-set growth (CPU) or torch's peak "
+          "allocation (CUDA).")
 
 
 if __name__ == "__main__":

@@ -375,7 +375,9 @@ def _forward_batch(model: nn.Module, alphabet: Alphabet, proteins: Sequence[np.n
         input_ids[r, 1:len(row) + 1] = torch.from_numpy(row.astype(np.int64))
         input_ids[r, len(row) + 1] = alphabet.eos_idx
     padding_mask = input_ids == alphabet.pad_idx  # (rows, width)
-    input_ids, padding_mask = input_ids.to(settings.device), padding_mask.to(settings.device)
+    # Without padding, skip the mask: attention kernels take their fastest path without one.
+    padding_mask = padding_mask.to(settings.device) if padding_mask.any() else None
+    input_ids = input_ids.to(settings.device)
     autocast = (torch.autocast(settings.device.type, dtype=settings.autocast) if settings.autocast is not None
                 else contextlib.nullcontext())
     with autocast:

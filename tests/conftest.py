@@ -10,6 +10,9 @@ import pytest
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("WANDB_DISABLE_GIT", "true")
+# One intra-op thread per process (this process, notebook kernels, DDP workers). The suite is mostly small
+# tensors, where a second OpenMP thread only adds synchronisation; on 2 cores it made the suite slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = REPO_ROOT / "data"

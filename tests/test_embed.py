@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import re
 import subprocess
 import sys
@@ -32,6 +33,16 @@ from protein_performer.model import PerformerConfig, ProteinPerformer
 from protein_performer.training.module import ProteinLM
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Tiny models gain nothing from a second thread, and on a shared 2-core machine its spin-waiting
+    makes them several times slower; the previous setting is restored after each test."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
@@ -340,7 +351,8 @@ def checkpoint(tmp_path_factory, alphabet) -> Path:
 def run_module(*overrides: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "protein_performer.embed", *overrides,
                            f"hydra.run.dir={cwd / 'hydra'}"],
-                          capture_output=True, text=True, cwd=cwd, timeout=300)
+                          capture_output=True, text=True, cwd=cwd, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def compose(*overrides: str) -> DictConfig:

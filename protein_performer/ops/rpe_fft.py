@@ -46,8 +46,9 @@ per query). Key features are exp(logit - offset), the offset chosen as in ``favo
 - causal, dense path (what "auto" runs; also :func:`implied_rpe_attention`): the running offset
   M_j = max over valid keys j' <= j. Key j is stored as exp(logit_j - M_j) <= 1 and query i reads it
   with the factor E_ij = exp(M_j - M_i) <= 1 (M is nondecreasing), multiplied into the [block, keys]
-  weight block together with c_(j-i): a row and a column scaling through the offset just before the
-  block, exact exps inside it (:func:`_apply_decay_`), O(L^2) multiplies against L^2 (m + D) / 2 GEMM
+  weight block together with c_(j-i): exact exps on each query block's own keys, and on earlier keys
+  a row scaling of the output and a column scaling of v through the offset just before the block
+  (:func:`_decay_factors`), O(L (block + m + D)) extra work against L^2 (m + D) / 2 GEMM
   multiply-adds. Nothing query i reads depends on a key after i, and the weights of later keys are
   exact zeros, so outputs (and gradients of past outputs) at i <= t are bit-for-bit independent of
   positions > t, even when a future key's features would dwarf or underflow the past's.
@@ -187,23 +188,21 @@ def _features(
     return phi_q, _masked(torch.exp(logits - key_offset[..., None]), key_padding_mask), key_offset
 
 
-def _apply_decay_(x: Tensor, key_offset: Tensor, start: int, stop: int) -> Tensor:
-    """x[r, i - start, j] *= exp(M_j - M_i) in place for queries start <= i < stop, keys j < stop.
+def _decay_factors(key_offset: Tensor, start: int, stop: int) -> tuple[Tensor, Tensor, Tensor]:
+    """E_ij = exp(M_j - M_i) for queries start <= i < stop and keys j < stop, in factored form.
 
-    x: [R, T, stop]; key_offset: M, [R, L], nondecreasing. Keys before the block factor through
-    M_ref = M_(start - 1), which is >= M_j (j < start) and <= M_i (i >= start): exp(M_j - M_ref) and
-    exp(M_ref - M_i) are a column and a row scaling, both <= 1 and neither reading a key after i (a
-    fresh [T, L] factor tensor would cost more than the exp: its 10^7-element allocation). Keys inside
-    the block get the exact factor, clamped to 1 for j > i, where the causal c is 0 (exp(M_j - M_i)
-    could overflow there and inf * 0 would be NaN). Returns x."""
+    key_offset: M, [R, L], nondecreasing. Keys before the block factor through M_ref = M_(start - 1),
+    which is >= M_j (j < start) and <= M_i (i >= start): E_ij = row_i col_j with row = exp(M_ref - M_i)
+    [R, T] and col = exp(M_j - M_ref) [R, start], both <= 1 and neither reading a key after i, so they
+    scale the small operands (queries' rows, values) instead of the [T, L] weight block. The block's
+    own keys get the exact factor ``diagonal`` [R, T, T], clamped to 1 for j > i, where the causal c is
+    0 (exp(M_j - M_i) could overflow there and inf * 0 would be NaN)."""
     rows_offset = key_offset[:, start:stop]
-    if start > 0:
-        ref = key_offset[:, start - 1 : start]
-        past = x[:, :, :start]
-        past.mul_(torch.exp(ref - rows_offset)[:, :, None]).mul_(torch.exp(key_offset[:, :start] - ref)[:, None, :])
+    ref = key_offset[:, start - 1 : start] if start > 0 else rows_offset[:, :1]
+    row = torch.exp(ref - rows_offset)
+    col = torch.exp(key_offset[:, :start] - ref)
     diagonal = (rows_offset[:, None, :] - rows_offset[:, :, None]).clamp_(max=0.0).exp_()
-    x[:, :, start:stop].mul_(diagonal)
-    return x
+    return row, col, diagonal
 
 
 def _relative_weights(rpe_bias: Tensor, causal: bool, dtype: torch.dtype) -> Tensor:
@@ -339,9 +338,11 @@ def _add_diagonal_sums(grad_c: Tensor, block: Tensor, start: int, stop: int) -> 
 class _ToeplitzDense(torch.autograd.Function):
     """The same product as :class:`_ToeplitzFFT` by blocks of queries: (phi_q phi_k^T * C * E) w.
 
-    With ``key_offset`` ([R, L], the running key offsets M of causal features, detached) the weights
-    also carry E_ij = exp(M_j - M_i) (:func:`_apply_decay_`, causal only); None means E = 1 (one shared
-    offset). Causal (c zero at offsets > 0) reads keys j < stop only. Returns [R, L, E] in the input dtype."""
+    With ``key_offset`` ([R, L], the running key offsets M of causal features, detached; causal only)
+    the weights also carry E_ij = exp(M_j - M_i) (:func:`_decay_factors`): exact on each block's own
+    keys, and on earlier keys as a row scaling of the output and a column scaling of w, so the big
+    [T, keys] block sees no extra pass. None means E = 1 (one shared offset). Causal (c zero at
+    offsets > 0) reads keys j < stop only. Returns [R, L, E] in the input dtype."""
 
     @staticmethod
     def forward(ctx, phi_q: Tensor, phi_k: Tensor, w: Tensor, c: Tensor, key_offset: Tensor | None,
@@ -353,11 +354,15 @@ class _ToeplitzDense(torch.autograd.Function):
         for start, stop in _query_blocks(rows, length):
             keys = stop if causal else length
             weights = phi_q[:, start:stop] @ phi_k[:, :keys].transpose(1, 2)  # (R, T, keys)
-            if key_offset is not None:
-                _apply_decay_(weights, key_offset, start, stop)
-            toeplitz = _toeplitz_block(c, start, stop, keys)  # (H, T, keys)
-            weights.view(-1, heads, stop - start, keys).mul_(toeplitz)
-            out[:, start:stop] = weights @ w[:, :keys]
+            weights.view(-1, heads, stop - start, keys).mul_(_toeplitz_block(c, start, stop, keys))
+            if key_offset is None:
+                out[:, start:stop] = weights @ w[:, :keys]
+                continue
+            row, col, diagonal = _decay_factors(key_offset, start, stop)
+            block = weights[:, :, start:].mul_(diagonal) @ w[:, start:stop]
+            if start > 0:
+                block.addcmul_(row[..., None], weights[:, :, :start] @ (w[:, :start] * col[..., None]))
+            out[:, start:stop] = block
         ctx.save_for_backward(phi_q, phi_k, w, c, key_offset)
         ctx.causal = causal
         return out
@@ -372,17 +377,29 @@ class _ToeplitzDense(torch.autograd.Function):
         for start, stop in _query_blocks(rows, length):
             keys = stop if ctx.causal else length
             size = stop - start
-            scores = phi_q[:, start:stop] @ phi_k[:, :keys].transpose(1, 2)  # (R, T, keys)
-            # weights = S E C: d/dC sees S E, d/dS sees E C (E is a constant of the offsets).
-            damped = scores if key_offset is None else _apply_decay_(scores, key_offset, start, stop)
+            grad = grad_out[:, start:stop]  # (R, T, E)
+            scores = phi_q[:, start:stop] @ phi_k[:, :keys].transpose(1, 2)  # S, (R, T, keys)
             toeplitz = _toeplitz_block(c, start, stop, keys)  # (H, T, keys)
-            weights = (damped.view(-1, heads, size, keys) * toeplitz).view_as(damped)
-            grad_weights = grad_out[:, start:stop] @ w[:, :keys].transpose(1, 2)  # d loss / d weights
-            grad_w[:, :keys] += weights.transpose(1, 2) @ grad_out[:, start:stop]
-            _add_diagonal_sums(grad_c, _by_head(grad_weights * damped, heads), start, stop)
-            grad_scores = (grad_weights.view(-1, heads, size, keys) * toeplitz).view_as(grad_weights)
-            if key_offset is not None:
-                _apply_decay_(grad_scores, key_offset, start, stop)
+            # weights W = S C E. grad_weights holds d loss / d W times E: d/dC sums it times S over
+            # diagonals, d/dS is it times C.
+            if key_offset is None:
+                grad_weights = grad @ w[:, :keys].transpose(1, 2)
+            else:
+                row, col, diagonal = _decay_factors(key_offset, start, stop)
+                scaled_w = w[:, :keys].clone()
+                scaled_w[:, :start] *= col[..., None]
+                grad_weights = (grad * row[..., None]) @ scaled_w.transpose(1, 2)
+                grad_weights[:, :, start:] = (grad @ w[:, start:stop].transpose(1, 2)).mul_(diagonal)
+            _add_diagonal_sums(grad_c, _by_head(grad_weights * scores, heads), start, stop)
+            scores.view(-1, heads, size, keys).mul_(toeplitz)  # S C from here on
+            if key_offset is None:
+                grad_w[:, :keys] += scores.transpose(1, 2) @ grad
+            else:
+                grad_w[:, start:stop] += scores[:, :, start:].mul_(diagonal).transpose(1, 2) @ grad
+                if start > 0:
+                    past = scores[:, :, :start].transpose(1, 2) @ (grad * row[..., None])
+                    grad_w[:, :start].addcmul_(col[..., None], past)
+            grad_scores = grad_weights.view(-1, heads, size, keys).mul_(toeplitz).view_as(grad_weights)
             grad_q[:, start:stop] = grad_scores @ phi_k[:, :keys]
             grad_k[:, :keys] += grad_scores.transpose(1, 2) @ phi_q[:, start:stop]
         return grad_q, grad_k, grad_w, grad_c, None, None

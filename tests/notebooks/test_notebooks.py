@@ -6,6 +6,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[2]
 NOTEBOOK_DIR = REPO / "notebooks"
@@ -37,7 +38,12 @@ def checkpoint(tmp_path_factory) -> Path:
         "trainer.num_sanity_val_steps=0", "+trainer.enable_model_summary=false",
         "callbacks.progress_bar.refresh_rate=0", "optim.warmup_steps=1",
     ], output_dir=run)
-    result = train(cfg)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: a second thread only adds contention on a shared machine
+    try:
+        result = train(cfg)
+    finally:
+        torch.set_num_threads(threads)
     assert result.checkpoint is not None
     return Path(result.checkpoint)
 
@@ -66,7 +72,9 @@ def outputs(nb: nbformat.NotebookNode) -> tuple[str, int]:
     ],
 )
 def test_notebook_runs_on_a_trained_checkpoint(checkpoint, name, expected_text, min_figures):
-    executed = run_all.execute(NOTEBOOK_DIR / name, checkpoint, fast=True, timeout=300)
+    # One thread: tiny models gain nothing from two, and lose much to contention on a shared machine.
+    executed = run_all.execute(NOTEBOOK_DIR / name, checkpoint, fast=True, timeout=300,
+                               env={"OMP_NUM_THREADS": "1"})
     text, figures = outputs(executed)
     assert expected_text in text
     assert figures >= min_figures
