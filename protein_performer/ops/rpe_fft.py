@@ -388,7 +388,8 @@ class _ToeplitzDense(torch.autograd.Function):
                 row, col, diagonal = _decay_factors(key_offset, start, stop)
                 scaled_w = w[:, :keys].clone()
                 scaled_w[:, :start] *= col[..., None]
-                grad_weights = (grad * row[..., None]) @ scaled_w.transpose(1, 2)
+                scaled_grad = grad * row[..., None]
+                grad_weights = scaled_grad @ scaled_w.transpose(1, 2)
                 grad_weights[:, :, start:] = (grad @ w[:, start:stop].transpose(1, 2)).mul_(diagonal)
             _add_diagonal_sums(grad_c, _by_head(grad_weights * scores, heads), start, stop)
             scores.view(-1, heads, size, keys).mul_(toeplitz)  # S C from here on
@@ -397,7 +398,7 @@ class _ToeplitzDense(torch.autograd.Function):
             else:
                 grad_w[:, start:stop] += scores[:, :, start:].mul_(diagonal).transpose(1, 2) @ grad
                 if start > 0:
-                    past = scores[:, :, :start].transpose(1, 2) @ (grad * row[..., None])
+                    past = scores[:, :, :start].transpose(1, 2) @ scaled_grad
                     grad_w[:, :start].addcmul_(col[..., None], past)
             grad_scores = grad_weights.view(-1, heads, size, keys).mul_(toeplitz).view_as(grad_weights)
             grad_q[:, start:stop] = grad_scores @ phi_k[:, :keys]
