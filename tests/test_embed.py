@@ -35,16 +35,6 @@ from protein_performer.training.module import ProteinLM
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny models gain nothing from a second thread, and on a shared 2-core machine its spin-waiting
-    makes them several times slower; the previous setting is restored after each test."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def alphabet() -> Alphabet:
     return Alphabet()

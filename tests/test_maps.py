@@ -25,16 +25,6 @@ from protein_performer.model import PerformerConfig, ProteinPerformer
 KINDS = ("softmax", "favor", "favor_relu", "favor_rpe", "combiner")
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny models gain nothing from a second thread, and on a shared 2-core machine its spin-waiting
-    makes them several times slower; the previous setting is restored after each test."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def alphabet() -> Alphabet:
     return Alphabet()

@@ -42,6 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from protein_performer.ops._checks import check_key_padding_mask, check_self_attention
+
 __all__ = ["combiner_attention", "combiner_attention_weights", "default_block_size"]
 
 Variant = Literal["fixed", "axial"]
@@ -56,26 +58,11 @@ def default_block_size(length: int) -> int:
 def _check(where: str, q: Tensor, k: Tensor, v: Tensor | None, variant: str, block_size: int | None,
            key_padding_mask: Tensor | None) -> int:
     """Validate the arguments; returns the block size to use (clamped to [1, L])."""
-    tensors = {"q": q, "k": k} if v is None else {"q": q, "k": k, "v": v}
-    for name, t in tensors.items():
-        if t.dim() != 4:
-            raise ValueError(f"{where}: {name} must be [batch, heads, length, dim], got {tuple(t.shape)}.")
-    if q.shape != k.shape or (v is not None and v.shape[:3] != k.shape[:3]):
-        raise ValueError(
-            f"{where}: q {tuple(q.shape)}, k {tuple(k.shape)}"
-            + ("" if v is None else f", v {tuple(v.shape)}")
-            + " must agree in batch, heads and length (and q, k in head_dim)."
-        )
+    check_self_attention(where, q, k, v)
     if variant not in ("fixed", "axial"):
         raise ValueError(f"{where}: variant must be 'fixed' or 'axial', got {variant!r}.")
     length = q.shape[2]
-    if key_padding_mask is not None and (
-        key_padding_mask.dtype != torch.bool or key_padding_mask.shape != (q.shape[0], length)
-    ):
-        raise ValueError(
-            f"{where}: key_padding_mask must be bool [batch, length] = {(q.shape[0], length)} (True at padding), "
-            f"got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}."
-        )
+    check_key_padding_mask(where, key_padding_mask, q.shape[0], length)
     if block_size is None:
         return default_block_size(length)
     if block_size < 1:

@@ -34,6 +34,8 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
+from protein_performer.ops._checks import check_key_padding_mask, check_projection, check_self_attention, compute_dtype
+
 __all__ = [
     "FavorState",
     "favor_attention",
@@ -111,11 +113,6 @@ def gaussian_orthogonal_random_matrix(
 # --------------------------------------------------------------------------------------------------
 
 
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    """float64 stays float64; everything else (fp32, bf16, fp16) is computed in float32."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _softmax_logits(x: Tensor, projection: Tensor) -> Tensor:
     """log of the unnormalised positive features: W x' - |x'|^2 / 2 with x' = x d^-1/4; [..., m]."""
     x = x * x.shape[-1] ** -0.25
@@ -157,7 +154,7 @@ def softmax_kernel_features(
         [batch, heads, length, m] in float32 (float64 for float64 input), even under autocast.
     """
     with torch.autocast(device_type=x.device.type, enabled=False):
-        dtype = _compute_dtype(x)
+        dtype = compute_dtype(x)
         logits = _softmax_logits(x.to(dtype), projection.to(dtype))
         if stabilize:
             if is_query:
@@ -188,7 +185,7 @@ def relu_kernel_features(
         [batch, heads, length, m] in float32 (float64 for float64 input), even under autocast.
     """
     with torch.autocast(device_type=x.device.type, enabled=False):
-        dtype = _compute_dtype(x)
+        dtype = compute_dtype(x)
         x = x.to(dtype) * x.shape[-1] ** -0.25
         features = torch.relu(x @ projection.to(dtype).T) + eps
         return _masked(features, key_padding_mask)
@@ -245,32 +242,11 @@ class _Features(NamedTuple):
 def _check(
     where: str, q: Tensor, k: Tensor, v: Tensor | None, projection: Tensor, kernel: str, key_padding_mask: Tensor | None
 ) -> None:
-    tensors = {"q": q, "k": k} if v is None else {"q": q, "k": k, "v": v}
-    for name, t in tensors.items():
-        if t.dim() != 4:
-            raise ValueError(
-                f"{where}: {name} must be [batch, heads, length, dim], got shape {tuple(t.shape)}; "
-                "split heads before calling."
-            )
-    if q.shape != k.shape:
-        raise ValueError(
-            f"{where}: q {tuple(q.shape)} and k {tuple(k.shape)} must have the same shape (self-attention)."
-        )
-    if v is not None and v.shape[:3] != k.shape[:3]:
-        raise ValueError(f"{where}: v {tuple(v.shape)} must match k {tuple(k.shape)} in batch, heads and length.")
-    if projection.dim() != 2 or projection.shape[1] != q.shape[-1]:
-        raise ValueError(
-            f"{where}: projection must be [nb_features, head_dim={q.shape[-1]}], got {tuple(projection.shape)}."
-        )
+    check_self_attention(where, q, k, v)
+    check_projection(where, projection, q.shape[-1])
     if kernel not in ("softmax", "relu"):
         raise ValueError(f"{where}: kernel must be 'softmax' or 'relu', got {kernel!r}.")
-    if key_padding_mask is not None and (
-        key_padding_mask.dtype != torch.bool or key_padding_mask.shape != (k.shape[0], k.shape[2])
-    ):
-        raise ValueError(
-            f"{where}: key_padding_mask must be bool [batch, length] = {(k.shape[0], k.shape[2])} "
-            f"(True at padding), got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}."
-        )
+    check_key_padding_mask(where, key_padding_mask, k.shape[0], k.shape[2])
 
 
 def _features(
@@ -283,7 +259,7 @@ def _features(
     key_padding_mask: Tensor | None,
 ) -> _Features:
     """Query/key features with the stabilisers described in the module docstring (call with autocast off)."""
-    dtype = _compute_dtype(q)
+    dtype = compute_dtype(q)
     q, k, projection = q.to(dtype), k.to(dtype), projection.to(dtype)
     value = _masked(v.to(dtype), key_padding_mask) if v is not None else k.new_zeros(())
     if kernel == "relu":
@@ -687,7 +663,7 @@ def favor_attention(
             q, k, v, projection, causal=causal, kernel=kernel, key_padding_mask=key_padding_mask, chunk_size=chunk_size
         )
     with torch.autocast(device_type=q.device.type, enabled=False):
-        dtype = _compute_dtype(q)
+        dtype = compute_dtype(q)
         L = q.shape[2]
         qc, kc, vc, w = q.to(dtype), k.to(dtype), v.to(dtype), projection.to(dtype)
         if key_padding_mask is not None:
@@ -776,7 +752,7 @@ def favor_causal_step(
     """
     _check("favor_causal_step", q_t[:, :, None], k_t[:, :, None], v_t[:, :, None], projection, kernel, None)
     with torch.autocast(device_type=q_t.device.type, enabled=False):
-        dtype = _compute_dtype(q_t)
+        dtype = compute_dtype(q_t)
         q, k, v, w = q_t.to(dtype)[:, :, None], k_t.to(dtype)[:, :, None], v_t.to(dtype), projection.to(dtype)
         B, H, D = v.shape
         m = w.shape[0]

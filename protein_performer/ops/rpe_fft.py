@@ -74,6 +74,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from protein_performer.ops._checks import check_key_padding_mask, check_projection, check_self_attention, compute_dtype
 from protein_performer.ops.favor import _decay, _masked, _running_key_offset, _softmax_logits, softmax_kernel_features
 
 __all__ = ["favor_rpe_attention", "implied_rpe_attention", "slice_rpe_bias"]
@@ -133,37 +134,15 @@ def _fft_size(n: int) -> int:
 
 def _check(where: str, q: Tensor, k: Tensor, v: Tensor | None, projection: Tensor, rpe_bias: Tensor,
            key_padding_mask: Tensor | None) -> None:
-    tensors = {"q": q, "k": k} if v is None else {"q": q, "k": k, "v": v}
-    for name, t in tensors.items():
-        if t.dim() != 4:
-            raise ValueError(f"{where}: {name} must be [batch, heads, length, dim], got {tuple(t.shape)}.")
-    if q.shape != k.shape or (v is not None and v.shape[:3] != k.shape[:3]):
-        raise ValueError(
-            f"{where}: q {tuple(q.shape)}, k {tuple(k.shape)}"
-            + ("" if v is None else f", v {tuple(v.shape)}")
-            + " must agree in batch, heads and length (and q, k in head_dim)."
-        )
-    if projection.dim() != 2 or projection.shape[1] != q.shape[-1]:
-        raise ValueError(
-            f"{where}: projection must be [nb_features, head_dim={q.shape[-1]}], got {tuple(projection.shape)}."
-        )
+    check_self_attention(where, q, k, v)
+    check_projection(where, projection, q.shape[-1])
     heads, length = q.shape[1], q.shape[2]
     if rpe_bias.shape != (heads, 2 * length - 1):
         raise ValueError(
             f"{where}: rpe_bias must be [heads, 2L - 1] = {(heads, 2 * length - 1)}, got {tuple(rpe_bias.shape)}; "
             "a bias sized for a longer max_length is cut with slice_rpe_bias(rpe_bias, L)."
         )
-    if key_padding_mask is not None and (
-        key_padding_mask.dtype != torch.bool or key_padding_mask.shape != (k.shape[0], length)
-    ):
-        raise ValueError(
-            f"{where}: key_padding_mask must be bool [batch, length] = {(k.shape[0], length)} (True at padding), "
-            f"got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}."
-        )
-
-
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+    check_key_padding_mask(where, key_padding_mask, k.shape[0], length)
 
 
 def _features(
@@ -178,7 +157,7 @@ def _features(
         ``running=True`` (causal): key j is exp(logit_j - M_j) with M_j the running max over valid
         keys j' <= j (detached), returned as key_offset; the reader rescales by exp(M_j - M_i).
     """
-    dtype = _compute_dtype(q)
+    dtype = compute_dtype(q)
     q, k, projection = q.to(dtype), k.to(dtype), projection.to(dtype)
     phi_q = _masked(softmax_kernel_features(q, projection, is_query=True), key_padding_mask)
     if not running:

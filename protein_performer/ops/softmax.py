@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from protein_performer.ops._checks import check_key_padding_mask
+
 __all__ = ["softmax_attention", "softmax_attention_weights"]
 
 
@@ -25,12 +27,7 @@ def _check_qk(q: Tensor, k: Tensor, key_padding_mask: Tensor | None, where: str)
         )
     if q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
         raise ValueError(f"{where}: q {tuple(q.shape)} and k {tuple(k.shape)} disagree on batch/heads/dim.")
-    if key_padding_mask is not None:
-        if key_padding_mask.dtype != torch.bool or key_padding_mask.shape != (k.shape[0], k.shape[2]):
-            raise ValueError(
-                f"{where}: key_padding_mask must be bool [batch, length] = {(k.shape[0], k.shape[2])} "
-                f"(True at padding), got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}."
-            )
+    check_key_padding_mask(where, key_padding_mask, k.shape[0], k.shape[2])
 
 
 def _allowed(

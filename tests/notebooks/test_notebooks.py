@@ -6,7 +6,6 @@ from pathlib import Path
 
 import nbformat
 import pytest
-import torch
 
 REPO = Path(__file__).resolve().parents[2]
 NOTEBOOK_DIR = REPO / "notebooks"
@@ -38,12 +37,7 @@ def checkpoint(tmp_path_factory) -> Path:
         "trainer.num_sanity_val_steps=0", "+trainer.enable_model_summary=false",
         "callbacks.progress_bar.refresh_rate=0", "optim.warmup_steps=1",
     ], output_dir=run)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # a tiny model: a second thread only adds contention on a shared machine
-    try:
-        result = train(cfg)
-    finally:
-        torch.set_num_threads(threads)
+    result = train(cfg)
     assert result.checkpoint is not None
     return Path(result.checkpoint)
 

@@ -24,16 +24,6 @@ from protein_performer.ops.favor import _decayed_scan, _favor_attention_referenc
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tensors here are tiny: a second intra-op thread only adds synchronisation, which on a
-    shared, loaded machine costs far more than it saves (measured: 5x wall time)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 

@@ -12,16 +12,6 @@ from protein_performer.ops import softmax_attention, softmax_attention_weights
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tensors here are tiny: a second intra-op thread only adds synchronisation, which on a
-    shared, loaded machine costs far more than it saves (measured: 5x wall time)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _qkv(batch: int, heads: int, length: int, dim: int, *, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     return tuple(torch.randn(batch, heads, length, dim, generator=g, dtype=F64) for _ in range(3))
