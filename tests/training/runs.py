@@ -33,9 +33,7 @@ def tiny_overrides(cache: Path, *extra: str, trainer: str = "cpu") -> list[str]:
 
 def run_cli(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     """`python -m protein_performer.train <args>` in a fresh process, offline; fails loudly with its output."""
-    # One intra-op thread per process: see the one_thread fixture in conftest.py.
-    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONWARNINGS": "ignore",
-           "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONWARNINGS": "ignore"}
     result = subprocess.run([sys.executable, "-m", "protein_performer.train", *args], cwd=cwd, env=env,
                             capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"train exited with {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"

@@ -8,23 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from protein_performer.data import Alphabet
+from protein_performer.data import Alphabet, read_fasta
 from protein_performer.model import PerformerConfig
 from protein_performer.training.module import ProteinLM, TokenMetrics, lr_factor, parameter_groups
 
 
 def _sequences(data_dir, count: int) -> list[str]:
     """The first `count` sequences of the bundled UniProtKB sample."""
-    sequences, current = [], []
-    for line in (data_dir / "uniprot_sample.fasta").read_text().splitlines():
-        if line.startswith(">"):
-            if current:
-                sequences.append("".join(current))
-            current = []
-        else:
-            current.append(line.strip())
-    sequences.append("".join(current))
-    return sequences[:count]
+    return [record.sequence for record, _ in zip(read_fasta(data_dir / "uniprot_sample.fasta"), range(count))]
 
 
 def _batch(data_dir, objective: str, length: int = 48) -> dict[str, torch.Tensor]:
