@@ -14,6 +14,7 @@ import argparse
 import os
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 import nbformat
@@ -24,14 +25,16 @@ NOTEBOOKS = ("attention_maps.ipynb", "amino_acid_similarity.ipynb", "downstream.
 
 
 def execute(notebook: Path, checkpoint: Path, *, fast: bool = False, timeout: int = 3600,
-            kernel_name: str = "python3") -> nbformat.NotebookNode:
+            kernel_name: str = "python3", env: Mapping[str, str] | None = None) -> nbformat.NotebookNode:
     """Run every cell of `notebook` in a fresh kernel and return it with outputs (the file is not written).
 
     The kernel is the Python running this function (jupyter_client starts kernel specs whose command is
-    `python` with sys.executable), so it sees the same installed package.
+    `python` with sys.executable), so it sees the same installed package. `env` adds variables to the
+    kernel's environment (the tests pin OMP_NUM_THREADS there).
     """
     nb = nbformat.read(notebook, as_version=4)
-    env = {**os.environ, "PP_CHECKPOINT": str(Path(checkpoint).resolve()), "PP_NOTEBOOK_FAST": "1" if fast else "0"}
+    env = {**os.environ, **(env or {}), "PP_CHECKPOINT": str(Path(checkpoint).resolve()),
+           "PP_NOTEBOOK_FAST": "1" if fast else "0"}
     client = NotebookClient(nb, timeout=timeout, kernel_name=kernel_name,
                             resources={"metadata": {"path": str(NOTEBOOK_DIR)}})
     client.execute(env=env)
