@@ -21,7 +21,7 @@ from protein_performer.data.fasta import DataError, expand_inputs
 from protein_performer.data.splits import SplitSpec
 from protein_performer.data.store import FORMAT_VERSION, TokenStore, build_token_store, input_identity
 
-__all__ = ["ProteinDataModule", "EpochLoader"]
+__all__ = ["ProteinDataModule", "EpochLoader", "ResumableLoader"]
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +53,58 @@ class EpochLoader(DataLoader):
         self.epoch_source = epoch_source
         self.passes = 0
 
-    def __iter__(self):  # type: ignore[override]
+    def _next_epoch(self) -> int:
         epoch = self.epoch_source() if self.epoch_source is not None else None
-        self.dataset.set_epoch(self.passes if epoch is None else epoch)  # type: ignore[attr-defined]
+        epoch = self.passes if epoch is None else epoch
         self.passes += 1
+        return epoch
+
+    def __iter__(self):  # type: ignore[override]
+        self.dataset.set_epoch(self._next_epoch())  # type: ignore[attr-defined]
         return super().__iter__()
+
+
+class ResumableLoader(EpochLoader):
+    """The training loader: an EpochLoader that a checkpoint taken mid-epoch resumes exactly.
+
+    Lightning stores `state_dict()` in every checkpoint and hands it back to `load_state_dict` before
+    the resumed run's first pass. The state is the epoch and the number of its batches the Trainer had
+    consumed (`consumed_source`: the fit loop's processed-batch count; the loader itself cannot tell,
+    since Lightning fetches ahead). The resumed pass regenerates that epoch and drops the consumed
+    batches: every batch (order, crop, mask) is a function of (seed, epoch, block, batch), so the
+    remainder is exactly what the uninterrupted run saw. Dropping costs the data time of those batches,
+    a small fraction of the training time they took.
+    """
+
+    def __init__(self, dataset: ProteinBatches, epoch_source: Callable[[], int | None] | None = None,
+                 consumed_source: Callable[[], int | None] | None = None, **kwargs: Any) -> None:
+        super().__init__(dataset, epoch_source, **kwargs)
+        self.consumed_source = consumed_source
+        self._epoch: int | None = None
+        self._resume: tuple[int, int] | None = None  # (epoch, batches to drop) from a checkpoint
+
+    def state_dict(self) -> dict[str, int]:
+        consumed = self.consumed_source() if self.consumed_source is not None else None
+        epoch = self._epoch if self._epoch is not None else self.passes
+        return {"epoch": int(epoch), "consumed": int(consumed or 0)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume = (int(state["epoch"]), int(state["consumed"]))
+
+    def __iter__(self):  # type: ignore[override]
+        self._epoch = epoch = self._next_epoch()
+        self.dataset.set_epoch(epoch)  # type: ignore[attr-defined]
+        iterator = DataLoader.__iter__(self)
+        resume, self._resume = self._resume, None
+        if resume is not None and resume[0] == epoch and resume[1] > 0:
+            if resume[1] >= len(self.dataset):  # type: ignore[arg-type]
+                # Saved after the epoch's last batch: Lightning moves on to the next epoch (and asks
+                # for a new pass), so this pass is not used; leave it whole.
+                return iterator
+            log.info("resuming epoch %d after its first %d batches", epoch, resume[1])
+            for _ in range(resume[1]):
+                next(iterator)
+        return iterator
 
 
 class ProteinDataModule(pl.LightningDataModule):
@@ -217,6 +264,12 @@ class ProteinDataModule(pl.LightningDataModule):
     def _epoch(self) -> int | None:
         return self.trainer.current_epoch if self.trainer is not None else None
 
+    def _consumed(self) -> int | None:
+        """Training batches of the current epoch the Trainer has processed (for ResumableLoader)."""
+        if self.trainer is None:
+            return None
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+
     def dataset(self, split: str, *, rank: int | None = None, world_size: int | None = None) -> ProteinBatches:
         """The batches of `split` ("train", "valid", "test", "ood") for one rank (default: this one)."""
         if self.store_path is None:
@@ -232,8 +285,9 @@ class ProteinDataModule(pl.LightningDataModule):
         return EpochLoader(self.dataset(split, rank=rank, world_size=world_size), epoch_source=self._epoch,
                            num_workers=self.num_workers, pin_memory=self.pin_memory)
 
-    def train_dataloader(self) -> EpochLoader:
-        return self.dataloader("train")
+    def train_dataloader(self) -> ResumableLoader:
+        return ResumableLoader(self.dataset("train"), epoch_source=self._epoch, consumed_source=self._consumed,
+                               num_workers=self.num_workers, pin_memory=self.pin_memory)
 
     def val_dataloader(self) -> EpochLoader:
         return self.dataloader("valid")

@@ -151,6 +151,28 @@ def test_dataloader_workers_deliver_the_batches_of_the_main_process(make_datamod
             assert torch.equal(a[key], b[key]), key
 
 
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_a_training_pass_saved_mid_epoch_resumes_with_the_batches_not_yet_consumed(num_workers, make_datamodule):
+    datamodule = make_datamodule(num_workers=num_workers)
+    loader = datamodule.train_dataloader()
+    list(loader)  # epoch 0
+    epoch1 = list(loader)
+    consumed = 3
+    loader.consumed_source = lambda: consumed  # a Trainer reports its processed-batch count
+    state = loader.state_dict()
+    assert state == {"epoch": 1, "consumed": consumed}
+
+    fresh = make_datamodule(num_workers=num_workers).train_dataloader()
+    fresh.epoch_source = lambda: 1  # as a resumed Trainer's current epoch
+    fresh.load_state_dict(state)
+    remainder = list(fresh)
+    assert len(remainder) == len(epoch1) - consumed
+    for a, b in zip(remainder, epoch1[consumed:]):
+        for key in a:
+            assert torch.equal(a[key], b[key]), key
+    assert len(list(fresh)) == len(epoch1)  # only the resumed pass is shortened
+
+
 def test_training_reshuffles_every_epoch_reproducibly_and_evaluation_never(make_datamodule):
     datamodule = make_datamodule()
 

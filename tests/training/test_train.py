@@ -32,11 +32,7 @@ class StopAt(pl.Callback):
 
 
 def _run(output_dir: Path, cache: Path, *extra: str, callbacks: tuple[pl.Callback, ...] = ()) -> TrainResult:
-    # An epoch is STEPS // 2 batches, so the interruption falls on an epoch boundary: the data module
-    # replays an interrupted epoch from its start (its loaders are not resumable mid-epoch), while a
-    # new epoch's order and masks depend on (seed, epoch) only.
     cfg = compose_config(tiny_overrides(cache, f"trainer.max_steps={STEPS}", f"trainer.val_check_interval={STEPS // 2}",
-                                        f"+trainer.limit_train_batches={STEPS // 2}",
                                         "logger=csv", "trainer.log_every_n_steps=1", "attention=favor", "model.d_model=64", "model.d_ff=128",
                                         f"attention.feature_redraw_interval={REDRAW}", "optim.lr=3e-3", *extra),
                          output_dir)
@@ -58,20 +54,31 @@ def test_loss_falls_on_real_sequences(straight):
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.2
 
 
-def test_resumed_run_continues_the_same_trajectory(straight, tmp_path, store_cache):
-    first = _run(tmp_path / "first", store_cache, callbacks=(StopAt(STEPS // 2),))
+# Where the interruption at step STEPS // 2 falls, set by the epoch length (+trainer.limit_train_batches):
+# the sample's full epoch is longer than the run (mid-epoch 0); an epoch of STEPS // 2 batches (its
+# boundary); an epoch of STEPS // 3 batches (mid-epoch 1, then a new epoch after the resume).
+EPOCHS = {"mid-epoch": (), "epoch-boundary": (f"+trainer.limit_train_batches={STEPS // 2}",),
+          "mid-second-epoch": (f"+trainer.limit_train_batches={STEPS // 3}",)}
+
+
+@pytest.mark.parametrize("where", list(EPOCHS))
+def test_resumed_run_continues_the_same_trajectory(where, straight, tmp_path, store_cache):
+    epoch = EPOCHS[where]
+    reference = straight if not epoch else _run(tmp_path / "straight", store_cache, *epoch)
+    first = _run(tmp_path / "first", store_cache, *epoch, callbacks=(StopAt(STEPS // 2),))
     assert first.trainer.global_step == STEPS // 2
-    resumed = _run(tmp_path / "resumed", store_cache, f"ckpt_path={first.checkpoint}")
+    resumed = _run(tmp_path / "resumed", store_cache, *epoch, f"ckpt_path={first.checkpoint}")
     assert resumed.trainer.global_step == STEPS
+    assert resumed.trainer.current_epoch == reference.trainer.current_epoch
 
     # Same data order, masks, dropout (seeded per step) and feature redraws (from the step): the
     # resumed weights match the uninterrupted ones up to float reassociation.
-    expected, actual = straight.module.state_dict(), resumed.module.state_dict()
+    expected, actual = reference.module.state_dict(), resumed.module.state_dict()
     assert expected.keys() == actual.keys()
     for key in expected:
         torch.testing.assert_close(actual[key], expected[key], rtol=1e-4, atol=1e-5, msg=key)
-    assert resumed.val_perplexity == pytest.approx(straight.val_perplexity, rel=1e-4)
-    assert resumed.metrics["train/loss"] == pytest.approx(straight.metrics["train/loss"], rel=1e-4)
+    assert resumed.val_perplexity == pytest.approx(reference.val_perplexity, rel=1e-4)
+    assert resumed.metrics["train/loss"] == pytest.approx(reference.metrics["train/loss"], rel=1e-4)
 
 
 def test_favor_features_are_redrawn_on_schedule(straight):
