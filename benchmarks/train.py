@@ -11,6 +11,9 @@ residues: sequences of data/uniprot_sample.fasta joined by <eos>, as data=trembl
 Throughput is that of the fastest timed step, and the kinds at one length run back to back
 (`--repeats` times, alternating, keeping each kind's best), so that other processes on shared cores
 disturb the comparison as little as possible. Prints a table with ratios to the first kind.
+
+Every child sets the allocator as `python -m protein_performer.train` does (keep_freed_memory,
+conf/train.yaml); `--malloc default` measures glibc's stock behaviour instead.
 """
 from __future__ import annotations
 
@@ -49,8 +52,13 @@ def concat_window(length: int) -> np.ndarray:
     return np.concatenate(pieces)[:length].astype(np.int64)
 
 
-def measure(attention: str, length: int, model: str, steps: int, warmup: int, device: str) -> dict[str, float]:
+def measure(attention: str, length: int, model: str, steps: int, warmup: int, device: str,
+            malloc: str = "keep") -> dict[str, float]:
     """Run in a child process: time `steps` optimizer steps of one configuration, report its peak memory."""
+    if malloc == "keep":
+        from protein_performer.runtime import keep_freed_memory
+
+        keep_freed_memory()
     import torch
     from omegaconf import OmegaConf
 
@@ -112,7 +120,8 @@ def measure(attention: str, length: int, model: str, steps: int, warmup: int, de
 
 def run_child(attention: str, length: int, args: argparse.Namespace) -> dict[str, float]:
     command = [sys.executable, __file__, "--child", attention, str(length), "--model", args.model,
-               "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device]
+               "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device,
+               "--malloc", args.malloc]
     result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     if result.returncode != 0:
         return {"error": result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"}
@@ -128,18 +137,21 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed optimizer steps first")
     parser.add_argument("--repeats", type=int, default=1, help="alternating runs per kind and length; best kept")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--malloc", choices=["keep", "default"], default="keep",
+                        help="keep: reuse freed memory, as training does (protein_performer.runtime); "
+                             "default: glibc's stock malloc")
     parser.add_argument("--child", nargs=2, metavar=("KIND", "LENGTH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(measure(args.child[0], int(args.child[1]), args.model, args.steps, args.warmup,
-                                 args.device)))
+                                 args.device, args.malloc)))
         return
 
     import torch
 
     print(f"model={args.model}, batch of 1 window, MLM, {args.warmup} warmup + {args.steps} timed optimizer steps "
           f"(fastest kept) x {args.repeats} repeats, "
-          f"device={args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"device={args.device}, malloc={args.malloc}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{os.cpu_count()} CPUs (load average {os.getloadavg()[0]:.1f})")
     baseline, others = args.kinds[0], args.kinds[1:]
     header = f"{'L':>6} | " + " | ".join(f"{kind:>10} tok/s  {'peak MB':>8}" for kind in args.kinds)

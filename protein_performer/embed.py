@@ -47,6 +47,7 @@ from tqdm import tqdm
 
 from protein_performer import __version__
 from protein_performer.data import Alphabet, DataError, expand_inputs, read_fasta
+from protein_performer.runtime import keep_freed_memory
 
 __all__ = [
     "INCLUDE_KINDS",
@@ -808,6 +809,7 @@ def run_cli(cfg: DictConfig) -> int:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="embed")
 def main(cfg: DictConfig) -> None:
     """``python -m protein_performer.embed checkpoint=... input=... output=...`` (see conf/embed.yaml)."""
+    keep_freed_memory()  # long inputs allocate large feature tensors per layer: reuse, don't page-fault
     status = run_cli(cfg)
     if status:
         sys.exit(status)

@@ -172,7 +172,7 @@ class ProteinDataModule(pl.LightningDataModule):
         random_fraction: float = 0.1,
         block_records: int = 2048,
         block_batches: int = 8,
-        compression: str = "gzip",
+        compression: str = "scaleoffset",
         background_reader: bool = True,
         build_timeout: float = 24 * 3600.0,
     ) -> None:

