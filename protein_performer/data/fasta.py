@@ -440,25 +440,30 @@ def _record_blocks(path: Path) -> Iterator[tuple[bytes, int, bool]]:
     (it starts with a header line and ends where the next one starts); text before the first
     header (blank lines: the opener's check allows nothing else) is dropped."""
     check_fasta(path)
-    pending = b""
+    pieces: list[bytes] = []  # decompressed bytes not yet handed out, joined only when a block is due
+    size = 0
+    due = _BLOCK_BYTES  # doubles while one record outgrows it, so a huge record is copied O(1) times
     started = False
     with open(path, "rb") as raw:
         for data in _in_thread(_decompressed(raw, path)):
-            pending = pending + data if pending else data
             if not started:
-                first = pending.find(b">")
+                first = data.find(b">")
                 if first < 0:
-                    pending = b""
                     continue
-                pending, started = pending[first:], True
-            if len(pending) < _BLOCK_BYTES:
+                data, started = data[first:], True
+            pieces.append(data)
+            size += len(data)
+            if size < due:
                 continue
+            pending = b"".join(pieces)
             cut = pending.rfind(b"\n>")
-            if cut <= 0:
-                continue  # one record longer than a block: keep reading until it ends
+            if cut <= 0:  # one record longer than a block: keep reading until it ends
+                pieces, due = [pending], 2 * size
+                continue
             yield pending[:cut + 1], raw.tell(), False
-            pending = pending[cut + 1:]
-        yield pending, raw.tell(), True
+            rest = pending[cut + 1:]
+            pieces, size, due = [rest], len(rest), _BLOCK_BYTES
+        yield b"".join(pieces), raw.tell(), True
 
 
 def _in_thread(items: Iterator[bytes], ahead: int = 4) -> Iterator[bytes]:

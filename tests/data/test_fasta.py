@@ -228,3 +228,16 @@ def test_a_gzip_file_is_recognised_by_content_not_name(sample_fasta, tmp_path):
     plain_named_gz = tmp_path / "plain.fasta.gz"
     shutil.copy(sample_fasta, plain_named_gz)
     assert len(list(read_fasta(misnamed))) == len(list(read_fasta(plain_named_gz))) == 500
+
+
+def test_a_record_far_longer_than_a_block_is_read_whole(tmp_path, monkeypatch):
+    monkeypatch.setattr(fasta, "_BLOCK_BYTES", 1 << 10)  # the 32 MB record spans 32,000 blocks
+    rng = np.random.default_rng(0)
+    giant = np.frombuffer(b"ACDEFGHIKLMNPQRSTVWY", dtype=np.uint8)[rng.integers(0, 20, 32 << 20)].tobytes()
+    wrapped = b"\n".join(giant[i:i + 60] for i in range(0, len(giant), 60))
+    path = tmp_path / "giant.fasta"
+    path.write_bytes(b">small\nMKV\n>giant one record\n" + wrapped + b"\n>after\nMK\n")
+    chunks = list(read_fasta_chunks(path, 2))
+    assert b"\n".join(c.titles for c in chunks) == b"small\ngiant one record\nafter"
+    assert b"".join(c.sequences for c in chunks) == b"MKV" + giant + b"MK"
+    assert np.concatenate([c.lengths for c in chunks]).tolist() == [3, len(giant), 2]
