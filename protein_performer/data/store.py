@@ -217,7 +217,8 @@ class _SplitWriter:
             compress, executor)
         # Offsets grow steadily: byte-shuffled deflate shrinks them well; scaleoffset packs each chunk's
         # values above its minimum into the bits they need.
-        offset_options = dict(compression, shuffle=True) if compression and "scaleoffset" not in compression else compression
+        shuffle = bool(compression) and "scaleoffset" not in compression
+        offset_options = dict(compression, shuffle=True) if shuffle else compression
         # Offsets start with their leading 0 in place; appends add the running ends.
         self.offsets = _ChunkedAppender(group.create_dataset(
             "offsets", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(_OFFSET_CHUNK,), **offset_options))

@@ -8,8 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from protein_performer.data import DataError, FastaFormatError, parse_accession, read_fasta, read_fasta_chunks
-from protein_performer.data import fasta
+from protein_performer.data import DataError, FastaFormatError, fasta, parse_accession, read_fasta, read_fasta_chunks
 from protein_performer.data.fasta import (
     accession_spans,
     expand_inputs,
@@ -92,7 +91,7 @@ def _awkward_fasta(records, seed: int) -> bytes:
     blanks or a '>' inside, empty sequences, a header without a line break at the very end."""
     rng = np.random.default_rng(seed)
     out = [b"\n\n"] if seed % 2 else []  # blank lines before the first header are allowed
-    for number, record in enumerate(records):
+    for record in records:
         title, sequence = record.description.encode(), record.sequence.encode()
         style = rng.integers(12)
         newline = b"\r\n" if style == 0 else b"\n"

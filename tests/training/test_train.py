@@ -32,9 +32,11 @@ class StopAt(pl.Callback):
 
 
 def _run(output_dir: Path, cache: Path, *extra: str, callbacks: tuple[pl.Callback, ...] = ()) -> TrainResult:
-    cfg = compose_config(tiny_overrides(cache, f"trainer.max_steps={STEPS}", f"trainer.val_check_interval={STEPS // 2}",
-                                        "logger=csv", "trainer.log_every_n_steps=1", "attention=favor", "model.d_model=64", "model.d_ff=128",
-                                        f"attention.feature_redraw_interval={REDRAW}", "optim.lr=3e-3", *extra),
+    cfg = compose_config(tiny_overrides(cache, f"trainer.max_steps={STEPS}",
+                                        f"trainer.val_check_interval={STEPS // 2}", "logger=csv",
+                                        "trainer.log_every_n_steps=1", "attention=favor", "model.d_model=64",
+                                        "model.d_ff=128", f"attention.feature_redraw_interval={REDRAW}", "optim.lr=3e-3",
+                                        *extra),
                          output_dir)
     return train(cfg, callbacks)
 
