@@ -52,15 +52,13 @@ class EpochLoader(DataLoader):
         super().__init__(dataset, batch_size=None, persistent_workers=False, **kwargs)
         self.epoch_source = epoch_source
         self.passes = 0
-
-    def _next_epoch(self) -> int:
-        epoch = self.epoch_source() if self.epoch_source is not None else None
-        epoch = self.passes if epoch is None else epoch
-        self.passes += 1
-        return epoch
+        self.epoch: int | None = None  # the epoch of the latest pass
 
     def __iter__(self):  # type: ignore[override]
-        self.dataset.set_epoch(self._next_epoch())  # type: ignore[attr-defined]
+        epoch = self.epoch_source() if self.epoch_source is not None else None
+        self.epoch = self.passes if epoch is None else epoch
+        self.passes += 1
+        self.dataset.set_epoch(self.epoch)  # type: ignore[attr-defined]
         return super().__iter__()
 
 
@@ -80,28 +78,25 @@ class ResumableLoader(EpochLoader):
                  consumed_source: Callable[[], int | None] | None = None, **kwargs: Any) -> None:
         super().__init__(dataset, epoch_source, **kwargs)
         self.consumed_source = consumed_source
-        self._epoch: int | None = None
         self._resume: tuple[int, int] | None = None  # (epoch, batches to drop) from a checkpoint
 
     def state_dict(self) -> dict[str, int]:
         consumed = self.consumed_source() if self.consumed_source is not None else None
-        epoch = self._epoch if self._epoch is not None else self.passes
+        epoch = self.epoch if self.epoch is not None else self.passes
         return {"epoch": int(epoch), "consumed": int(consumed or 0)}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self._resume = (int(state["epoch"]), int(state["consumed"]))
 
     def __iter__(self):  # type: ignore[override]
-        self._epoch = epoch = self._next_epoch()
-        self.dataset.set_epoch(epoch)  # type: ignore[attr-defined]
-        iterator = DataLoader.__iter__(self)
+        iterator = super().__iter__()
         resume, self._resume = self._resume, None
-        if resume is not None and resume[0] == epoch and resume[1] > 0:
+        if resume is not None and resume[0] == self.epoch and resume[1] > 0:
             if resume[1] >= len(self.dataset):  # type: ignore[arg-type]
                 # Saved after the epoch's last batch: Lightning moves on to the next epoch (and asks
                 # for a new pass), so this pass is not used; leave it whole.
                 return iterator
-            log.info("resuming epoch %d after its first %d batches", epoch, resume[1])
+            log.info("resuming epoch %d after its first %d batches", self.epoch, resume[1])
             for _ in range(resume[1]):
                 next(iterator)
         return iterator

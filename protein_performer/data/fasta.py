@@ -477,23 +477,12 @@ def _in_thread(items: Iterator[bytes], ahead: int = 4) -> Iterator[bytes]:
     def produce() -> None:
         try:
             for item in items:
-                while not stop.is_set():
-                    try:
-                        pieces.put((True, item), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not _put(pieces, (True, item), stop):
                     return
             outcome: tuple[bool, Any] = (False, None)
         except BaseException as error:  # handed to the consumer, which raises it
             outcome = (False, error)
-        while not stop.is_set():
-            try:
-                pieces.put(outcome, timeout=0.1)
-                return
-            except queue.Full:
-                continue
+        _put(pieces, outcome, stop)
 
     worker = threading.Thread(target=produce, name="fasta-inflate", daemon=True)
     worker.start()
@@ -617,11 +606,16 @@ def _receive(receiver: Any, messages: queue.Queue, stop: threading.Event) -> Non
             message = receiver.recv()
         except (EOFError, OSError):
             message = ("died",)
-        while not stop.is_set():
-            try:
-                messages.put(message, timeout=0.1)
-                break
-            except queue.Full:
-                continue
-        if message[0] != "chunk":
+        if not _put(messages, message, stop) or message[0] != "chunk":
             return
+
+
+def _put(items: queue.Queue, item: Any, stop: threading.Event) -> bool:
+    """Put `item` into a bounded queue, waiting while it is full; False if `stop` is set first."""
+    while not stop.is_set():
+        try:
+            items.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
