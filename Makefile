@@ -20,9 +20,9 @@ $(STAMP): pyproject.toml
 test: install
 	$(BIN)/python -m pytest -q
 
-# The demo: a small Performer MLM on the bundled UniProtKB sample, on the CPU, in a few minutes.
+# The demo: a small Performer MLM on the bundled Swiss-Prot subset, on the CPU, in about 5 minutes.
 train: install
-	$(BIN)/python -m protein_performer.train model=small data=sample trainer=cpu $(ARGS)
+	$(BIN)/python -m protein_performer.train experiment=demo $(ARGS)
 
 install-bench: install
 	$(BIN)/python -m pip install -e ".[bench]" "$(TORCH)"

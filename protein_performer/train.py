@@ -22,9 +22,10 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 
-from protein_performer.data import Alphabet
+from protein_performer.data import Alphabet, ProteinDataModule, TokenStore
 from protein_performer.model import config_from_hydra
 from protein_performer.runtime import keep_freed_memory
+from protein_performer.training.baselines import Baselines, context_free_baselines, token_counts
 from protein_performer.training.module import ProteinLM
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -104,12 +105,32 @@ def _train(cfg: DictConfig, callbacks: Sequence[pl.Callback]) -> TrainResult:
         last_path = checkpointer.last_model_path or None
         best_path = checkpointer.best_model_path or None
     if trainer.is_global_zero:
+        baselines = validation_baselines(datamodule, alphabet, cfg.objective)
+        if baselines is not None:
+            metrics.update(baselines.as_metrics("val"))
         evaluations = "  ".join(f"{key} {value:.3f}" for key, value in sorted(metrics.items())
                                 if key.endswith("/perplexity") and key.split("/")[0] not in ("train", "val"))
-        print(f"final validation perplexity: {val_perplexity:.3f}  (guessing uniformly among the 20 standard "
-              "amino acids scores 20)" + (f"\n{evaluations}" if evaluations else ""))
+        print(f"final validation perplexity: {val_perplexity:.3f}" + (
+            f" on {baselines.targets:,} held-out {'masked residues' if cfg.objective == 'mlm' else 'targets'}; "
+            f"on the same targets the training split's amino-acid frequencies score {baselines.frequency:.3f}, "
+            f"uniform guessing among the 20 amino acids {baselines.uniform:.0f}" if baselines is not None else "")
+            + (f"\n{evaluations}" if evaluations else ""))
         print(f"checkpoint: {last_path}" + (f"  (best by validation perplexity: {best_path})" if best_path else ""))
     return TrainResult(val_perplexity, last_path, best_path, metrics, trainer, module)
+
+
+def validation_baselines(datamodule: pl.LightningDataModule, alphabet: Alphabet, objective: str) -> Baselines | None:
+    """Context-free baselines on the whole validation split (the targets val/perplexity scored), or
+    None for a data module that is not a ProteinDataModule or a split with nothing to score."""
+    if not isinstance(datamodule, ProteinDataModule) or datamodule.store_path is None:
+        return None
+    with TokenStore(datamodule.store_path) as store:
+        counts = token_counts(store, "train", vocab_size=len(alphabet),
+                              eos_idx=alphabet.eos_idx if objective == "clm" else None)
+    try:
+        return context_free_baselines(datamodule.dataloader("valid", rank=0, world_size=1), counts, alphabet)
+    except ValueError:
+        return None
 
 
 def compose_config(overrides: Sequence[str] = (), output_dir: str | Path | None = None) -> DictConfig:

@@ -1,0 +1,381 @@
+"""FAVOR+ against exact softmax and the seed papers' other attention kinds, trained on real proteins.
+
+    python benchmarks/compare.py --fasta swissprot_2014_01_dev.fasta.gz          # the full comparison
+    python benchmarks/compare.py --fasta ... --settings A D --kinds softmax favor  # a part of it
+    python benchmarks/compare.py --quick                                         # a few minutes, tiny
+
+The Performer paper's protein comparison at the scale of one CPU machine. Every cell is one real
+`python -m protein_performer.train` run (printed, so any cell can be repeated by hand) with the same
+model size, data, seed, optimiser and token budget; only the attention kind (or, in D, one setting of
+FAVOR+) differs:
+
+    A  single proteins cropped to 1024, masked LM (paper BID): softmax favor favor_relu favor_rpe combiner
+    B  single proteins cropped to 1024, causal LM (paper UNI): softmax favor favor_relu
+    C  windows of 4096 from the <eos>-joined stream, masked LM (paper concat): softmax favor favor_rpe,
+       at equal wall-clock: every kind gets the same seconds of training (below)
+    D  ablations of A's favor: no feature redraw, and m = 64 random features (A's favor is the reference)
+
+A and B (and D) train every kind for the same number of steps. For C, seconds per step are measured
+first for all of C's kinds by short real training runs, alternated and repeated (keeping each kind's
+fastest), so that the budget does not depend on what else the machine ran while the long runs did;
+each kind then trains for `budget / (seconds per step)` steps. Its curve is plotted against
+step x seconds per step. Logged wall-clock (val/elapsed_seconds) and tokens/s are reported as measured.
+
+Results: <out>/<setting>/<cell>/ is each run's Hydra directory (metrics.csv, checkpoints, config);
+<out>/<setting>/<cell>/result.json marks a finished cell, which a rerun skips; a cell interrupted
+mid-run resumes from its last checkpoint (exactly: see README, resume). The tables print as Markdown
+and are also written to <out>/results.md, with one PNG per setting (validation perplexity against
+step and wall-clock) beside it.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import math
+import os
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+BUNDLED = REPO / "data" / "swissprot_subset.fasta.gz"
+SAMPLE = REPO / "data" / "uniprot_sample.fasta"  # --quick: 500 proteins, so evaluations take no time
+
+
+@dataclass(frozen=True)
+class Scale:
+    """How big every run of one invocation is (model, data, budget)."""
+
+    model: str  # conf/model/<model>.yaml
+    single_length: int  # A, B, D: crop length (tokens, <cls>/<eos> included)
+    concat_length: int  # C: window length
+    tokens_per_batch: int  # tokens per optimizer step (single: padded budget; C: windows x length)
+    steps: int  # A, B, D: optimizer steps
+    concat_seconds: float  # C: training seconds per kind
+    val_every: int  # optimizer steps between validations
+    eval_fraction: float  # valid and test fraction of the proteins (hash split on accessions)
+    warmup_steps: int
+    lr: float
+    calibration_steps: int  # C: steps per timing run (the first third are not timed)
+    calibration_repeats: int
+
+
+FULL = Scale(model="small", single_length=1024, concat_length=4096, tokens_per_batch=8192, steps=500,
+             concat_seconds=480.0, val_every=100, eval_fraction=0.005, warmup_steps=50, lr=2e-3,
+             calibration_steps=15, calibration_repeats=2)
+QUICK = Scale(model="tiny", single_length=128, concat_length=256, tokens_per_batch=512, steps=6,
+              concat_seconds=0.3, val_every=3, eval_fraction=0.05, warmup_steps=2, lr=2e-3,
+              calibration_steps=6, calibration_repeats=1)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One training run: a setting's kind (or ablation), as command-line overrides."""
+
+    setting: str
+    name: str
+    overrides: tuple[str, ...]
+    kind: str
+    reuse: tuple[str, str] | None = None  # (setting, cell) whose run this cell is (D's reference)
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    title: str
+    objective: str
+    sampling: str
+    cells: tuple[Cell, ...]
+    equal_wall_clock: bool = False
+
+
+def settings() -> dict[str, Setting]:
+    def kinds(setting: str, names: Sequence[str]) -> tuple[Cell, ...]:
+        return tuple(Cell(setting, name, (f"attention={name}",), name) for name in names)
+
+    return {setting.name: setting for setting in (
+        Setting("A", "single proteins cropped to 1024, masked LM (paper BID)", "mlm", "single",
+                kinds("A", ("softmax", "favor", "favor_relu", "favor_rpe", "combiner"))),
+        Setting("B", "single proteins cropped to 1024, causal LM (paper UNI)", "clm", "single",
+                kinds("B", ("softmax", "favor", "favor_relu"))),
+        Setting("C", "windows of 4096 from the <eos>-joined stream, masked LM (paper concat), equal wall-clock",
+                "mlm", "concat", kinds("C", ("softmax", "favor", "favor_rpe")), equal_wall_clock=True),
+        Setting("D", "ablations of A's favor", "mlm", "single", (
+            Cell("D", "favor", ("attention=favor",), "favor", reuse=("A", "favor")),
+            Cell("D", "no_redraw", ("attention=favor", "attention.feature_redraw_interval=0"), "favor"),
+            Cell("D", "m64", ("attention=favor", "attention.nb_features=64"), "favor"),
+        )),
+    )}
+
+
+def base_overrides(setting: Setting, scale: Scale, fasta: Path, cache_dir: Path) -> list[str]:
+    """What every cell of `setting` shares: data, model, objective, optimiser, evaluation, logging."""
+    length = scale.concat_length if setting.sampling == "concat" else scale.single_length
+    overrides = [
+        "data=swissprot", f"data.fasta={fasta}", f"data.cache_dir={cache_dir}", f"data.sampling={setting.sampling}",
+        f"data.max_length={length}", f"data.valid_fraction={scale.eval_fraction}",
+        f"data.test_fraction={scale.eval_fraction}", f"model={scale.model}", f"model.max_length={length}",
+        f"objective={setting.objective}", "trainer=cpu", f"trainer.val_check_interval={scale.val_every}",
+        f"trainer.log_every_n_steps={max(1, scale.val_every // 10)}",
+        f"optim.lr={scale.lr}", f"optim.warmup_steps={scale.warmup_steps}", "logger=csv", "seed=0",
+        f"name=compare-{setting.name}",
+    ]
+    if setting.sampling == "concat":
+        overrides.append(f"data.batch_size={max(1, scale.tokens_per_batch // length)}")
+    else:
+        overrides.append(f"data.tokens_per_batch={scale.tokens_per_batch}")
+    return overrides
+
+
+# ---- running one cell -------------------------------------------------------------------------------
+
+def train_command(overrides: Sequence[str], run_dir: Path) -> list[str]:
+    return [sys.executable, "-m", "protein_performer.train", *overrides, f"hydra.run.dir={run_dir}"]
+
+
+def run_training(command: list[str], log: Path) -> tuple[int, float, float]:
+    """Run one training subprocess (output to `log`): (exit code, wall seconds, peak RSS in MB)."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    with log.open("ab") as handle:
+        process = subprocess.Popen(command, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")})
+        try:
+            _, status, usage = os.wait4(process.pid, 0)
+        except BaseException:
+            process.terminate()
+            process.wait()
+            raise
+    process.returncode = os.waitstatus_to_exitcode(status)
+    return process.returncode, time.monotonic() - started, usage.ru_maxrss / 1024
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, float]]:
+    """A run's CSVLogger rows (empty cells dropped), one merged row per step, in step order.
+
+    A resumed run's logger starts a fresh metrics.csv, so `run_cell` keeps the earlier file as
+    metrics-part<N>.csv; the parts are read in order and a later part's values win for the same
+    step (what an interrupted process logged after its last checkpoint is logged again).
+    """
+    parts = sorted(run_dir.glob("metrics-part*.csv"), key=lambda p: int(p.stem.removeprefix("metrics-part")))
+    merged: dict[float, dict[str, float]] = {}
+    for path in [*parts, run_dir / "metrics.csv"]:
+        if not path.is_file():
+            continue
+        with path.open(newline="") as handle:
+            for row in csv.DictReader(handle):
+                values = {key: float(value) for key, value in row.items() if value not in ("", None)}
+                merged.setdefault(values.get("step", -1.0), {}).update(values)
+    return [merged[step] for step in sorted(merged)]
+
+
+def summarize(rows: list[dict[str, float]]) -> dict[str, float]:
+    """Final validation and test metrics, median train throughput, training wall-clock, steps."""
+    def last(key: str) -> float:
+        values = [row[key] for row in rows if key in row]
+        return values[-1] if values else math.nan
+
+    rates = sorted(row["train/tokens_per_sec"] for row in rows if "train/tokens_per_sec" in row)
+    return {
+        "val_perplexity": last("val/perplexity"), "val_accuracy": last("val/accuracy"),
+        "test_perplexity": last("test/perplexity"), "test_accuracy": last("test/accuracy"),
+        "tokens_per_sec": rates[len(rates) // 2] if rates else math.nan,
+        "train_seconds": last("val/elapsed_seconds"), "steps": last("step"),
+    }
+
+
+def curve(rows: list[dict[str, float]]) -> dict[str, list[float]]:
+    points = [(row["step"], row.get("val/elapsed_seconds", math.nan), row["val/perplexity"])
+              for row in rows if "val/perplexity" in row and "step" in row]
+    return {"step": [p[0] for p in points], "seconds": [p[1] for p in points],
+            "val_perplexity": [p[2] for p in points]}
+
+
+def run_cell(cell: Cell, overrides: list[str], cell_dir: Path, extra: dict[str, float] | None = None) -> dict:
+    """Train one cell (resuming an interrupted one) unless its result.json exists; return the result."""
+    result_file = cell_dir / "result.json"
+    if result_file.is_file():
+        print(f"  {cell.setting}/{cell.name}: done before, skipped ({result_file})", flush=True)
+        return json.loads(result_file.read_text())
+    last = cell_dir / "checkpoints" / "last.ckpt"
+    resume = [f"ckpt_path={last}"] if last.is_file() else []
+    if resume and (cell_dir / "metrics.csv").is_file():
+        part = len(list(cell_dir.glob("metrics-part*.csv")))
+        os.replace(cell_dir / "metrics.csv", cell_dir / f"metrics-part{part}.csv")
+    command = train_command([*overrides, *resume], cell_dir)
+    print(f"  {cell.setting}/{cell.name}: {'resuming ' if resume else ''}"
+          f"{shlex.join(['python', *command[1:]])}", flush=True)
+    code, seconds, peak_mb = run_training(command, cell_dir / "train.log")
+    if code != 0:
+        raise SystemExit(f"{cell.setting}/{cell.name} failed (exit {code}); see {cell_dir / 'train.log'}")
+    rows = read_metrics(cell_dir)
+    result = {"setting": cell.setting, "cell": cell.name, "kind": cell.kind,
+              "command": shlex.join(["python", *train_command(overrides, cell_dir)[1:]]),
+              **summarize(rows), "peak_rss_mb": peak_mb, "process_seconds": seconds,
+              "resumed": bool(resume), "curve": curve(rows), **(extra or {})}
+    tmp = result_file.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, result_file)
+    return result
+
+
+# ---- C: equal wall-clock ------------------------------------------------------------------------------
+
+def calibrate(setting: Setting, scale: Scale, overrides: list[str], out: Path) -> dict[str, float]:
+    """Seconds per optimizer step of each of C's kinds, from short real training runs (cached).
+
+    Kinds alternate, `calibration_repeats` times; each run's rate is its median over the steps after
+    the first third (throughput window: 1 step), and each kind keeps its fastest run, the one least
+    disturbed by other work on the machine.
+    """
+    cache = out / "seconds_per_step.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    tokens_per_step = max(1, scale.tokens_per_batch // scale.concat_length) * scale.concat_length
+    best: dict[str, float] = {}
+    for repeat in range(scale.calibration_repeats):
+        for cell in setting.cells:
+            run_dir = out / "calibration" / f"{cell.name}-{repeat}"
+            command = train_command([*overrides, *cell.overrides, f"trainer.max_steps={scale.calibration_steps}",
+                                     "trainer.limit_val_batches=0", "trainer.num_sanity_val_steps=0", "test=false",
+                                     "+callbacks.throughput.window=1", "~callbacks.model_checkpoint",
+                                     "trainer.log_every_n_steps=1"], run_dir)
+            code, _, _ = run_training(command, run_dir / "train.log")
+            if code != 0:
+                raise SystemExit(f"calibration of C/{cell.name} failed; see {run_dir / 'train.log'}")
+            rates = [row["train/tokens_per_sec"] for row in read_metrics(run_dir)
+                     if "train/tokens_per_sec" in row]
+            timed = sorted(rates[len(rates) // 3:])
+            seconds = tokens_per_step / timed[len(timed) // 2]
+            best[cell.name] = min(best.get(cell.name, math.inf), seconds)
+            print(f"  calibration {cell.name} #{repeat}: {seconds:.3f} s/step", flush=True)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text(json.dumps(best, indent=1))
+    return best
+
+
+# ---- tables and figures -------------------------------------------------------------------------------
+
+def table(setting: Setting, results: list[dict]) -> str:
+    reference = next((r for r in results if r["kind"] == "softmax"), None)
+    if setting.name == "D":
+        reference = next((r for r in results if r["cell"] == "favor"), reference)
+    head = ("| cell | steps | val ppl | vs ref | val acc | test ppl | test acc | tokens/s | peak RSS MB | "
+            "train min |" + (" s/step (calibrated) |" if setting.equal_wall_clock else ""))
+    lines = [f"### {setting.name}: {setting.title}", "", head,
+             "|" + "|".join(["---"] + ["---:"] * (head.count("|") - 2)) + "|"]
+    for r in results:
+        ratio = r["val_perplexity"] / reference["val_perplexity"] if reference else math.nan
+        row = (f"| {r['cell']} | {r['steps']:.0f} | {r['val_perplexity']:.3f} | {ratio:.3f} | {r['val_accuracy']:.3f} | "
+               f"{r['test_perplexity']:.3f} | {r['test_accuracy']:.3f} | {r['tokens_per_sec']:,.0f} | "
+               f"{r['peak_rss_mb']:,.0f} | {r['train_seconds'] / 60:.1f} |")
+        if setting.equal_wall_clock:
+            row += f" {r.get('seconds_per_step', math.nan):.3f} |"
+        lines.append(row)
+    return "\n".join(lines)
+
+
+def figure(setting: Setting, results: list[dict], output: Path) -> Path:
+    from protein_performer.plot_runs import Run, plot
+
+    runs = []
+    for r in results:
+        c = r["curve"]
+        seconds = ([s * r["seconds_per_step"] for s in c["step"]] if setting.equal_wall_clock else c["seconds"])
+        runs.append(Run(Path(r["cell"]), f"{setting.name}: {setting.title}", [f"{r['cell']}"],
+                        [int(s) for s in c["step"]], seconds, c["val_perplexity"]))
+    return plot(runs, output)
+
+
+# ---- main ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Plan:
+    scale: Scale
+    fasta: Path
+    out: Path
+    settings: list[Setting] = field(default_factory=list)
+
+
+def run(plan: Plan) -> str:
+    cache_dir = plan.out / "cache"
+    report = [f"Data: {plan.fasta.name}; model={plan.scale.model}; {plan.scale.tokens_per_batch} tokens per step; "
+              f"lr {plan.scale.lr}, warmup {plan.scale.warmup_steps}; seed 0. torch threads: "
+              f"{os.environ.get('OMP_NUM_THREADS', 'default')}."]
+    finished: dict[tuple[str, str], dict] = {}
+    for setting in plan.settings:
+        print(f"{setting.name}: {setting.title}", flush=True)
+        overrides = base_overrides(setting, plan.scale, plan.fasta, cache_dir)
+        setting_dir = plan.out / setting.name
+        calibration = (calibrate(setting, plan.scale, overrides, setting_dir)
+                       if setting.equal_wall_clock and setting.cells else {})
+        results = []
+        for cell in setting.cells:
+            if cell.reuse is not None:
+                source = plan.out / cell.reuse[0] / cell.reuse[1] / "result.json"
+                if source.is_file():
+                    results.append({**json.loads(source.read_text()), "setting": cell.setting, "cell": cell.name})
+                else:
+                    print(f"  {setting.name}/{cell.name}: reference {cell.reuse[0]}/{cell.reuse[1]} not run yet",
+                          flush=True)
+                continue
+            extra: dict[str, float] = {}
+            steps = plan.scale.steps
+            if setting.equal_wall_clock:
+                extra["seconds_per_step"] = calibration[cell.name]
+                steps = max(plan.scale.val_every, round(plan.scale.concat_seconds / calibration[cell.name]))
+            cell_overrides = [*overrides, *cell.overrides, f"trainer.max_steps={steps}"]
+            results.append(run_cell(cell, cell_overrides, setting_dir / cell.name, extra))
+            finished[(setting.name, cell.name)] = results[-1]
+        if results:
+            report.append(table(setting, results))
+            png = figure(setting, results, plan.out / f"compare_{setting.name}.png")
+            report.append(f"![{setting.name}]({png.name})")
+    text = "\n\n".join(report) + "\n"
+    (plan.out / "results.md").write_text(text)
+    return text
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--fasta", type=Path, default=None,
+                        help="proteins to train and evaluate on (default: the bundled Swiss-Prot subset; "
+                             "with --quick the bundled 500-protein sample)")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "compare")
+    parser.add_argument("--settings", nargs="+", default=["A", "B", "C", "D"], choices=["A", "B", "C", "D"])
+    parser.add_argument("--kinds", nargs="+", default=None,
+                        help="keep only these cells (kind or ablation names, e.g. softmax favor no_redraw)")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny model, a few steps, short crops: checks the whole pipeline in minutes")
+    parser.add_argument("--steps", type=int, default=None, help="A/B/D optimizer steps (default: the scale's)")
+    parser.add_argument("--concat-seconds", type=float, default=None, help="C: training seconds per kind")
+    args = parser.parse_args(argv)
+
+    scale = QUICK if args.quick else FULL
+    if args.steps is not None:
+        scale = dataclasses.replace(scale, steps=args.steps)
+    if args.concat_seconds is not None:
+        scale = dataclasses.replace(scale, concat_seconds=args.concat_seconds)
+    args.fasta = args.fasta or (SAMPLE if args.quick else BUNDLED)
+    if not args.fasta.is_file():
+        parser.error(f"--fasta {args.fasta}: no such file")
+    chosen = []
+    for name in args.settings:
+        setting = settings()[name]
+        cells = tuple(c for c in setting.cells if args.kinds is None or c.name in args.kinds)
+        chosen.append(Setting(setting.name, setting.title, setting.objective, setting.sampling, cells,
+                              setting.equal_wall_clock))
+    plan = Plan(scale, args.fasta.resolve(), args.out.resolve(), chosen)
+    plan.out.mkdir(parents=True, exist_ok=True)
+    print(run(plan))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

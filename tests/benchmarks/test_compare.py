@@ -1,0 +1,89 @@
+"""benchmarks/compare.py --quick: real training runs per cell, tables, figures, skip and resume."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "benchmarks"))
+import compare  # noqa: E402
+
+
+def run_compare(out: Path, *args: str) -> str:
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "compare.py"), "--quick", "--out", str(out),
+                             "--settings", "A", "C", "D", "--kinds", "softmax", "favor", *args],
+                            capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+@pytest.mark.slow
+def test_quick_comparison_trains_every_cell_reports_and_resumes(tmp_path):
+    out = tmp_path / "cmp"
+    first = run_compare(out)
+
+    results = {f"{s}/{c}": json.loads((out / s / c / "result.json").read_text())
+               for s, c in [("A", "softmax"), ("A", "favor"), ("C", "softmax"), ("C", "favor")]}
+    for key, result in results.items():
+        kind = key.split("/")[1]
+        assert result["kind"] == kind and f"attention={kind}" in result["command"]
+        assert result["command"].startswith("python -m protein_performer.train ")
+        assert 1.0 < result["val_perplexity"] < 40 and 1.0 < result["test_perplexity"] < 40
+        assert result["peak_rss_mb"] > 100 and result["tokens_per_sec"] > 0
+        assert result["curve"]["val_perplexity"][-1] == result["val_perplexity"]
+    # A trains both kinds for the same steps; C gives each the same calibrated seconds of training.
+    assert results["A/softmax"]["steps"] == results["A/favor"]["steps"] == compare.QUICK.steps
+    per_step = json.loads((out / "C" / "seconds_per_step.json").read_text())
+    for kind in ("softmax", "favor"):
+        expected = max(compare.QUICK.val_every, round(compare.QUICK.concat_seconds / per_step[kind]))
+        assert results[f"C/{kind}"]["steps"] == expected
+        assert results[f"C/{kind}"]["seconds_per_step"] == per_step[kind]
+
+    report = (out / "results.md").read_text()
+    assert report in first
+    for setting in "ACD":
+        assert f"### {setting}:" in report
+        assert (out / f"compare_{setting}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # D's reference cell is A's favor run, reused rather than trained again.
+    assert not (out / "D" / "favor").exists()
+    d_rows = [line for line in report.split("### D:")[1].splitlines() if line.startswith("| favor |")]
+    assert d_rows and f"| {results['A/favor']['val_perplexity']:.3f} |" in d_rows[0]
+
+    # A rerun trains nothing: every finished cell is skipped.
+    second = run_compare(out)
+    assert second.count("done before, skipped") == 4 and "python -m protein_performer.train" not in second
+
+    # A cell without its result (as if killed after its last checkpoint) resumes from that checkpoint,
+    # and its earlier metrics are kept: the same final numbers come out.
+    (out / "A" / "favor" / "result.json").unlink()
+    third = run_compare(out)
+    assert "A/favor: resuming" in third
+    resumed = json.loads((out / "A" / "favor" / "result.json").read_text())
+    assert resumed["resumed"] is True
+    assert resumed["val_perplexity"] == results["A/favor"]["val_perplexity"]
+    assert resumed["curve"] == results["A/favor"]["curve"]
+    assert resumed["test_perplexity"] == pytest.approx(results["A/favor"]["test_perplexity"], rel=1e-6)
+
+
+def test_metrics_of_a_resumed_run_merge_by_step_later_parts_winning(tmp_path):
+    def write(name: str, rows: list[dict[str, str]]) -> None:
+        keys = sorted({key for row in rows for key in row})
+        with (tmp_path / name).open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    write("metrics-part0.csv", [{"step": "10", "train/loss": "3.0"}, {"step": "20", "val/perplexity": "15"},
+                                {"step": "30", "train/loss": "2.9"}])  # step 30: logged, then killed
+    write("metrics.csv", [{"step": "30", "train/loss": "2.5"}, {"step": "40", "val/perplexity": "14"},
+                          {"step": "40", "test/perplexity": "13"}])
+    rows = compare.read_metrics(tmp_path)
+    assert [row["step"] for row in rows] == [10, 20, 30, 40]
+    assert rows[2]["train/loss"] == 2.5
+    assert rows[3] == {"step": 40, "val/perplexity": 14, "test/perplexity": 13}
