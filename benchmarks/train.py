@@ -83,7 +83,7 @@ def measure(attention: str, length: int, model: str, steps: int, warmup: int, de
     inputs = np.where(masked, alphabet.mask_idx, tokens)
     batch = {"input_ids": torch.from_numpy(inputs)[None].to(device),
              "labels": torch.from_numpy(labels)[None].to(device),
-             "padding_mask": torch.zeros(1, length, dtype=torch.bool, device=device)}
+             "padding_mask": None}  # nothing padded: the data module passes no mask either
 
     baseline_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     module = ProteinLM(config.to_dict(), "mlm").to(device).train()

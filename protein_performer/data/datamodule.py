@@ -106,7 +106,7 @@ class ProteinDataModule(pl.LightningDataModule):
     """Masked- or causal-LM batches of proteins from a token store, for Lightning (DDP-aware).
 
     Batches: {"input_ids": LongTensor [B, L], "labels": LongTensor [B, L] (-100 = no target),
-    "padding_mask": BoolTensor [B, L] (True at padding)}.
+    "padding_mask": BoolTensor [B, L] (True at padding), or None when nothing in the batch is padded}.
     - mlm: labels hold the original token at the ~15% chosen residue positions (80% of them shown as
       <mask>, 10% as a random amino acid, 10% unchanged).
     - clm: labels[:, i] = input_ids[:, i + 1] (already shifted: logits[:, i] predicts labels[:, i]);

@@ -7,7 +7,11 @@ blocks with two contiguous slices each (offsets, then tokens), which is what a c
 HDF5 file is fast at, and turns them into batches:
 
     {"input_ids": LongTensor [B, L], "labels": LongTensor [B, L] (-100: no target),
-     "padding_mask": BoolTensor [B, L] (True at padding)}
+     "padding_mask": BoolTensor [B, L] (True at padding), or None when no position is padded}
+
+A batch without padding (every concat window but a split's last) carries no mask at all: the check
+runs here on the CPU, so the model never needs a host sync to learn that it may take an attention
+kernel's unmasked fast path (SDPA's flash and memory-efficient kernels refuse a mask).
 
 All randomness (block order, crops, batch order, masking) comes from generators seeded by
 (seed, epoch, split, block, batch), so a batch is reproducible whatever the number of workers
@@ -284,4 +288,4 @@ class ProteinBatches(IterableDataset):
         else:
             inputs, labels = ids, causal_lm_labels(ids, self.alphabet.pad_idx)
         return {"input_ids": torch.from_numpy(inputs), "labels": torch.from_numpy(labels),
-                "padding_mask": torch.from_numpy(padding)}
+                "padding_mask": torch.from_numpy(padding) if padding.any() else None}

@@ -70,7 +70,9 @@ class Throughput(pl.Callback):
                            batch: Any, batch_idx: int) -> None:
         if not self._marks:
             return
-        self._marks.append((time.perf_counter(), int((~batch["padding_mask"]).sum())))
+        padding = batch["padding_mask"]
+        tokens = batch["input_ids"].numel() if padding is None else int((~padding).sum())
+        self._marks.append((time.perf_counter(), tokens))
         tokens = sum(count for _, count in list(self._marks)[1:])
         seconds = self._marks[-1][0] - self._marks[0][0]
         self.tokens_per_sec = tokens * trainer.world_size / max(seconds, 1e-9)

@@ -56,7 +56,8 @@ class ProteinLM(pl.LightningModule):
 
     Batches are dicts from `protein_performer.data.ProteinDataModule`:
         input_ids [batch, length] long, labels [batch, length] long (-100 = no target),
-        padding_mask [batch, length] bool (True at padding).
+        padding_mask [batch, length] bool (True at padding), or None when nothing is padded (the data
+        module decides on the CPU; attention then takes its unmasked fast path).
     For MLM the labels are set at masked positions only; for CLM the data module has already shifted
     them (labels[:, i] is the target of logits[:, i]) and set them at every non-padding position. The
     loss is the mean cross-entropy over scored tokens, so metrics mean "masked tokens" for MLM and
