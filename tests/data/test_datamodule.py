@@ -32,9 +32,15 @@ def make_datamodule(sample_fasta, cache_dir):
 
 
 def rows(batches, alphabet) -> list[tuple[int, ...]]:
-    """Each example's tokens without <cls>, <eos> and padding (exact for CLM, whose inputs are unmasked)."""
+    """Each example's tokens without <cls>, <eos> and padding (exact for CLM, whose inputs are unmasked);
+    an evaluation rank's scoring-free filler batches hold no example."""
     drop = [alphabet.cls_idx, alphabet.eos_idx, alphabet.pad_idx]
-    return [tuple(t for t in row.tolist() if t not in drop) for batch in batches for row in batch["input_ids"]]
+    return [tuple(t for t in row.tolist() if t not in drop) for batch in batches if not is_filler(batch)
+            for row in batch["input_ids"]]
+
+
+def is_filler(batch) -> bool:
+    return bool((batch["labels"] == IGNORE_INDEX).all())
 
 
 def split_records(store_path, split) -> list[np.ndarray]:
@@ -143,6 +149,27 @@ def test_two_ranks_see_disjoint_examples_whose_union_is_the_split(sampling, make
         union = seen[0] + seen[1]
         assert not union - Counter(tuple(r.tolist()) for r in records)  # no protein more often than it exists
         assert union.total() > 0.9 * len(records)  # equalising the ranks cuts only a few batches
+
+
+@pytest.mark.parametrize("world_size", [2, 3, 16])
+def test_evaluation_ranks_run_equally_many_batches_and_fillers_score_nothing(world_size, make_datamodule, alphabet):
+    """Every forward of FSDP (and DDP's buffer broadcast) is collective: evaluation ranks must run the
+    same number of batches, also when a split (ood: 8 records) has fewer records than there are ranks."""
+    datamodule = make_datamodule(objective="clm", num_workers=2)
+    filled = 0
+    for split in ("valid", "test", "ood"):
+        alone = Counter(rows(datamodule.dataset(split, rank=0, world_size=1), alphabet))
+        datasets = [datamodule.dataset(split, rank=r, world_size=world_size) for r in range(world_size)]
+        batches = [list(dataset) for dataset in datasets]  # both workers' shards, interleaved
+        assert len({len(b) for b in batches} | {len(d) for d in datasets}) == 1, split
+        assert sum((Counter(rows(b, alphabet)) for b in batches), Counter()) == alone, split
+        fillers = [batch for rank in batches for batch in rank if is_filler(batch)]
+        filled += len(fillers)
+        if world_size == 16 and split == "ood":
+            assert any(all(is_filler(batch) for batch in rank) for rank in batches)  # ranks without a record
+        for batch in fillers:
+            assert batch["padding_mask"] is None and batch["input_ids"].shape == (1, 2)
+    assert filled  # the splits do not divide evenly: this test exercises the fillers
 
 
 def test_dataloader_workers_deliver_the_batches_of_the_main_process(make_datamodule):
