@@ -547,6 +547,13 @@ def _linear_backward(saved: tuple, grad_out: Tensor, causal: bool) -> tuple[Tens
     return _causal_backward(saved, grad_out) if causal else _bidirectional_backward(saved, grad_out)
 
 
+def _no_autocast(like: Tensor) -> torch.autocast:
+    """Autocast off on `like`'s device. The Functions below run forward with autocast off (inside
+    favor_attention); backward runs under whatever autocast the caller's thread has, e.g. a user's
+    loop calling backward inside the autocast region, so it turns autocast off again itself."""
+    return torch.autocast(device_type=like.device.type, enabled=False)
+
+
 class _LinearAttention(torch.autograd.Function):
     """Normalised linear attention on given features (the ReLU kernel; features via autograd)."""
 
@@ -559,7 +566,9 @@ class _LinearAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        return (*_linear_backward(ctx.saved_tensors, grad_out, ctx.causal), None, None)
+        with _no_autocast(grad_out):
+            saved = ctx.saved_tensors
+            return (*_linear_backward(saved, grad_out.to(saved[0].dtype), ctx.causal), None, None)
 
 
 class _SoftmaxFavor(torch.autograd.Function):
@@ -605,8 +614,13 @@ class _SoftmaxFavor(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
+        with _no_autocast(grad_out):
+            return _SoftmaxFavor._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out: Tensor):
         query, key, k_scaled, w_query, w_key, key_padding_mask, *saved = ctx.saved_tensors
-        grad_query, grad_key, grad_v = _linear_backward(tuple(saved), grad_out, ctx.causal)
+        grad_query, grad_key, grad_v = _linear_backward(tuple(saved), grad_out.to(query.dtype), ctx.causal)
         grad_q = grad_query.mul_(query) @ w_query.T  # d exp(x) = exp(x) dx
         grad_k_aug = grad_key.mul_(key) @ w_key.T  # [dL W, -sum_m dL]
         D = k_scaled.shape[-1]
