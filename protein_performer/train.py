@@ -24,7 +24,7 @@ from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 
 from protein_performer.data import Alphabet
 from protein_performer.model import config_from_hydra
-from protein_performer.runtime import keep_freed_memory
+from protein_performer.runtime import configure_process
 from protein_performer.training.module import ProteinLM
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -58,8 +58,8 @@ def train(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> TrainResult
 
 
 def _train(cfg: DictConfig, callbacks: Sequence[pl.Callback]) -> TrainResult:
-    if cfg.get("keep_freed_memory", True):
-        keep_freed_memory()
+    configure_process(cfg.trainer.get("accelerator", "auto"), keep_freed=cfg.get("keep_freed_memory", True),
+                      float32_matmul_precision=cfg.get("float32_matmul_precision", "high"))
     pl.seed_everything(cfg.seed, workers=True)
     datamodule: pl.LightningDataModule = hydra.utils.instantiate(cfg.data)
     alphabet = Alphabet()

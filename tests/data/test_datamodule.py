@@ -244,6 +244,38 @@ def test_the_cache_is_reused_and_rebuilt_when_inputs_or_settings_change(sample_f
     assert sorted(p.suffix for p in cache.iterdir()) == [".h5", ".h5", ".h5"]  # no temporary files left
 
 
+def test_the_cache_is_built_once_per_job_and_by_nodes_that_cannot_see_it(sample_fasta, tmp_path, monkeypatch):
+    """Lightning runs prepare_data on global rank 0 only (not once per node, which would race every
+    node's builder on a shared filesystem); a node whose cache_dir is its own builds a copy in setup."""
+    shared = tmp_path / "shared"
+    first = ProteinDataModule(fasta=str(sample_fasta), cache_dir=str(shared))
+    assert first.prepare_data_per_node is False
+    first.prepare_data()  # global rank 0
+    built = first.store_path.stat().st_mtime_ns
+    monkeypatch.setenv("LOCAL_RANK", "0")  # another node's local rank 0, after Lightning's barrier
+    other_node = ProteinDataModule(fasta=str(sample_fasta), cache_dir=str(shared))
+    other_node.setup("fit")
+    assert other_node.store_path == first.store_path and first.store_path.stat().st_mtime_ns == built
+    local = ProteinDataModule(fasta=str(sample_fasta), cache_dir=str(tmp_path / "node-local"))
+    local.setup("fit")
+    assert local.store_path.is_file() and local.store_path.parent == tmp_path / "node-local"
+
+
+def test_stores_are_read_without_requiring_file_locks(sample_store_path, monkeypatch):
+    """Some shared filesystems (NFS, Lustre mounts) refuse HDF5's file locks and every open would fail:
+    stores are read-only once named, so readers ask for locks only where the filesystem has them."""
+    import h5py
+
+    from protein_performer.data import store as store_module
+
+    opened = []
+    real_file = h5py.File
+    monkeypatch.setattr(store_module.h5py, "File", lambda *a, **k: opened.append((a[1:], k)) or real_file(*a, **k))
+    with TokenStore(sample_store_path) as store:
+        assert len(store) == 500
+    assert opened == [(("r",), {"locking": "best-effort"})]
+
+
 def test_missing_data_is_explained(tmp_path):
     with pytest.raises(DataError, match=r"no data: set data\.fasta=.*UNIREF50_FASTA"):
         ProteinDataModule(cache_dir=str(tmp_path)).prepare_data()
