@@ -385,11 +385,10 @@ def _normalise(num_aug: Tensor) -> tuple[Tensor, Tensor]:
 
 def _augmented_output_grad(grad_out: Tensor, out: Tensor, denominator: Tensor) -> Tensor:
     """d loss / d [numerator, denominator] for out = numerator / denominator; [..., D + 1]."""
-    D = grad_out.shape[-1]
-    grad_num = grad_out.new_empty(*grad_out.shape[:-1], D + 1)
-    torch.mul(grad_out, denominator.reciprocal()[..., None], out=grad_num[..., :D])
-    grad_num[..., D] = -(grad_num[..., :D] * out).sum(dim=-1)
-    return grad_num
+    grad_value = grad_out * denominator.reciprocal()[..., None]
+    # One cat, not writes into column views of an empty tensor: torch.compile cannot trace `out=` into
+    # a non-contiguous view (a graph break in every backward).
+    return torch.cat([grad_value, -(grad_value * out).sum(dim=-1, keepdim=True)], dim=-1)
 
 
 def _decayed_scan(x: Tensor, source: Tensor | None, target: Tensor | None, *, reverse: bool = False) -> Tensor:
@@ -432,13 +431,16 @@ def _decayed_scan(x: Tensor, source: Tensor | None, target: Tensor | None, *, re
         totals = torch.bmm(to_exit.view(BH * groups, 1, G), xs).view(BH, groups, P)
         neighbour = torch.roll(exit_offset, 1 if not reverse else -1, dims=1)  # previous sender's exit
         step = torch.exp(neighbour - exit_offset)  # rescales the carried sum to this group's exit
-        carried = torch.empty_like(totals)  # carried[b]: everything up to group b, at exit_offset[b]
+        # carried[b]: everything up to group b, at exit_offset[b] (a list, stacked once: torch.compile
+        # cannot trace `out=` into the non-contiguous slices of one preallocated tensor)
+        carried: list[Tensor | None] = [None] * groups
         order = list(range(groups - 1, 0, -1)) if reverse else list(range(groups - 1))
-        carried[:, order[0]] = totals[:, order[0]]
+        carried[order[0]] = totals[:, order[0]]
         for previous, b in zip(order[:-1], order[1:], strict=True):
-            torch.addcmul(totals[:, b], carried[:, previous], step[:, b, None], out=carried[:, b])
+            carried[b] = torch.addcmul(totals[:, b], carried[previous], step[:, b, None])
+        sent = torch.stack(carried[senders], dim=1)  # type: ignore[arg-type]  # (BH, groups - 1, P)
         to_target = torch.exp(exit_offset[:, senders, None] - t[:, receivers])  # (BH, groups - 1, G)
-        out[:, receivers].addcmul_(to_target[..., None], carried[:, senders, None, :])
+        out[:, receivers].addcmul_(to_target[..., None], sent[:, :, None, :])
     return out.view(BH, groups * G, P)[:, :n]
 
 

@@ -84,6 +84,7 @@ class ProteinLM(pl.LightningModule):
         seed: int = 0,
         alphabet_tokens: Sequence[str] | None = None,
         eval_split_names: Sequence[str] = ("test", "ood"),
+        length_multiple: int = 1,
     ) -> None:
         """model_config: PerformerConfig as a plain dict (PerformerConfig.to_dict()); stored in hparams.
 
@@ -95,6 +96,9 @@ class ProteinLM(pl.LightningModule):
         alphabet_tokens: the Alphabet's token list, saved so load_model can check that it still matches.
         eval_split_names: the metric prefix of each test dataloader, in the order the data module
             returns them.
+        length_multiple: pad every batch's length up to a multiple of this (padding the model never
+            sees and no label scores), so that a torch.compile'd model meets few distinct lengths and
+            no partial FAVOR+ chunk; 1 = as the data comes. A run setting, not saved in hparams.
         """
         super().__init__()
         if objective not in OBJECTIVES:
@@ -116,6 +120,9 @@ class ProteinLM(pl.LightningModule):
             "alphabet_tokens": list(alphabet_tokens) if alphabet_tokens is not None else None,
             "eval_split_names": list(eval_split_names),
         })
+        if length_multiple < 1:
+            raise ValueError(f"length_multiple must be >= 1, got {length_multiple}")
+        self.length_multiple = length_multiple
         self.model = ProteinPerformer(config)
         # Decided here, on the unwrapped model: FSDP (use_orig_params) hands configure_optimizers every
         # parameter as a flat 1-D shard, whose shape no longer says whether it was a matrix.
@@ -135,6 +142,7 @@ class ProteinLM(pl.LightningModule):
 
     def token_statistics(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """(summed cross-entropy in nats, number of correct argmax predictions, number of scored tokens)."""
+        batch = pad_length_to_multiple(batch, self.length_multiple, self.config.pad_idx)
         logits = self(batch["input_ids"], batch["padding_mask"])
         labels = batch["labels"]
         # bf16 autocast leaves logits in bf16; the log-softmax over the vocabulary wants fp32.
@@ -237,6 +245,24 @@ class ProteinLM(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._elapsed_before = float(checkpoint.get("elapsed_seconds", 0.0))
         self.last_validated_step = int(checkpoint.get("last_validated_step", -1))
+
+
+def pad_length_to_multiple(batch: Mapping[str, Tensor | None], multiple: int, pad_idx: int) -> Mapping[str, Any]:
+    """The batch with its length padded up to a multiple of `multiple` (pad tokens, masked, unscored).
+
+    Appended positions are masked keys (bidirectional) and in every real position's future (causal),
+    so real positions' logits do not change. On the batch's device; no host sync.
+    """
+    ids = batch["input_ids"]
+    assert ids is not None
+    extra = -ids.shape[1] % multiple
+    if extra == 0:
+        return batch
+    mask = batch["padding_mask"]
+    mask = torch.zeros_like(ids, dtype=torch.bool) if mask is None else mask
+    return {**batch, "input_ids": F.pad(ids, (0, extra), value=pad_idx),
+            "labels": F.pad(batch["labels"], (0, extra), value=IGNORE_INDEX),
+            "padding_mask": F.pad(mask, (0, extra), value=True)}
 
 
 # Module names that FSDP, activation checkpointing and torch.compile insert into parameter names.
