@@ -159,7 +159,8 @@ def main() -> None:
 
     import torch
 
-    print(f"model={args.model}, batch of 1 window, {args.objective.upper()}, {args.warmup} warmup + {args.steps} timed optimizer steps "
+    print(f"model={args.model}, batch of 1 window, {args.objective.upper()}, "
+          f"{args.warmup} warmup + {args.steps} timed optimizer steps "
           f"(fastest kept) x {args.repeats} repeats, "
           f"device={args.device}, malloc={args.malloc}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{os.cpu_count()} CPUs (load average {os.getloadavg()[0]:.1f})")

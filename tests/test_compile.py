@@ -90,6 +90,7 @@ def test_train_compiles_the_model_in_place_when_asked(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ProteinPerformer, "compile", compile_)
     with pytest.raises(Stop):
-        train.train(compose_config(["model=tiny", "logger=none", "compile=true", "compile_backend=aot_eager"], tmp_path))
+        overrides = ["model=tiny", "logger=none", "compile=true", "compile_backend=aot_eager"]
+        train.train(compose_config(overrides, tmp_path))
     assert seen == [{"backend": "aot_eager"}]
     assert compose_config([], tmp_path).compile is False
