@@ -185,7 +185,8 @@ def loading_table(directory: Path, megabytes: float, seconds: float) -> None:
         start = time.perf_counter()
         for batch in dataset:
             tokens += batch["input_ids"].numel()
-            real += int((~batch["padding_mask"]).sum())
+            padding = batch["padding_mask"]
+            real += batch["input_ids"].numel() if padding is None else int((~padding).sum())
             if time.perf_counter() - start > seconds:
                 break
         elapsed = time.perf_counter() - start

@@ -2,6 +2,7 @@
 
     python benchmarks/train.py                       # model=concat size, L = 1024 2048 4096 8192
     python benchmarks/train.py --lengths 1024 2048 --steps 2 --model small
+    python benchmarks/train.py --kinds softmax favor softmax+mask --objective clm   # causal; the mask's cost
 
 One configuration per fresh subprocess, so each peak memory is its own (CPU: the process's peak
 resident set size minus what it held before building the model; CUDA: torch's peak allocation).
@@ -53,8 +54,13 @@ def concat_window(length: int) -> np.ndarray:
 
 
 def measure(attention: str, length: int, model: str, steps: int, warmup: int, device: str,
-            malloc: str = "keep") -> dict[str, float]:
-    """Run in a child process: time `steps` optimizer steps of one configuration, report its peak memory."""
+            malloc: str = "keep", objective: str = "mlm") -> dict[str, float]:
+    """Run in a child process: time `steps` optimizer steps of one configuration, report its peak memory.
+
+    attention: a conf/attention name; "<name>+mask" passes an all-False padding mask, as training did
+    before batches without padding came without one (the softmax baseline then left SDPA's fast paths).
+    """
+    attention, _, mask = attention.partition("+")
     if malloc == "keep":
         from protein_performer.runtime import keep_freed_memory
 
@@ -73,20 +79,22 @@ def measure(attention: str, length: int, model: str, steps: int, warmup: int, de
     attention_cfg = {key: value for key, value in OmegaConf.to_container(attention_cfg).items()
                      if key != "feature_seed"}  # ${seed}: resolved by train.yaml, not needed here
     config = config_from_hydra(model_cfg, attention_cfg, vocab_size=len(alphabet), pad_idx=alphabet.pad_idx,
-                               causal=False)
+                               causal=objective == "clm")
 
-    # MLM batch of one window: 15% of positions masked and scored, as the data module does.
-    generator = np.random.default_rng(0)
     tokens = concat_window(length)
-    masked = generator.random(length) < 0.15
-    labels = np.where(masked, tokens, -100)
-    inputs = np.where(masked, alphabet.mask_idx, tokens)
+    if objective == "mlm":  # 15% of positions masked and scored, as the data module does
+        masked = np.random.default_rng(0).random(length) < 0.15
+        labels = np.where(masked, tokens, -100)
+        inputs = np.where(masked, alphabet.mask_idx, tokens)
+    else:  # every next token scored
+        inputs, labels = tokens, np.append(tokens[1:], -100)
     batch = {"input_ids": torch.from_numpy(inputs)[None].to(device),
              "labels": torch.from_numpy(labels)[None].to(device),
-             "padding_mask": torch.zeros(1, length, dtype=torch.bool, device=device)}
+             # nothing padded: the data module passes no mask either
+             "padding_mask": torch.zeros(1, length, dtype=torch.bool, device=device) if mask else None}
 
     baseline_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    module = ProteinLM(config.to_dict(), "mlm").to(device).train()
+    module = ProteinLM(config.to_dict(), objective).to(device).train()
     optimizer = torch.optim.AdamW(module.parameters(), lr=1e-3, betas=(0.9, 0.98), eps=1e-9, weight_decay=0.1)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -121,7 +129,7 @@ def measure(attention: str, length: int, model: str, steps: int, warmup: int, de
 def run_child(attention: str, length: int, args: argparse.Namespace) -> dict[str, float]:
     command = [sys.executable, __file__, "--child", attention, str(length), "--model", args.model,
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device,
-               "--malloc", args.malloc]
+               "--malloc", args.malloc, "--objective", args.objective]
     result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     if result.returncode != 0:
         return {"error": result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "failed"}
@@ -131,7 +139,9 @@ def run_child(attention: str, length: int, args: argparse.Namespace) -> dict[str
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
-    parser.add_argument("--kinds", nargs="+", default=["softmax", "favor"], help="first one is the baseline")
+    parser.add_argument("--kinds", nargs="+", default=["softmax", "favor"],
+                        help="first one is the baseline; <kind>+mask passes an all-False padding mask")
+    parser.add_argument("--objective", choices=["mlm", "clm"], default="mlm", help="clm: a causal model")
     parser.add_argument("--model", default="concat", help="a conf/model preset")
     parser.add_argument("--steps", type=int, default=2, help="timed optimizer steps per configuration")
     parser.add_argument("--warmup", type=int, default=1, help="untimed optimizer steps first")
@@ -144,12 +154,13 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         print(json.dumps(measure(args.child[0], int(args.child[1]), args.model, args.steps, args.warmup,
-                                 args.device, args.malloc)))
+                                 args.device, args.malloc, args.objective)))
         return
 
     import torch
 
-    print(f"model={args.model}, batch of 1 window, MLM, {args.warmup} warmup + {args.steps} timed optimizer steps "
+    print(f"model={args.model}, batch of 1 window, {args.objective.upper()}, "
+          f"{args.warmup} warmup + {args.steps} timed optimizer steps "
           f"(fastest kept) x {args.repeats} repeats, "
           f"device={args.device}, malloc={args.malloc}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{os.cpu_count()} CPUs (load average {os.getloadavg()[0]:.1f})")

@@ -148,8 +148,9 @@ def favor_approximation_error(
     errors = np.zeros((len(nb_features), draws))
     for i, m in enumerate(nb_features):
         for d in range(draws):
+            # Drawn by the CPU generator (the same draws on any device), then moved to q's device.
             projection = ops.gaussian_orthogonal_random_matrix(
-                m, q.shape[-1], generator=generator, dtype=torch.float64)
+                m, q.shape[-1], generator=generator, device=q.device, dtype=torch.float64)
             implied = ops.implied_attention(q, k, projection)
             errors[i, d] = (0.5 * (implied - exact).abs().sum(-1)).mean().item()
     return errors

@@ -24,11 +24,13 @@ from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 
 from protein_performer.data import Alphabet, ProteinDataModule, TokenStore
 from protein_performer.model import config_from_hydra
-from protein_performer.runtime import keep_freed_memory
+from protein_performer.runtime import configure_process
 from protein_performer.training.baselines import Baselines, context_free_baselines, token_counts
 from protein_performer.training.module import ProteinLM
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+# compile=true pads batch lengths to multiples of FAVOR+'s causal chunk: no partial chunk, few shapes.
+COMPILE_LENGTH_MULTIPLE = 64
 
 
 @dataclass
@@ -59,15 +61,19 @@ def train(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> TrainResult
 
 
 def _train(cfg: DictConfig, callbacks: Sequence[pl.Callback]) -> TrainResult:
-    if cfg.get("keep_freed_memory", True):
-        keep_freed_memory()
+    configure_process(cfg.trainer.get("accelerator", "auto"), keep_freed=cfg.get("keep_freed_memory", True),
+                      float32_matmul_precision=cfg.get("float32_matmul_precision", "high"))
     pl.seed_everything(cfg.seed, workers=True)
     datamodule: pl.LightningDataModule = hydra.utils.instantiate(cfg.data)
     alphabet = Alphabet()
     model_config = config_from_hydra(cfg.model, cfg.attention, vocab_size=len(alphabet), pad_idx=alphabet.pad_idx,
                                      causal=cfg.objective == "clm")
+    compile_model = bool(cfg.get("compile", False))
     module = ProteinLM(model_config.to_dict(), cfg.objective, seed=cfg.seed, alphabet_tokens=alphabet.tokens,
+                       length_multiple=COMPILE_LENGTH_MULTIPLE if compile_model else 1,
                        **OmegaConf.to_container(cfg.optim, resolve=True))
+    if compile_model:  # in place: parameter names (and so checkpoints) stay those of the plain model
+        module.model.compile(backend=cfg.get("compile_backend", "inductor"))
 
     loggers = [hydra.utils.instantiate(c) for c in cfg.logger.values() if c is not None]
     configured = [hydra.utils.instantiate(c) for c in cfg.callbacks.values() if c is not None]

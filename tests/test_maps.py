@@ -99,6 +99,22 @@ def test_favor_error_shrinks_with_more_features(alphabet, bpti):
     np.testing.assert_array_equal(errors, favor_approximation_error(q, k, [8, 64, 512], draws=4, seed=0))
 
 
+def test_favor_error_draws_its_projections_on_the_device_of_q(monkeypatch):
+    """On a GPU, q and k live on CUDA; the projections must follow them (this machine has no GPU, so the
+    ops are stood in for on the meta device, where a CPU projection is just as much a mismatch)."""
+    devices = []
+
+    def implied_attention(q, k, projection):
+        devices.append((q.device, projection.device))
+        return torch.zeros(q.shape[:-1] + k.shape[-2:-1], dtype=q.dtype)
+
+    monkeypatch.setattr(ops, "implied_attention", implied_attention)
+    monkeypatch.setattr(ops, "softmax_attention_weights", lambda q, k: torch.zeros(q.shape[:-1] + k.shape[-2:-1]))
+    q = k = torch.empty(1, 2, 5, 8, device="meta")
+    favor_approximation_error(q, k, [4, 16], draws=2)
+    assert devices == [(q.device, q.device)] * 4
+
+
 def test_apc_removes_a_rank_one_background():
     u, v = torch.rand(7, dtype=torch.float64) + 0.1, torch.rand(7, dtype=torch.float64) + 0.1
     background = u[:, None] * v[None, :]

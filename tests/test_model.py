@@ -145,6 +145,22 @@ def test_padding_is_invisible(kind: str) -> None:
     assert (unmasked - expected).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
+@pytest.mark.parametrize("kind", ATTENTION_KINDS)
+def test_an_all_false_mask_equals_no_mask(kind: str, causal: bool) -> None:
+    """The data module drops the mask of a batch without padding (so softmax keeps SDPA's unmasked fast
+    kernels): both forms must give the same outputs and gradients."""
+    model = sharp_model(tiny_config(kind, causal=causal))
+    ids = random_ids(2, 17, seed=5)
+    nothing_padded = torch.zeros(2, 17, dtype=torch.bool)
+    masked, unmasked = model(ids, nothing_padded).logits, model(ids).logits
+    torch.testing.assert_close(unmasked, masked, rtol=1e-9, atol=1e-9)
+    first = torch.autograd.grad(masked.square().sum(), list(model.parameters()))
+    second = torch.autograd.grad(unmasked.square().sum(), list(model.parameters()))
+    for a, b in zip(first, second):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-9)
+
+
 @pytest.mark.parametrize("kind", ["favor", "softmax"])
 def test_real_proteins_in_a_padded_batch_match_each_protein_alone(kind: str, data_dir: Path) -> None:
     """The float32 training set-up: Alphabet ids of real UniProt proteins, <cls> residues <eos>, padded."""

@@ -106,7 +106,7 @@ class ProteinDataModule(pl.LightningDataModule):
     """Masked- or causal-LM batches of proteins from a token store, for Lightning (DDP-aware).
 
     Batches: {"input_ids": LongTensor [B, L], "labels": LongTensor [B, L] (-100 = no target),
-    "padding_mask": BoolTensor [B, L] (True at padding)}.
+    "padding_mask": BoolTensor [B, L] (True at padding), or None when nothing in the batch is padded}.
     - mlm: labels hold the original token at the ~15% chosen residue positions (80% of them shown as
       <mask>, 10% as a random amino acid, 10% unchanged).
     - clm: labels[:, i] = input_ids[:, i + 1] (already shifted: logits[:, i] predicts labels[:, i]);
@@ -118,8 +118,11 @@ class ProteinDataModule(pl.LightningDataModule):
     keyed by the inputs' paths, sizes and mtimes and the split settings, so a changed input or
     setting builds a new store. Relative paths are relative to the working directory, or, if nothing
     is there, to the repository root (so the bundled data/uniprot_sample.fasta is found from anywhere).
-    Lightning builds the cache in `prepare_data` (local rank 0; other ranks wait at its barrier);
-    without a Trainer, `setup` builds it on local rank 0 while other ranks wait for the file.
+    Lightning builds the cache in `prepare_data` on global rank 0 only (prepare_data_per_node=False;
+    other ranks wait at its barrier), so a cache on a filesystem shared by the nodes is built once per
+    job, not raced by every node's local rank 0. A node whose cache_dir is node-local finds no file
+    after the barrier and builds its own copy in `setup` (on its local rank 0, the others waiting for
+    the file); `setup` does the same without a Trainer.
 
     Loaders: train_dataloader (split "train"), val_dataloader ("valid"), test_dataloader
     ([test, ood], matching ProteinLM's eval_split_names), ood_dataloader. Every DDP rank and DataLoader
@@ -142,6 +145,8 @@ class ProteinDataModule(pl.LightningDataModule):
             batches of windows for concat); small splits get smaller blocks.
         compression, background_reader: how a cache store is built (see build_token_store).
         build_timeout: seconds a rank waits for another to finish building the cache.
+        prepare_data_per_node: Lightning's flag: True would run prepare_data on every node's local
+            rank 0 (see above for why the default is False).
     """
 
     def __init__(
@@ -170,9 +175,11 @@ class ProteinDataModule(pl.LightningDataModule):
         compression: str = "scaleoffset",
         background_reader: bool = True,
         build_timeout: float = 24 * 3600.0,
+        prepare_data_per_node: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        self.prepare_data_per_node = prepare_data_per_node
         self.spec = BatchSpec(objective=objective, sampling=sampling, max_length=max_length,
                               tokens_per_batch=tokens_per_batch, batch_size=batch_size, eval_crop=eval_crop,
                               mask_probability=mask_probability, mask_fraction=mask_fraction,

@@ -7,7 +7,11 @@ blocks with two contiguous slices each (offsets, then tokens), which is what a c
 HDF5 file is fast at, and turns them into batches:
 
     {"input_ids": LongTensor [B, L], "labels": LongTensor [B, L] (-100: no target),
-     "padding_mask": BoolTensor [B, L] (True at padding)}
+     "padding_mask": BoolTensor [B, L] (True at padding), or None when no position is padded}
+
+A batch without padding (every concat window but a split's last) carries no mask at all: the check
+runs here on the CPU, so the model never needs a host sync to learn that it may take an attention
+kernel's unmasked fast path (SDPA's flash and memory-efficient kernels refuse a mask).
 
 All randomness (block order, crops, batch order, masking) comes from generators seeded by
 (seed, epoch, split, block, batch), so a batch is reproducible whatever the number of workers
@@ -27,7 +31,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from protein_performer.data.alphabet import Alphabet
 from protein_performer.data.fasta import DataError
-from protein_performer.data.masking import OBJECTIVES, causal_lm_labels, mask_for_mlm
+from protein_performer.data.masking import IGNORE_INDEX, OBJECTIVES, causal_lm_labels, mask_for_mlm
 from protein_performer.data.sampling import (
     SAMPLINGS,
     EpochPlan,
@@ -87,7 +91,9 @@ class ProteinBatches(IterableDataset):
         store: path of the token store.
         split: "train", "valid", "test" or "ood".
         train: random crops, shuffled blocks and batches, a new plan every epoch, and equal batch
-            counts on every rank; otherwise deterministic crops and every batch of the split.
+            counts on every rank; otherwise deterministic crops and every batch of the split, after
+            which a rank with fewer batches than the richest adds scoring-free ones (see
+            `scoring_free_batch`), so that evaluation too runs the same number of steps on every rank.
         rank, world_size: this process's place in DDP (0, 1 without DDP).
         workers: the DataLoader's num_workers (0 = the main process reads).
     """
@@ -116,7 +122,7 @@ class ProteinBatches(IterableDataset):
         self.residues = store_now.split_residues[split]
         self.block_batches, self.block_size = self._blocks(store_now)
         store_now.close()  # workers open their own handle; none is inherited across the fork
-        self._plan: tuple[int, EpochPlan] | None = None
+        self._plan: tuple[int, EpochPlan, np.ndarray] | None = None  # (epoch, plan, fillers [workers])
 
     # ---- the plan ---------------------------------------------------------------------------------
 
@@ -171,13 +177,38 @@ class ProteinBatches(IterableDataset):
             order = np.arange(len(self.block_batches))
             if self.train:
                 order = np.random.default_rng((self.seed, epoch, self.split_code)).permutation(order)
-            self._plan = (epoch, plan_epoch(self.block_batches, order, self.world_size, self.workers,
-                                            equal_ranks=self.train))
+            plan = plan_epoch(self.block_batches, order, self.world_size, self.workers, equal_ranks=self.train)
+            self._plan = (epoch, plan, self._fillers(plan))
         return self._plan[1]
 
+    def _fillers(self, plan: EpochPlan) -> np.ndarray:
+        """int64 [workers]: scoring-free batches each worker of this rank adds after its real ones.
+
+        Evaluation keeps every batch, so ranks hold different numbers; but every forward of a
+        distributed model is collective (FSDP all-gathers parameters, DDP broadcasts buffers), so a
+        rank that stopped early would leave the others waiting forever. Each rank tops up to the
+        richest rank's count, giving the extra batches to its least loaded workers. Every rank
+        computes the same plan, so this needs no communication. (Training ranks are already equal.)
+        """
+        fillers = np.zeros(self.workers, dtype=np.int64)
+        load = plan.quota[self.rank].copy()
+        for _ in range(int(plan.quota.sum(axis=1).max()) - plan.batches_of_rank(self.rank)):
+            worker = int(np.argmin(load))
+            load[worker] += 1
+            fillers[worker] += 1
+        return fillers
+
     def __len__(self) -> int:
-        """Batches this rank yields this epoch (all of its workers together)."""
-        return self.plan().batches_of_rank(self.rank)
+        """Batches this rank yields this epoch (all of its workers together, scoring-free ones included)."""
+        plan = self.plan()
+        assert self._plan is not None
+        return plan.batches_of_rank(self.rank) + int(self._plan[2].sum())
+
+    def scoring_free_batch(self) -> Batch:
+        """<cls> <eos> with no target: runs the model like any batch but adds nothing to a loss or metric
+        (every label is IGNORE_INDEX, so summed loss, correct and scored tokens are all zero)."""
+        ids = torch.tensor([[self.alphabet.cls_idx, self.alphabet.eos_idx]], dtype=torch.int64)
+        return {"input_ids": ids, "labels": torch.full_like(ids, IGNORE_INDEX), "padding_mask": None}
 
     # ---- iteration --------------------------------------------------------------------------------
 
@@ -200,6 +231,12 @@ class ProteinBatches(IterableDataset):
                     yield batch
 
     def _worker_batches(self, worker: int) -> Iterator[Batch]:
+        yield from self._real_batches(worker)
+        assert self._plan is not None
+        for _ in range(int(self._plan[2][worker])):
+            yield self.scoring_free_batch()
+
+    def _real_batches(self, worker: int) -> Iterator[Batch]:
         plan = self.plan()
         quota = int(plan.quota[self.rank, worker])
         blocks = plan.shard_blocks[self.rank * self.workers + worker]
@@ -284,4 +321,4 @@ class ProteinBatches(IterableDataset):
         else:
             inputs, labels = ids, causal_lm_labels(ids, self.alphabet.pad_idx)
         return {"input_ids": torch.from_numpy(inputs), "labels": torch.from_numpy(labels),
-                "padding_mask": torch.from_numpy(padding)}
+                "padding_mask": torch.from_numpy(padding) if padding.any() else None}

@@ -543,7 +543,10 @@ class TokenStore:
 
     def _h5(self) -> h5py.File:
         if self._file is None or self._pid != os.getpid():
-            self._file = h5py.File(self.path, "r")
+            # Read-only; "best-effort" locking: a shared filesystem that refuses HDF5's file locks (some
+            # NFS and Lustre mounts) would otherwise fail every open. A store is complete and never
+            # written once it has its name (builds write a temporary and rename it), so readers need no lock.
+            self._file = h5py.File(self.path, "r", locking="best-effort")
             self._datasets = {}
             self._pid = os.getpid()
         return self._file

@@ -385,11 +385,10 @@ def _normalise(num_aug: Tensor) -> tuple[Tensor, Tensor]:
 
 def _augmented_output_grad(grad_out: Tensor, out: Tensor, denominator: Tensor) -> Tensor:
     """d loss / d [numerator, denominator] for out = numerator / denominator; [..., D + 1]."""
-    D = grad_out.shape[-1]
-    grad_num = grad_out.new_empty(*grad_out.shape[:-1], D + 1)
-    torch.mul(grad_out, denominator.reciprocal()[..., None], out=grad_num[..., :D])
-    grad_num[..., D] = -(grad_num[..., :D] * out).sum(dim=-1)
-    return grad_num
+    grad_value = grad_out * denominator.reciprocal()[..., None]
+    # One cat, not writes into column views of an empty tensor: torch.compile cannot trace `out=` into
+    # a non-contiguous view (a graph break in every backward).
+    return torch.cat([grad_value, -(grad_value * out).sum(dim=-1, keepdim=True)], dim=-1)
 
 
 def _decayed_scan(x: Tensor, source: Tensor | None, target: Tensor | None, *, reverse: bool = False) -> Tensor:
@@ -432,13 +431,16 @@ def _decayed_scan(x: Tensor, source: Tensor | None, target: Tensor | None, *, re
         totals = torch.bmm(to_exit.view(BH * groups, 1, G), xs).view(BH, groups, P)
         neighbour = torch.roll(exit_offset, 1 if not reverse else -1, dims=1)  # previous sender's exit
         step = torch.exp(neighbour - exit_offset)  # rescales the carried sum to this group's exit
-        carried = torch.empty_like(totals)  # carried[b]: everything up to group b, at exit_offset[b]
+        # carried[b]: everything up to group b, at exit_offset[b] (a list, stacked once: torch.compile
+        # cannot trace `out=` into the non-contiguous slices of one preallocated tensor)
+        carried: list[Tensor | None] = [None] * groups
         order = list(range(groups - 1, 0, -1)) if reverse else list(range(groups - 1))
-        carried[:, order[0]] = totals[:, order[0]]
+        carried[order[0]] = totals[:, order[0]]
         for previous, b in zip(order[:-1], order[1:], strict=True):
-            torch.addcmul(totals[:, b], carried[:, previous], step[:, b, None], out=carried[:, b])
+            carried[b] = torch.addcmul(totals[:, b], carried[previous], step[:, b, None])
+        sent = torch.stack(carried[senders], dim=1)  # type: ignore[arg-type]  # (BH, groups - 1, P)
         to_target = torch.exp(exit_offset[:, senders, None] - t[:, receivers])  # (BH, groups - 1, G)
-        out[:, receivers].addcmul_(to_target[..., None], carried[:, senders, None, :])
+        out[:, receivers].addcmul_(to_target[..., None], sent[:, :, None, :])
     return out.view(BH, groups * G, P)[:, :n]
 
 
@@ -547,6 +549,13 @@ def _linear_backward(saved: tuple, grad_out: Tensor, causal: bool) -> tuple[Tens
     return _causal_backward(saved, grad_out) if causal else _bidirectional_backward(saved, grad_out)
 
 
+def _no_autocast(like: Tensor) -> torch.autocast:
+    """Autocast off on `like`'s device. The Functions below run forward with autocast off (inside
+    favor_attention); backward runs under whatever autocast the caller's thread has, e.g. a user's
+    loop calling backward inside the autocast region, so it turns autocast off again itself."""
+    return torch.autocast(device_type=like.device.type, enabled=False)
+
+
 class _LinearAttention(torch.autograd.Function):
     """Normalised linear attention on given features (the ReLU kernel; features via autograd)."""
 
@@ -559,7 +568,9 @@ class _LinearAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        return (*_linear_backward(ctx.saved_tensors, grad_out, ctx.causal), None, None)
+        with _no_autocast(grad_out):
+            saved = ctx.saved_tensors
+            return (*_linear_backward(saved, grad_out.to(saved[0].dtype), ctx.causal), None, None)
 
 
 class _SoftmaxFavor(torch.autograd.Function):
@@ -605,8 +616,13 @@ class _SoftmaxFavor(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
+        with _no_autocast(grad_out):
+            return _SoftmaxFavor._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out: Tensor):
         query, key, k_scaled, w_query, w_key, key_padding_mask, *saved = ctx.saved_tensors
-        grad_query, grad_key, grad_v = _linear_backward(tuple(saved), grad_out, ctx.causal)
+        grad_query, grad_key, grad_v = _linear_backward(tuple(saved), grad_out.to(query.dtype), ctx.causal)
         grad_q = grad_query.mul_(query) @ w_query.T  # d exp(x) = exp(x) dx
         grad_k_aug = grad_key.mul_(key) @ w_key.T  # [dL W, -sum_m dL]
         D = k_scaled.shape[-1]

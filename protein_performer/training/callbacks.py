@@ -52,14 +52,21 @@ class Throughput(pl.Callback):
     A moving window over the last `window` training batches (data loading included, validation
     excluded), so it is the rate a user waits on; shown on the progress bar. Under DDP the rank's own
     rate is multiplied by the world size (ranks see equally sized batches; no collective per step).
+    Token counts stay on the batch's device: nothing here waits for the GPU; the value is read only
+    when the progress bar refreshes or a logger writes (every log_every_n_steps).
     """
 
     def __init__(self, window: int = 20) -> None:
         if window < 1:
             raise ValueError(f"Throughput window must be >= 1 batch, got {window}")
         # (time at the end of a batch, tokens in it); the first entry marks the window's start.
-        self._marks: deque[tuple[float, int]] = deque(maxlen=window + 1)
-        self.tokens_per_sec: float | None = None  # the latest value
+        self._marks: deque[tuple[float, int | Tensor]] = deque(maxlen=window + 1)
+        self._latest: float | Tensor | None = None
+
+    @property
+    def tokens_per_sec(self) -> float | None:
+        """The latest value (reading it waits for the GPU)."""
+        return None if self._latest is None else float(self._latest)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
@@ -70,11 +77,14 @@ class Throughput(pl.Callback):
                            batch: Any, batch_idx: int) -> None:
         if not self._marks:
             return
-        self._marks.append((time.perf_counter(), int((~batch["padding_mask"]).sum())))
+        padding = batch["padding_mask"]
+        tokens = batch["input_ids"].numel() if padding is None else (~padding).sum()  # a device tensor: no sync
+        self._marks.append((time.perf_counter(), tokens))
         tokens = sum(count for _, count in list(self._marks)[1:])
         seconds = self._marks[-1][0] - self._marks[0][0]
-        self.tokens_per_sec = tokens * trainer.world_size / max(seconds, 1e-9)
-        pl_module.log("train/tokens_per_sec", self.tokens_per_sec, prog_bar=True)
+        self._latest = tokens * trainer.world_size / max(seconds, 1e-9)
+        value = self._latest if isinstance(self._latest, Tensor) else torch.tensor(self._latest)
+        pl_module.log("train/tokens_per_sec", value.float(), prog_bar=True)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._marks.clear()  # a window never spans a validation

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 import torchmetrics
 from torch import Tensor, nn
+from torch.distributed.fsdp import FullyShardedDataParallel
 
 from protein_performer.data import IGNORE_INDEX, OBJECTIVES
 from protein_performer.model import PerformerConfig, ProteinPerformer
@@ -56,7 +57,8 @@ class ProteinLM(pl.LightningModule):
 
     Batches are dicts from `protein_performer.data.ProteinDataModule`:
         input_ids [batch, length] long, labels [batch, length] long (-100 = no target),
-        padding_mask [batch, length] bool (True at padding).
+        padding_mask [batch, length] bool (True at padding), or None when nothing is padded (the data
+        module decides on the CPU; attention then takes its unmasked fast path).
     For MLM the labels are set at masked positions only; for CLM the data module has already shifted
     them (labels[:, i] is the target of logits[:, i]) and set them at every non-padding position. The
     loss is the mean cross-entropy over scored tokens, so metrics mean "masked tokens" for MLM and
@@ -82,6 +84,7 @@ class ProteinLM(pl.LightningModule):
         seed: int = 0,
         alphabet_tokens: Sequence[str] | None = None,
         eval_split_names: Sequence[str] = ("test", "ood"),
+        length_multiple: int = 1,
     ) -> None:
         """model_config: PerformerConfig as a plain dict (PerformerConfig.to_dict()); stored in hparams.
 
@@ -93,6 +96,9 @@ class ProteinLM(pl.LightningModule):
         alphabet_tokens: the Alphabet's token list, saved so load_model can check that it still matches.
         eval_split_names: the metric prefix of each test dataloader, in the order the data module
             returns them.
+        length_multiple: pad every batch's length up to a multiple of this (padding the model never
+            sees and no label scores), so that a torch.compile'd model meets few distinct lengths and
+            no partial FAVOR+ chunk; 1 = as the data comes. A run setting, not saved in hparams.
         """
         super().__init__()
         if objective not in OBJECTIVES:
@@ -114,7 +120,13 @@ class ProteinLM(pl.LightningModule):
             "alphabet_tokens": list(alphabet_tokens) if alphabet_tokens is not None else None,
             "eval_split_names": list(eval_split_names),
         })
+        if length_multiple < 1:
+            raise ValueError(f"length_multiple must be >= 1, got {length_multiple}")
+        self.length_multiple = length_multiple
         self.model = ProteinPerformer(config)
+        # Decided here, on the unwrapped model: FSDP (use_orig_params) hands configure_optimizers every
+        # parameter as a flat 1-D shard, whose shape no longer says whether it was a matrix.
+        self.decayed_parameter_names = matrix_parameter_names(self)
         self.eval_metrics = nn.ModuleDict({name: TokenMetrics() for name in ("val", *eval_split_names)})
         self.last_validated_step = -1  # global_step of the latest real (non-sanity) validation
         self._elapsed_before = 0.0  # wall-clock seconds of training before this process (from a checkpoint)
@@ -130,6 +142,7 @@ class ProteinLM(pl.LightningModule):
 
     def token_statistics(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """(summed cross-entropy in nats, number of correct argmax predictions, number of scored tokens)."""
+        batch = pad_length_to_multiple(batch, self.length_multiple, self.config.pad_idx)
         logits = self(batch["input_ids"], batch["padding_mask"])
         labels = batch["labels"]
         # bf16 autocast leaves logits in bf16; the log-softmax over the vocabulary wants fp32.
@@ -163,12 +176,26 @@ class ProteinLM(pl.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        optimizer = torch.optim.AdamW(parameter_groups(self, hp.weight_decay), lr=hp.lr, betas=tuple(hp.betas),
-                                      eps=hp.eps)
+        groups = parameter_groups(self, hp.weight_decay, decayed=self.decayed_parameter_names)
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps)
         total = self.trainer.estimated_stepping_batches  # inf when neither max_steps nor max_epochs is set
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_factor(step, hp.warmup_steps, total, hp.decay, hp.min_lr_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Clip by global norm under FSDP too, through the sharded root's own clip_grad_norm_.
+
+        Lightning's FSDP precision plugin refuses norm clipping (torch.nn.utils.clip_grad_norm_ over
+        local shards would bound each rank's piece, not the global norm); FSDP's method all-reduces the
+        shards' squared norms first. Every other strategy clips as Lightning does.
+        """
+        if gradient_clip_val and gradient_clip_algorithm == "norm" and isinstance(
+                self.trainer.strategy.model, FullyShardedDataParallel):
+            self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # ---- evaluation -----------------------------------------------------------------------------------
 
@@ -220,16 +247,57 @@ class ProteinLM(pl.LightningModule):
         self.last_validated_step = int(checkpoint.get("last_validated_step", -1))
 
 
-def parameter_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """AdamW parameter groups: matrices (linear and embedding weights) decay, vectors do not.
+def pad_length_to_multiple(batch: Mapping[str, Tensor | None], multiple: int, pad_idx: int) -> Mapping[str, Any]:
+    """The batch with its length padded up to a multiple of `multiple` (pad tokens, masked, unscored).
+
+    Appended positions are masked keys (bidirectional) and in every real position's future (causal),
+    so real positions' logits do not change. On the batch's device; no host sync.
+    """
+    ids = batch["input_ids"]
+    assert ids is not None
+    extra = -ids.shape[1] % multiple
+    if extra == 0:
+        return batch
+    mask = batch["padding_mask"]
+    mask = torch.zeros_like(ids, dtype=torch.bool) if mask is None else mask
+    return {**batch, "input_ids": F.pad(ids, (0, extra), value=pad_idx),
+            "labels": F.pad(batch["labels"], (0, extra), value=IGNORE_INDEX),
+            "padding_mask": F.pad(mask, (0, extra), value=True)}
+
+
+# Module names that FSDP, activation checkpointing and torch.compile insert into parameter names.
+_WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def original_parameter_name(name: str) -> str:
+    """A parameter's name as in the unwrapped module: `blocks.0._fsdp_wrapped_module.attention.qkv.weight`
+    -> `blocks.0.attention.qkv.weight`."""
+    for prefix in _WRAPPER_PREFIXES:
+        name = name.replace(prefix, "")
+    return name
+
+
+def matrix_parameter_names(module: nn.Module) -> frozenset[str]:
+    """Names of `module`'s parameters with two or more dimensions (call before any FSDP wrapping)."""
+    return frozenset(original_parameter_name(name) for name, parameter in module.named_parameters()
+                     if parameter.dim() >= 2)
+
+
+def parameter_groups(module: nn.Module, weight_decay: float,
+                     decayed: frozenset[str] | None = None) -> list[dict[str, Any]]:
+    """AdamW parameter groups: matrices (linear and embedding weights, the RPE bias table) decay, vectors do not.
 
     Biases and LayerNorm gains are left undecayed: pulling them toward zero only fights the
     normalisation. Tied parameters (the LM head shares the embedding) appear once.
+    decayed: the names that decay (`matrix_parameter_names` of the unwrapped module); needed once
+        FSDP has flattened the parameters, whose names survive wrapping but whose shapes do not.
+        None: decided from `module`'s own shapes.
     """
+    decayed = matrix_parameter_names(module) if decayed is None else decayed
     decay, no_decay = [], []
-    for parameter in module.parameters():  # yields each shared tensor once
+    for name, parameter in module.named_parameters():  # yields each shared tensor once
         if parameter.requires_grad:
-            (decay if parameter.dim() >= 2 else no_decay).append(parameter)
+            (decay if original_parameter_name(name) in decayed else no_decay).append(parameter)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 

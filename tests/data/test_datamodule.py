@@ -32,9 +32,15 @@ def make_datamodule(sample_fasta, cache_dir):
 
 
 def rows(batches, alphabet) -> list[tuple[int, ...]]:
-    """Each example's tokens without <cls>, <eos> and padding (exact for CLM, whose inputs are unmasked)."""
+    """Each example's tokens without <cls>, <eos> and padding (exact for CLM, whose inputs are unmasked);
+    an evaluation rank's scoring-free filler batches hold no example."""
     drop = [alphabet.cls_idx, alphabet.eos_idx, alphabet.pad_idx]
-    return [tuple(t for t in row.tolist() if t not in drop) for batch in batches for row in batch["input_ids"]]
+    return [tuple(t for t in row.tolist() if t not in drop) for batch in batches if not is_filler(batch)
+            for row in batch["input_ids"]]
+
+
+def is_filler(batch) -> bool:
+    return bool((batch["labels"] == IGNORE_INDEX).all())
 
 
 def split_records(store_path, split) -> list[np.ndarray]:
@@ -53,6 +59,11 @@ def test_batches_follow_the_contract(sampling, objective, make_datamodule, alpha
         for batch in batches:
             ids, labels, padding = batch["input_ids"], batch["labels"], batch["padding_mask"]
             assert set(batch) == {"input_ids", "labels", "padding_mask"}
+            if padding is None:  # only a batch without padding comes without a mask
+                assert (ids != alphabet.pad_idx).all()
+                padding = torch.zeros_like(ids, dtype=torch.bool)
+            else:
+                assert padding.any()
             assert ids.dtype == labels.dtype == torch.int64 and padding.dtype == torch.bool
             assert ids.shape == labels.shape == padding.shape and ids.shape[1] <= 128
             assert torch.equal(padding, ids == alphabet.pad_idx)
@@ -140,6 +151,27 @@ def test_two_ranks_see_disjoint_examples_whose_union_is_the_split(sampling, make
         assert union.total() > 0.9 * len(records)  # equalising the ranks cuts only a few batches
 
 
+@pytest.mark.parametrize("world_size", [2, 3, 16])
+def test_evaluation_ranks_run_equally_many_batches_and_fillers_score_nothing(world_size, make_datamodule, alphabet):
+    """Every forward of FSDP (and DDP's buffer broadcast) is collective: evaluation ranks must run the
+    same number of batches, also when a split (ood: 8 records) has fewer records than there are ranks."""
+    datamodule = make_datamodule(objective="clm", num_workers=2)
+    filled = 0
+    for split in ("valid", "test", "ood"):
+        alone = Counter(rows(datamodule.dataset(split, rank=0, world_size=1), alphabet))
+        datasets = [datamodule.dataset(split, rank=r, world_size=world_size) for r in range(world_size)]
+        batches = [list(dataset) for dataset in datasets]  # both workers' shards, interleaved
+        assert len({len(b) for b in batches} | {len(d) for d in datasets}) == 1, split
+        assert sum((Counter(rows(b, alphabet)) for b in batches), Counter()) == alone, split
+        fillers = [batch for rank in batches for batch in rank if is_filler(batch)]
+        filled += len(fillers)
+        if world_size == 16 and split == "ood":
+            assert any(all(is_filler(batch) for batch in rank) for rank in batches)  # ranks without a record
+        for batch in fillers:
+            assert batch["padding_mask"] is None and batch["input_ids"].shape == (1, 2)
+    assert filled  # the splits do not divide evenly: this test exercises the fillers
+
+
 def test_dataloader_workers_deliver_the_batches_of_the_main_process(make_datamodule):
     datamodule = make_datamodule(num_workers=2)
     loader = datamodule.train_dataloader()
@@ -148,7 +180,7 @@ def test_dataloader_workers_deliver_the_batches_of_the_main_process(make_datamod
     assert len(from_workers) == len(in_process) == len(loader)
     for a, b in zip(in_process, from_workers):
         for key in a:
-            assert torch.equal(a[key], b[key]), key
+            assert (a[key] is None and b[key] is None) or torch.equal(a[key], b[key]), key
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
@@ -169,7 +201,7 @@ def test_a_training_pass_saved_mid_epoch_resumes_with_the_batches_not_yet_consum
     assert len(remainder) == len(epoch1) - consumed
     for a, b in zip(remainder, epoch1[consumed:]):
         for key in a:
-            assert torch.equal(a[key], b[key]), key
+            assert (a[key] is None and b[key] is None) or torch.equal(a[key], b[key]), key
     assert len(list(fresh)) == len(epoch1)  # only the resumed pass is shortened
 
 
@@ -210,6 +242,38 @@ def test_the_cache_is_reused_and_rebuilt_when_inputs_or_settings_change(sample_f
     changed = store_path()
     assert changed != first and len(TokenStore(changed)) == 501
     assert sorted(p.suffix for p in cache.iterdir()) == [".h5", ".h5", ".h5"]  # no temporary files left
+
+
+def test_the_cache_is_built_once_per_job_and_by_nodes_that_cannot_see_it(sample_fasta, tmp_path, monkeypatch):
+    """Lightning runs prepare_data on global rank 0 only (not once per node, which would race every
+    node's builder on a shared filesystem); a node whose cache_dir is its own builds a copy in setup."""
+    shared = tmp_path / "shared"
+    first = ProteinDataModule(fasta=str(sample_fasta), cache_dir=str(shared))
+    assert first.prepare_data_per_node is False
+    first.prepare_data()  # global rank 0
+    built = first.store_path.stat().st_mtime_ns
+    monkeypatch.setenv("LOCAL_RANK", "0")  # another node's local rank 0, after Lightning's barrier
+    other_node = ProteinDataModule(fasta=str(sample_fasta), cache_dir=str(shared))
+    other_node.setup("fit")
+    assert other_node.store_path == first.store_path and first.store_path.stat().st_mtime_ns == built
+    local = ProteinDataModule(fasta=str(sample_fasta), cache_dir=str(tmp_path / "node-local"))
+    local.setup("fit")
+    assert local.store_path.is_file() and local.store_path.parent == tmp_path / "node-local"
+
+
+def test_stores_are_read_without_requiring_file_locks(sample_store_path, monkeypatch):
+    """Some shared filesystems (NFS, Lustre mounts) refuse HDF5's file locks and every open would fail:
+    stores are read-only once named, so readers ask for locks only where the filesystem has them."""
+    import h5py
+
+    from protein_performer.data import store as store_module
+
+    opened = []
+    real_file = h5py.File
+    monkeypatch.setattr(store_module.h5py, "File", lambda *a, **k: opened.append((a[1:], k)) or real_file(*a, **k))
+    with TokenStore(sample_store_path) as store:
+        assert len(store) == 500
+    assert opened == [(("r",), {"locking": "best-effort"})]
 
 
 def test_missing_data_is_explained(tmp_path):

@@ -432,6 +432,31 @@ def test_no_nan_or_inf_for_large_norms_at_8192(causal, autocast):
     assert out.abs().amax(dim=-1).gt(0).float().mean() > 0.99  # a real output, not zeroed rows
 
 
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
+@pytest.mark.parametrize("causal,kernel", MODES)
+def test_backward_under_autocast_gives_the_float32_gradients(causal, kernel, padded):
+    """A user's own loop may call backward inside the autocast region: the hand-written backward must
+    still run in float32 (autocast would turn its matmuls into bf16 and break the in-place updates).
+    The ReLU kernel's features are differentiated by autograd, whose built-in backward follows autocast
+    as PyTorch defines it: those gradients agree to bf16 accuracy."""
+    q, k, v = (t.float().requires_grad_() for t in _qkv(2, 2, 37, 8, seed=16))
+    w = _projection(16, 8, dtype=torch.float32)
+    mask = _padding(2, 37, [37, 30]) if padded else None
+    grad = torch.randn(2, 2, 37, 8, generator=_gen(17))
+
+    def gradients(autocast: bool):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = favor_attention(q, k, v, w, causal=causal, kernel=kernel, key_padding_mask=mask, chunk_size=8)
+            return torch.autograd.grad(out, (q, k, v), grad)
+
+    for inside, outside in zip(gradients(True), gradients(False), strict=True):
+        assert inside.dtype == torch.float32
+        if kernel == "softmax":
+            torch.testing.assert_close(inside, outside)
+        else:
+            torch.testing.assert_close(inside, outside, rtol=0, atol=2e-2 * float(outside.abs().max()))
+
+
 def test_features_are_float32_under_autocast():
     x = torch.randn(1, 1, 5, 8).bfloat16()
     w = _projection(16, 8, dtype=torch.float32)

@@ -1,20 +1,36 @@
 """DDP on the CPU (trainer=ddp_cpu: 2 processes over gloo), launched like a user would."""
 from __future__ import annotations
 
+import csv
 import json
+import math
 
+import hydra
 import pytest
+import pytorch_lightning as pl
+from omegaconf import OmegaConf
 
-from .runs import run_cli, tiny_overrides
+from protein_performer.training import ProteinLM
+
+from .runs import SAMPLE, run_cli, tiny_overrides
 
 
 @pytest.mark.slow
-def test_ddp_ranks_train_on_different_batches_and_end_with_identical_weights(tmp_path, store_cache):
+def test_ddp_trains_on_different_batches_evaluates_uneven_splits_and_matches_one_process(tmp_path, store_cache):
+    """One 2-rank run: training shards and replica agreement; then validation and test on splits that do
+    not divide by the ranks (valid 25 batches, ood a single protein: fewer than the ranks). Every rank
+    must run as many evaluation steps as the others (or the job hangs), and scoring-free fillers must
+    not move the metrics: the 2-rank validation perplexity is the 1-process one of the same weights."""
     fingerprints = tmp_path / "fingerprints"
-    run_cli([*tiny_overrides(store_cache, trainer="ddp_cpu"), "trainer.max_steps=3", "trainer.val_check_interval=3",
-             "logger=none", "test=false", f"hydra.run.dir={tmp_path / 'run'}",
+    ood = tmp_path / "ood.txt"
+    ood.write_text(SAMPLE.read_text().split("|")[1] + "\n")  # the sample's first protein alone
+    run_dir = tmp_path / "run"
+    run_cli([*tiny_overrides(store_cache, trainer="ddp_cpu"), "objective=clm", "trainer.max_steps=3",
+             "trainer.val_check_interval=3", "trainer.limit_val_batches=1.0", "trainer.limit_test_batches=1.0",
+             f"data.ood_accessions={ood}", "data.ood_regex=null", "logger=csv", "test=true",
+             f"hydra.run.dir={run_dir}",
              "+callbacks.fingerprints._target_=protein_performer.training.BatchFingerprints",
-             f"+callbacks.fingerprints.directory={fingerprints}"], cwd=tmp_path)
+             f"+callbacks.fingerprints.directory={fingerprints}"], cwd=tmp_path, timeout=240)
 
     ranks = [json.loads((fingerprints / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert [r["world_size"] for r in ranks] == [2, 2]
@@ -24,4 +40,18 @@ def test_ddp_ranks_train_on_different_batches_and_end_with_identical_weights(tmp
     # Gradients are all-reduced and the FAVOR+ projections redrawn from (seed, step): every parameter
     # and buffer agrees across replicas after training.
     assert ranks[0]["parameters"] == ranks[1]["parameters"]
-    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+    last = run_dir / "checkpoints" / "last.ckpt"
+    assert last.is_file()
+
+    logged: dict[str, float] = {}
+    for row in csv.DictReader((run_dir / "metrics.csv").open()):
+        logged.update({key: float(value) for key, value in row.items() if value})
+    assert all(math.isfinite(logged[f"{split}/perplexity"]) for split in ("val", "test", "ood"))
+
+    cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    datamodule = hydra.utils.instantiate(cfg.data)
+    alone = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                       enable_model_summary=False)
+    metrics = alone.validate(ProteinLM.load_from_checkpoint(last), datamodule=datamodule, verbose=False)[0]
+    assert logged["val/perplexity"] == pytest.approx(metrics["val/perplexity"], rel=1e-5)
+    assert logged["val/loss"] == pytest.approx(metrics["val/loss"], rel=1e-5)

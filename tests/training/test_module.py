@@ -108,3 +108,37 @@ def test_learning_rate_warms_up_linearly_then_decays_to_the_floor(decay):
 def test_learning_rate_stays_at_peak_without_a_known_end_or_with_constant_decay():
     assert lr_factor(500, 10, math.inf, "linear", 0.0) == 1.0
     assert lr_factor(500, 10, 1000, "constant", 0.0) == 1.0
+
+
+@pytest.mark.parametrize("objective", ["mlm", "clm"])
+def test_softmax_gets_no_mask_for_an_unpadded_batch(objective, data_dir, tmp_path, monkeypatch):
+    """SDPA leaves its flash and memory-efficient kernels for any mask, all-False included: a batch of
+    the data module with nothing padded must reach the op without one (and a padded batch with one)."""
+    from protein_performer import ops
+    from protein_performer.data import ProteinDataModule
+
+    received = []
+    softmax_attention = ops.softmax_attention
+
+    def spy(*args, key_padding_mask=None, **kwargs):
+        received.append(key_padding_mask)
+        return softmax_attention(*args, key_padding_mask=key_padding_mask, **kwargs)
+
+    monkeypatch.setattr(ops, "softmax_attention", spy)
+    module = _module(objective, attention="softmax")
+    settings = dict(fasta=str(data_dir / "uniprot_sample.fasta"), cache_dir=str(tmp_path), objective=objective,
+                    max_length=64, tokens_per_batch=512, batch_size=2)
+    concat = ProteinDataModule(sampling="concat", **settings)
+    concat.setup("fit")
+    batch = next(iter(concat.train_dataloader()))
+    assert batch["padding_mask"] is None
+    module.token_statistics(batch)  # what training_step, validation_step and test_step run
+    assert received == [None] * module.config.n_layers
+
+    received.clear()
+    single = ProteinDataModule(sampling="single", **settings)
+    single.setup("fit")
+    batch = next(b for b in single.train_dataloader() if (b["input_ids"] == Alphabet().pad_idx).any())
+    module.token_statistics(batch)
+    assert len(received) == module.config.n_layers
+    assert all(torch.equal(mask, batch["padding_mask"]) for mask in received)
