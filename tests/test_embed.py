@@ -379,9 +379,9 @@ def test_entry_point_exits_with_the_error_status(checkpoint, fasta, tmp_path, ca
         (["checkpoint={ckpt}", "input={fasta}", "output={fasta}"], "already exists"),
         (["checkpoint={ckpt}", "input={tmp}/nope.fasta", "output={out}"], "nope.fasta: no such file"),
         (["checkpoint={ckpt}", "input={fasta}", "output={out}", "layers=7"], r"layers \[7\] out of range"),
-        (["checkpoint={ckpt}", "input={fasta}", "output={tmp}/no/dir/out.h5"], "does not exist; create it"),
+        (["checkpoint={ckpt}", "input={fasta}", "output={fasta}/out.h5"], "cannot create the output directory"),
     ],
-    ids=["missing-key", "output-exists", "missing-input", "bad-layer", "missing-dir"],
+    ids=["missing-key", "output-exists", "missing-input", "bad-layer", "output-under-a-file"],
 )
 def test_command_line_errors_are_one_line_with_status_2(checkpoint, fasta, tmp_path, capsys, overrides, message):
     values = {"fasta": fasta, "out": tmp_path / "out.h5", "ckpt": checkpoint, "tmp": tmp_path}
