@@ -831,7 +831,7 @@ def run_cli(cfg: DictConfig) -> int:
     def body() -> Path:
         try:
             return run(cfg)
-        except torch.OutOfMemoryError:
+        except torch.cuda.OutOfMemoryError:
             raise EmbedError(f"out of memory with max_tokens={cfg.max_tokens}; lower it (or set window=<residues> "
                              f"for very long proteins) and run again: the proteins done are kept in "
                              f"{cfg.output}.partial") from None

@@ -119,7 +119,7 @@ class DivergenceGuard(pl.Callback):
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if not grads:
             return
-        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
+        norm = _total_norm(grads)
         self.grad_norm = float(norm)  # one device sync per step
         loss = float(self._loss) if self._loss is not None and trainer.world_size == 1 else 0.0
         if math.isfinite(self.grad_norm) and math.isfinite(loss):
@@ -183,6 +183,13 @@ class BatchFingerprints(pl.Callback):
                   "global_step": trainer.global_step, "batches": self.batch_hashes,
                   "parameters": _digest(state)}
         (self.directory / f"rank{trainer.global_rank}.json").write_text(json.dumps(record, indent=1))
+
+
+def _total_norm(grads: list[Tensor]) -> Tensor:
+    """The 2-norm of all gradients together (as clip_grad_norm_ computes it, without clipping)."""
+    if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6: fused per device and dtype
+        return torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
 
 
 def _digest(tensors: list[Tensor]) -> str:
