@@ -61,12 +61,15 @@ def read_checkpoint(checkpoint_path: str | Path, map_location: str | torch.devic
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True, mmap=zipped)
     except pickle.UnpicklingError as error:
-        reason = str(error).strip().splitlines()
-        if any("weights_only" in line for line in reason):
+        text = str(error)
+        if "Unsupported global" in text:  # a class or function the safe loader will not import
             raise CheckpointError(f"{path}: holds Python objects other than tensors, numbers and plain containers, so "
                                   "it was not written by protein_performer.train; refusing to load it (loading it would "
                                   "run code stored in the file)") from None
-        raise CheckpointError(f"{path}: damaged checkpoint ({reason[0] if reason else 'unreadable pickle'})") from None
+        detail = next((line.strip() for line in text.splitlines() if line.strip().startswith("Unsupported")),
+                      "unreadable pickle stream")
+        raise CheckpointError(f"{path}: damaged checkpoint ({detail}); copy it again or use another checkpoint of "
+                              "that run") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(f"{path}: damaged or truncated checkpoint ({first}); copy it again or use another "

@@ -433,6 +433,8 @@ def build_token_store(
                         f"{'/'.join(HDF5_SUFFIXES)}; name it e.g. '{output.stem}.h5', or pass any_suffix=true")
     if output.exists() and not overwrite:
         raise DataError(f"{output}: already exists; pass overwrite=true to replace it")
+    if output.parent.exists() and not output.parent.is_dir():
+        raise DataError(f"{output.parent}: is a file, not a directory; choose another output")
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
