@@ -205,7 +205,8 @@ def main(cfg: DictConfig) -> float:
     line on stderr (see protein_performer.errors).
     """
     return run_command("train", lambda: train(cfg).val_perplexity,
-                       interrupted_note="resume with ckpt_path=<run dir>/checkpoints/last.ckpt")
+                       interrupted_note=f"resume with ckpt_path={cfg.output_dir}/checkpoints/last.ckpt "
+                                        "(if a validation has saved it)")
 
 
 if __name__ == "__main__":

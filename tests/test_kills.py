@@ -16,6 +16,7 @@ from pathlib import Path
 import hydra
 import numpy as np
 import pytest
+import torch
 
 from protein_performer.train import compose_config
 
@@ -145,3 +146,35 @@ def test_killed_train_building_its_cache_leaves_no_process_and_no_temporary(big_
     module = hydra.utils.instantiate(compose_config([f"data.fasta={big_fasta}", f"data.cache_dir={cache}"]).data)
     module.prepare_data()
     assert [p.name for p in cache.iterdir()] == [module.cache_path().name]
+
+
+def test_sigterm_ends_embed_with_one_line_keeping_its_resumable_partial_file(big_fasta, tmp_path):
+    """embed's <output>.partial is not a temporary but its resume point: SIGTERM keeps it, says so, exits 143."""
+    from protein_performer.data import Alphabet
+    from protein_performer.model import PerformerConfig
+    from protein_performer.training.module import ProteinLM
+
+    alphabet = Alphabet()
+    config = PerformerConfig(vocab_size=len(alphabet), pad_idx=alphabet.pad_idx, d_model=32, n_layers=2, n_heads=2,
+                             d_ff=64, attention="favor", nb_features=16)
+    module = ProteinLM(config.to_dict(), alphabet_tokens=alphabet.tokens)
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, tmp_path / "m.ckpt")
+    fasta = tmp_path / "some.fasta"
+    with open(big_fasta, "rb") as source:
+        fasta.write_bytes(source.read(2_000 * (LENGTH + 10)))  # 2,000 proteins: tens of seconds to embed
+    command = ["-m", "protein_performer.embed", f"checkpoint={tmp_path / 'm.ckpt'}", f"input={fasta}",
+               f"output={tmp_path / 'out.h5'}", f"hydra.run.dir={tmp_path / 'run'}", "progress=false"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    process = subprocess.Popen([sys.executable, *command], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    partial = tmp_path / "out.h5.partial"
+    try:
+        wait_until(lambda: partial.exists() or process.poll() is not None, 120, "the partial file")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert "Traceback" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("embed: error: interrupted by SIGTERM") and "out.h5.partial" in last
+    assert partial.exists() and not (tmp_path / "out.h5").exists()
