@@ -704,27 +704,31 @@ def embed_fasta(
     partial = _partial_path(output)
     model.to(settings.device).eval()
     offsets = _offsets(scan.lengths)
-    with _open_partial(partial, scan, attrs, model.config.d_model, settings, dtype) as file:
-        # No progress record: the previous run finished but stopped before renaming.
-        done = file[_DONE][()] if _DONE in file else np.ones(len(scan.ids), dtype=bool)
-        bar = _Progress(len(scan.ids), int(done.sum()), progress)
-        try:
-            for start, chunk in _chunks(paths, alphabet, chunk_size):
-                chunk_done = done[start:start + len(chunk)]
-                if chunk_done.all():
-                    continue
-                for batch in _plan_batches([len(s) for s in chunk], settings):
-                    todo = [i for i in batch if not chunk_done[i]]
-                    if not todo:
+    try:
+        with _open_partial(partial, scan, attrs, model.config.d_model, settings, dtype) as file:
+            # No progress record: the previous run finished but stopped before renaming.
+            done = file[_DONE][()] if _DONE in file else np.ones(len(scan.ids), dtype=bool)
+            bar = _Progress(len(scan.ids), int(done.sum()), progress)
+            try:
+                for start, chunk in _chunks(paths, alphabet, chunk_size):
+                    chunk_done = done[start:start + len(chunk)]
+                    if chunk_done.all():
                         continue
-                    outputs = _forward_batch(model, alphabet, [chunk[i] for i in todo], settings)
-                    _write_batch(file, [start + i for i in todo], outputs, offsets, settings)
-                    bar.update(len(todo), sum(len(chunk[i]) for i in todo))
-        finally:
-            bar.close()
-        if _DONE in file:
-            del file[_DONE]
-    os.replace(partial, output)
+                    for batch in _plan_batches([len(s) for s in chunk], settings):
+                        todo = [i for i in batch if not chunk_done[i]]
+                        if not todo:
+                            continue
+                        outputs = _forward_batch(model, alphabet, [chunk[i] for i in todo], settings)
+                        _write_batch(file, [start + i for i in todo], outputs, offsets, settings)
+                        bar.update(len(todo), sum(len(chunk[i]) for i in todo))
+            finally:
+                bar.close()
+            if _DONE in file:
+                del file[_DONE]
+        os.replace(partial, output)
+    except OSError as error:  # disk full, permissions, a file system gone away: name the file
+        raise EmbedError(f"{partial}: writing the embeddings failed: {describe_os_error(error)}; the proteins "
+                         "done so far are kept: fix the cause and run the same command again") from None
     return output
 
 

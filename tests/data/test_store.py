@@ -184,6 +184,14 @@ def test_output_that_is_an_input_or_not_hdf5_is_refused(sample_fasta, tmp_path):
     assert len(TokenStore(tmp_path / "out.tokens")) == 500
 
 
+def test_unwritable_output_directory_is_one_clear_error(sample_fasta, tmp_path, monkeypatch):
+    # (The suite may run as root, for whom no directory is read-only: the permission answer is faked.)
+    monkeypatch.setattr(store_module.os, "access", lambda path, mode: False)
+    with pytest.raises(DataError, match=rf"{tmp_path}: no permission to write in this directory"):
+        build_token_store(sample_fasta, tmp_path / "out.h5", progress=False)
+    assert leftovers(tmp_path) == []
+
+
 def test_opening_something_else_is_explained(tmp_path):
     with pytest.raises(DataError, match="no such token store"):
         TokenStore(tmp_path / "missing.h5")
