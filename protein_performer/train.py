@@ -21,6 +21,7 @@ import hydra
 import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from lightning_fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 
@@ -113,7 +114,7 @@ def _train(cfg: DictConfig, callbacks: Sequence[pl.Callback]) -> TrainResult:
         trainer.validate(module, datamodule=datamodule, verbose=False)
         if isinstance(checkpointer, ModelCheckpoint) and checkpointer.dirpath is not None:
             last = checkpointer.format_checkpoint_name({}, checkpointer.CHECKPOINT_NAME_LAST)
-            trainer.save_checkpoint(last)
+            trainer.save_checkpoint(last, weights_only=False)  # a full, resumable checkpoint
             checkpointer.last_model_path = last
     val_perplexity = float(trainer.callback_metrics.get("val/perplexity", math.nan))
     metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
@@ -163,7 +164,7 @@ def _instantiate(config: DictConfig, **kwargs: object) -> object:
     try:
         return hydra.utils.instantiate(config, **kwargs)
     except InstantiationException as error:
-        if isinstance(error.__cause__, UserError):
+        if isinstance(error.__cause__, (UserError, MisconfigurationException)):
             raise error.__cause__ from None
         raise
 
@@ -204,7 +205,13 @@ def main(cfg: DictConfig) -> float:
     Expected problems (bad data, config or checkpoint; divergence; SIGTERM) end the command with one
     line on stderr (see protein_performer.errors).
     """
-    return run_command("train", lambda: train(cfg).val_perplexity,
+    def body() -> float:
+        try:
+            return train(cfg).val_perplexity
+        except MisconfigurationException as error:  # a trainer or callback setting Lightning cannot honour
+            raise UserError(f"trainer config: {error}") from None
+
+    return run_command("train", body,
                        interrupted_note=f"resume with ckpt_path={cfg.output_dir}/checkpoints/last.ckpt "
                                         "(if a validation has saved it)")
 
