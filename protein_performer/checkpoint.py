@@ -63,9 +63,9 @@ def read_checkpoint(checkpoint_path: str | Path, map_location: str | torch.devic
     except pickle.UnpicklingError as error:
         text = str(error)
         if "Unsupported global" in text:  # a class or function the safe loader will not import
-            raise CheckpointError(f"{path}: holds Python objects other than tensors, numbers and plain containers, so "
-                                  "it was not written by protein_performer.train; refusing to load it (loading it would "
-                                  "run code stored in the file)") from None
+            raise CheckpointError(f"{path}: holds Python objects other than tensors, numbers and plain containers, "
+                                  "so it was not written by protein_performer.train; refusing to load it (loading "
+                                  "it would run code stored in the file)") from None
         detail = next((line.strip() for line in text.splitlines() if line.strip().startswith("Unsupported")),
                       "unreadable pickle stream")
         raise CheckpointError(f"{path}: damaged checkpoint ({detail}); copy it again or use another checkpoint of "

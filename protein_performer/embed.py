@@ -673,7 +673,8 @@ def embed_fasta(
     paths = expand_inputs(input)
     for path in paths:
         if output.resolve() == path.resolve():
-            raise EmbedError(f"output {output} is also an input; writing it would destroy the FASTA: choose another output")
+            raise EmbedError(f"output {output} is also an input; writing it would destroy the FASTA: "
+                             "choose another output")
     if output.parent.exists() and not output.parent.is_dir():
         raise EmbedError(f"{output.parent}: is a file, not a directory; choose another output")
     try:

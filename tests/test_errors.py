@@ -136,7 +136,8 @@ def test_embed_errors_are_one_line_with_status_2(tmp_path, trained_checkpoint):
              r"nan\.ckpt: \d weight tensor\(s\) hold NaN or infinite values \(first: token_embedding\.weight\)"),
         Case("arbitrary-objects", ["checkpoint=pickled.ckpt", f"input={fasta}", *out],
              r"pickled\.ckpt: holds Python objects .* refusing to load it"),
-        Case("missing-input", [f"checkpoint={trained_checkpoint}", "input=nope.fasta", *out], r"nope\.fasta: no such file"),
+        Case("missing-input", [f"checkpoint={trained_checkpoint}", "input=nope.fasta", *out],
+             r"nope\.fasta: no such file"),
         Case("output-is-input", [f"checkpoint={trained_checkpoint}", f"input={fasta}", f"output={fasta}",
                                  "overwrite=true"], r"proteins\.fasta is also an input"),
     ]
