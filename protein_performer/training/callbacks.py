@@ -12,6 +12,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.strategies import FSDPStrategy
 from torch import Tensor
 
 from protein_performer.errors import UserError
@@ -95,7 +96,8 @@ class DivergenceGuard(pl.Callback):
     before clipping), logs it as train/grad_norm, and raises TrainingDiverged, naming the step, if it
     or the step's loss is NaN or infinite: the update is not applied, so the weights stay those of
     the last good step, and no checkpoint is written on the way out. Under DDP the gradients are
-    already averaged, so every rank sees the same norm and stops at the same step. As a last line,
+    already averaged, so every rank sees the same norm and stops at the same step; under FSDP the
+    shards' norms are summed across ranks first (one small all-reduce per step). As a last line,
     any checkpoint about to be written with a non-finite tensor is refused.
 
     With fp16 mixed precision, the gradient scaler skips steps with inf gradients by design while it
@@ -120,6 +122,8 @@ class DivergenceGuard(pl.Callback):
         if not grads:
             return
         norm = _total_norm(grads)
+        if isinstance(trainer.strategy, FSDPStrategy):  # each rank holds a shard of the gradients
+            norm = trainer.strategy.reduce(norm.square(), reduce_op="sum").sqrt()
         self.grad_norm = float(norm)  # one device sync per step
         loss = float(self._loss) if self._loss is not None and trainer.world_size == 1 else 0.0
         if math.isfinite(self.grad_norm) and math.isfinite(loss):

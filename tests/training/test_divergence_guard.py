@@ -27,7 +27,8 @@ class Logged(nn.Module):
 
 
 def fake_trainer(step: int = 4, scaler: object = None, last: str = "") -> SimpleNamespace:
-    return SimpleNamespace(global_step=step, world_size=1, precision_plugin=SimpleNamespace(scaler=scaler),
+    return SimpleNamespace(global_step=step, world_size=1, strategy=None,
+                           precision_plugin=SimpleNamespace(scaler=scaler),
                            checkpoint_callback=SimpleNamespace(last_model_path=last))
 
 
