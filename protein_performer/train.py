@@ -35,6 +35,8 @@ from protein_performer.training.callbacks import RunSettings
 from protein_performer.training.module import ProteinLM
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+# ckpt_path values Lightning resolves itself (in the new run's own checkpoint directory): not checked here.
+LIGHTNING_CKPT_NAMES = ("last", "best", "hpc")
 
 
 @dataclass
@@ -79,7 +81,7 @@ def _train(cfg: DictConfig, callbacks: Sequence[pl.Callback]) -> TrainResult:
         raise UserError(f"config: {error}") from None
     run_settings = {"model": model_config.to_dict(), "objective": cfg.objective, "seed": cfg.seed,
                     "data": data_sampling_settings(datamodule.hparams)}
-    if cfg.ckpt_path is not None:
+    if cfg.ckpt_path is not None and cfg.ckpt_path not in LIGHTNING_CKPT_NAMES:
         path, checkpoint = read_checkpoint(cfg.ckpt_path)
         differences = check_resume(path, checkpoint, run_settings, strict=cfg.get("resume_check", True))
         check_weights_fit(path, checkpoint, module.state_dict(), differences)
