@@ -20,8 +20,12 @@ The file is columnar, so millions of proteins stay one read away:
 
 Layers are stored under their non-negative index (0 = token embeddings, n_layers = after the final
 LayerNorm); :class:`Embeddings` also accepts negative ones. The file is built as ``<output>.partial``
-and renamed when complete; a run that stops part-way resumes from the partial file and skips the
-proteins it already holds.
+and renamed when complete; a run that stops part-way (error, SIGTERM, Ctrl-C, SIGKILL) keeps the
+partial file on purpose: run the same command again and it resumes, skipping the proteins the partial
+file already holds (a partial file from other settings or input is refused, never mixed in).
+
+Gap characters ('-', '.') are dropped, as in training: per_residue rows follow the ungapped sequence,
+and the command warns when the input holds any. A checkpoint with NaN or infinite weights is refused.
 """
 from __future__ import annotations
 
@@ -46,7 +50,8 @@ from torch import nn
 from tqdm import tqdm
 
 from protein_performer import __version__
-from protein_performer.data import Alphabet, DataError, expand_inputs, read_fasta
+from protein_performer.data import Alphabet, expand_inputs, read_fasta
+from protein_performer.errors import UserError, describe_os_error, run_command
 from protein_performer.runtime import keep_freed_memory
 
 __all__ = [
@@ -73,7 +78,7 @@ STORAGE_DTYPES = ("float32", "float16")
 _DONE = "_done"  # per-protein bool dataset that exists only in the partial file
 
 
-class EmbedError(Exception):
+class EmbedError(UserError):
     """A problem with the inputs or settings: the command line prints it and exits with status 2."""
 
 
@@ -475,6 +480,9 @@ def embed(
     residues = [alphabet.encode(text) for text in texts]
     lengths = [len(tokens) for tokens in residues]
     _check_records(ids, lengths, model, settings, lambda i: f"sequences[{i}]")
+    gapped = [i for i, text in enumerate(texts) if _has_gaps(text)]
+    if gapped:
+        _warn_gaps(len(gapped), len(texts), f"sequences[{gapped[0]}]")
     model.to(settings.device).eval()
 
     results: list[dict[str, dict[int, np.ndarray]] | None] = [None] * len(residues)
@@ -550,6 +558,8 @@ class _Scan:
     files: np.ndarray  # int32 [N], index into paths
     paths: list[Path]
     unknown: int  # characters that became <unk>
+    gapped: int = 0  # records holding gap characters ('-', '.'), which encoding drops
+    first_gapped: int = -1  # index of the first of them
 
     def at(self, i: int) -> str:
         return f"{self.paths[self.files[i]]}:{self.lines[i]} (record {i + 1})"
@@ -564,9 +574,13 @@ class _Scan:
 
 def _scan(paths: list[Path], alphabet: Alphabet) -> _Scan:
     ids, lengths, lines, files = [], [], [], []
-    unknown = 0
+    unknown = gapped = 0
+    first_gapped = -1
     file_index = {path: i for i, path in enumerate(paths)}
     for record in read_fasta(paths):
+        if _has_gaps(record.sequence):
+            gapped += 1
+            first_gapped = len(ids) if first_gapped < 0 else first_gapped
         tokens, n_unknown = alphabet.encode_with_unknown_count(record.sequence)
         ids.append(record.accession)
         lengths.append(len(tokens))
@@ -574,7 +588,21 @@ def _scan(paths: list[Path], alphabet: Alphabet) -> _Scan:
         files.append(file_index[record.path])
         unknown += n_unknown
     return _Scan(ids=ids, lengths=np.asarray(lengths, dtype=np.int64), lines=np.asarray(lines, dtype=np.int64),
-                 files=np.asarray(files, dtype=np.int32), paths=paths, unknown=unknown)
+                 files=np.asarray(files, dtype=np.int32), paths=paths, unknown=unknown, gapped=gapped,
+                 first_gapped=first_gapped)
+
+
+_GAPS = frozenset("-.")
+
+
+def _has_gaps(sequence: str) -> bool:
+    return not _GAPS.isdisjoint(sequence)
+
+
+def _warn_gaps(gapped: int, total: int, first: str) -> None:
+    log.warning("%d of %d proteins hold gap characters ('-' or '.'), first %s; gaps are dropped (as in training), "
+                "so per_residue row i is the i-th residue that is not a gap, and lengths count residues only",
+                gapped, total, first)
 
 
 def _partial_path(output: Path) -> Path:
@@ -641,12 +669,22 @@ def embed_fasta(
         raise EmbedError(f"chunk_size must be a positive number of records, got {chunk_size!r}")
     if output.exists() and not overwrite:
         raise EmbedError(f"output {output} already exists; delete it, choose another output, or set overwrite=true")
-    if not output.parent.is_dir():
-        raise EmbedError(f"output directory {output.parent} does not exist; create it first")
 
     paths = expand_inputs(input)
+    for path in paths:
+        if output.resolve() == path.resolve():
+            raise EmbedError(f"output {output} is also an input; writing it would destroy the FASTA: "
+                             "choose another output")
+    if output.parent.exists() and not output.parent.is_dir():
+        raise EmbedError(f"{output.parent}: is a file, not a directory; choose another output")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise EmbedError(f"cannot create the output directory: {describe_os_error(error)}") from None
     scan = _scan(paths, alphabet)
     _check_records(scan.ids, scan.lengths.tolist(), model, settings, scan.at)
+    if scan.gapped:
+        _warn_gaps(scan.gapped, len(scan.ids), scan.at(scan.first_gapped))
     if scan.unknown:
         log.warning("%d residue characters of %s are not amino-acid codes and are embedded as <unk>",
                     scan.unknown, ", ".join(map(str, paths)))
@@ -667,27 +705,31 @@ def embed_fasta(
     partial = _partial_path(output)
     model.to(settings.device).eval()
     offsets = _offsets(scan.lengths)
-    with _open_partial(partial, scan, attrs, model.config.d_model, settings, dtype) as file:
-        # No progress record: the previous run finished but stopped before renaming.
-        done = file[_DONE][()] if _DONE in file else np.ones(len(scan.ids), dtype=bool)
-        bar = _Progress(len(scan.ids), int(done.sum()), progress)
-        try:
-            for start, chunk in _chunks(paths, alphabet, chunk_size):
-                chunk_done = done[start:start + len(chunk)]
-                if chunk_done.all():
-                    continue
-                for batch in _plan_batches([len(s) for s in chunk], settings):
-                    todo = [i for i in batch if not chunk_done[i]]
-                    if not todo:
+    try:
+        with _open_partial(partial, scan, attrs, model.config.d_model, settings, dtype) as file:
+            # No progress record: the previous run finished but stopped before renaming.
+            done = file[_DONE][()] if _DONE in file else np.ones(len(scan.ids), dtype=bool)
+            bar = _Progress(len(scan.ids), int(done.sum()), progress)
+            try:
+                for start, chunk in _chunks(paths, alphabet, chunk_size):
+                    chunk_done = done[start:start + len(chunk)]
+                    if chunk_done.all():
                         continue
-                    outputs = _forward_batch(model, alphabet, [chunk[i] for i in todo], settings)
-                    _write_batch(file, [start + i for i in todo], outputs, offsets, settings)
-                    bar.update(len(todo), sum(len(chunk[i]) for i in todo))
-        finally:
-            bar.close()
-        if _DONE in file:
-            del file[_DONE]
-    os.replace(partial, output)
+                    for batch in _plan_batches([len(s) for s in chunk], settings):
+                        todo = [i for i in batch if not chunk_done[i]]
+                        if not todo:
+                            continue
+                        outputs = _forward_batch(model, alphabet, [chunk[i] for i in todo], settings)
+                        _write_batch(file, [start + i for i in todo], outputs, offsets, settings)
+                        bar.update(len(todo), sum(len(chunk[i]) for i in todo))
+            finally:
+                bar.close()
+            if _DONE in file:
+                del file[_DONE]
+        os.replace(partial, output)
+    except OSError as error:  # disk full, permissions, a file system gone away: name the file
+        raise EmbedError(f"{partial}: writing the embeddings failed: {describe_os_error(error)}; the proteins "
+                         "done so far are kept: fix the cause and run the same command again") from None
     return output
 
 
@@ -777,7 +819,7 @@ def run(cfg: DictConfig) -> Path:
     def as_list(value: Any) -> list:  # `layers=-1` and `include=mean` mean one-element lists
         return list(value) if isinstance(value, list) else [value]
 
-    model, alphabet = load_model(checkpoint, map_location="cpu")
+    model, alphabet = load_model(checkpoint, map_location="cpu")  # CheckpointError: damaged, non-finite, ...
     return embed_fasta(
         model, alphabet, cfg.input, cfg.output,
         layers=as_list(options["layers"]), include=as_list(options["include"]), max_tokens=options["max_tokens"],
@@ -787,21 +829,25 @@ def run(cfg: DictConfig) -> Path:
 
 
 def run_cli(cfg: DictConfig) -> int:
-    """`run` with the command line's error handling: problems become one line on stderr and status 2."""
+    """`run` with the command line's error style (protein_performer.errors); the exit status.
+
+    Expected problems (input, settings, checkpoint, file system, out of memory) are one line on stderr and
+    status 2; SIGTERM and Ctrl-C one line and 143 or 130. Work already committed to the partial file is
+    kept: running the same command again resumes it.
+    """
+    def body() -> Path:
+        try:
+            return run(cfg)
+        except torch.cuda.OutOfMemoryError:
+            raise EmbedError(f"out of memory with max_tokens={cfg.max_tokens}; lower it (or set window=<residues> "
+                             f"for very long proteins) and run again: the proteins done are kept in "
+                             f"{cfg.output}.partial") from None
+
     try:
-        output = run(cfg)
-    except (EmbedError, DataError) as error:
-        print(f"embed: error: {error}", file=sys.stderr)
-        return 2
-    except (OSError, ValueError, RuntimeError) as error:
-        # Checkpoint, file-system or device problems: one line, no traceback. Work already committed to
-        # the partial file is kept, and running the same command again resumes it.
-        print(f"embed: error: {type(error).__name__}: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"embed: interrupted; run the same command again to resume from {cfg.output}.partial",
-              file=sys.stderr)
-        return 130
+        output = run_command("embed", body, interrupted_note=f"the proteins embedded so far are kept in "
+                             f"{cfg.output}.partial: run the same command again to resume")
+    except SystemExit as exit:
+        return exit.code if isinstance(exit.code, int) else 1
     print(f"embed: wrote {output}", file=sys.stderr)
     return 0
 

@@ -4,11 +4,11 @@
     python -m protein_performer.preprocess input='shards/*.fasta' output=all.h5 ood_regex='OS=Homo sapiens'
 
 Options: conf/preprocess.yaml. Bad input (missing or empty file, binary data, text before the first
-'>', a truncated .gz) stops with one line naming the file and line, exit status 2, and no output file.
+'>', a truncated .gz), an output that is an input or not named .h5, an unwritable directory: one line
+naming the file and line, exit status 2, and no output file. SIGTERM or Ctrl-C: one line, exit status
+143 or 130, no temporary file left; a temporary left by a SIGKILLed run is removed by the next run.
 """
 from __future__ import annotations
-
-import sys
 
 import hydra
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -16,6 +16,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from protein_performer.data.fasta import DataError
 from protein_performer.data.splits import SplitSpec
 from protein_performer.data.store import build_token_store
+from protein_performer.errors import run_command
 
 
 USAGE = "python -m protein_performer.preprocess input=<FASTA file or glob> output=<store.h5> [key=value ...]"
@@ -31,17 +32,13 @@ def preprocess(cfg: DictConfig) -> None:
     summary = build_token_store(inputs, cfg.output, split=split, compression=cfg.compression,
                                 compression_threads=cfg.compression_threads, chunk_records=cfg.chunk_records,
                                 background_reader=cfg.background_reader, overwrite=cfg.overwrite,
-                                progress=cfg.progress)
+                                any_suffix=cfg.any_suffix, progress=cfg.progress)
     print(f"wrote {cfg.output}\n{summary.format()}")
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="preprocess")
 def main(cfg: DictConfig) -> None:
-    try:
-        preprocess(cfg)
-    except DataError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+    run_command("preprocess", lambda: preprocess(cfg), interrupted_note="nothing was written")
 
 
 if __name__ == "__main__":

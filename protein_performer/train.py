@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import sys
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,18 +20,25 @@ from pathlib import Path
 import hydra
 import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from lightning_fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 
+from protein_performer.checkpoint import check_resume, check_weights_fit, data_sampling_settings, read_checkpoint
 from protein_performer.data import Alphabet, ProteinDataModule, TokenStore
+from protein_performer.errors import UserError, run_command
 from protein_performer.model import config_from_hydra
 from protein_performer.runtime import configure_process
 from protein_performer.training.baselines import Baselines, context_free_baselines, token_counts
+from protein_performer.training.callbacks import RunSettings
 from protein_performer.training.module import ProteinLM
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 # compile=true pads batch lengths to multiples of FAVOR+'s causal chunk: no partial chunk, few shapes.
 COMPILE_LENGTH_MULTIPLE = 64
+# ckpt_path values Lightning resolves itself (in the new run's own checkpoint directory): not checked here.
+LIGHTNING_CKPT_NAMES = ("last", "best", "hpc")
 
 
 @dataclass
@@ -64,14 +72,24 @@ def _train(cfg: DictConfig, callbacks: Sequence[pl.Callback]) -> TrainResult:
     configure_process(cfg.trainer.get("accelerator", "auto"), keep_freed=cfg.get("keep_freed_memory", True),
                       float32_matmul_precision=cfg.get("float32_matmul_precision", "high"))
     pl.seed_everything(cfg.seed, workers=True)
-    datamodule: pl.LightningDataModule = hydra.utils.instantiate(cfg.data)
+    datamodule: pl.LightningDataModule = _instantiate(cfg.data)
     alphabet = Alphabet()
-    model_config = config_from_hydra(cfg.model, cfg.attention, vocab_size=len(alphabet), pad_idx=alphabet.pad_idx,
-                                     causal=cfg.objective == "clm")
     compile_model = bool(cfg.get("compile", False))
-    module = ProteinLM(model_config.to_dict(), cfg.objective, seed=cfg.seed, alphabet_tokens=alphabet.tokens,
-                       length_multiple=COMPILE_LENGTH_MULTIPLE if compile_model else 1,
-                       **OmegaConf.to_container(cfg.optim, resolve=True))
+    try:
+        model_config = config_from_hydra(cfg.model, cfg.attention, vocab_size=len(alphabet),
+                                         pad_idx=alphabet.pad_idx, causal=cfg.objective == "clm")
+        module = ProteinLM(model_config.to_dict(), cfg.objective, seed=cfg.seed, alphabet_tokens=alphabet.tokens,
+                           length_multiple=COMPILE_LENGTH_MULTIPLE if compile_model else 1,
+                           **OmegaConf.to_container(cfg.optim, resolve=True))
+    except (ValueError, TypeError) as error:  # a bad model, attention, objective or optim setting
+        raise UserError(f"config: {error}") from None
+    run_settings = {"model": model_config.to_dict(), "objective": cfg.objective, "seed": cfg.seed,
+                    "data": data_sampling_settings(datamodule.hparams)}
+    if cfg.ckpt_path is not None and cfg.ckpt_path not in LIGHTNING_CKPT_NAMES:
+        path, checkpoint = read_checkpoint(cfg.ckpt_path)
+        differences = check_resume(path, checkpoint, run_settings, strict=cfg.get("resume_check", True))
+        check_weights_fit(path, checkpoint, module.state_dict(), differences)
+        del checkpoint
     if compile_model:  # in place: parameter names (and so checkpoints) stay those of the plain model
         module.model.compile(backend=cfg.get("compile_backend", "inductor"))
 
@@ -79,17 +97,23 @@ def _train(cfg: DictConfig, callbacks: Sequence[pl.Callback]) -> TrainResult:
     configured = [hydra.utils.instantiate(c) for c in cfg.callbacks.values() if c is not None]
     if not loggers:  # logger=none: nothing to record learning rates into (Lightning would refuse to run)
         configured = [c for c in configured if not isinstance(c, LearningRateMonitor)]
-    trainer: pl.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=[*configured, *callbacks],
-                                                  logger=loggers or False)
+    trainer: pl.Trainer = _instantiate(cfg.trainer, callbacks=[*configured, RunSettings(run_settings), *callbacks],
+                                       logger=loggers or False)
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    for logger in trainer.loggers:
-        logger.log_hyperparams({"config": resolved, "parameters": module.model.num_parameters()})
+    with warnings.catch_warnings():
+        if not (Path(cfg.output_dir) / "metrics.csv").exists():
+            # The CSV logger writes into the run dir, which Hydra has filled already (.hydra/); with no
+            # metrics.csv there, its warning that previous log files will be deleted is noise.
+            warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
+        for logger in trainer.loggers:
+            logger.log_hyperparams({"config": resolved, "parameters": module.model.num_parameters()})
 
     if trainer.is_global_zero:
         print(f"{model_config.attention} {cfg.objective.upper()} model: {module.model.num_parameters():,} "
               f"parameters, {model_config.n_layers} layers, d_model {model_config.d_model}; "
               f"outputs in {cfg.output_dir}")
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    # weights_only: checked loadable that way above; a checkpoint never runs code.
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
 
     checkpointer = trainer.checkpoint_callback
     if module.last_validated_step != trainer.global_step:
@@ -98,7 +122,7 @@ def _train(cfg: DictConfig, callbacks: Sequence[pl.Callback]) -> TrainResult:
         trainer.validate(module, datamodule=datamodule, verbose=False)
         if isinstance(checkpointer, ModelCheckpoint) and checkpointer.dirpath is not None:
             last = checkpointer.format_checkpoint_name({}, checkpointer.CHECKPOINT_NAME_LAST)
-            trainer.save_checkpoint(last)
+            trainer.save_checkpoint(last, weights_only=False)  # a full, resumable checkpoint
             checkpointer.last_model_path = last
     val_perplexity = float(trainer.callback_metrics.get("val/perplexity", math.nan))
     metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
@@ -116,11 +140,15 @@ def _train(cfg: DictConfig, callbacks: Sequence[pl.Callback]) -> TrainResult:
             metrics.update(baselines.as_metrics("val"))
         evaluations = "  ".join(f"{key} {value:.3f}" for key, value in sorted(metrics.items())
                                 if key.endswith("/perplexity") and key.split("/")[0] not in ("train", "val"))
-        print(f"final validation perplexity: {val_perplexity:.3f}" + (
-            f" on {baselines.targets:,} held-out {'masked residues' if cfg.objective == 'mlm' else 'targets'}; "
-            f"on the same targets the training split's amino-acid frequencies score {baselines.frequency:.3f}, "
-            f"uniform guessing among the 20 amino acids {baselines.uniform:.0f}" if baselines is not None else "")
-            + (f"\n{evaluations}" if evaluations else ""))
+        if "val/perplexity" not in trainer.callback_metrics:
+            print(f"no validation perplexity: {_empty_validation_reason(datamodule)}"
+                  + (f"\n{evaluations}" if evaluations else ""))
+        else:
+            print(f"final validation perplexity: {val_perplexity:.3f}" + (
+                f" on {baselines.targets:,} held-out {'masked residues' if cfg.objective == 'mlm' else 'targets'}; "
+                f"on the same targets the training split's amino-acid frequencies score {baselines.frequency:.3f}, "
+                f"uniform guessing among the 20 amino acids {baselines.uniform:.0f}" if baselines is not None else "")
+                + (f"\n{evaluations}" if evaluations else ""))
         print(f"checkpoint: {last_path}" + (f"  (best by validation perplexity: {best_path})" if best_path else ""))
     return TrainResult(val_perplexity, last_path, best_path, metrics, trainer, module)
 
@@ -137,6 +165,29 @@ def validation_baselines(datamodule: pl.LightningDataModule, alphabet: Alphabet,
         return context_free_baselines(datamodule.dataloader("valid", rank=0, world_size=1), counts, alphabet)
     except ValueError:
         return None
+
+
+def _instantiate(config: DictConfig, **kwargs: object) -> object:
+    """hydra.utils.instantiate, with an expected problem raised by the target (a UserError) raised as itself."""
+    try:
+        return hydra.utils.instantiate(config, **kwargs)
+    except InstantiationException as error:
+        if isinstance(error.__cause__, (UserError, MisconfigurationException)):
+            raise error.__cause__ from None
+        raise
+
+
+def _empty_validation_reason(datamodule: pl.LightningDataModule) -> str:
+    """Why no validation perplexity was measured, for the final printout."""
+    path = getattr(datamodule, "store_path", None)
+    if path is None:
+        return "validation did not run (trainer.limit_val_batches=0?)"
+    with TokenStore(path) as store:
+        records, total = store.split_sizes["valid"], len(store)
+    if records == 0:
+        return (f"the validation split of {path} is empty ({total} records in all); give it records with a larger "
+                "data.valid_fraction or more data")
+    return "validation did not run (trainer.limit_val_batches=0?)"
 
 
 def compose_config(overrides: Sequence[str] = (), output_dir: str | Path | None = None) -> DictConfig:
@@ -157,8 +208,20 @@ def compose_config(overrides: Sequence[str] = (), output_dir: str | Path | None 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float:
-    """Hydra entry point; returns the final validation perplexity (for sweepers that minimise it)."""
-    return train(cfg).val_perplexity
+    """Hydra entry point; returns the final validation perplexity (for sweepers that minimise it).
+
+    Expected problems (bad data, config or checkpoint; divergence; SIGTERM) end the command with one
+    line on stderr (see protein_performer.errors).
+    """
+    def body() -> float:
+        try:
+            return train(cfg).val_perplexity
+        except MisconfigurationException as error:  # a trainer or callback setting Lightning cannot honour
+            raise UserError(f"trainer config: {error}") from None
+
+    return run_command("train", body,
+                       interrupted_note=f"resume with ckpt_path={cfg.output_dir}/checkpoints/last.ckpt "
+                                        "(if a validation has saved it)")
 
 
 if __name__ == "__main__":

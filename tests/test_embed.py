@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import os
 import re
 import subprocess
@@ -379,9 +380,9 @@ def test_entry_point_exits_with_the_error_status(checkpoint, fasta, tmp_path, ca
         (["checkpoint={ckpt}", "input={fasta}", "output={fasta}"], "already exists"),
         (["checkpoint={ckpt}", "input={tmp}/nope.fasta", "output={out}"], "nope.fasta: no such file"),
         (["checkpoint={ckpt}", "input={fasta}", "output={out}", "layers=7"], r"layers \[7\] out of range"),
-        (["checkpoint={ckpt}", "input={fasta}", "output={tmp}/no/dir/out.h5"], "does not exist; create it"),
+        (["checkpoint={ckpt}", "input={fasta}", "output={fasta}/out.h5"], "is a file, not a directory"),
     ],
-    ids=["missing-key", "output-exists", "missing-input", "bad-layer", "missing-dir"],
+    ids=["missing-key", "output-exists", "missing-input", "bad-layer", "output-under-a-file"],
 )
 def test_command_line_errors_are_one_line_with_status_2(checkpoint, fasta, tmp_path, capsys, overrides, message):
     values = {"fasta": fasta, "out": tmp_path / "out.h5", "ckpt": checkpoint, "tmp": tmp_path}
@@ -411,3 +412,19 @@ def test_finished_partial_file_is_renamed_on_the_next_run(alphabet, fasta, tmp_p
     embed_fasta(model, alphabet, fasta, output, progress=False)
     np.testing.assert_array_equal(load_embeddings(output).mean[-1], expected)
     assert not (tmp_path / "out.h5.partial").exists()
+
+
+def test_gaps_are_dropped_with_a_warning(alphabet, tmp_path, caplog):
+    """Aligned input ('-', '.'): per-residue rows follow the ungapped sequence, and the user is told."""
+    path = write_fasta(tmp_path / "aligned.fasta", [("A", "MK-TA..YIAK"), ("B", "MKTAYIAK")])
+    with caplog.at_level(logging.WARNING, logger="protein_performer.embed"):
+        embed_fasta(tiny_model(alphabet), alphabet, path, tmp_path / "out.h5", include=["per_residue"], progress=False)
+    assert "1 of 2 proteins hold gap characters" in caplog.text and "aligned.fasta:1 (record 1)" in caplog.text
+    loaded = load_embeddings(tmp_path / "out.h5")
+    assert loaded.lengths.tolist() == [8, 8]
+    np.testing.assert_allclose(loaded.residues("A"), loaded.residues("B"), atol=1e-5)
+
+
+def test_output_directory_is_created(alphabet, fasta, tmp_path):
+    output = embed_fasta(tiny_model(alphabet), alphabet, fasta, tmp_path / "new" / "dir" / "out.h5", progress=False)
+    assert output.is_file()

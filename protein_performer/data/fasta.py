@@ -23,7 +23,10 @@ import multiprocessing
 import os
 import queue
 import re
+import signal
+import sys
 import threading
+import time
 import traceback
 import zlib
 from collections import deque
@@ -36,6 +39,8 @@ from typing import IO, Any, NamedTuple
 
 import numpy as np
 from Bio.SeqIO.FastaIO import SimpleFastaParser
+
+from protein_performer.errors import UserError
 
 __all__ = [
     "DataError",
@@ -64,7 +69,7 @@ _GLOB_CHARACTERS = re.compile(r"[*?\[]")
 _STREAM_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile)
 
 
-class DataError(Exception):
+class DataError(UserError):
     """Bad input data or configuration. The message names the file (and line) and what to do.
 
     Command-line entry points print it without a traceback and exit with status 2.
@@ -535,8 +540,12 @@ def _decompressed(raw: IO[bytes], path: Path) -> Iterator[bytes]:
         raise _truncated(path, error) from None
 
 
-def _reader_main(paths: list[Path], chunk_records: int, connection: Any) -> None:
+def _reader_main(paths: list[Path], chunk_records: int, connection: Any, parent_end: Any, parent: int) -> None:
     """Child process: parse every file and send its chunks, then ("done",) or ("error", ...)."""
+    _die_with_parent(parent)
+    # The fork duplicated the parent's end of the pipe: closed here, the parent's death breaks the pipe
+    # (a send fails) instead of leaving this process blocked on a pipe it holds open itself.
+    parent_end.close()
     gc.disable()  # the parser makes millions of short-lived tuples; cyclic GC finds nothing in them
     try:
         for path in paths:
@@ -545,10 +554,47 @@ def _reader_main(paths: list[Path], chunk_records: int, connection: Any) -> None
         connection.send(("done",))
     except DataError as error:
         connection.send(("error", error))
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the parent is gone or stopped reading: nothing to report to
     except BaseException:  # anything else is a bug: hand its traceback to the parent
         connection.send(("crash", traceback.format_exc()))
     finally:
         connection.close()
+
+
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+_PARENT_POLL_SECONDS = 0.5
+
+
+def _die_with_parent(parent: int) -> None:
+    """Make this (forked) process end when `parent` does, however it ends (SIGKILL and OOM kills included).
+
+    Signals first: the forked child inherited the parent's Python handlers (which would turn the
+    parent's terminate() into an exception here); SIGTERM gets its default action back and SIGINT
+    (Ctrl-C reaches the whole process group) is left to the parent, which stops this process itself.
+    Then Linux's PR_SET_PDEATHSIG delivers SIGKILL when the parent dies (strictly: when the thread
+    that forked it ends, which is the thread consuming the chunks); a thread polling the parent's pid
+    covers other systems and the moment before prctl took effect.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass  # no prctl: the poll below still ends this process
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(_PARENT_POLL_SECONDS)
+        os._exit(1)
+
+    if os.getppid() != parent:  # the parent died before prctl was set
+        os._exit(1)
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 _CHUNKS_AHEAD = 8  # chunks the background reader may have parsed before the caller takes them
@@ -568,7 +614,7 @@ def read_fasta_chunks_in_background(paths: Sequence[Path], chunk_records: int = 
     # parent's HDF5 or tqdm state, which is what makes forking unsafe elsewhere.
     context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
     receiver, sender = context.Pipe(duplex=False)
-    process = context.Process(target=_reader_main, args=(list(paths), chunk_records, sender),
+    process = context.Process(target=_reader_main, args=(list(paths), chunk_records, sender, receiver, os.getpid()),
                               name="fasta-reader", daemon=True)
     process.start()
     sender.close()
@@ -596,7 +642,10 @@ def read_fasta_chunks_in_background(paths: Sequence[Path], chunk_records: int = 
             process.terminate()  # its end of the pipe closes: a pending recv returns
         drain.join()
         receiver.close()
-        process.join()
+        process.join(timeout=5)
+        if process.is_alive():  # cannot happen with SIGTERM's default action; never hang on it
+            process.kill()
+            process.join()
 
 
 def _receive(receiver: Any, messages: queue.Queue, stop: threading.Event) -> None:

@@ -18,9 +18,13 @@ strings, which are several times slower to write and to read in bulk.
 from __future__ import annotations
 
 import gc
+import glob
 import json
+import logging
 import os
+import re
 import secrets
+import socket
 import time
 import zlib
 from collections import deque
@@ -49,12 +53,17 @@ from protein_performer.data.fasta import (
     read_fasta_chunks_in_background,
 )
 from protein_performer.data.splits import SPLITS, SplitAssigner, SplitSpec, accession_hashes
+from protein_performer.errors import describe_os_error
 
-__all__ = ["TokenStore", "StoreSummary", "build_token_store", "input_identity", "FORMAT_VERSION", "COMPRESSIONS"]
+__all__ = ["TokenStore", "StoreSummary", "build_token_store", "input_identity", "remove_stale_temporaries",
+           "FORMAT_VERSION", "COMPRESSIONS", "HDF5_SUFFIXES"]
+
+log = logging.getLogger(__name__)
 
 FORMAT = "protein_performer.token_store"
 FORMAT_VERSION = 1
 COMPRESSIONS = ("scaleoffset", "gzip", "lzf", "none")
+HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".he5")  # output names accepted without any_suffix=True
 _TOKEN_CHUNK = 1 << 18  # elements per HDF5 chunk: 256 KiB of tokens, a few hundred proteins
 _OFFSET_CHUNK = 1 << 15  # 256 KiB of int64 offsets
 _HISTOGRAM_CAP = 1 << 17  # exact length statistics up to 131,072 residues (UniProt's longest: 74,488)
@@ -380,6 +389,7 @@ def build_token_store(
     chunk_records: int = 2048,
     background_reader: bool = True,
     overwrite: bool = False,
+    any_suffix: bool = False,
     progress: bool = True,
 ) -> StoreSummary:
     """Tokenise FASTA files (a path, a glob or a list; plain or gzip) into an HDF5 token store.
@@ -387,7 +397,8 @@ def build_token_store(
     Streams in constant memory (a few chunks of `chunk_records` records and one HDF5 chunk per
     dataset), so input size is bounded by disk, not RAM. The store is written under a temporary name
     in the output's directory and renamed when complete: an interrupted or failed run leaves nothing
-    at `output`, and two concurrent builds of the same output each produce a complete file.
+    at `output`, and two concurrent builds of the same output each produce a complete file. A
+    temporary left by a killed build (its process gone) is removed first, never reused.
 
     Args:
         split: train/valid/test fractions and the OOD rules (SplitSpec() by default).
@@ -397,7 +408,10 @@ def build_token_store(
             "none". All are lossless and decoded by any HDF5 reader.
         compression_threads: threads deflating residue chunks for "gzip" (0: in the calling thread).
         background_reader: parse FASTA in a child process so parsing and encoding overlap.
-        overwrite: replace an existing `output` (otherwise that is an error).
+        overwrite: replace an existing `output` (otherwise that is an error). An output that is one of
+            the inputs is refused whatever this says.
+        any_suffix: accept an output name without an HDF5 suffix (HDF5_SUFFIXES); by default such a
+            name is refused, since it is most likely a typo for an input.
         progress: a tqdm bar on stderr with MB/s and records/s.
 
     Raises DataError (FastaFormatError for bad FASTA) naming the file and line.
@@ -410,9 +424,24 @@ def build_token_store(
     output = Path(output)
     if output.suffix == "" or output.is_dir():
         raise DataError(f"{output}: give the output file a name such as 'proteins.h5'")
+    for path in paths:
+        if os.path.realpath(output) == os.path.realpath(path) or (output.exists() and os.path.samefile(output, path)):
+            raise DataError(f"{output}: this output is also an input; writing it would destroy the FASTA. "
+                            "Choose another output name, such as 'proteins.h5'")
+    if output.suffix.lower() not in HDF5_SUFFIXES and not any_suffix:
+        raise DataError(f"{output}: a token store is an HDF5 file, but this name does not end in "
+                        f"{'/'.join(HDF5_SUFFIXES)}; name it e.g. '{output.stem}.h5', or pass any_suffix=true")
     if output.exists() and not overwrite:
         raise DataError(f"{output}: already exists; pass overwrite=true to replace it")
-    output.parent.mkdir(parents=True, exist_ok=True)
+    if output.parent.exists() and not output.parent.is_dir():
+        raise DataError(f"{output.parent}: is a file, not a directory; choose another output")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise DataError(f"cannot create the output directory: {describe_os_error(error)}") from None
+    if not os.access(output.parent, os.W_OK):
+        raise DataError(f"{output.parent}: no permission to write in this directory; choose another output")
+    remove_stale_temporaries(output)
     for path in paths:  # fail now on file 40 of 40, not after hours of parsing the first 39
         check_fasta(path)
     assigner = SplitAssigner(split)
@@ -427,13 +456,17 @@ def build_token_store(
     elif compression == "lzf":
         options = {"compression": "lzf"}
 
-    temporary = output.with_name(f"{output.stem}.{os.getpid()}-{secrets.token_hex(4)}{output.suffix}.tmp")
+    temporary = output.with_name(f"{output.stem}.{_HOST}-{os.getpid()}-{secrets.token_hex(4)}{output.suffix}.tmp")
     gc_was_enabled = gc.isenabled()
     gc.disable()  # millions of short-lived parser tuples; cyclic GC would scan them and find nothing
     try:
         with closing(_chunks(paths, chunk_records, background_reader)) as chunks:
             _write_store(temporary, chunks, _ChunkEncoder(alphabet, assigner), summary, options, compression_threads,
                          progress)
+        if summary.records == 0:
+            names = ", ".join(map(str, paths[:3])) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+            raise DataError(f"{names}: no records with a non-empty sequence ({summary.skipped_empty:,} empty records "
+                            "skipped); a FASTA record is a '>' header line followed by its residues")
         summary.seconds = time.perf_counter() - started
         with h5py.File(temporary, "a") as h5:
             h5.attrs.update({
@@ -447,6 +480,9 @@ def build_token_store(
                 **summary.to_attrs(),
             })
         os.replace(temporary, output)
+    except OSError as error:  # disk full, permissions, a file system gone away: name the file
+        temporary.unlink(missing_ok=True)
+        raise DataError(f"{output}: building the token store failed: {describe_os_error(error)}") from None
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
@@ -454,6 +490,47 @@ def build_token_store(
         if gc_was_enabled:
             gc.enable()
     return summary
+
+
+_HOST = socket.gethostname().replace("/", "_")
+
+
+def remove_stale_temporaries(output: PathInput) -> list[Path]:
+    """Delete the temporaries of `output` that builds killed on this host left behind; return them.
+
+    A temporary is <stem>.<host>-<pid>-<token><suffix>.tmp. It is stale when <host> is this machine
+    and process <pid> no longer runs (SIGKILL and the OOM killer leave no chance to clean up). A
+    temporary of a running build, or of another host sharing the file system, is left alone.
+    """
+    output = Path(output)
+    pattern = re.compile(rf"{re.escape(output.stem)}\.(?:(?P<host>.+)-)?(?P<pid>\d+)-[0-9a-f]{{8}}"
+                         rf"{re.escape(output.suffix)}\.tmp")
+    removed = []
+    for candidate in output.parent.glob(f"{glob.escape(output.stem)}.*{glob.escape(output.suffix)}.tmp"):
+        match = pattern.fullmatch(candidate.name)
+        if match is None or match["host"] not in (None, _HOST) or _running(int(match["pid"])):
+            continue
+        candidate.unlink(missing_ok=True)
+        removed.append(candidate)
+        log.warning("removed %s, left by a build that was killed (process %s is gone)", candidate, match["pid"])
+    return removed
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` runs on this host (a zombie, dead but not yet reaped, does not)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True
 
 
 def _chunks(paths: list[Path], chunk_records: int, background: bool) -> Iterator[FastaChunk]:
@@ -496,9 +573,6 @@ def _write_store(path: Path, chunks: Iterable[FastaChunk], encode: _ChunkEncoder
             summary.records = sum(summary.split_records.values())
             summary.residues = sum(summary.split_residues.values())
             statistics.fill(summary)
-            if summary.records == 0:
-                raise DataError(f"no records with a non-empty sequence in {summary.input_files} input file(s) "
-                                f"({summary.skipped_empty:,} empty records skipped)")
     finally:
         if executor is not None:
             executor.shutdown(cancel_futures=True)

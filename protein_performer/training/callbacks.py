@@ -1,8 +1,10 @@
-"""Lightning callbacks: FAVOR+ feature redraws, throughput in tokens/s, and per-rank batch fingerprints."""
+"""Lightning callbacks: FAVOR+ feature redraws, throughput in tokens/s, the divergence guard (with the
+gradient norm), the run settings saved for resume checks, and per-rank batch fingerprints."""
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from collections import deque
 from pathlib import Path
@@ -10,7 +12,10 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.strategies import FSDPStrategy
 from torch import Tensor
+
+from protein_performer.errors import UserError
 
 
 class FeatureRedraw(pl.Callback):
@@ -90,6 +95,85 @@ class Throughput(pl.Callback):
         self._marks.clear()  # a window never spans a validation
 
 
+class TrainingDiverged(UserError):
+    """The loss or the gradients stopped being finite; the message names the step."""
+
+
+class DivergenceGuard(pl.Callback):
+    """Stop training at the first non-finite loss or gradient; never let non-finite weights be saved.
+
+    Before every optimizer step it computes the gradient norm (one fused norm over all gradients,
+    before clipping), logs it as train/grad_norm, and raises TrainingDiverged, naming the step, if it
+    or the step's loss is NaN or infinite: the update is not applied, so the weights stay those of
+    the last good step, and no checkpoint is written on the way out. Under DDP the gradients are
+    already averaged, so every rank sees the same norm and stops at the same step; under FSDP the
+    shards' norms are summed across ranks first (one small all-reduce per step). As a last line,
+    any checkpoint about to be written with a non-finite tensor is refused.
+
+    With fp16 mixed precision, the gradient scaler skips steps with inf gradients by design while it
+    lowers its scale: `max_skipped_steps` consecutive non-finite steps are tolerated there (and only
+    there) before the run is declared diverged.
+    """
+
+    def __init__(self, max_skipped_steps: int = 20) -> None:
+        if max_skipped_steps < 0:
+            raise ValueError(f"DivergenceGuard max_skipped_steps must be >= 0, got {max_skipped_steps}")
+        self.max_skipped_steps = max_skipped_steps
+        self.grad_norm: float | None = None  # the latest value
+        self._loss: Tensor | None = None
+        self._skipped = 0
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        self._loss = loss.detach()
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                                 optimizer: torch.optim.Optimizer) -> None:
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not grads:
+            return
+        norm = _total_norm(grads)
+        if isinstance(trainer.strategy, FSDPStrategy):  # each rank holds a shard of the gradients
+            norm = trainer.strategy.reduce(norm.square(), reduce_op="sum").sqrt()
+        self.grad_norm = float(norm)  # one device sync per step
+        loss = float(self._loss) if self._loss is not None and trainer.world_size == 1 else 0.0
+        if math.isfinite(self.grad_norm) and math.isfinite(loss):
+            self._skipped = 0
+            pl_module.log("train/grad_norm", norm, batch_size=1)
+            return
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        self._skipped += 1
+        if scaler is not None and self._skipped <= self.max_skipped_steps:
+            return  # the scaler skips this step and lowers its scale
+        step = trainer.global_step + 1  # the optimizer step being taken (global_step counts finished ones)
+        what = f"loss {float(self._loss):.4g}, " if self._loss is not None else ""
+        last = getattr(trainer.checkpoint_callback, "last_model_path", "") or ""
+        saved = (f"the last checkpoint ({last}) holds the weights of an earlier, finite step" if last
+                 else "no checkpoint had been saved yet")
+        raise TrainingDiverged(f"training diverged at step {step}: {what}gradient norm {self.grad_norm:.4g}; stopped "
+                               f"before applying this step ({saved}). Lower optim.lr, raise optim.warmup_steps or "
+                               "clip gradients (trainer.gradient_clip_val)")
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        bad = [name for name, tensor in checkpoint.get("state_dict", {}).items()
+               if torch.is_tensor(tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+        if bad:
+            raise TrainingDiverged(f"step {trainer.global_step}: refusing to save a checkpoint with non-finite weights "
+                                   f"({len(bad)} tensor(s), first: {bad[0]}); the checkpoints on disk are unchanged")
+
+
+class RunSettings(pl.Callback):
+    """Save what makes a run this run (model config, objective, seed, data sampling) in every checkpoint,
+    as checkpoint["run_settings"], so that a resume can be checked against it (see checkpoint.check_resume)."""
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        self.settings = settings
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        checkpoint["run_settings"] = self.settings
+
+
 class BatchFingerprints(pl.Callback):
     """Write what each rank trained on, to check data sharding and replica agreement (used by tests).
 
@@ -113,6 +197,13 @@ class BatchFingerprints(pl.Callback):
                   "global_step": trainer.global_step, "batches": self.batch_hashes,
                   "parameters": _digest(state)}
         (self.directory / f"rank{trainer.global_rank}.json").write_text(json.dumps(record, indent=1))
+
+
+def _total_norm(grads: list[Tensor]) -> Tensor:
+    """The 2-norm of all gradients together (as clip_grad_norm_ computes it, without clipping)."""
+    if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6: fused per device and dtype
+        return torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
 
 
 def _digest(tensors: list[Tensor]) -> str:

@@ -45,7 +45,7 @@ def test_bad_input_exits_2_with_one_line_and_no_output(case, sample_fasta, tmp_p
     result = preprocess(tmp_path, f"input={case}.fasta", "output=out.h5")
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
-    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("preprocess: error: ")]
     assert len(error_lines) == 1
     assert re.search(message, error_lines[0]), error_lines[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([f"{case}.fasta", "run"])  # no output, no temporary file
@@ -54,4 +54,4 @@ def test_bad_input_exits_2_with_one_line_and_no_output(case, sample_fasta, tmp_p
 def test_missing_arguments_are_explained_without_a_traceback(tmp_path):
     result = preprocess(tmp_path, "input=proteins.fasta")
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "error: output must be given: python -m protein_performer.preprocess input=" in result.stderr
+    assert "preprocess: error: output must be given: python -m protein_performer.preprocess input=" in result.stderr

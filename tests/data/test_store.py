@@ -1,7 +1,10 @@
 """The token store: what goes in comes out, the summary is right, and failures leave nothing behind."""
 from __future__ import annotations
 
+import os
 import pickle
+import subprocess
+import sys
 
 import h5py
 import numpy as np
@@ -9,6 +12,7 @@ import pytest
 
 from protein_performer.data import DataError, FastaFormatError, SplitSpec, TokenStore, build_token_store
 from protein_performer.data.splits import SPLITS, SplitAssigner, accession_hash
+from protein_performer.data import store as store_module
 from protein_performer.data.store import _ChunkEncoder
 
 
@@ -149,6 +153,43 @@ def test_an_existing_output_is_replaced_only_when_asked(sample_fasta, tmp_path):
     assert output.read_bytes() == b"precious"
     build_token_store(sample_fasta, output, overwrite=True, progress=False)
     assert len(TokenStore(output)) == 500 and leftovers(tmp_path) == ["out.h5"]
+
+
+def test_stale_temporaries_of_killed_builds_are_removed_never_reused(sample_fasta, tmp_path):
+    """A SIGKILLed build leaves <stem>.<host>-<pid>-<token>.h5.tmp; the next build removes it if <pid> is gone."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)  # has exited: nothing runs under this pid (unless reused within the test)
+    host = store_module._HOST
+    stale = tmp_path / f"out.{host}-{dead_pid}-0123abcd.h5.tmp"
+    old_style = tmp_path / f"out.{dead_pid}-89abcdef.h5.tmp"  # before host names were part of the name
+    running = tmp_path / f"out.{host}-{os.getpid()}-00000000.h5.tmp"  # a build still in progress
+    elsewhere = tmp_path / f"out.another-host-{dead_pid}-11111111.h5.tmp"  # another machine's, on a shared disk
+    unrelated = tmp_path / f"other.{host}-{dead_pid}-22222222.h5.tmp"
+    for path in (stale, old_style, running, elsewhere, unrelated):
+        path.write_bytes(b"half a store")
+    build_token_store(sample_fasta, tmp_path / "out.h5", progress=False)
+    assert leftovers(tmp_path) == sorted([p.name for p in (running, elsewhere, unrelated)] + ["out.h5"])
+    assert len(TokenStore(tmp_path / "out.h5")) == 500
+
+
+def test_output_that_is_an_input_or_not_hdf5_is_refused(sample_fasta, tmp_path):
+    fasta = tmp_path / "proteins.fasta"
+    fasta.write_bytes(sample_fasta.read_bytes())
+    with pytest.raises(DataError, match="proteins.fasta: this output is also an input"):
+        build_token_store(fasta, fasta, overwrite=True, any_suffix=True, progress=False)
+    assert fasta.read_bytes() == sample_fasta.read_bytes()
+    with pytest.raises(DataError, match=r"out\.fa: a token store is an HDF5 file.*any_suffix=true"):
+        build_token_store(fasta, tmp_path / "out.fa", progress=False)
+    build_token_store(fasta, tmp_path / "out.tokens", any_suffix=True, progress=False)
+    assert len(TokenStore(tmp_path / "out.tokens")) == 500
+
+
+def test_unwritable_output_directory_is_one_clear_error(sample_fasta, tmp_path, monkeypatch):
+    # (The suite may run as root, for whom no directory is read-only: the permission answer is faked.)
+    monkeypatch.setattr(store_module.os, "access", lambda path, mode: False)
+    with pytest.raises(DataError, match=rf"{tmp_path}: no permission to write in this directory"):
+        build_token_store(sample_fasta, tmp_path / "out.h5", progress=False)
+    assert leftovers(tmp_path) == []
 
 
 def test_opening_something_else_is_explained(tmp_path):

@@ -113,9 +113,13 @@ def test_run_logs_curves_throughput_and_evaluations(straight):
     elapsed = [float(row["val/elapsed_seconds"]) for row in validations]
     assert 0 < elapsed[0] < elapsed[1]
     assert all(float(row["train/tokens_per_sec"]) > 0 for row in rows if row.get("train/tokens_per_sec"))
+    norms = [float(row["train/grad_norm"]) for row in rows if row.get("train/grad_norm")]
+    assert len(norms) == STEPS and all(0 < norm < float("inf") for norm in norms)  # every step, before clipping
     for split in ("test", "ood"):
         assert 1 < straight.metrics[f"{split}/perplexity"] < 31
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [f"best-step{STEPS:06d}.ckpt", "last.ckpt"]
+    saved = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["run_settings"]  # for resume checks
+    assert saved["model"]["attention"] == "favor" and saved["objective"] == "mlm" and saved["data"]["max_length"] == 64
 
 
 @pytest.mark.parametrize("objective", ["mlm", "clm"])
