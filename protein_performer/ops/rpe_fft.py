@@ -77,9 +77,9 @@ from torch import Tensor
 from protein_performer.ops._checks import check_key_padding_mask, check_projection, check_self_attention, compute_dtype
 from protein_performer.ops.favor import _decay, _masked, _running_key_offset, _softmax_logits, softmax_kernel_features
 from protein_performer.ops.rpe_window import (
-    DEFAULT_BLOCK_SIZE,
     WindowedBias,
     check_windowed_bias,
+    default_block_size,
     expand_windowed_bias,
     windowed_product,
     windowed_weights,
@@ -417,7 +417,7 @@ def favor_rpe_attention(
     causal: bool = False,
     key_padding_mask: Tensor | None = None,
     toeplitz: Toeplitz = "auto",
-    block_size: int = DEFAULT_BLOCK_SIZE,
+    block_size: int | None = None,
 ) -> Tensor:
     """FAVOR+ attention with relative positional encoding (module docstring).
 
@@ -437,8 +437,8 @@ def favor_rpe_attention(
         toeplitz: full bias only: "fft" (O(L log L m D), the paper's algorithm), "dense" (O(L^2 (m + D))
             by blocks) or "auto" (bidirectional: the cheaper one by the CPU cost model; causal: always
             dense). All agree in exact arithmetic; only dense is causal in floating point.
-        block_size: windowed bias only: queries per block of the band product (the result does not
-            depend on it).
+        block_size: windowed bias only: queries per block of the band product; None = the window
+            w clamped to [16, 128]. The result does not depend on it.
 
     Returns:
         [batch, heads, length, v's head_dim] in v's dtype (features in float32, or float64 for
@@ -454,8 +454,8 @@ def favor_rpe_attention(
             f"favor_rpe_attention: toeplitz={toeplitz!r} applies to a full [heads, 2L - 1] bias; a WindowedBias "
             "has one algorithm (leave toeplitz='auto')."
         )
-    if not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"favor_rpe_attention: block_size must be a positive integer, got {block_size!r}.")
+    if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
+        raise ValueError(f"favor_rpe_attention: block_size must be a positive integer or None, got {block_size!r}.")
     B, H, L, D = v.shape
     with torch.autocast(device_type=q.device.type, enabled=False):
         use_fft = not windowed and (
@@ -474,7 +474,8 @@ def favor_rpe_attention(
         offset = None if key_offset is None else key_offset.reshape(B * H, L)
         if windowed:
             c = windowed_weights(rpe_bias, causal, dtype)
-            product = windowed_product(*args, c, offset, causal, block_size)
+            block = default_block_size(rpe_bias.window) if block_size is None else block_size
+            product = windowed_product(*args, c, offset, causal, block)
         elif use_fft:
             product = _ToeplitzFFT.apply(*args, _relative_weights(rpe_bias, causal, _FFT_DTYPE))
         else:

@@ -44,13 +44,19 @@ import torch
 from torch import Tensor
 
 from protein_performer.ops._checks import compute_dtype
-from protein_performer.ops.favor import _safe_divide, _softmax_logits, softmax_kernel_features
+from protein_performer.ops.favor import _decayed_scan, _safe_divide, _softmax_logits, softmax_kernel_features
 
 __all__ = ["WindowedBias", "WindowedState", "expand_windowed_bias", "favor_rpe_causal_step"]
 
-#: Default query block of the band product (T): 64 gives efficient [T, m] x [m, T] products on a CPU
-#: and with w = 128 covers the band with 5 key blocks (2w + T = 320 keys per query for 255 offsets).
-DEFAULT_BLOCK_SIZE = 64
+#: Largest default query block of the band product (T = w up to this): T = w covers the band with 3 key
+#: blocks (3w keys per query for 2w - 1 offsets). At w = 128 (m = 256, D = 64) it beat T = 64 (5 blocks
+#: of 64, 320 keys) by 1.3-1.5x on this project's 2-core CPU: larger products, fewer passes.
+MAX_DEFAULT_BLOCK_SIZE = 128
+
+
+def default_block_size(window: int) -> int:
+    """T = w, clamped to [16, MAX_DEFAULT_BLOCK_SIZE]."""
+    return min(max(window, 16), MAX_DEFAULT_BLOCK_SIZE)
 #: Upper bound on the elements of one [query blocks x rows, T, T] score tensor.
 _CHUNK_ELEMENTS = 1 << 23
 
@@ -148,7 +154,9 @@ def _to_blocks(x: Tensor, block: int, before: int, after: int, fill_tail: bool =
     ``fill_tail`` repeats the last position into the tail of the last block instead of zeros."""
     rows, length, features = x.shape
     n = -(-length // block)
-    out = x.new_zeros(before + n + after, rows, block, features)
+    out = x.new_empty(before + n + after, rows, block, features)
+    out[:before].zero_()
+    out[before + n :].zero_()
     tail = n * block - length
     if tail:
         pad = x[:, -1:].expand(rows, tail, features) if fill_tail else x.new_zeros(rows, tail, features)
@@ -216,26 +224,28 @@ class _WindowedProduct(torch.autograd.Function):
         wb = _to_blocks(w, block, plan.r, plan.after)  # (r + n + after, R, T, E)
         offsets = None if key_offset is None else _block_offsets(key_offset, plan)
         weights = torch.cat([c, c.new_zeros(c.shape[0], 1)], dim=1)[:, _weight_index(plan, c.device)]
-        out = _far_forward(qb, kb, wb, c, offsets, plan)  # (n, R, T, E)
-        _band_forward(qb, kb, wb, weights, offsets, plan, out)
-        ctx.save_for_backward(qb, kb, wb, c, *(offsets or ()))
+        out, far_states = _far_forward(qb, kb, wb, c, offsets, plan)  # (n, R, T, E)
+        scores = _band_forward(qb, kb, wb, weights, offsets, plan, out)  # (shifts, n, R, T, T)
+        ctx.save_for_backward(qb, kb, wb, c, scores, *(offsets or ()), *far_states)
         ctx.plan = plan
         return _from_blocks(out, length)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        qb, kb, wb, c, *offsets = ctx.saved_tensors
+        qb, kb, wb, c, scores, *rest = ctx.saved_tensors
         plan: _Plan = ctx.plan
-        offsets = tuple(offsets) or None
+        offsets = tuple(rest[:3]) if plan.causal else None
+        far_states = tuple(rest[3:] if plan.causal else rest)
         heads = c.shape[0]
         grad = _to_blocks(grad_out.contiguous(), plan.block, 0, 0)  # (n, R, T, E)
         grad_qb, grad_kb, grad_wb = torch.zeros_like(qb), torch.zeros_like(kb), torch.zeros_like(wb)
         index = _weight_index(plan, c.device)
         weights = torch.cat([c, c.new_zeros(heads, 1)], dim=1)[:, index]
-        grad_weights = _band_backward(qb, kb, wb, weights, offsets, plan, grad, grad_qb, grad_kb, grad_wb)
+        grad_weights = _band_backward(qb, kb, wb, scores, weights, offsets, plan, grad, grad_qb, grad_kb, grad_wb)
+        del scores
         grad_c = c.new_zeros(heads, c.shape[1] + 1).index_add_(1, index.flatten(), grad_weights.view(heads, -1))
         grad_c = grad_c[:, :-1].contiguous()
-        _far_backward(qb, kb, wb, c, offsets, plan, grad, grad_qb, grad_kb, grad_wb, grad_c)
+        _far_backward(qb, kb, wb, c, offsets, far_states, plan, grad, grad_qb, grad_kb, grad_wb, grad_c)
         length, r = plan.length, plan.r
         return (_from_blocks(grad_qb, length), _from_blocks(grad_kb[r : r + plan.n], length),
                 _from_blocks(grad_wb[r : r + plan.n], length), grad_c, None, None, None)
@@ -249,26 +259,33 @@ def _block_offsets(key_offset: Tensor, plan: _Plan) -> tuple[Tensor, Tensor, Ten
     return query, keys, query[:, :, -1].contiguous()
 
 
-def _band_forward(qb, kb, wb, weights, offsets, plan: _Plan, out: Tensor) -> None:
-    """out[block] += sum over shifts of (phi_q phi_k^T * C [* E]) w, chunk by chunk."""
+def _band_forward(qb, kb, wb, weights, offsets, plan: _Plan, out: Tensor) -> Tensor:
+    """out[block] += sum over shifts of (S * C [* E]) w with S = phi_q phi_k^T, chunk by chunk.
+
+    Returns the scores S, [shifts, n, R, T, T]: O(L (2w + T)) numbers, kept for the backward pass
+    (recomputing them would cost a third of its multiply-adds)."""
     rows, block, features = qb.shape[1:]
     heads = weights.shape[0]
     columns = wb.shape[-1]
     r = plan.r
+    saved = qb.new_empty(len(plan.shifts), plan.n, rows, block, block)
     for start, stop in _query_chunks(plan, rows):
         q = qb[start:stop].view(-1, block, features)
         target = out[start:stop].view(-1, block, columns)
         for s_index, shift in enumerate(plan.shifts):
             k = kb[start + shift + r : stop + shift + r].view(-1, block, features)
-            scores = torch.bmm(q, k.transpose(1, 2))  # (blocks R, T, T)
-            _per_head(scores.view(stop - start, rows, block, block), heads).mul_(weights[:, s_index])
+            scores = saved[s_index, start:stop]  # (blocks, R, T, T)
+            torch.bmm(q, k.transpose(1, 2), out=scores.view(-1, block, block))
+            weighted = (_per_head(scores, heads) * weights[:, s_index]).view_as(scores)
             decay = _band_decay(offsets, start, stop, shift, r)
             if decay is not None:
-                scores.view_as(decay).mul_(decay)
-            target.baddbmm_(scores, wb[start + shift + r : stop + shift + r].view(-1, block, columns))
+                weighted.mul_(decay)
+            target.baddbmm_(weighted.view(-1, block, block),
+                            wb[start + shift + r : stop + shift + r].view(-1, block, columns))
+    return saved
 
 
-def _band_backward(qb, kb, wb, weights, offsets, plan: _Plan, grad, grad_qb, grad_kb, grad_wb) -> Tensor:
+def _band_backward(qb, kb, wb, saved, weights, offsets, plan: _Plan, grad, grad_qb, grad_kb, grad_wb) -> Tensor:
     """Accumulates the band's gradients into grad_qb, grad_kb, grad_wb; returns d/d weights [H, S, T, T]."""
     rows, block, features = qb.shape[1:]
     heads = weights.shape[0]
@@ -282,19 +299,20 @@ def _band_backward(qb, kb, wb, weights, offsets, plan: _Plan, grad, grad_qb, gra
             keys = slice(start + shift + r, stop + shift + r)
             k = kb[keys].view(-1, block, features)
             w = wb[keys].view(-1, block, columns)
-            scores = torch.bmm(q, k.transpose(1, 2))  # S, (blocks R, T, T)
+            scores = saved[s_index, start:stop]  # S, (blocks, R, T, T)
             decay = _band_decay(offsets, start, stop, shift, r)
             # weights W = S C E: d/dC sums dW S E over the batch and blocks, d/dS = dW C E
-            grad_scores = torch.bmm(g, w.transpose(1, 2))  # dW
+            grad_scores = torch.bmm(g, w.transpose(1, 2)).view_as(scores)  # dW
             if decay is not None:
-                grad_scores.view_as(decay).mul_(decay)  # dW E
-            grad_weights[:, s_index] += _per_head(
-                (grad_scores * scores).view(stop - start, rows, block, block), heads).sum(dim=(0, 1))
+                grad_scores.mul_(decay)  # dW E
+            grad_weights[:, s_index] += _per_head(grad_scores * scores, heads).sum(dim=(0, 1))
+            weighted = (_per_head(scores, heads) * weights[:, s_index]).view_as(scores)
             if decay is not None:
-                scores.view_as(decay).mul_(decay)
-            _per_head(scores.view(stop - start, rows, block, block), heads).mul_(weights[:, s_index])  # W
-            grad_wb[keys].view(-1, block, columns).baddbmm_(scores.transpose(1, 2), g)
-            _per_head(grad_scores.view(stop - start, rows, block, block), heads).mul_(weights[:, s_index])
+                weighted.mul_(decay)
+            grad_wb[keys].view(-1, block, columns).baddbmm_(weighted.view(-1, block, block).transpose(1, 2), g)
+            del weighted
+            _per_head(grad_scores, heads).mul_(weights[:, s_index])
+            grad_scores = grad_scores.view(-1, block, block)
             grad_qb[start:stop].view(-1, block, features).baddbmm_(grad_scores, k)
             grad_kb[keys].view(-1, block, features).baddbmm_(grad_scores.transpose(1, 2), q)
     return grad_weights
@@ -335,20 +353,34 @@ def _head_inner(a: Tensor, b: Tensor, heads: int, rows_dim: int = 0) -> Tensor:
     return per_row.view(-1, heads).sum(dim=0)
 
 
-def _bidirectional_far_states(x: Tensor, c: Tensor, lag: int) -> Tensor:
-    """G_b = c_before sum_(c <= b - lag) x_c + c_after sum_(c >= b + lag) x_c, [n, R, m, E]: the state
-    query block b reads for the keys far before and far after it (running sums, in place)."""
+def _scan(x: Tensor, *, reverse: bool = False) -> Tensor:
+    """Exclusive sums over the blocks of x [n, R, m, E]: out_c = sum_(c' < c) x_c' (``reverse``: c' > c).
+
+    One batched [G, G] product per group of blocks (favor's two-level scan, every row at once):
+    torch's cumsum over a leading dim and a loop of per-block adds are both far slower on a CPU."""
+    return _decayed_scan(x.view(1, x.shape[0], -1), None, None, reverse=reverse).view_as(x)
+
+
+def _rows_scan(x: Tensor, source: Tensor, target: Tensor, *, reverse: bool = False) -> Tensor:
+    """:func:`~protein_performer.ops.favor._decayed_scan` of x [n, R, m, E] with per-row decays
+    (source, target [n, R]): out_c = sum_(c' < c) x_c' exp(source_c' - target_c) (``reverse``: c' > c)."""
+    n, rows = x.shape[:2]
+    out = _decayed_scan(x.transpose(0, 1).contiguous().view(rows, n, -1), source.T.contiguous(), target.T.contiguous(),
+                        reverse=reverse)
+    return out.view(rows, n, *x.shape[2:]).transpose(0, 1).contiguous()
+
+
+def _bidirectional_far_states(x: Tensor, c: Tensor, lag: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(G, prefix, suffix) for the query blocks, each [n, R, m, E]: prefix_b = sum_(c <= b - lag) x_c
+    (zero for b < lag), suffix_b = sum_(c >= b + lag) x_c (zero for b >= n - lag), and the state that
+    query block b reads, G_b = c_before prefix_b + c_after suffix_b."""
     n = x.shape[0]
-    state = torch.zeros_like(x)
-    running = torch.zeros_like(x[0])
-    for b in range(lag, n):
-        running += x[b - lag]
-        _head_scaled(running, c[:, 0], out=state[b])
-    running.zero_()
-    for b in range(n - lag - 1, -1, -1):
-        running += x[b + lag]
-        state[b] += _head_scaled(running, c[:, -1])
-    return state
+    prefix, suffix = torch.zeros_like(x), torch.zeros_like(x)
+    prefix[lag:] = _scan(x)[1 : n - lag + 1]
+    suffix[: n - lag] = _scan(x, reverse=True)[lag - 1 : n - 1]
+    state = _head_scaled(prefix.transpose(0, 1), c[:, 0]).transpose(0, 1)
+    state += _head_scaled(suffix.transpose(0, 1), c[:, -1]).transpose(0, 1)
+    return state, prefix, suffix
 
 
 def _causal_far_states(x: Tensor, end: Tensor, lag: int) -> Tensor:
@@ -356,35 +388,35 @@ def _causal_far_states(x: Tensor, end: Tensor, lag: int) -> Tensor:
     [n - lag, R, m, E]: the keys of the blocks far before b, relative to the end offset of the last
     of them (every factor <= 1; nothing after block b - lag is read)."""
     n = x.shape[0]
-    state = torch.empty_like(x[lag:])
-    state[0] = x[0]
-    for c in range(1, n - lag):
-        torch.addcmul(x[c], state[c - 1], (end[c - 1] - end[c]).exp()[:, None, None], out=state[c])
-    return state
+    previous_end = torch.cat([end[:1], end[:-1]])  # e_(p - 1); p = 0 holds nothing
+    return _rows_scan(x, end, previous_end)[1 : n - lag + 1]
 
 
-def _far_forward(qb, kb, wb, c, offsets, plan: _Plan) -> Tensor:
-    """Far terms for every query block, [n, R, T, E] (zeros when no key is far)."""
+def _far_forward(qb, kb, wb, c, offsets, plan: _Plan) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """Far terms for every query block, [n, R, T, E] (zeros when no key is far), and the states the
+    backward pass reads: (prefix, suffix) bidirectional, (P,) causal, () when no key is far."""
     n, lag = plan.n, plan.lag
     rows, block, features = qb.shape[1:]
     columns = wb.shape[-1]
     out = qb.new_zeros(n, rows, block, columns)
     if n <= lag:
-        return out
+        return out, ()
     x = _far_sums(kb, wb, offsets, plan)
     if offsets is None:
-        state = _bidirectional_far_states(x, c, lag)
+        state, prefix, suffix = _bidirectional_far_states(x, c, lag)
+        del x
         torch.bmm(qb.view(-1, block, features), state.view(-1, features, columns), out=out.view(-1, block, columns))
-        return out
+        return out, (prefix, suffix)
     query_offset, _, end = offsets
     state = _causal_far_states(x, end, lag)
     read = _head_scaled(torch.exp(end[: n - lag, :, None] - query_offset[lag:]).transpose(0, 1), c[:, 0])
     far = torch.bmm(qb[lag:].reshape(-1, block, features), state.view(-1, features, columns))
     out[lag:] = far.view(n - lag, rows, block, columns).mul_(read.transpose(0, 1)[..., None])
-    return out
+    return out, (state,)
 
 
-def _far_backward(qb, kb, wb, c, offsets, plan: _Plan, grad, grad_qb, grad_kb, grad_wb, grad_c) -> None:
+def _far_backward(qb, kb, wb, c, offsets, far_states, plan: _Plan, grad, grad_qb, grad_kb, grad_wb,
+                  grad_c) -> None:
     """Accumulates the far terms' gradients into grad_qb, grad_kb, grad_wb and grad_c (entries 0, -1)."""
     n, lag, r = plan.n, plan.lag, plan.r
     if n <= lag:
@@ -392,46 +424,43 @@ def _far_backward(qb, kb, wb, c, offsets, plan: _Plan, grad, grad_qb, grad_kb, g
     rows, block, features = qb.shape[1:]
     columns = wb.shape[-1]
     heads = c.shape[0]
-    x = _far_sums(kb, wb, offsets, plan)
-    grad_x = torch.zeros_like(x)
     if offsets is None:
-        state = _bidirectional_far_states(x, c, lag)
+        prefix, suffix = far_states
+        state = _head_scaled(prefix.transpose(0, 1), c[:, 0]).transpose(0, 1)
+        state += _head_scaled(suffix.transpose(0, 1), c[:, -1]).transpose(0, 1)
         grad_qb.view(-1, block, features).baddbmm_(grad.view(-1, block, columns),
                                                    state.view(-1, features, columns).transpose(1, 2))
         del state
-        # d loss / d G_b = phi_q^T grad; block c's sums reach query blocks >= c + lag (c_before) and
-        # <= c - lag (c_after)
-        grad_state = torch.bmm(qb.view(-1, block, features).transpose(1, 2), grad.view(-1, block, columns)).view_as(x)
-        running = torch.zeros_like(x[0])
-        for cc in range(n - lag - 1, -1, -1):
-            running += grad_state[cc + lag]
-            _head_scaled(running, c[:, 0], out=grad_x[cc])
-            grad_c[:, 0] += _head_inner(running, x[cc], heads)
-        running.zero_()
-        for cc in range(lag, n):
-            running += grad_state[cc - lag]
-            grad_x[cc] += _head_scaled(running, c[:, -1])
-            grad_c[:, -1] += _head_inner(running, x[cc], heads)
-        del running, grad_state
+        grad_state = torch.bmm(qb.view(-1, block, features).transpose(1, 2), grad.view(-1, block, columns)).view_as(
+            prefix)
+        grad_c[:, 0] += _head_inner(grad_state, prefix, heads, rows_dim=1)
+        grad_c[:, -1] += _head_inner(grad_state, suffix, heads, rows_dim=1)
+        del prefix, suffix
+        # block c's sums reach query blocks >= c + lag (c_before) and <= c - lag (c_after)
+        grad_x = torch.zeros_like(grad_state)
+        grad_x[: n - lag] = _scan(grad_state, reverse=True)[lag - 1 : n - 1]
+        _head_scaled(grad_x.transpose(0, 1), c[:, 0], out=grad_x.transpose(0, 1))
+        after = _scan(grad_state)[1 : n - lag + 1]
+        grad_x[lag:] += _head_scaled(after.transpose(0, 1), c[:, -1]).transpose(0, 1)
+        del grad_state, after
     else:
         query_offset, _, end = offsets
-        state = _causal_far_states(x, end, lag)
+        (state,) = far_states
         read = torch.exp(end[: n - lag, :, None] - query_offset[lag:])  # (n - lag, R, T)
         read_grad = grad[lag:] * read[..., None]  # d loss / d (c_before phi_q . P)
-        grad_state = torch.bmm(qb[lag:].reshape(-1, block, features).transpose(1, 2),
-                               read_grad.view(-1, block, columns)).view_as(state)
-        grad_c[:, 0] += _head_inner(grad_state, state, heads, rows_dim=1)
-        grad_qb[lag:].view(-1, block, features).baddbmm_(
-            _head_scaled(read_grad.transpose(0, 1), c[:, 0]).transpose(0, 1).reshape(-1, block, columns),
-            state.view(-1, features, columns).transpose(1, 2))
+        grad_state = state.new_zeros(n, *state.shape[1:])  # indexed by scan position p = b - lag + 1
+        torch.bmm(qb[lag:].reshape(-1, block, features).transpose(1, 2), read_grad.view(-1, block, columns),
+                  out=grad_state[1 : n - lag + 1].view(-1, features, columns))
+        grad_c[:, 0] += _head_inner(grad_state[1 : n - lag + 1], state, heads, rows_dim=1)
+        _head_scaled(grad_state.transpose(0, 1), c[:, 0], out=grad_state.transpose(0, 1))
+        _head_scaled(read_grad.transpose(0, 1), c[:, 0], out=read_grad.transpose(0, 1))
+        grad_qb[lag:].view(-1, block, features).baddbmm_(read_grad.view(-1, block, columns),
+                                                         state.view(-1, features, columns).transpose(1, 2))
         del read_grad, state
-        # adjoint of _causal_far_states: grad_x_c = c_before sum_(b >= c + lag) grad_P_b exp(e_c - e_(b - lag))
-        running = grad_state[n - lag - 1].clone()
-        _head_scaled(running, c[:, 0], out=grad_x[n - lag - 1])
-        for cc in range(n - lag - 2, -1, -1):
-            running.mul_((end[cc] - end[cc + 1]).exp()[:, None, None]).add_(grad_state[cc])
-            _head_scaled(running, c[:, 0], out=grad_x[cc])
-        del running, grad_state
+        # adjoint of _causal_far_states: grad_x_c = sum_(p > c) grad_P_p exp(e_c - e_(p - 1))
+        previous_end = torch.cat([end[:1], end[:-1]])
+        grad_x = _rows_scan(grad_state, previous_end.neg(), end.neg(), reverse=True)
+        del grad_state
     k, w = kb[r : r + n], wb[r : r + n]
     grad_k = torch.bmm(w.reshape(-1, block, columns), grad_x.view(-1, features, columns).transpose(1, 2)).view_as(k)
     grad_w = torch.bmm(k.reshape(-1, block, features), grad_x.view(-1, features, columns)).view_as(w)
