@@ -81,6 +81,7 @@ from protein_performer.ops.rpe_window import (
     check_windowed_bias,
     default_block_size,
     expand_windowed_bias,
+    kernel_features,
     windowed_product,
     windowed_weights,
 )
@@ -462,7 +463,8 @@ def favor_rpe_attention(
             toeplitz == "fft" or (toeplitz == "auto" and _use_fft(L, projection.shape[0], D + 1, causal)))
         # The dense and windowed paths read causal keys through running offsets; the FFT needs one
         # shared offset.
-        phi_q, phi_k, key_offset = _features(q, k, projection, key_padding_mask, running=causal and not use_fft)
+        features = kernel_features if windowed else _features
+        phi_q, phi_k, key_offset = features(q, k, projection, key_padding_mask, running=causal and not use_fft)
         dtype = phi_q.dtype
         value = v.to(dtype)
         if key_padding_mask is not None:

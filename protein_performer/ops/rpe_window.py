@@ -44,7 +44,13 @@ import torch
 from torch import Tensor
 
 from protein_performer.ops._checks import compute_dtype
-from protein_performer.ops.favor import _decayed_scan, _safe_divide, _softmax_logits, softmax_kernel_features
+from protein_performer.ops.favor import (
+    _decayed_scan,
+    _running_max,
+    _safe_divide,
+    _softmax_logits,
+    softmax_kernel_features,
+)
 
 __all__ = ["WindowedBias", "WindowedState", "expand_windowed_bias", "favor_rpe_causal_step"]
 
@@ -470,6 +476,68 @@ def _far_backward(qb, kb, wb, c, offsets, far_states, plan: _Plan, grad, grad_qb
         grad_w.mul_(scale)
     grad_kb[r : r + n] += grad_k
     grad_wb[r : r + n] += grad_w
+
+
+class _KernelFeatures(torch.autograd.Function):
+    """Positive softmax-kernel features of queries and keys with hand-written derivatives (the values
+    of :func:`~protein_performer.ops.rpe_fft._features`, built in place as in favor's fast path).
+
+    phi_q = exp(W q' - max_a W q') (the row max and |q'|^2 / 2 are constant per query and cancel);
+    phi_k = exp(W k' - |k'|^2 / 2 - offset), offset the max over valid keys (shared) or, ``running``,
+    the running max M_j (returned, detached; else an empty tensor). Both are zero at padding and get
+    zero gradients there. The projection gets no gradient."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, projection: Tensor, key_padding_mask: Tensor | None,
+                running: bool) -> tuple[Tensor, Tensor, Tensor]:
+        D = q.shape[-1]
+        scale = D**-0.25
+        pad = None if key_padding_mask is None else key_padding_mask[:, None, :, None]
+        w_query = projection.T * scale  # (D, m)
+        w_key = torch.cat([projection, -torch.ones_like(projection[:, :1])], dim=1).T  # (D + 1, m)
+        k_scaled = k * scale
+        k_aug = torch.cat([k_scaled, 0.5 * (k_scaled * k_scaled).sum(dim=-1, keepdim=True)], dim=-1)
+        query = q @ w_query  # (B, H, L, m)
+        query.sub_(query.amax(dim=-1, keepdim=True))
+        key = k_aug @ w_key  # logits W k' - |k'|^2 / 2
+        if pad is not None:
+            query.masked_fill_(pad, -math.inf)
+            key.masked_fill_(pad, -math.inf)
+        query.exp_()
+        if running:
+            offset = _running_max(key.amax(dim=-1))  # (B, H, L)
+            key.sub_(offset[..., None])
+        else:
+            shared = key.amax(dim=(-2, -1), keepdim=True)
+            key.sub_(torch.where(torch.isfinite(shared), shared, torch.zeros_like(shared)))
+            offset = key.new_empty(0)
+        key.exp_()
+        ctx.save_for_backward(query, key, k_scaled, w_query, w_key, key_padding_mask)
+        ctx.mark_non_differentiable(offset)
+        return query, key, offset
+
+    @staticmethod
+    def backward(ctx, grad_query: Tensor, grad_key: Tensor, _grad_offset: Tensor):
+        query, key, k_scaled, w_query, w_key, key_padding_mask = ctx.saved_tensors
+        D = k_scaled.shape[-1]
+        grad_q = (grad_query * query) @ w_query.T  # d exp(x) = exp(x) dx
+        grad_k_aug = (grad_key * key) @ w_key.T  # [dL W, -sum_a dL_a]
+        grad_k = torch.addcmul(grad_k_aug[..., :D], k_scaled, grad_k_aug[..., D:]).mul_(D**-0.25)
+        if key_padding_mask is not None:
+            pad = key_padding_mask[:, None, :, None]
+            grad_q.masked_fill_(pad, 0.0)
+            grad_k.masked_fill_(pad, 0.0)
+        return grad_q, grad_k, None, None, None
+
+
+def kernel_features(q: Tensor, k: Tensor, projection: Tensor, key_padding_mask: Tensor | None,
+                    running: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(phi_q, phi_k, running key offset or None), [B, H, L, m] x 2 and [B, H, L], in q's compute
+    dtype; see :class:`_KernelFeatures`. Call with autocast off."""
+    dtype = compute_dtype(q)
+    phi_q, phi_k, offset = _KernelFeatures.apply(q.to(dtype), k.to(dtype), projection.to(dtype).detach(),
+                                                 key_padding_mask, running)
+    return phi_q, phi_k, (offset if running else None)
 
 
 def windowed_product(phi_q: Tensor, phi_k: Tensor, w: Tensor, c: Tensor, key_offset: Tensor | None,
