@@ -96,14 +96,21 @@ def _sdpa(causal: bool) -> Callable[[Shape], Attention]:
     return build
 
 
-def _favor_rpe(causal: bool) -> Callable[[Shape], Attention]:
+def _favor_rpe(causal: bool, window: int | None) -> Callable[[Shape], Attention]:
+    """favor_rpe with a windowed bias (window w: band [heads, 2w - 1] + far [heads, 2]) or, for
+    ``window=None``, the full bias over every offset (FFT/dense, ``toeplitz="auto"``)."""
+
     def build(shape: Shape) -> Attention:
-        from protein_performer.ops import favor_rpe_attention, gaussian_orthogonal_random_matrix
+        from protein_performer.ops import WindowedBias, favor_rpe_attention, gaussian_orthogonal_random_matrix
 
         g = torch.Generator().manual_seed(0)
         projection = gaussian_orthogonal_random_matrix(shape.nb_features, shape.head_dim, generator=g)
         # A learned bias in a model: it takes a gradient too.
-        bias = torch.randn(shape.heads, 2 * shape.length - 1, generator=g).requires_grad_()
+        if window is None:
+            bias = torch.randn(shape.heads, 2 * shape.length - 1, generator=g).requires_grad_()
+        else:
+            bias = WindowedBias(torch.randn(shape.heads, 2 * window - 1, generator=g).requires_grad_(),
+                                torch.randn(shape.heads, 2, generator=g).requires_grad_())
         return lambda q, k, v: favor_rpe_attention(q, k, v, projection, bias, causal=causal)
 
     return build
@@ -145,7 +152,7 @@ METHODS: list[Method] = [
         baseline=True,
         available=_performer_pytorch_available,
     ),
-    Method("favor", causal=False, build=_favor(False)),
+    Method("favor", causal=False, build=_favor(False), baseline=True),
     Method("sdpa", causal=True, build=_sdpa(True), baseline=True),
     Method(
         "performer-pytorch",
@@ -156,15 +163,18 @@ METHODS: list[Method] = [
         max_length=8192,
         skip_reason="not run: its CPU path keeps [L, m, d]-sized tensors for backward (~5 GB measured at 8192)",
     ),
-    Method("favor", causal=True, build=_favor(True)),
+    Method("favor", causal=True, build=_favor(True), baseline=True),
 ]
-# Issue 6: kernelized attention with relative positions (FFT) and Combiner (block size ceil(sqrt(L))).
-_RPE_SKIP = "not run: O(L log L m d) FFT work, ~minutes per fwd+bwd at 16384 on 2 cores"
+# Kernelized attention with relative positions: the windowed bias (w = 128, the default; issue 11) and
+# the full bias over every offset (issue 6, FFT/dense); Combiner (block size ceil(sqrt(L))).
+_RPE_SKIP = "not run: O(L^2 (m + d)) dense or O(L log L m d) FFT work, ~minutes per fwd+bwd at 16384 on 2 cores"
 METHODS += [
-    Method("favor_rpe", causal=False, build=_favor_rpe(False), max_length=8192, skip_reason=_RPE_SKIP),
+    Method("favor_rpe", causal=False, build=_favor_rpe(False, 128)),
+    Method("favor_rpe-full", causal=False, build=_favor_rpe(False, None), max_length=8192, skip_reason=_RPE_SKIP),
     Method("combiner", causal=False, build=_combiner(False, "fixed")),
     Method("combiner-axial", causal=False, build=_combiner(False, "axial")),
-    Method("favor_rpe", causal=True, build=_favor_rpe(True), max_length=8192, skip_reason=_RPE_SKIP),
+    Method("favor_rpe", causal=True, build=_favor_rpe(True, 128)),
+    Method("favor_rpe-full", causal=True, build=_favor_rpe(True, None), max_length=8192, skip_reason=_RPE_SKIP),
     Method("combiner", causal=True, build=_combiner(True, "fixed")),
     Method("combiner-axial", causal=True, build=_combiner(True, "axial")),
 ]
