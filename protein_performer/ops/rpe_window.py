@@ -343,20 +343,18 @@ def _key_to_end(offsets: tuple[Tensor, Tensor, Tensor]) -> Tensor:
 
 
 def _head_scaled(x: Tensor, per_head: Tensor, out: Tensor | None = None) -> Tensor:
-    """x [R, *] (rows r = b H + h) times per_head[h]."""
+    """x [n, R, *] (rows r = b H + h on dim 1) times per_head[h]; into ``out`` if given."""
     heads = per_head.shape[0]
-    scale = per_head.view(heads, *(1,) * (x.dim() - 1))
-    grouped = x.view(-1, heads, *x.shape[1:])
+    scale = per_head.view(heads, *(1,) * (x.dim() - 2))
     if out is None:
-        return (grouped * scale).view_as(x)
-    torch.mul(grouped, scale, out=out.view_as(grouped))
+        return (_per_head(x, heads) * scale).view_as(x)
+    torch.mul(_per_head(x, heads), scale, out=_per_head(out, heads))
     return out
 
 
-def _head_inner(a: Tensor, b: Tensor, heads: int, rows_dim: int = 0) -> Tensor:
-    """sum of a * b over everything but the head of the rows (dim ``rows_dim``, r = b H + h) -> [H]."""
-    per_row = (a * b).sum(dim=[d for d in range(a.dim()) if d != rows_dim])
-    return per_row.view(-1, heads).sum(dim=0)
+def _head_inner(a: Tensor, b: Tensor, heads: int) -> Tensor:
+    """sum of a * b over everything but the head of the rows (dim 1, r = b H + h) -> [H]."""
+    return _per_head(a * b, heads).transpose(0, 2).reshape(heads, -1).sum(dim=1)
 
 
 def _scan(x: Tensor, *, reverse: bool = False) -> Tensor:
@@ -384,8 +382,8 @@ def _bidirectional_far_states(x: Tensor, c: Tensor, lag: int) -> tuple[Tensor, T
     prefix, suffix = torch.zeros_like(x), torch.zeros_like(x)
     prefix[lag:] = _scan(x)[1 : n - lag + 1]
     suffix[: n - lag] = _scan(x, reverse=True)[lag - 1 : n - 1]
-    state = _head_scaled(prefix.transpose(0, 1), c[:, 0]).transpose(0, 1)
-    state += _head_scaled(suffix.transpose(0, 1), c[:, -1]).transpose(0, 1)
+    state = _head_scaled(prefix, c[:, 0])
+    state += _head_scaled(suffix, c[:, -1])
     return state, prefix, suffix
 
 
@@ -415,9 +413,9 @@ def _far_forward(qb, kb, wb, c, offsets, plan: _Plan) -> tuple[Tensor, tuple[Ten
         return out, (prefix, suffix)
     query_offset, _, end = offsets
     state = _causal_far_states(x, end, lag)
-    read = _head_scaled(torch.exp(end[: n - lag, :, None] - query_offset[lag:]).transpose(0, 1), c[:, 0])
+    read = _head_scaled(torch.exp(end[: n - lag, :, None] - query_offset[lag:]), c[:, 0])  # (n - lag, R, T)
     far = torch.bmm(qb[lag:].reshape(-1, block, features), state.view(-1, features, columns))
-    out[lag:] = far.view(n - lag, rows, block, columns).mul_(read.transpose(0, 1)[..., None])
+    out[lag:] = far.view(n - lag, rows, block, columns).mul_(read[..., None])
     return out, (state,)
 
 
@@ -432,22 +430,22 @@ def _far_backward(qb, kb, wb, c, offsets, far_states, plan: _Plan, grad, grad_qb
     heads = c.shape[0]
     if offsets is None:
         prefix, suffix = far_states
-        state = _head_scaled(prefix.transpose(0, 1), c[:, 0]).transpose(0, 1)
-        state += _head_scaled(suffix.transpose(0, 1), c[:, -1]).transpose(0, 1)
+        state = _head_scaled(prefix, c[:, 0])
+        state += _head_scaled(suffix, c[:, -1])
         grad_qb.view(-1, block, features).baddbmm_(grad.view(-1, block, columns),
                                                    state.view(-1, features, columns).transpose(1, 2))
         del state
         grad_state = torch.bmm(qb.view(-1, block, features).transpose(1, 2), grad.view(-1, block, columns)).view_as(
             prefix)
-        grad_c[:, 0] += _head_inner(grad_state, prefix, heads, rows_dim=1)
-        grad_c[:, -1] += _head_inner(grad_state, suffix, heads, rows_dim=1)
+        grad_c[:, 0] += _head_inner(grad_state, prefix, heads)
+        grad_c[:, -1] += _head_inner(grad_state, suffix, heads)
         del prefix, suffix
         # block c's sums reach query blocks >= c + lag (c_before) and <= c - lag (c_after)
         grad_x = torch.zeros_like(grad_state)
         grad_x[: n - lag] = _scan(grad_state, reverse=True)[lag - 1 : n - 1]
-        _head_scaled(grad_x.transpose(0, 1), c[:, 0], out=grad_x.transpose(0, 1))
+        _head_scaled(grad_x, c[:, 0], out=grad_x)
         after = _scan(grad_state)[1 : n - lag + 1]
-        grad_x[lag:] += _head_scaled(after.transpose(0, 1), c[:, -1]).transpose(0, 1)
+        grad_x[lag:] += _head_scaled(after, c[:, -1])
         del grad_state, after
     else:
         query_offset, _, end = offsets
@@ -457,9 +455,9 @@ def _far_backward(qb, kb, wb, c, offsets, far_states, plan: _Plan, grad, grad_qb
         grad_state = state.new_zeros(n, *state.shape[1:])  # indexed by scan position p = b - lag + 1
         torch.bmm(qb[lag:].reshape(-1, block, features).transpose(1, 2), read_grad.view(-1, block, columns),
                   out=grad_state[1 : n - lag + 1].view(-1, features, columns))
-        grad_c[:, 0] += _head_inner(grad_state[1 : n - lag + 1], state, heads, rows_dim=1)
-        _head_scaled(grad_state.transpose(0, 1), c[:, 0], out=grad_state.transpose(0, 1))
-        _head_scaled(read_grad.transpose(0, 1), c[:, 0], out=read_grad.transpose(0, 1))
+        grad_c[:, 0] += _head_inner(grad_state[1 : n - lag + 1], state, heads)
+        _head_scaled(grad_state, c[:, 0], out=grad_state)
+        _head_scaled(read_grad, c[:, 0], out=read_grad)
         grad_qb[lag:].view(-1, block, features).baddbmm_(read_grad.view(-1, block, columns),
                                                          state.view(-1, features, columns).transpose(1, 2))
         del read_grad, state

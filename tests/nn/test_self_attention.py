@@ -100,8 +100,8 @@ def test_windowed_bias_reads_one_column_per_bucket() -> None:
     assert sorted(set(attention.rpe_index.tolist())) == list(range(attention.rpe_bias.shape[1]))  # no idle column
 
 
-@pytest.mark.parametrize("kind,causal,overrides", [("softmax", True, {}), ("favor_rpe", True, {"rpe_max_distance": None}),
-                                                   ("favor", False, {})])
+@pytest.mark.parametrize("kind,causal,overrides", [
+    ("softmax", True, {}), ("favor_rpe", True, {"rpe_max_distance": None}), ("favor", False, {})])
 def test_step_is_refused_without_a_recurrent_state(kind: str, causal: bool, overrides: dict) -> None:
     attention = make_attention(kind, causal, **overrides)
     with pytest.raises(ValueError, match="step-by-step decoding"):
