@@ -236,6 +236,8 @@ def _measure(method: Method, shape: Shape, repeats: int, min_time: float) -> dic
         str(repeats),
         "--min-time",
         str(min_time),
+        "--threads",
+        str(torch.get_num_threads()),
     ]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
@@ -286,6 +288,8 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--nb-features", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads per worker (default: torch's choice); 1 steadies ratios on a shared machine")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     direction = parser.add_mutually_exclusive_group()
     direction.add_argument("--causal", action="store_true", help=argparse.SUPPRESS)
@@ -295,6 +299,8 @@ def main() -> None:
     def shape(length: int) -> Shape:
         return Shape(args.batch, args.heads, length, args.head_dim, args.nb_features)
 
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.worker is not None:
         method = next(m for m in METHODS if m.name == args.worker and m.causal == args.causal)
         print(json.dumps(_worker(method, shape(args.lengths[0]), args.repeats, args.min_time)))
