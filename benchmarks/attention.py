@@ -96,14 +96,21 @@ def _sdpa(causal: bool) -> Callable[[Shape], Attention]:
     return build
 
 
-def _favor_rpe(causal: bool) -> Callable[[Shape], Attention]:
+def _favor_rpe(causal: bool, window: int | None) -> Callable[[Shape], Attention]:
+    """favor_rpe with a windowed bias (window w: band [heads, 2w - 1] + far [heads, 2]) or, for
+    ``window=None``, the full bias over every offset (FFT/dense, ``toeplitz="auto"``)."""
+
     def build(shape: Shape) -> Attention:
-        from protein_performer.ops import favor_rpe_attention, gaussian_orthogonal_random_matrix
+        from protein_performer.ops import WindowedBias, favor_rpe_attention, gaussian_orthogonal_random_matrix
 
         g = torch.Generator().manual_seed(0)
         projection = gaussian_orthogonal_random_matrix(shape.nb_features, shape.head_dim, generator=g)
         # A learned bias in a model: it takes a gradient too.
-        bias = torch.randn(shape.heads, 2 * shape.length - 1, generator=g).requires_grad_()
+        if window is None:
+            bias = torch.randn(shape.heads, 2 * shape.length - 1, generator=g).requires_grad_()
+        else:
+            bias = WindowedBias(torch.randn(shape.heads, 2 * window - 1, generator=g).requires_grad_(),
+                                torch.randn(shape.heads, 2, generator=g).requires_grad_())
         return lambda q, k, v: favor_rpe_attention(q, k, v, projection, bias, causal=causal)
 
     return build
@@ -145,7 +152,7 @@ METHODS: list[Method] = [
         baseline=True,
         available=_performer_pytorch_available,
     ),
-    Method("favor", causal=False, build=_favor(False)),
+    Method("favor", causal=False, build=_favor(False), baseline=True),
     Method("sdpa", causal=True, build=_sdpa(True), baseline=True),
     Method(
         "performer-pytorch",
@@ -156,15 +163,18 @@ METHODS: list[Method] = [
         max_length=8192,
         skip_reason="not run: its CPU path keeps [L, m, d]-sized tensors for backward (~5 GB measured at 8192)",
     ),
-    Method("favor", causal=True, build=_favor(True)),
+    Method("favor", causal=True, build=_favor(True), baseline=True),
 ]
-# Issue 6: kernelized attention with relative positions (FFT) and Combiner (block size ceil(sqrt(L))).
-_RPE_SKIP = "not run: O(L log L m d) FFT work, ~minutes per fwd+bwd at 16384 on 2 cores"
+# Kernelized attention with relative positions: the windowed bias (w = 128, the default; issue 11) and
+# the full bias over every offset (issue 6, FFT/dense); Combiner (block size ceil(sqrt(L))).
+_RPE_SKIP = "not run: O(L^2 (m + d)) dense or O(L log L m d) FFT work, ~minutes per fwd+bwd at 16384 on 2 cores"
 METHODS += [
-    Method("favor_rpe", causal=False, build=_favor_rpe(False), max_length=8192, skip_reason=_RPE_SKIP),
+    Method("favor_rpe", causal=False, build=_favor_rpe(False, 128)),
+    Method("favor_rpe-full", causal=False, build=_favor_rpe(False, None), max_length=8192, skip_reason=_RPE_SKIP),
     Method("combiner", causal=False, build=_combiner(False, "fixed")),
     Method("combiner-axial", causal=False, build=_combiner(False, "axial")),
-    Method("favor_rpe", causal=True, build=_favor_rpe(True), max_length=8192, skip_reason=_RPE_SKIP),
+    Method("favor_rpe", causal=True, build=_favor_rpe(True, 128)),
+    Method("favor_rpe-full", causal=True, build=_favor_rpe(True, None), max_length=8192, skip_reason=_RPE_SKIP),
     Method("combiner", causal=True, build=_combiner(True, "fixed")),
     Method("combiner-axial", causal=True, build=_combiner(True, "axial")),
 ]
@@ -226,6 +236,8 @@ def _measure(method: Method, shape: Shape, repeats: int, min_time: float) -> dic
         str(repeats),
         "--min-time",
         str(min_time),
+        "--threads",
+        str(torch.get_num_threads()),
     ]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
@@ -276,6 +288,8 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--head-dim", type=int, default=64)
     parser.add_argument("--nb-features", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads per worker (default: torch's choice); 1 steadies ratios on a shared machine")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     direction = parser.add_mutually_exclusive_group()
     direction.add_argument("--causal", action="store_true", help=argparse.SUPPRESS)
@@ -285,6 +299,8 @@ def main() -> None:
     def shape(length: int) -> Shape:
         return Shape(args.batch, args.heads, length, args.head_dim, args.nb_features)
 
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.worker is not None:
         method = next(m for m in METHODS if m.name == args.worker and m.causal == args.causal)
         print(json.dumps(_worker(method, shape(args.lengths[0]), args.repeats, args.min_time)))

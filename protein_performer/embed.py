@@ -310,11 +310,11 @@ def _device(device: str | torch.device | None) -> torch.device:
 def _length_limit(model: nn.Module) -> int | None:
     """Longest token row the model accepts, or None when any length works.
 
-    Rotary positions and FAVOR+ extend to any length; a learned position table and the favor_rpe bias
-    have max_length entries.
+    Rotary positions, FAVOR+ and a windowed favor_rpe bias extend to any length; a learned position
+    table and a full favor_rpe bias (rpe_max_distance null) have max_length entries.
     """
     config = model.config
-    if config.position == "learned" or config.attention == "favor_rpe":
+    if config.position == "learned" or (config.attention == "favor_rpe" and config.rpe_max_distance is None):
         return config.max_length
     return None
 

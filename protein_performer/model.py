@@ -39,11 +39,14 @@ class PerformerConfig:
     feature_redraw_interval: int = 1000  # optimizer steps between redraws (the training callback); 0 = never
     feature_seed: int = 0  # projections derive from (feature_seed, step, layer): equal on all DDP ranks
     position: str | None = None  # "rotary" | "learned" | "none"; None: "none" for favor_rpe, else "rotary"
-    max_length: int = 1024  # longest input: size of the learned-position table and span of the favor_rpe bias
+    max_length: int = 1024  # longest input for learned positions and a full favor_rpe bias (others: any length)
     tie_embeddings: bool = True  # the LM head reuses the token embedding matrix (fewer parameters, better LM)
     pad_idx: int | None = None  # padding token id: its embedding row starts at zero and gets no gradient
     combiner_block_size: int | None = None  # Combiner block size; None = round(sqrt(max_length)) for combiner
     combiner_variant: str = "fixed"  # Combiner factorisation: "fixed" | "axial"
+    rpe_exact_distance: int = 32  # favor_rpe: one learned bias per offset |j - i| below this (then log buckets)
+    rpe_max_distance: int | None = 128  # favor_rpe: window w, one bias per direction beyond; None: free bias
+    #                                     over every offset up to max_length (the paper's form, FFT/dense)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "nb_features", "max_length"):
@@ -81,6 +84,15 @@ class PerformerConfig:
         _require(self.position != "none" or self.causal or self.attention == "favor_rpe",
                  f"position='none' with bidirectional attention={self.attention!r} leaves the model blind to "
                  "residue order; use position='rotary' or 'learned', attention='favor_rpe', or causal=True")
+
+        _require(_is_int(self.rpe_exact_distance) and self.rpe_exact_distance > 0,
+                 f"rpe_exact_distance must be a positive integer, got {self.rpe_exact_distance!r}")
+        _require(self.rpe_max_distance is None or (_is_int(self.rpe_max_distance) and self.rpe_max_distance > 0),
+                 f"rpe_max_distance (the favor_rpe window w) must be a positive integer or null (a free bias over "
+                 f"every offset), got {self.rpe_max_distance!r}")
+        _require(self.rpe_max_distance is None or self.rpe_exact_distance <= self.rpe_max_distance,
+                 f"rpe_exact_distance={self.rpe_exact_distance} exceeds rpe_max_distance={self.rpe_max_distance}; "
+                 "exact offsets must fit inside the window")
 
         block_size = self.combiner_block_size
         _require(block_size is None or (_is_int(block_size) and block_size > 0),
@@ -249,13 +261,15 @@ class ProteinPerformer(nn.Module):
     def decode_step(self, input_ids: Tensor, state: DecodingState | None = None) -> tuple[Tensor, DecodingState]:
         """Feed one token per sequence, input_ids [batch] -> (next-token logits [batch, vocab], new state).
 
-        Recurrent FAVOR+ (causal favor/favor_relu models): memory per step is constant in the length
-        decoded so far, and the logits equal the parallel forward's at the same position. No padding:
+        Recurrent FAVOR+ (causal favor/favor_relu models, and favor_rpe with a windowed bias: the last w
+        keys plus the far state): memory per step is constant in the length decoded so far, and the
+        logits equal the parallel forward's at the same position. No padding:
         all sequences of the batch advance together. Call in eval mode for deterministic outputs.
         """
-        if not self.config.causal or self.config.attention not in RECURRENT_KINDS:
-            raise ValueError(f"decode_step needs causal=True and attention in {RECURRENT_KINDS}; this model has "
-                             f"attention={self.config.attention!r}, causal={self.config.causal}")
+        if not self.config.causal or not self.blocks[0].attention.recurrent:
+            raise ValueError(f"decode_step needs causal=True and attention in {RECURRENT_KINDS} (or favor_rpe with "
+                             f"rpe_max_distance set); this model has attention={self.config.attention!r}, "
+                             f"causal={self.config.causal}, rpe_max_distance={self.config.rpe_max_distance}")
         if state is None:
             state = DecodingState(position=0, layers=[None] * self.config.n_layers)
         x = self.embed(input_ids[:, None], offset=state.position)[:, 0]  # (B, d_model)
@@ -305,7 +319,7 @@ def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
 # conf/attention/*.yaml holds `kind` plus these; conf/model/*.yaml holds every other field except the
 # three that come from the data and the objective (vocab_size, pad_idx, causal).
 ATTENTION_GROUP_FIELDS = ("nb_features", "feature_redraw_interval", "feature_seed",
-                          "combiner_block_size", "combiner_variant")
+                          "combiner_block_size", "combiner_variant", "rpe_exact_distance", "rpe_max_distance")
 _CALLER_FIELDS = ("vocab_size", "pad_idx", "causal")
 
 

@@ -131,6 +131,28 @@ def test_long_protein_is_embedded_whole_beyond_the_training_window(alphabet, fli
                                atol=2e-5, rtol=1e-4)
 
 
+def test_windowed_favor_rpe_embeds_a_30000_residue_protein_whole(alphabet, flip_records):
+    """A windowed relative bias has the same parameters at any length: a model with max_length 1024
+    embeds a titin-sized protein in one piece, as its own forward pass sees it. The full bias
+    (rpe_max_distance null) is sized by max_length and asks for windows."""
+    torch.manual_seed(0)
+    config = PerformerConfig(vocab_size=len(alphabet), d_model=16, n_layers=1, n_heads=2, d_ff=32, dropout=0.0,
+                             attention="favor_rpe", nb_features=16, max_length=1024, pad_idx=alphabet.pad_idx)
+    model = ProteinPerformer(config).eval()
+    with torch.no_grad():
+        model.blocks[0].attention.rpe_bias.normal_()
+    chains = "".join(s for _, s in flip_records)
+    sequence = (chains * (30_000 // len(chains) + 1))[:30_000]
+    result = embed(model, alphabet, [sequence], include=["per_residue", "mean"], max_tokens=4096)
+    per_residue = result.residues("0")
+    assert per_residue.shape == (30_000, 16) and np.isfinite(per_residue).all()
+    np.testing.assert_allclose(per_residue, reference(model, alphabet, sequence, -1)[1:-1].numpy(),
+                               atol=2e-5, rtol=1e-4)
+    full = ProteinPerformer(PerformerConfig(**{**config.to_dict(), "rpe_max_distance": None})).eval()
+    with pytest.raises(EmbedError, match=r"at most 1022 residues.*window="):
+        embed(full, alphabet, [sequence[:2000]])
+
+
 def test_learned_positions_need_windows_for_long_proteins(alphabet, flip_records):
     model = tiny_model(alphabet, "softmax", position="learned", max_length=130)
     sequence = next(s for _, s in flip_records if len(s) > 350)[:350]  # windows start at 0, 50, ..., 250

@@ -34,6 +34,8 @@ def tiny_config(attention: str = "favor", causal: bool = False, **overrides: Any
                                   attention=attention, causal=causal, nb_features=16, max_length=48, pad_idx=PAD)
     if attention == "combiner":
         values["combiner_block_size"] = 4  # several blocks at test lengths
+    if attention == "favor_rpe":  # a window shorter than the test lengths: band, buckets and far values all act
+        values.update(rpe_exact_distance=2, rpe_max_distance=5)
     values.update(overrides)
     return PerformerConfig(**values)
 
@@ -301,6 +303,19 @@ def test_decode_step_equals_the_parallel_forward(kind: str, position: str) -> No
         torch.testing.assert_close(logits, parallel[:, t], rtol=1e-8, atol=1e-8)
 
 
+@pytest.mark.parametrize("length", [4, 23], ids=["inside-window", "beyond-window"])
+def test_windowed_favor_rpe_decode_step_equals_the_parallel_forward(length: int) -> None:
+    """The recurrent state (last w keys + far prefix) reproduces the parallel windowed forward, w = 5."""
+    model = sharp_model(tiny_config("favor_rpe", causal=True))
+    ids = random_ids(2, length, seed=8)
+    parallel = model(ids).logits
+    state = None
+    for t in range(length):
+        logits, state = model.decode_step(ids[:, t], state)
+        torch.testing.assert_close(logits, parallel[:, t], rtol=1e-8, atol=1e-8)
+    assert state.layers[0].keys.shape[2] == min(length, 5)  # only the window is kept
+
+
 def test_generate_extends_the_prompt_reproducibly() -> None:
     model = ProteinPerformer(tiny_config("favor", causal=True)).eval()
     prompt = random_ids(2, 4)
@@ -313,7 +328,9 @@ def test_generate_extends_the_prompt_reproducibly() -> None:
 
 @pytest.mark.parametrize("kind,causal", [("favor", False), ("softmax", True), ("favor_rpe", True)])
 def test_decode_step_needs_a_causal_recurrent_kind(kind: str, causal: bool) -> None:
-    model = ProteinPerformer(tiny_config(kind, causal=causal))
+    # favor_rpe has a finite state only with a windowed bias; the full bias reaches every past offset
+    model = ProteinPerformer(tiny_config(kind, causal=causal, **({"rpe_max_distance": None} if kind == "favor_rpe"
+                                                                  else {})))
     with pytest.raises(ValueError, match="decode_step needs causal=True"):
         model.decode_step(random_ids(1, 1)[:, 0])
 
@@ -353,6 +370,9 @@ def test_position_defaults_depend_on_the_attention_kind() -> None:
     (dict(causal="yes"), "causal must be true or false"),
     (dict(pad_idx=VOCAB), "pad_idx"),
     (dict(combiner_variant="diagonal"), "combiner_variant"),
+    (dict(rpe_max_distance=0), "rpe_max_distance"),
+    (dict(rpe_max_distance=8, rpe_exact_distance=9), "rpe_exact_distance=9 exceeds rpe_max_distance=8"),
+    (dict(rpe_exact_distance=0), "rpe_exact_distance"),
 ], ids=lambda value: value if isinstance(value, str) else ",".join(value))
 def test_invalid_configs_fail_with_a_clear_message(overrides: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
@@ -361,10 +381,21 @@ def test_invalid_configs_fail_with_a_clear_message(overrides: dict[str, Any], me
 
 def test_sequences_beyond_max_length_are_refused_where_positions_are_tabled() -> None:
     ids = random_ids(1, 49)
-    for config in (tiny_config(position="learned"), tiny_config("favor_rpe")):
+    for config in (tiny_config(position="learned"), tiny_config("favor_rpe", rpe_max_distance=None)):
         with pytest.raises(ValueError, match="max_length"):
             ProteinPerformer(config)(ids)
-    assert ProteinPerformer(tiny_config(position="rotary"))(ids).logits.shape == (1, 49, VOCAB)
+    for config in (tiny_config(position="rotary"), tiny_config("favor_rpe")):  # a windowed bias: any length
+        assert ProteinPerformer(config)(ids).logits.shape == (1, 49, VOCAB)
+
+
+def test_windowed_rpe_parameters_do_not_depend_on_max_length() -> None:
+    short, long = (ProteinPerformer(tiny_config("favor_rpe", max_length=n, rpe_exact_distance=32,
+                                                rpe_max_distance=128)) for n in (48, 30_000))
+    assert short.num_parameters() == long.num_parameters()
+    # 63 exact offsets + 2 x 8 log buckets (32..127, 4 per octave) + 2 far values, per head
+    assert short.blocks[0].attention.rpe_bias.shape == (2, 81)
+    full = ProteinPerformer(tiny_config("favor_rpe", rpe_max_distance=None))
+    assert full.blocks[0].attention.rpe_bias.shape == (2, 2 * 48 - 1)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -21,9 +21,40 @@ if TYPE_CHECKING:  # model.py imports this module, so the config type is importe
 ATTENTION_KINDS = ("softmax", "favor", "favor_relu", "favor_rpe", "combiner")
 # Kinds that hold a random-feature projection (a buffer redrawn during training).
 RANDOM_FEATURE_KINDS = ("favor", "favor_relu", "favor_rpe")
-# Kinds with a constant-size recurrent state, so a causal model can decode one token at a time.
+# Kinds with a constant-size recurrent state, so a causal model can decode one token at a time (and
+# favor_rpe with a windowed bias: the last w keys plus the far state; see SelfAttention.recurrent).
 RECURRENT_KINDS = ("favor", "favor_relu")
 _FAVOR_KERNEL = {"favor": "softmax", "favor_relu": "relu"}
+# Log-spaced buckets of the windowed favor_rpe bias between rpe_exact_distance and rpe_max_distance.
+RPE_BUCKETS_PER_OCTAVE = 4
+
+
+def relative_buckets(exact_distance: int, max_distance: int) -> Tensor:
+    """The bias column for each entry of [far before, offsets -(w-1) .. w-1, far after], w = max_distance.
+
+    T5's shape: one column per offset with |j - i| < exact_distance; from there to w, distances d share
+    a column per direction when floor(4 log2(d / exact_distance)) agrees (4 buckets per octave); one
+    far column per direction beyond w. Returns a long tensor [2w + 1]; columns 0 .. max are all used.
+    """
+    if not 1 <= exact_distance <= max_distance:
+        raise ValueError(f"relative_buckets: need 1 <= rpe_exact_distance ({exact_distance}) <= rpe_max_distance "
+                         f"({max_distance})")
+    exact = 2 * exact_distance - 1  # columns of offsets -(E-1) .. E-1
+    # floor(4 log2(d / E)) in integers: the largest k with E^4 2^k <= d^4
+    octaves = [(d ** RPE_BUCKETS_PER_OCTAVE // exact_distance ** RPE_BUCKETS_PER_OCTAVE).bit_length() - 1
+               for d in range(exact_distance, max_distance)]
+    rank = {k: i for i, k in enumerate(sorted(set(octaves)))}
+    log_buckets = len(rank)
+    columns = []
+    for offset in range(-(max_distance - 1), max_distance):
+        distance = abs(offset)
+        if distance < exact_distance:
+            columns.append(offset + exact_distance - 1)
+        else:
+            bucket = rank[octaves[distance - exact_distance]]
+            columns.append(exact + bucket + (log_buckets if offset > 0 else 0))
+    far = exact + 2 * log_buckets
+    return torch.tensor([far, *columns, far + 1])
 
 
 class SelfAttention(nn.Module):
@@ -54,10 +85,31 @@ class SelfAttention(nn.Module):
         projection = (torch.zeros(config.nb_features, self.head_dim)
                       if self.kind in RANDOM_FEATURE_KINDS else None)
         self.register_buffer("projection", projection, persistent=True)
-        # b_(j-i) for offsets -(max_length-1) .. max_length-1, cut to the centre [heads, 2L-1] for each
-        # input; zero = plain FAVOR+ at initialisation.
-        self.rpe_bias = (nn.Parameter(torch.zeros(config.n_heads, 2 * config.max_length - 1))
-                         if self.kind == "favor_rpe" else None)
+        # favor_rpe's b_(j-i), zero = plain FAVOR+ at initialisation. Windowed (rpe_max_distance = w): a
+        # table [heads, columns] read through rpe_index (relative_buckets), the same size at any length.
+        # Full (rpe_max_distance None): b for offsets -(max_length-1) .. max_length-1, cut to the centre
+        # [heads, 2L-1] for each input.
+        self.rpe_bias: nn.Parameter | None = None
+        index = None
+        if self.kind == "favor_rpe" and config.rpe_max_distance is not None:
+            index = relative_buckets(config.rpe_exact_distance, config.rpe_max_distance)
+            self.rpe_bias = nn.Parameter(torch.zeros(config.n_heads, int(index.max()) + 1))
+        elif self.kind == "favor_rpe":
+            self.rpe_bias = nn.Parameter(torch.zeros(config.n_heads, 2 * config.max_length - 1))
+        self.register_buffer("rpe_index", index, persistent=False)  # derived from the config
+
+    @property
+    def recurrent(self) -> bool:
+        """True when a causal layer of this kind has a finite recurrent state (it can `step`)."""
+        return self.kind in RECURRENT_KINDS or self.rpe_index is not None
+
+    def relative_bias(self, length: int) -> Tensor | ops.WindowedBias:
+        """favor_rpe's bias in the form its op takes: a WindowedBias, or the full [heads, 2L - 1] one."""
+        assert self.rpe_bias is not None
+        if self.rpe_index is None:
+            return ops.slice_rpe_bias(self.rpe_bias, length)  # (H, 2L-1)
+        table = self.rpe_bias[:, self.rpe_index]  # (H, 2w + 1): far before, offsets -(w-1) .. w-1, far after
+        return ops.WindowedBias(band=table[:, 1:-1], far=table[:, [0, -1]])
 
     def extra_repr(self) -> str:
         features = f", nb_features={self.projection.shape[0]}" if self.projection is not None else ""
@@ -99,8 +151,7 @@ class SelfAttention(nn.Module):
             return ops.favor_attention(q, k, v, self.projection, causal=self.causal,
                                        kernel=_FAVOR_KERNEL[self.kind], key_padding_mask=key_padding_mask)
         if self.kind == "favor_rpe":
-            rpe_bias = ops.slice_rpe_bias(self.rpe_bias, q.shape[-2])  # (H, 2L-1)
-            return ops.favor_rpe_attention(q, k, v, self.projection, rpe_bias,
+            return ops.favor_rpe_attention(q, k, v, self.projection, self.relative_bias(q.shape[-2]),
                                            causal=self.causal, key_padding_mask=key_padding_mask)
         return ops.combiner_attention(q, k, v, causal=self.causal, block_size=self.combiner_block_size,
                                       variant=self.combiner_variant, key_padding_mask=key_padding_mask)
@@ -113,8 +164,7 @@ class SelfAttention(nn.Module):
             return ops.implied_attention(q, k, self.projection, causal=self.causal,
                                          kernel=_FAVOR_KERNEL[self.kind], key_padding_mask=key_padding_mask)
         if self.kind == "favor_rpe":
-            rpe_bias = ops.slice_rpe_bias(self.rpe_bias, q.shape[-2])  # (H, 2L-1)
-            return ops.implied_rpe_attention(q, k, self.projection, rpe_bias,
+            return ops.implied_rpe_attention(q, k, self.projection, self.relative_bias(q.shape[-2]),
                                              causal=self.causal, key_padding_mask=key_padding_mask)
         return ops.combiner_attention_weights(q, k, causal=self.causal, block_size=self.combiner_block_size,
                                               variant=self.combiner_variant, key_padding_mask=key_padding_mask)
@@ -135,12 +185,16 @@ class SelfAttention(nn.Module):
     def step(self, x_t: Tensor, position: int, state: Any = None) -> tuple[Tensor, Any]:
         """One causal decoding step: x_t [batch, d_model] at `position` -> (output [batch, d_model], state).
 
-        The state is the op's constant-size running sum of phi(k) v^T and phi(k) (favor kinds only);
-        pass None at position 0.
+        The state is the op's constant-size running sum of phi(k) v^T and phi(k) (favor kinds), plus the
+        last w keys for a windowed favor_rpe; pass None at position 0.
         """
-        if not self.causal or self.kind not in RECURRENT_KINDS:
-            raise ValueError(f"step-by-step decoding needs a causal model with attention in {RECURRENT_KINDS}, "
-                             f"this layer is attention={self.kind!r}, causal={self.causal}")
+        if not self.causal or not self.recurrent:
+            raise ValueError(f"step-by-step decoding needs a causal model with attention in {RECURRENT_KINDS} or "
+                             f"favor_rpe with a windowed bias (rpe_max_distance set), this layer is "
+                             f"attention={self.kind!r}, causal={self.causal}")
         q, k, v = (t.squeeze(2) for t in self.project_qkv(x_t[:, None, :], offset=position))  # (B, H, D)
-        y, state = ops.favor_causal_step(q, k, v, self.projection, state, kernel=_FAVOR_KERNEL[self.kind])
+        if self.kind == "favor_rpe":
+            y, state = ops.favor_rpe_causal_step(q, k, v, self.projection, self.relative_bias(position + 1), state)
+        else:
+            y, state = ops.favor_causal_step(q, k, v, self.projection, state, kernel=_FAVOR_KERNEL[self.kind])
         return self.dropout(self.out_proj(y.reshape(x_t.shape[0], -1))), state

@@ -10,6 +10,7 @@ from protein_performer.ops.favor import (
     softmax_kernel_features,
 )
 from protein_performer.ops.rpe_fft import favor_rpe_attention, implied_rpe_attention, slice_rpe_bias
+from protein_performer.ops.rpe_window import WindowedBias, WindowedState, expand_windowed_bias, favor_rpe_causal_step
 from protein_performer.ops.softmax import softmax_attention, softmax_attention_weights
 
 __all__ = [
@@ -25,6 +26,10 @@ __all__ = [
     "favor_rpe_attention",
     "implied_rpe_attention",
     "slice_rpe_bias",
+    "WindowedBias",
+    "WindowedState",
+    "expand_windowed_bias",
+    "favor_rpe_causal_step",
     "combiner_attention",
     "combiner_attention_weights",
 ]

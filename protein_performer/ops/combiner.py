@@ -100,11 +100,12 @@ def _exclusive_cummax(x: Tensor, keep: Tensor, dim: int) -> tuple[Tensor, Tensor
 
 
 def _fixed(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, causal: bool, s: int) -> Tensor:
-    """Combiner-Fixed on block-padded inputs: q, k, v [B, H, n*s, D] (q scaled, v zero where invalid),
-    valid [B, n*s] bool. Returns [B, H, n*s, D]."""
+    """Combiner-Fixed on block-padded inputs: q, k [B, H, n*s, D], v [B, H, n*s, Dv] (q scaled, v zero
+    where invalid), valid [B, n*s] bool. Returns [B, H, n*s, Dv]."""
     B, H, Lp, D = q.shape
     n = Lp // s
-    qb, kb, vb = (t.view(B, H, n, s, D) for t in (q, k, v))
+    qb, kb = (t.view(B, H, n, s, D) for t in (q, k))
+    vb = v.view(B, H, n, s, v.shape[-1])
     key_ok = valid.view(B, 1, n, s)  # (B, 1, n, s)
 
     # Block summaries: pooled key and query, and the block's own attention over its keys.
@@ -127,17 +128,18 @@ def _fixed(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, causal: bool, s: int)
         torch.cat([direct, summary], dim=-1),
         torch.cat([direct_ok.expand(B, 1, n, s, s), summary_ok.expand(B, 1, n, s, n)], dim=-1),
     )
-    out = weights[..., :s] @ vb + weights[..., s:] @ v_sum[:, :, None]  # (B, H, n, s, D)
-    return out.reshape(B, H, Lp, D)
+    out = weights[..., :s] @ vb + weights[..., s:] @ v_sum[:, :, None]  # (B, H, n, s, Dv)
+    return out.reshape(B, H, Lp, -1)
 
 
 def _axial(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, causal: bool, s: int) -> Tensor:
-    """Combiner-Axial on row-padded inputs: q, k, v [B, H, n*s, D] (q scaled, v zero where invalid),
-    valid [B, n*s]. Position (S, U) = row S, column U. Returns [B, H, n*s, D]."""
+    """Combiner-Axial on row-padded inputs: q, k [B, H, n*s, D], v [B, H, n*s, Dv] (q scaled, v zero
+    where invalid), valid [B, n*s]. Position (S, U) = row S, column U. Returns [B, H, n*s, Dv]."""
     B, H, Lp, D = q.shape
     n, m = Lp // s, s
     device = q.device
-    qg, kg, vg = (t.view(B, H, n, m, D) for t in (q, k, v))  # (B, H, S, U, D)
+    qg, kg = (t.view(B, H, n, m, D) for t in (q, k))  # (B, H, S, U, D)
+    vg = v.view(B, H, n, m, v.shape[-1])
     key_ok = valid.view(B, 1, n, m)
     qc, kc, vc = (t.transpose(2, 3) for t in (qg, kg, vg))  # column-major views (B, H, U, S, D)
     key_ok_c = key_ok.transpose(2, 3)  # (B, 1, U, S)
@@ -178,8 +180,8 @@ def _axial(q: Tensor, k: Tensor, v: Tensor, valid: Tensor, causal: bool, s: int)
     out = parts[0] @ vg  # own row
     out = out + (parts[1].transpose(2, 3) @ vc).transpose(2, 3)  # own column: (B, H, U, S, T) @ (B, H, U, T, D)
     for part, v_reg in zip(parts[2:], summaries):
-        out = out + part @ v_reg  # (B, H, S, U, r) @ (B, H, S, r, D)
-    return out.reshape(B, H, Lp, D)
+        out = out + part @ v_reg  # (B, H, S, U, r) @ (B, H, S, r, Dv)
+    return out.reshape(B, H, Lp, -1)
 
 
 def combiner_attention(
@@ -195,14 +197,14 @@ def combiner_attention(
     """Combiner attention (module docstring), O(L sqrt L) time and memory for s ~ sqrt(L).
 
     Args:
-        q, k, v: [batch, heads, length, head_dim] (q, k unscaled).
+        q, k: [batch, heads, length, head_dim] (unscaled); v: [batch, heads, length, value_dim], any width.
         causal: query i sees keys j <= i only, directly or through summaries of fully-past regions.
         block_size: block length ("fixed") or row length ("axial"); None = ceil(sqrt(L)); clamped to L.
         variant: "fixed" or "axial".
         key_padding_mask: bool [batch, length], True at padded keys.
 
     Returns:
-        [batch, heads, length, head_dim] in v's dtype (computed in float32, or float64 for float64
+        [batch, heads, length, value_dim] in v's dtype (computed in float32, or float64 for float64
         input, also under bf16/fp16 autocast); equals ``combiner_attention_weights(q, k, ...) @ v``.
     """
     s = _check("combiner_attention", q, k, v, variant, block_size, key_padding_mask)

@@ -76,8 +76,17 @@ from torch import Tensor
 
 from protein_performer.ops._checks import check_key_padding_mask, check_projection, check_self_attention, compute_dtype
 from protein_performer.ops.favor import _decay, _masked, _running_key_offset, _softmax_logits, softmax_kernel_features
+from protein_performer.ops.rpe_window import (
+    WindowedBias,
+    check_windowed_bias,
+    default_block_size,
+    expand_windowed_bias,
+    kernel_features,
+    windowed_product,
+    windowed_weights,
+)
 
-__all__ = ["favor_rpe_attention", "implied_rpe_attention", "slice_rpe_bias"]
+__all__ = ["WindowedBias", "expand_windowed_bias", "favor_rpe_attention", "implied_rpe_attention", "slice_rpe_bias"]
 
 Toeplitz = Literal["auto", "fft", "dense"]
 
@@ -132,15 +141,19 @@ def _fft_size(n: int) -> int:
     return best
 
 
-def _check(where: str, q: Tensor, k: Tensor, v: Tensor | None, projection: Tensor, rpe_bias: Tensor,
-           key_padding_mask: Tensor | None) -> None:
+def _check(where: str, q: Tensor, k: Tensor, v: Tensor | None, projection: Tensor,
+           rpe_bias: Tensor | WindowedBias, key_padding_mask: Tensor | None) -> None:
     check_self_attention(where, q, k, v)
     check_projection(where, projection, q.shape[-1])
     heads, length = q.shape[1], q.shape[2]
-    if rpe_bias.shape != (heads, 2 * length - 1):
+    if isinstance(rpe_bias, WindowedBias):
+        check_windowed_bias(where, rpe_bias, heads)
+    elif not isinstance(rpe_bias, Tensor) or rpe_bias.shape != (heads, 2 * length - 1):
+        shape = tuple(rpe_bias.shape) if isinstance(rpe_bias, Tensor) else type(rpe_bias).__name__
         raise ValueError(
-            f"{where}: rpe_bias must be [heads, 2L - 1] = {(heads, 2 * length - 1)}, got {tuple(rpe_bias.shape)}; "
-            "a bias sized for a longer max_length is cut with slice_rpe_bias(rpe_bias, L)."
+            f"{where}: rpe_bias must be [heads, 2L - 1] = {(heads, 2 * length - 1)} (the full form) or a "
+            f"WindowedBias, got {shape}; a full bias sized for a longer max_length is cut with "
+            "slice_rpe_bias(rpe_bias, L)."
         )
     check_key_padding_mask(where, key_padding_mask, k.shape[0], length)
 
@@ -400,39 +413,58 @@ def favor_rpe_attention(
     k: Tensor,
     v: Tensor,
     projection: Tensor,
-    rpe_bias: Tensor,
+    rpe_bias: Tensor | WindowedBias,
     *,
     causal: bool = False,
     key_padding_mask: Tensor | None = None,
     toeplitz: Toeplitz = "auto",
+    block_size: int | None = None,
 ) -> Tensor:
     """FAVOR+ attention with relative positional encoding (module docstring).
 
     Args:
-        q, k, v: [batch, heads, length, head_dim] (q, k unscaled; the features apply 1/sqrt(d)).
+        q, k, v: [batch, heads, length, head_dim] (q, k unscaled; the features apply 1/sqrt(d)); v may
+            be narrower or wider than q and k.
         projection: [nb_features, head_dim], as for :func:`~protein_performer.ops.favor_attention`.
-        rpe_bias: [heads, 2L - 1], b_(j-i) at index (j - i) + L - 1, in log space (c = exp(b));
-            differentiable. Cut a longer learned bias with :func:`slice_rpe_bias`.
+        rpe_bias: in log space (c = exp(b)), differentiable, in one of two forms:
+            - a :class:`~protein_performer.ops.rpe_window.WindowedBias` (band [heads, 2w - 1], far
+              [heads, 2]): free within |j - i| < w, one value per direction beyond. Exact FAVOR+
+              prefix/suffix states plus a blocked band, O(L w (m + D)); any length.
+            - a full bias [heads, 2L - 1], b_(j-i) at index (j - i) + L - 1, by FFT or dense blocks
+              (``toeplitz``). Cut a longer learned bias with :func:`slice_rpe_bias`.
         causal: query i sees keys j <= i only.
         key_padding_mask: bool [batch, length], True at padded keys. Padded positions are also
             dropped as queries (zero output rows), as in ``favor_attention``.
-        toeplitz: "fft" (O(L log L m D), the paper's algorithm), "dense" (O(L^2 (m + D)) by blocks)
-            or "auto" (bidirectional: the cheaper one by the CPU cost model; causal: always dense).
-            All agree in exact arithmetic; only dense is causal in floating point (module docstring).
+        toeplitz: full bias only: "fft" (O(L log L m D), the paper's algorithm), "dense" (O(L^2 (m + D))
+            by blocks) or "auto" (bidirectional: the cheaper one by the CPU cost model; causal: always
+            dense). All agree in exact arithmetic; only dense is causal in floating point.
+        block_size: windowed bias only: queries per block of the band product; None = the window
+            w clamped to [16, 128]. The result does not depend on it.
 
     Returns:
-        [batch, heads, length, head_dim] in v's dtype (features in float32, or float64 for float64
-        input); equals ``implied_rpe_attention(q, k, projection, rpe_bias, ...) @ v``. A query that
-        sees no key gets a zero row. ``rpe_bias = 0`` gives ``favor_attention``.
+        [batch, heads, length, v's head_dim] in v's dtype (features in float32, or float64 for
+        float64 input); equals ``implied_rpe_attention(q, k, projection, rpe_bias, ...) @ v``. A query
+        that sees no key gets a zero row. ``rpe_bias = 0`` gives ``favor_attention``.
     """
     _check("favor_rpe_attention", q, k, v, projection, rpe_bias, key_padding_mask)
     if toeplitz not in ("auto", "fft", "dense"):
         raise ValueError(f"favor_rpe_attention: toeplitz must be 'auto', 'fft' or 'dense', got {toeplitz!r}.")
+    windowed = isinstance(rpe_bias, WindowedBias)
+    if windowed and toeplitz != "auto":
+        raise ValueError(
+            f"favor_rpe_attention: toeplitz={toeplitz!r} applies to a full [heads, 2L - 1] bias; a WindowedBias "
+            "has one algorithm (leave toeplitz='auto')."
+        )
+    if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
+        raise ValueError(f"favor_rpe_attention: block_size must be a positive integer or None, got {block_size!r}.")
     B, H, L, D = v.shape
     with torch.autocast(device_type=q.device.type, enabled=False):
-        use_fft = toeplitz == "fft" or (toeplitz == "auto" and _use_fft(L, projection.shape[0], D + 1, causal))
-        # The dense path reads causal keys through running offsets; the FFT needs one shared offset.
-        phi_q, phi_k, key_offset = _features(q, k, projection, key_padding_mask, running=causal and not use_fft)
+        use_fft = not windowed and (
+            toeplitz == "fft" or (toeplitz == "auto" and _use_fft(L, projection.shape[0], D + 1, causal)))
+        # The dense and windowed paths read causal keys through running offsets; the FFT needs one
+        # shared offset.
+        features = kernel_features if windowed else _features
+        phi_q, phi_k, key_offset = features(q, k, projection, key_padding_mask, running=causal and not use_fft)
         dtype = phi_q.dtype
         value = v.to(dtype)
         if key_padding_mask is not None:
@@ -441,10 +473,14 @@ def favor_rpe_attention(
         w = torch.cat([value, value.new_ones(B, H, L, 1)], dim=-1)  # (B, H, L, D + 1)
         m = phi_q.shape[-1]
         args = (phi_q.reshape(B * H, L, m), phi_k.reshape(B * H, L, m), w.reshape(B * H, L, D + 1))
-        if use_fft:
+        offset = None if key_offset is None else key_offset.reshape(B * H, L)
+        if windowed:
+            c = windowed_weights(rpe_bias, causal, dtype)
+            block = default_block_size(rpe_bias.window) if block_size is None else block_size
+            product = windowed_product(*args, c, offset, causal, block)
+        elif use_fft:
             product = _ToeplitzFFT.apply(*args, _relative_weights(rpe_bias, causal, _FFT_DTYPE))
         else:
-            offset = None if key_offset is None else key_offset.reshape(B * H, L)
             product = _ToeplitzDense.apply(*args, _relative_weights(rpe_bias, causal, dtype), offset, causal)
         product = product.view(B, H, L, D + 1)
         numerator, denominator = product[..., :D], product[..., D]
@@ -457,7 +493,7 @@ def implied_rpe_attention(
     q: Tensor,
     k: Tensor,
     projection: Tensor,
-    rpe_bias: Tensor,
+    rpe_bias: Tensor | WindowedBias,
     *,
     causal: bool = False,
     key_padding_mask: Tensor | None = None,
@@ -465,7 +501,8 @@ def implied_rpe_attention(
     """The row-normalised [L, L] matrix that :func:`favor_rpe_attention` applies to V, materialised.
 
     A_ij = c_ij phi(q_i).phi(k_j) / sum_j' c_ij' phi(q_i).phi(k_j'): the dense O(L^2) reference of the
-    FFT path, and attention maps for short sequences.
+    FFT, dense and windowed paths, and attention maps for short sequences. ``rpe_bias`` takes either
+    form of :func:`favor_rpe_attention`; a WindowedBias is expanded to every offset first.
 
     Returns:
         [batch, heads, length, length] in float32 (float64 for float64 input); rows sum to 1 (zero rows
@@ -473,6 +510,8 @@ def implied_rpe_attention(
     """
     _check("implied_rpe_attention", q, k, None, projection, rpe_bias, key_padding_mask)
     L = q.shape[2]
+    if isinstance(rpe_bias, WindowedBias):
+        rpe_bias = expand_windowed_bias(rpe_bias, L)
     with torch.autocast(device_type=q.device.type, enabled=False):
         phi_q, phi_k, key_offset = _features(q, k, projection, key_padding_mask, running=causal)
         c = _relative_weights(rpe_bias, causal, phi_q.dtype)  # (H, 2L - 1)

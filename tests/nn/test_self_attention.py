@@ -16,6 +16,8 @@ def make_attention(kind: str, causal: bool, **overrides: object) -> SelfAttentio
                                      max_length=MAX_LENGTH, position="rotary")
     if kind == "combiner":
         values["combiner_block_size"] = 3
+    if kind == "favor_rpe":  # a window shorter than LENGTH, so the far values act too
+        values.update(rpe_exact_distance=2, rpe_max_distance=4)
     values.update(overrides)
     attention = SelfAttention(PerformerConfig(**values), layer_index=0).double()
     torch.manual_seed(0)
@@ -25,10 +27,14 @@ def make_attention(kind: str, causal: bool, **overrides: object) -> SelfAttentio
     return attention
 
 
+KINDS_AND_FORMS = [pytest.param(kind, {}, id=kind) for kind in ATTENTION_KINDS] + [
+    pytest.param("favor_rpe", {"rpe_max_distance": None}, id="favor_rpe-full-bias")]
+
+
 @pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
-@pytest.mark.parametrize("kind", ATTENTION_KINDS)
-def test_reported_weights_reproduce_the_output(kind: str, causal: bool) -> None:
-    attention = make_attention(kind, causal)
+@pytest.mark.parametrize("kind,overrides", KINDS_AND_FORMS)
+def test_reported_weights_reproduce_the_output(kind: str, overrides: dict, causal: bool) -> None:
+    attention = make_attention(kind, causal, **overrides)
     x = torch.randn(2, LENGTH, D_MODEL, dtype=torch.float64)
     padding = torch.zeros(2, LENGTH, dtype=torch.bool)
     padding[1, 7:] = True
@@ -63,8 +69,9 @@ def test_redraw_uses_only_the_generator() -> None:
     assert not torch.allclose(attention.projection, first)
 
 
-def test_rpe_bias_changes_the_output_and_gets_gradients() -> None:
-    attention = make_attention("favor_rpe", causal=True)
+@pytest.mark.parametrize("overrides", [{}, {"rpe_max_distance": None}], ids=["windowed", "full"])
+def test_rpe_bias_changes_the_output_and_gets_gradients(overrides: dict) -> None:
+    attention = make_attention("favor_rpe", causal=True, **overrides)
     x = torch.randn(1, LENGTH, D_MODEL, dtype=torch.float64)
     with torch.no_grad():
         attention.rpe_bias.zero_()
@@ -77,8 +84,25 @@ def test_rpe_bias_changes_the_output_and_gets_gradients() -> None:
     assert attention.rpe_bias.grad is not None and attention.rpe_bias.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("kind,causal", [("softmax", True), ("favor_rpe", True), ("favor", False)])
-def test_step_is_refused_without_a_recurrent_state(kind: str, causal: bool) -> None:
-    attention = make_attention(kind, causal)
+def test_windowed_bias_reads_one_column_per_bucket() -> None:
+    """Offsets below the exact distance get their own column, equal log buckets share one, and each
+    direction has its own far value."""
+    attention = make_attention("favor_rpe", causal=False, rpe_exact_distance=2, rpe_max_distance=6)
+    with torch.no_grad():
+        attention.rpe_bias.copy_(torch.arange(attention.rpe_bias.numel(), dtype=torch.float64).view_as(
+            attention.rpe_bias))
+    bias = attention.relative_bias(LENGTH)
+    band, far = bias.band[0].tolist(), bias.far[0].tolist()  # offsets -5 .. 5
+    assert len(band) == 11 and band[4:7] == [0, 1, 2]  # offsets -1, 0, 1 exact
+    # distances 2, 3, 4, 5: floor(4 log2(d / 2)) = 0, 2, 4, 5 -> four buckets per direction
+    assert len(set(band[:4])) == 4 and len(set(band[7:])) == 4 and not set(band[:4]) & set(band[7:])
+    assert far[0] != far[1] and not {far[0], far[1]} & set(band)
+    assert sorted(set(attention.rpe_index.tolist())) == list(range(attention.rpe_bias.shape[1]))  # no idle column
+
+
+@pytest.mark.parametrize("kind,causal,overrides", [
+    ("softmax", True, {}), ("favor_rpe", True, {"rpe_max_distance": None}), ("favor", False, {})])
+def test_step_is_refused_without_a_recurrent_state(kind: str, causal: bool, overrides: dict) -> None:
+    attention = make_attention(kind, causal, **overrides)
     with pytest.raises(ValueError, match="step-by-step decoding"):
         attention.step(torch.zeros(1, D_MODEL, dtype=torch.float64), position=0)

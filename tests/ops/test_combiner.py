@@ -67,6 +67,23 @@ def test_output_and_gradients_equal_dense_weights(variant, causal, length, block
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=lambda m: f"grad {name}: {m}")
 
 
+@pytest.mark.parametrize("value_dim", [2, 11], ids=["narrower", "wider"])
+@pytest.mark.parametrize("causal", MODES)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_values_may_differ_in_width_from_queries(variant, causal, value_dim):
+    """As with SDPA, v's last dimension is free: [B, H, L, Dv] in, [B, H, L, Dv] out, gradients too."""
+    q, k, _ = _qkv(length=17, seed=9)
+    v = torch.randn(2, 2, 17, value_dim, generator=_gen(10), dtype=F64)
+    mask = _padding(17, [17, 12])
+    kwargs = dict(causal=causal, block_size=4, variant=variant, key_padding_mask=mask)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = combiner_attention(*leaves, **kwargs)
+    assert out.shape == (2, 2, 17, value_dim)
+    torch.testing.assert_close(out, combiner_attention_weights(q, k, **kwargs) @ v, rtol=1e-12, atol=1e-12)
+    out.square().sum().backward()
+    assert leaves[2].grad.shape == v.shape and torch.isfinite(leaves[0].grad).all()
+
+
 @pytest.mark.parametrize("length,block_size", SHAPES)
 @pytest.mark.parametrize("causal", MODES)
 @pytest.mark.parametrize("variant", VARIANTS)
