@@ -252,14 +252,15 @@ class _WindowedAttention(torch.autograd.Function):
         far_states = tuple(rest[3:] if plan.causal else rest)
         heads = c.shape[0]
         grad = _to_blocks(grad_out.contiguous(), plan.block, 0, 0)  # (n, R, T, E)
-        grad_qb, grad_kb, grad_wb = torch.zeros_like(qb), torch.zeros_like(kb), torch.zeros_like(wb)
+        far_grad_c = torch.zeros_like(c)
+        # the far terms write the gradients first (no zero fill of the big buffers), the band adds to them
+        grad_qb, grad_kb, grad_wb = _far_backward(qb, kb, wb, c, offsets, far_states, plan, grad, far_grad_c)
         index = _weight_index(plan, c.device)
         weights = torch.cat([c, c.new_zeros(heads, 1)], dim=1)[:, index]
         grad_weights = _band_backward(qb, kb, wb, scores, weights, offsets, plan, grad, grad_qb, grad_kb, grad_wb)
         del scores
         grad_c = c.new_zeros(heads, c.shape[1] + 1).index_add_(1, index.flatten(), grad_weights.view(heads, -1))
-        grad_c = grad_c[:, :-1].contiguous()
-        _far_backward(qb, kb, wb, c, offsets, far_states, plan, grad, grad_qb, grad_kb, grad_wb, grad_c)
+        grad_c = grad_c[:, :-1] + far_grad_c
         length, r, n = plan.length, plan.r, plan.n
         shape = k_scaled.shape[:3]
         # through the features: d exp(x) = exp(x) dx, then the projections (the key's with [k', |k'|^2/2])
@@ -437,12 +438,15 @@ def _far_forward(qb, kb, wb, c, offsets, plan: _Plan) -> tuple[Tensor, tuple[Ten
     return out, (state,)
 
 
-def _far_backward(qb, kb, wb, c, offsets, far_states, plan: _Plan, grad, grad_qb, grad_kb, grad_wb,
-                  grad_c) -> None:
-    """Accumulates the far terms' gradients into grad_qb, grad_kb, grad_wb and grad_c (entries 0, -1)."""
+def _far_backward(qb, kb, wb, c, offsets, far_states, plan: _Plan, grad, grad_c) -> tuple[Tensor, Tensor, Tensor]:
+    """The far terms' gradients: returns new (grad_qb, grad_kb, grad_wb) and adds to grad_c (entries 0, -1)."""
     n, lag, r = plan.n, plan.lag, plan.r
     if n <= lag:
-        return
+        return torch.zeros_like(qb), torch.zeros_like(kb), torch.zeros_like(wb)
+    grad_qb, grad_kb, grad_wb = torch.empty_like(qb), torch.empty_like(kb), torch.empty_like(wb)
+    for buffer in (grad_kb, grad_wb):  # the zero key blocks around the sequence
+        buffer[:r].zero_()
+        buffer[r + n :].zero_()
     rows, block, features = qb.shape[1:]
     columns = wb.shape[-1]
     heads = c.shape[0]
@@ -450,8 +454,8 @@ def _far_backward(qb, kb, wb, c, offsets, far_states, plan: _Plan, grad, grad_qb
         prefix, suffix = far_states
         state = _head_scaled(prefix, c[:, 0])
         state += _head_scaled(suffix, c[:, -1])
-        grad_qb.view(-1, block, features).baddbmm_(grad.view(-1, block, columns),
-                                                   state.view(-1, features, columns).transpose(1, 2))
+        torch.bmm(grad.view(-1, block, columns), state.view(-1, features, columns).transpose(1, 2),
+                  out=grad_qb.view(-1, block, features))
         del state
         grad_state = torch.bmm(qb.view(-1, block, features).transpose(1, 2), grad.view(-1, block, columns)).view_as(
             prefix)
@@ -476,22 +480,24 @@ def _far_backward(qb, kb, wb, c, offsets, far_states, plan: _Plan, grad, grad_qb
         grad_c[:, 0] += _head_inner(grad_state[1 : n - lag + 1], state, heads)
         _head_scaled(grad_state, c[:, 0], out=grad_state)
         _head_scaled(read_grad, c[:, 0], out=read_grad)
-        grad_qb[lag:].view(-1, block, features).baddbmm_(read_grad.view(-1, block, columns),
-                                                         state.view(-1, features, columns).transpose(1, 2))
+        grad_qb[:lag].zero_()
+        torch.bmm(read_grad.view(-1, block, columns), state.view(-1, features, columns).transpose(1, 2),
+                  out=grad_qb[lag:].view(-1, block, features))
         del read_grad, state
         # adjoint of _causal_far_states: grad_x_c = sum_(p > c) grad_P_p exp(e_c - e_(p - 1))
         previous_end = torch.cat([end[:1], end[:-1]])
         grad_x = _rows_scan(grad_state, previous_end.neg(), end.neg(), reverse=True)
         del grad_state
     k, w = kb[r : r + n], wb[r : r + n]
-    grad_k = torch.bmm(w.reshape(-1, block, columns), grad_x.view(-1, features, columns).transpose(1, 2)).view_as(k)
-    grad_w = torch.bmm(k.reshape(-1, block, features), grad_x.view(-1, features, columns)).view_as(w)
+    grad_k, grad_w = grad_kb[r : r + n], grad_wb[r : r + n]
+    torch.bmm(w.reshape(-1, block, columns), grad_x.view(-1, features, columns).transpose(1, 2),
+              out=grad_k.view(-1, block, features))
+    torch.bmm(k.reshape(-1, block, features), grad_x.view(-1, features, columns), out=grad_w.view(-1, block, columns))
     if offsets is not None:
         scale = _key_to_end(offsets)
         grad_k.mul_(scale)
         grad_w.mul_(scale)
-    grad_kb[r : r + n] += grad_k
-    grad_wb[r : r + n] += grad_w
+    return grad_qb, grad_kb, grad_wb
 
 
 def _softmax_features(q: Tensor, k: Tensor, projection: Tensor, key_padding_mask: Tensor | None, running: bool):
