@@ -29,8 +29,10 @@ to the end of the last block it holds and rescaled by exp(e - M_i) <= 1). A quer
 <= i (later keys of its own block get exact zero weights), so causal outputs and gradients at i are
 bit-for-bit independent of positions > i. Padded keys have zero features; padded queries zero rows.
 
-The autograd function stores the features in a block layout (O(L m)) and recomputes scores block by
-block in the backward pass: nothing of size L x w x m is kept. The dense reference is
+The autograd function builds the features in place, straight into a block layout, and differentiates
+them by hand. For the backward pass it keeps the features (O(L m)), the band scores (O(L (2w + T)))
+and the far block states (O(L m D / T)): nothing of size L x w x m. The projection gets no gradient
+(it is a redrawn buffer). The dense reference is
 :func:`~protein_performer.ops.rpe_fft.implied_rpe_attention` with :func:`expand_windowed_bias`.
 
 Decoding: :func:`favor_rpe_causal_step` keeps the last w keys plus the far prefix state.
@@ -56,7 +58,8 @@ __all__ = ["WindowedBias", "WindowedState", "expand_windowed_bias", "favor_rpe_c
 
 #: Largest default query block of the band product (T = w up to this): T = w covers the band with 3 key
 #: blocks (3w keys per query for 2w - 1 offsets). At w = 128 (m = 256, D = 64) it beat T = 64 (5 blocks
-#: of 64, 320 keys) by 1.3-1.5x on this project's 2-core CPU: larger products, fewer passes.
+#: of 64, 320 keys) by 1.2-1.5x bidirectional on this project's 2-core CPU (larger products, fewer
+#: passes); causal, the two were within noise.
 MAX_DEFAULT_BLOCK_SIZE = 128
 
 
