@@ -81,8 +81,7 @@ from protein_performer.ops.rpe_window import (
     check_windowed_bias,
     default_block_size,
     expand_windowed_bias,
-    kernel_features,
-    windowed_product,
+    windowed_attention_product,
     windowed_weights,
 )
 
@@ -461,27 +460,27 @@ def favor_rpe_attention(
     with torch.autocast(device_type=q.device.type, enabled=False):
         use_fft = not windowed and (
             toeplitz == "fft" or (toeplitz == "auto" and _use_fft(L, projection.shape[0], D + 1, causal)))
-        # The dense and windowed paths read causal keys through running offsets; the FFT needs one
-        # shared offset.
-        features = kernel_features if windowed else _features
-        phi_q, phi_k, key_offset = features(q, k, projection, key_padding_mask, running=causal and not use_fft)
-        dtype = phi_q.dtype
+        dtype = compute_dtype(q)
         value = v.to(dtype)
         if key_padding_mask is not None:
             value = value.masked_fill(key_padding_mask[:, None, :, None], 0.0)
         # A column of ones turns the same product into the denominator (padded keys have phi_k = 0).
         w = torch.cat([value, value.new_ones(B, H, L, 1)], dim=-1)  # (B, H, L, D + 1)
-        m = phi_q.shape[-1]
-        args = (phi_q.reshape(B * H, L, m), phi_k.reshape(B * H, L, m), w.reshape(B * H, L, D + 1))
-        offset = None if key_offset is None else key_offset.reshape(B * H, L)
-        if windowed:
-            c = windowed_weights(rpe_bias, causal, dtype)
+        if windowed:  # features built inside, straight into the block layout
             block = default_block_size(rpe_bias.window) if block_size is None else block_size
-            product = windowed_product(*args, c, offset, causal, block)
-        elif use_fft:
-            product = _ToeplitzFFT.apply(*args, _relative_weights(rpe_bias, causal, _FFT_DTYPE))
+            c = windowed_weights(rpe_bias, causal, dtype)
+            product = windowed_attention_product(q.to(dtype), k.to(dtype), w, c, projection.to(dtype),
+                                                 key_padding_mask, causal, block)
         else:
-            product = _ToeplitzDense.apply(*args, _relative_weights(rpe_bias, causal, dtype), offset, causal)
+            # The dense path reads causal keys through running offsets; the FFT needs one shared offset.
+            phi_q, phi_k, key_offset = _features(q, k, projection, key_padding_mask, running=causal and not use_fft)
+            m = phi_q.shape[-1]
+            args = (phi_q.reshape(B * H, L, m), phi_k.reshape(B * H, L, m), w.reshape(B * H, L, D + 1))
+            if use_fft:
+                product = _ToeplitzFFT.apply(*args, _relative_weights(rpe_bias, causal, _FFT_DTYPE))
+            else:
+                offset = None if key_offset is None else key_offset.reshape(B * H, L)
+                product = _ToeplitzDense.apply(*args, _relative_weights(rpe_bias, causal, dtype), offset, causal)
         product = product.view(B, H, L, D + 1)
         numerator, denominator = product[..., :D], product[..., D]
         # A zero denominator (no visible key) comes with a zero numerator: return a zero row, not NaN.

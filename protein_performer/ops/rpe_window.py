@@ -29,8 +29,10 @@ to the end of the last block it holds and rescaled by exp(e - M_i) <= 1). A quer
 <= i (later keys of its own block get exact zero weights), so causal outputs and gradients at i are
 bit-for-bit independent of positions > i. Padded keys have zero features; padded queries zero rows.
 
-The autograd function stores the features in a block layout (O(L m)) and recomputes scores block by
-block in the backward pass: nothing of size L x w x m is kept. The dense reference is
+The autograd function builds the features in place, straight into a block layout, and differentiates
+them by hand. For the backward pass it keeps the features (O(L m)), the band scores (O(L (2w + T)))
+and the far block states (O(L m D / T)): nothing of size L x w x m. The projection gets no gradient
+(it is a redrawn buffer). The dense reference is
 :func:`~protein_performer.ops.rpe_fft.implied_rpe_attention` with :func:`expand_windowed_bias`.
 
 Decoding: :func:`favor_rpe_causal_step` keeps the last w keys plus the far prefix state.
@@ -56,7 +58,8 @@ __all__ = ["WindowedBias", "WindowedState", "expand_windowed_bias", "favor_rpe_c
 
 #: Largest default query block of the band product (T = w up to this): T = w covers the band with 3 key
 #: blocks (3w keys per query for 2w - 1 offsets). At w = 128 (m = 256, D = 64) it beat T = 64 (5 blocks
-#: of 64, 320 keys) by 1.3-1.5x on this project's 2-core CPU: larger products, fewer passes.
+#: of 64, 320 keys) by 1.2-1.5x bidirectional on this project's 2-core CPU (larger products, fewer
+#: passes); causal, the two were within noise.
 MAX_DEFAULT_BLOCK_SIZE = 128
 
 
@@ -213,48 +216,67 @@ def _band_decay(offsets: tuple[Tensor, Tensor, Tensor] | None, start: int, stop:
     return (keys[:, :, None, :] - query_offset[start:stop, :, :, None]).clamp_(max=0.0).exp_()
 
 
-class _WindowedProduct(torch.autograd.Function):
-    """N[r, i] = sum_j c(j - i) phi_q[r, i] . phi_k[r, j] E_ij w[r, j] for the windowed c.
+class _WindowedAttention(torch.autograd.Function):
+    """N[r, i] = sum_j c(j - i) phi(q_i) . phi(k_j) E_ij w[r, j] for the windowed c, row r = b H + h.
 
-    phi_q, phi_k: [R, L, m]; w: [R, L, E] (values and a column of ones); c: [H, 2w + 1] from
-    :func:`windowed_weights`, row r = b H + h; key_offset: [R, L] running key offsets (causal), E_ij =
-    exp(M_j - M_i), or None (E = 1). Returns [R, L, E] in the input dtype."""
+    q, k: [B, H, L, D] (compute dtype); w: [B, H, L, E] (values, zero at padding, and a column of
+    ones); c: [H, 2w + 1] from :func:`windowed_weights`; projection: [m, D]. Causal keys carry running
+    offsets M (E_ij = exp(M_j - M_i)), bidirectional ones one shared offset (E = 1). Returns [R, L, E].
+
+    The features are built in place (:func:`_softmax_features`) straight into the block layout the
+    product reads, and differentiated by hand there: the backward pass keeps one copy of them."""
 
     @staticmethod
-    def forward(ctx, phi_q: Tensor, phi_k: Tensor, w: Tensor, c: Tensor, key_offset: Tensor | None,
-                causal: bool, block: int) -> Tensor:
-        rows, length, _ = phi_q.shape
+    def forward(ctx, q: Tensor, k: Tensor, w: Tensor, c: Tensor, projection: Tensor,
+                key_padding_mask: Tensor | None, causal: bool, block: int) -> Tensor:
+        B, H, length, _ = q.shape
+        rows = B * H
         plan = _plan(length, block, (c.shape[1] - 1) // 2, causal)
-        qb = _to_blocks(phi_q, block, 0, 0)  # (n, R, T, m)
-        kb = _to_blocks(phi_k, block, plan.r, plan.after)  # (r + n + after, R, T, m)
-        wb = _to_blocks(w, block, plan.r, plan.after)  # (r + n + after, R, T, E)
-        offsets = None if key_offset is None else _block_offsets(key_offset, plan)
+        query, key, key_offset, k_scaled, w_query, w_key = _softmax_features(q, k, projection, key_padding_mask,
+                                                                            causal)
+        qb = _to_blocks(query.view(rows, length, -1), block, 0, 0)  # (n, R, T, m)
+        kb = _to_blocks(key.view(rows, length, -1), block, plan.r, plan.after)  # (r + n + after, R, T, m)
+        del query, key
+        wb = _to_blocks(w.reshape(rows, length, -1), block, plan.r, plan.after)  # (r + n + after, R, T, E)
+        offsets = None if key_offset is None else _block_offsets(key_offset.view(rows, length), plan)
         weights = torch.cat([c, c.new_zeros(c.shape[0], 1)], dim=1)[:, _weight_index(plan, c.device)]
         out, far_states = _far_forward(qb, kb, wb, c, offsets, plan)  # (n, R, T, E)
         scores = _band_forward(qb, kb, wb, weights, offsets, plan, out)  # (shifts, n, R, T, T)
-        ctx.save_for_backward(qb, kb, wb, c, scores, *(offsets or ()), *far_states)
+        ctx.save_for_backward(qb, kb, wb, c, scores, k_scaled, w_query, w_key, key_padding_mask,
+                              *(offsets or ()), *far_states)
         ctx.plan = plan
         return _from_blocks(out, length)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        qb, kb, wb, c, scores, *rest = ctx.saved_tensors
+        qb, kb, wb, c, scores, k_scaled, w_query, w_key, key_padding_mask, *rest = ctx.saved_tensors
         plan: _Plan = ctx.plan
         offsets = tuple(rest[:3]) if plan.causal else None
         far_states = tuple(rest[3:] if plan.causal else rest)
         heads = c.shape[0]
         grad = _to_blocks(grad_out.contiguous(), plan.block, 0, 0)  # (n, R, T, E)
-        grad_qb, grad_kb, grad_wb = torch.zeros_like(qb), torch.zeros_like(kb), torch.zeros_like(wb)
+        far_grad_c = torch.zeros_like(c)
+        # the far terms write the gradients first (no zero fill of the big buffers), the band adds to them
+        grad_qb, grad_kb, grad_wb = _far_backward(qb, kb, wb, c, offsets, far_states, plan, grad, far_grad_c)
         index = _weight_index(plan, c.device)
         weights = torch.cat([c, c.new_zeros(heads, 1)], dim=1)[:, index]
         grad_weights = _band_backward(qb, kb, wb, scores, weights, offsets, plan, grad, grad_qb, grad_kb, grad_wb)
         del scores
         grad_c = c.new_zeros(heads, c.shape[1] + 1).index_add_(1, index.flatten(), grad_weights.view(heads, -1))
-        grad_c = grad_c[:, :-1].contiguous()
-        _far_backward(qb, kb, wb, c, offsets, far_states, plan, grad, grad_qb, grad_kb, grad_wb, grad_c)
-        length, r = plan.length, plan.r
-        return (_from_blocks(grad_qb, length), _from_blocks(grad_kb[r : r + plan.n], length),
-                _from_blocks(grad_wb[r : r + plan.n], length), grad_c, None, None, None)
+        grad_c = grad_c[:, :-1] + far_grad_c
+        length, r, n = plan.length, plan.r, plan.n
+        shape = k_scaled.shape[:3]
+        # through the features: d exp(x) = exp(x) dx, then the projections (the key's with [k', |k'|^2/2])
+        grad_q = _from_blocks(grad_qb.mul_(qb) @ w_query.T, length).view(*shape, -1)
+        grad_k_aug = _from_blocks(grad_kb[r : r + n].mul_(kb[r : r + n]) @ w_key.T, length).view(*shape, -1)
+        D = k_scaled.shape[-1]
+        grad_k = torch.addcmul(grad_k_aug[..., :D], k_scaled, grad_k_aug[..., D:]).mul_(D**-0.25)
+        if key_padding_mask is not None:
+            pad = key_padding_mask[:, None, :, None]
+            grad_q.masked_fill_(pad, 0.0)
+            grad_k.masked_fill_(pad, 0.0)
+        grad_w = _from_blocks(grad_wb[r : r + n], length).view(*shape, -1)
+        return grad_q, grad_k, grad_w, grad_c, None, None, None, None
 
 
 def _block_offsets(key_offset: Tensor, plan: _Plan) -> tuple[Tensor, Tensor, Tensor]:
@@ -419,12 +441,15 @@ def _far_forward(qb, kb, wb, c, offsets, plan: _Plan) -> tuple[Tensor, tuple[Ten
     return out, (state,)
 
 
-def _far_backward(qb, kb, wb, c, offsets, far_states, plan: _Plan, grad, grad_qb, grad_kb, grad_wb,
-                  grad_c) -> None:
-    """Accumulates the far terms' gradients into grad_qb, grad_kb, grad_wb and grad_c (entries 0, -1)."""
+def _far_backward(qb, kb, wb, c, offsets, far_states, plan: _Plan, grad, grad_c) -> tuple[Tensor, Tensor, Tensor]:
+    """The far terms' gradients: returns new (grad_qb, grad_kb, grad_wb) and adds to grad_c (entries 0, -1)."""
     n, lag, r = plan.n, plan.lag, plan.r
     if n <= lag:
-        return
+        return torch.zeros_like(qb), torch.zeros_like(kb), torch.zeros_like(wb)
+    grad_qb, grad_kb, grad_wb = torch.empty_like(qb), torch.empty_like(kb), torch.empty_like(wb)
+    for buffer in (grad_kb, grad_wb):  # the zero key blocks around the sequence
+        buffer[:r].zero_()
+        buffer[r + n :].zero_()
     rows, block, features = qb.shape[1:]
     columns = wb.shape[-1]
     heads = c.shape[0]
@@ -432,8 +457,8 @@ def _far_backward(qb, kb, wb, c, offsets, far_states, plan: _Plan, grad, grad_qb
         prefix, suffix = far_states
         state = _head_scaled(prefix, c[:, 0])
         state += _head_scaled(suffix, c[:, -1])
-        grad_qb.view(-1, block, features).baddbmm_(grad.view(-1, block, columns),
-                                                   state.view(-1, features, columns).transpose(1, 2))
+        torch.bmm(grad.view(-1, block, columns), state.view(-1, features, columns).transpose(1, 2),
+                  out=grad_qb.view(-1, block, features))
         del state
         grad_state = torch.bmm(qb.view(-1, block, features).transpose(1, 2), grad.view(-1, block, columns)).view_as(
             prefix)
@@ -458,90 +483,65 @@ def _far_backward(qb, kb, wb, c, offsets, far_states, plan: _Plan, grad, grad_qb
         grad_c[:, 0] += _head_inner(grad_state[1 : n - lag + 1], state, heads)
         _head_scaled(grad_state, c[:, 0], out=grad_state)
         _head_scaled(read_grad, c[:, 0], out=read_grad)
-        grad_qb[lag:].view(-1, block, features).baddbmm_(read_grad.view(-1, block, columns),
-                                                         state.view(-1, features, columns).transpose(1, 2))
+        grad_qb[:lag].zero_()
+        torch.bmm(read_grad.view(-1, block, columns), state.view(-1, features, columns).transpose(1, 2),
+                  out=grad_qb[lag:].view(-1, block, features))
         del read_grad, state
         # adjoint of _causal_far_states: grad_x_c = sum_(p > c) grad_P_p exp(e_c - e_(p - 1))
         previous_end = torch.cat([end[:1], end[:-1]])
         grad_x = _rows_scan(grad_state, previous_end.neg(), end.neg(), reverse=True)
         del grad_state
     k, w = kb[r : r + n], wb[r : r + n]
-    grad_k = torch.bmm(w.reshape(-1, block, columns), grad_x.view(-1, features, columns).transpose(1, 2)).view_as(k)
-    grad_w = torch.bmm(k.reshape(-1, block, features), grad_x.view(-1, features, columns)).view_as(w)
+    grad_k, grad_w = grad_kb[r : r + n], grad_wb[r : r + n]
+    torch.bmm(w.reshape(-1, block, columns), grad_x.view(-1, features, columns).transpose(1, 2),
+              out=grad_k.view(-1, block, features))
+    torch.bmm(k.reshape(-1, block, features), grad_x.view(-1, features, columns), out=grad_w.view(-1, block, columns))
     if offsets is not None:
         scale = _key_to_end(offsets)
         grad_k.mul_(scale)
         grad_w.mul_(scale)
-    grad_kb[r : r + n] += grad_k
-    grad_wb[r : r + n] += grad_w
+    return grad_qb, grad_kb, grad_wb
 
 
-class _KernelFeatures(torch.autograd.Function):
-    """Positive softmax-kernel features of queries and keys with hand-written derivatives (the values
-    of :func:`~protein_performer.ops.rpe_fft._features`, built in place as in favor's fast path).
+def _softmax_features(q: Tensor, k: Tensor, projection: Tensor, key_padding_mask: Tensor | None, running: bool):
+    """Positive softmax-kernel features of queries and keys, in place (no autograd; the values of
+    :func:`~protein_performer.ops.rpe_fft._features`, built as in favor's fast path).
 
     phi_q = exp(W q' - max_a W q') (the row max and |q'|^2 / 2 are constant per query and cancel);
-    phi_k = exp(W k' - |k'|^2 / 2 - offset), offset the max over valid keys (shared) or, ``running``,
-    the running max M_j (returned, detached; else an empty tensor). Both are zero at padding and get
-    zero gradients there. The projection gets no gradient."""
+    phi_k = exp(W k' - |k'|^2 / 2 - offset), the offset the max over valid keys (shared) or, ``running``,
+    the running max M_j (returned; else None). Both are zero at padding.
 
-    @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, projection: Tensor, key_padding_mask: Tensor | None,
-                running: bool) -> tuple[Tensor, Tensor, Tensor]:
-        D = q.shape[-1]
-        scale = D**-0.25
-        pad = None if key_padding_mask is None else key_padding_mask[:, None, :, None]
-        w_query = projection.T * scale  # (D, m)
-        w_key = torch.cat([projection, -torch.ones_like(projection[:, :1])], dim=1).T  # (D + 1, m)
-        k_scaled = k * scale
-        k_aug = torch.cat([k_scaled, 0.5 * (k_scaled * k_scaled).sum(dim=-1, keepdim=True)], dim=-1)
-        query = q @ w_query  # (B, H, L, m)
-        query.sub_(query.amax(dim=-1, keepdim=True))
-        key = k_aug @ w_key  # logits W k' - |k'|^2 / 2
-        if pad is not None:
-            query.masked_fill_(pad, -math.inf)
-            key.masked_fill_(pad, -math.inf)
-        query.exp_()
-        if running:
-            offset = _running_max(key.amax(dim=-1))  # (B, H, L)
-            key.sub_(offset[..., None])
-        else:
-            shared = key.amax(dim=(-2, -1), keepdim=True)
-            key.sub_(torch.where(torch.isfinite(shared), shared, torch.zeros_like(shared)))
-            offset = key.new_empty(0)
-        key.exp_()
-        ctx.save_for_backward(query, key, k_scaled, w_query, w_key, key_padding_mask)
-        ctx.mark_non_differentiable(offset)
-        return query, key, offset
-
-    @staticmethod
-    def backward(ctx, grad_query: Tensor, grad_key: Tensor, _grad_offset: Tensor):
-        query, key, k_scaled, w_query, w_key, key_padding_mask = ctx.saved_tensors
-        D = k_scaled.shape[-1]
-        grad_q = (grad_query * query) @ w_query.T  # d exp(x) = exp(x) dx
-        grad_k_aug = (grad_key * key) @ w_key.T  # [dL W, -sum_a dL_a]
-        grad_k = torch.addcmul(grad_k_aug[..., :D], k_scaled, grad_k_aug[..., D:]).mul_(D**-0.25)
-        if key_padding_mask is not None:
-            pad = key_padding_mask[:, None, :, None]
-            grad_q.masked_fill_(pad, 0.0)
-            grad_k.masked_fill_(pad, 0.0)
-        return grad_q, grad_k, None, None, None
+    Returns (phi_q, phi_k [B, H, L, m], offset [B, H, L] or None, k' [B, H, L, D], W_q [D, m],
+    W_k [D + 1, m]): the last three are what the derivatives need."""
+    D = q.shape[-1]
+    scale = D**-0.25
+    pad = None if key_padding_mask is None else key_padding_mask[:, None, :, None]
+    w_query = projection.T * scale  # (D, m)
+    w_key = torch.cat([projection, -torch.ones_like(projection[:, :1])], dim=1).T  # (D + 1, m)
+    k_scaled = k * scale
+    k_aug = torch.cat([k_scaled, 0.5 * (k_scaled * k_scaled).sum(dim=-1, keepdim=True)], dim=-1)
+    query = q @ w_query  # (B, H, L, m)
+    query.sub_(query.amax(dim=-1, keepdim=True))
+    key = k_aug @ w_key  # logits W k' - |k'|^2 / 2
+    if pad is not None:
+        query.masked_fill_(pad, -math.inf)
+        key.masked_fill_(pad, -math.inf)
+    query.exp_()
+    offset = None
+    if running:
+        offset = _running_max(key.amax(dim=-1))  # (B, H, L)
+        key.sub_(offset[..., None])
+    else:
+        shared = key.amax(dim=(-2, -1), keepdim=True)
+        key.sub_(torch.where(torch.isfinite(shared), shared, torch.zeros_like(shared)))
+    key.exp_()
+    return query, key, offset, k_scaled, w_query, w_key
 
 
-def kernel_features(q: Tensor, k: Tensor, projection: Tensor, key_padding_mask: Tensor | None,
-                    running: bool) -> tuple[Tensor, Tensor, Tensor | None]:
-    """(phi_q, phi_k, running key offset or None), [B, H, L, m] x 2 and [B, H, L], in q's compute
-    dtype; see :class:`_KernelFeatures`. Call with autocast off."""
-    dtype = compute_dtype(q)
-    phi_q, phi_k, offset = _KernelFeatures.apply(q.to(dtype), k.to(dtype), projection.to(dtype).detach(),
-                                                 key_padding_mask, running)
-    return phi_q, phi_k, (offset if running else None)
-
-
-def windowed_product(phi_q: Tensor, phi_k: Tensor, w: Tensor, c: Tensor, key_offset: Tensor | None,
-                     causal: bool, block_size: int) -> Tensor:
-    """See :class:`_WindowedProduct`; [R, L, E]."""
-    return _WindowedProduct.apply(phi_q, phi_k, w, c, key_offset, causal, block_size)
+def windowed_attention_product(q: Tensor, k: Tensor, w: Tensor, c: Tensor, projection: Tensor,
+                               key_padding_mask: Tensor | None, causal: bool, block_size: int) -> Tensor:
+    """See :class:`_WindowedAttention`: [B * H, L, E], differentiable in q, k, w and c."""
+    return _WindowedAttention.apply(q, k, w, c, projection.detach(), key_padding_mask, causal, block_size)
 
 
 # --------------------------------------------------------------------------------------------------
