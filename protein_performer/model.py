@@ -109,6 +109,9 @@ class PerformerConfig:
         unknown = sorted(set(values) - known)
         _require(not unknown, f"unknown PerformerConfig keys {unknown}; valid keys are {sorted(known)}")
         _require("vocab_size" in values, "PerformerConfig needs vocab_size (len(Alphabet()))")
+        if values.get("attention") == "favor_rpe" and "rpe_max_distance" not in values:
+            # Saved before the windowed bias existed: such a model learned the free bias over every offset.
+            values = {**values, "rpe_max_distance": None}
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:

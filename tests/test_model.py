@@ -450,3 +450,13 @@ def test_config_from_hydra_fails_loudly_on_unknown_or_misplaced_keys() -> None:
 def test_attention_group_fields_exist_in_the_config() -> None:
     names = {f.name for f in dataclasses.fields(PerformerConfig)}
     assert set(ATTENTION_GROUP_FIELDS) <= names
+
+
+def test_favor_rpe_config_saved_before_the_windowed_bias_loads_with_its_free_bias() -> None:
+    saved = tiny_config("favor_rpe").to_dict()
+    del saved["rpe_max_distance"], saved["rpe_exact_distance"]  # what a checkpoint of the older version holds
+    old = ProteinPerformer(PerformerConfig.from_dict(saved))
+    assert old.config.rpe_max_distance is None
+    rpe_biases = [p for name, p in old.named_parameters() if name.endswith("rpe_bias")]
+    assert rpe_biases and all(p.shape[-1] == 2 * old.config.max_length - 1 for p in rpe_biases)
+    assert PerformerConfig.from_dict(tiny_config("favor_rpe").to_dict()).rpe_max_distance == 5
