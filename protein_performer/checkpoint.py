@@ -194,7 +194,7 @@ def setting_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) ->
 # ProteinDataModule arguments that say where the data is and how fast it is read, not what is sampled:
 # a resumed run may change them (another machine, another cache directory, more workers).
 DATA_LOCATION_KEYS = frozenset({"fasta", "store", "cache_dir", "num_workers", "pin_memory", "compression",
-                                "background_reader", "build_timeout"})
+                                "background_reader", "build_timeout", "prepare_data_per_node"})
 
 
 def data_sampling_settings(datamodule_hparams: Mapping[str, Any]) -> dict[str, Any]:
@@ -226,7 +226,16 @@ def check_resume(path: Path, checkpoint: Mapping[str, Any], run_settings: Mappin
     checkpoint as long as the weights fit the new model.
     """
     saved = saved_run_settings(checkpoint)
+    if isinstance(saved.get("model"), Mapping):
+        # Fields added since the checkpoint was written take the values its version had (from_dict knows them).
+        try:
+            saved["model"] = PerformerConfig.from_dict(dict(saved["model"])).to_dict()
+        except (TypeError, ValueError):
+            pass  # not a valid config today: compared as saved, so every difference is listed
     current = {key: value for key, value in run_settings.items() if key in saved}
+    if isinstance(saved.get("data"), Mapping) and isinstance(current.get("data"), Mapping):
+        # A data argument the checkpoint does not name did not exist in the version that wrote it.
+        current["data"] = {key: value for key, value in current["data"].items() if key in saved["data"]}
     differences = setting_differences(saved, current)
     if differences and strict:
         shown = "; ".join(differences[:8]) + (f"; and {len(differences) - 8} more" if len(differences) > 8 else "")

@@ -113,3 +113,14 @@ def test_resume_is_refused_when_the_run_differs(checkpoint):
     assert saved_run_settings(with_settings) == same
     with pytest.raises(CheckpointError, match=r"data\.max_length: 64 -> 128"):
         check_resume(path, with_settings, {**same, "data": {"max_length": 128}})
+
+
+def test_resume_from_an_older_version_ignores_settings_it_did_not_have(checkpoint):
+    path, saved = read_checkpoint(checkpoint)
+    run = {"model": tiny_config().to_dict(), "objective": "mlm", "seed": 0,
+           "data": {"max_length": 64, "mask_probability": 0.15}}
+    older_model = {key: value for key, value in run["model"].items() if not key.startswith("rpe_")}
+    older = {**saved, "run_settings": {**run, "model": older_model, "data": {"max_length": 64}}}
+    assert check_resume(path, older, run) == []  # fields added since take the values the old version had
+    with pytest.raises(CheckpointError, match=r"data\.max_length: 64 -> 512"):
+        check_resume(path, older, {**run, "data": {"max_length": 512, "mask_probability": 0.15}})
