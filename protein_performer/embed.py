@@ -51,7 +51,7 @@ from tqdm import tqdm
 
 from protein_performer import __version__
 from protein_performer.data import Alphabet, expand_inputs, read_fasta
-from protein_performer.errors import UserError, describe_os_error, run_command
+from protein_performer.errors import UserError, describe_os_error, make_output_directory, run_command
 from protein_performer.runtime import keep_freed_memory
 
 __all__ = [
@@ -675,12 +675,7 @@ def embed_fasta(
         if output.resolve() == path.resolve():
             raise EmbedError(f"output {output} is also an input; writing it would destroy the FASTA: "
                              "choose another output")
-    if output.parent.exists() and not output.parent.is_dir():
-        raise EmbedError(f"{output.parent}: is a file, not a directory; choose another output")
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise EmbedError(f"cannot create the output directory: {describe_os_error(error)}") from None
+    make_output_directory(output, EmbedError)
     scan = _scan(paths, alphabet)
     _check_records(scan.ids, scan.lengths.tolist(), model, settings, scan.at)
     if scan.gapped:

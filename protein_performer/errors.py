@@ -18,6 +18,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import NoReturn, TypeVar
 
 __all__ = ["UserError", "Interrupted", "USER_ERROR_STATUS", "run_command", "signals_unwind", "describe_os_error"]
@@ -77,6 +78,16 @@ def describe_os_error(error: OSError) -> str:
         target = f"{error.filename} -> {error.filename2}" if error.filename2 is not None else f"{error.filename}"
         return f"{target}: {reason}"
     return reason
+
+
+def make_output_directory(output: Path, error: type[UserError]) -> None:
+    """Create `output`'s parent directory if needed; `error` (one line naming it) when that cannot be done."""
+    if output.parent.exists() and not output.parent.is_dir():
+        raise error(f"{output.parent}: is a file, not a directory; choose another output")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as failure:
+        raise error(f"cannot create the output directory: {describe_os_error(failure)}") from None
 
 
 def _fail(command: str, message: str, status: int = USER_ERROR_STATUS) -> NoReturn:

@@ -53,7 +53,7 @@ from protein_performer.data.fasta import (
     read_fasta_chunks_in_background,
 )
 from protein_performer.data.splits import SPLITS, SplitAssigner, SplitSpec, accession_hashes
-from protein_performer.errors import describe_os_error
+from protein_performer.errors import describe_os_error, make_output_directory
 
 __all__ = ["TokenStore", "StoreSummary", "build_token_store", "input_identity", "remove_stale_temporaries",
            "FORMAT_VERSION", "COMPRESSIONS", "HDF5_SUFFIXES"]
@@ -433,12 +433,7 @@ def build_token_store(
                         f"{'/'.join(HDF5_SUFFIXES)}; name it e.g. '{output.stem}.h5', or pass any_suffix=true")
     if output.exists() and not overwrite:
         raise DataError(f"{output}: already exists; pass overwrite=true to replace it")
-    if output.parent.exists() and not output.parent.is_dir():
-        raise DataError(f"{output.parent}: is a file, not a directory; choose another output")
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise DataError(f"cannot create the output directory: {describe_os_error(error)}") from None
+    make_output_directory(output, DataError)
     if not os.access(output.parent, os.W_OK):
         raise DataError(f"{output.parent}: no permission to write in this directory; choose another output")
     remove_stale_temporaries(output)
