@@ -140,7 +140,7 @@ def _train(cfg: DictConfig, callbacks: Sequence[pl.Callback]) -> TrainResult:
             metrics.update(baselines.as_metrics("val"))
         evaluations = "  ".join(f"{key} {value:.3f}" for key, value in sorted(metrics.items())
                                 if key.endswith("/perplexity") and key.split("/")[0] not in ("train", "val"))
-        if "val/perplexity" not in trainer.callback_metrics:
+        if "val/perplexity" not in metrics:
             print(f"no validation perplexity: {_empty_validation_reason(datamodule)}"
                   + (f"\n{evaluations}" if evaluations else ""))
         else:

@@ -21,7 +21,7 @@ def test_bundled_swissprot_subset_is_real_unique_and_large_enough(data_dir):
 def test_demo_run_reports_perplexity_beside_baselines_on_the_same_targets(tmp_path, capsys):
     # The demo experiment as make train runs it, shrunk to a tiny model and a few steps.
     cfg = compose_config(["experiment=demo", "model=tiny", "trainer.max_steps=3", "trainer.val_check_interval=3",
-                          "trainer.num_sanity_val_steps=0", "logger=none", "test=false",
+                          "trainer.num_sanity_val_steps=0", "logger=none", "+trainer.limit_test_batches=2",
                           "data.max_length=128", "data.tokens_per_batch=1024", "callbacks.progress_bar.refresh_rate=0",
                           f"data.cache_dir={tmp_path / 'cache'}"], tmp_path / "run")
     assert cfg.data.fasta == "data/swissprot_subset.fasta.gz"
@@ -36,3 +36,5 @@ def test_demo_run_reports_perplexity_beside_baselines_on_the_same_targets(tmp_pa
     # Swiss-Prot's amino-acid composition: well below uniform's 20, nowhere near a trained model.
     assert 16.5 < float(match.group(3)) < 19.5
     assert result.metrics["val/baseline_frequency_perplexity"] == pytest.approx(float(match.group(3)), abs=1e-3)
+    # The test split ran after validation (as in make train) and is reported on the next line.
+    assert re.search(r"^test/perplexity [\d.]+$", printed, re.MULTILINE), printed
