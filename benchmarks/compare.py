@@ -218,7 +218,8 @@ def run_cell(cell: Cell, overrides: list[str], cell_dir: Path, extra: dict[str, 
     result = {"setting": cell.setting, "cell": cell.name, "kind": cell.kind,
               "command": shlex.join(["python", *train_command(overrides, cell_dir)[1:]]),
               **summarize(rows), "peak_rss_mb": peak_mb, "process_seconds": seconds,
-              "resumed": bool(resume), "curve": curve(rows), **(extra or {})}
+              "resumed": bool(resume), "threads": os.environ.get("OMP_NUM_THREADS", "default"),
+              "curve": curve(rows), **(extra or {})}
     tmp = result_file.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=1))
     os.replace(tmp, result_file)
@@ -301,6 +302,7 @@ class Plan:
     fasta: Path
     out: Path
     settings: list[Setting] = field(default_factory=list)
+    report_only: bool = False  # tables and figures from finished cells; train nothing
 
 
 def run(plan: Plan) -> str:
@@ -314,7 +316,7 @@ def run(plan: Plan) -> str:
         overrides = base_overrides(setting, plan.scale, plan.fasta, cache_dir)
         setting_dir = plan.out / setting.name
         calibration = (calibrate(setting, plan.scale, overrides, setting_dir)
-                       if setting.equal_wall_clock and setting.cells else {})
+                       if setting.equal_wall_clock and setting.cells and not plan.report_only else {})
         results = []
         for cell in setting.cells:
             if cell.reuse is not None:
@@ -324,6 +326,13 @@ def run(plan: Plan) -> str:
                 else:
                     print(f"  {setting.name}/{cell.name}: reference {cell.reuse[0]}/{cell.reuse[1]} not run yet",
                           flush=True)
+                continue
+            if plan.report_only:
+                result_file = setting_dir / cell.name / "result.json"
+                if result_file.is_file():
+                    results.append(json.loads(result_file.read_text()))
+                else:
+                    print(f"  {setting.name}/{cell.name}: not finished yet", flush=True)
                 continue
             extra: dict[str, float] = {}
             steps = plan.scale.steps
@@ -355,6 +364,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="tiny model, a few steps, short crops: checks the whole pipeline in minutes")
     parser.add_argument("--steps", type=int, default=None, help="A/B/D optimizer steps (default: the scale's)")
     parser.add_argument("--concat-seconds", type=float, default=None, help="C: training seconds per kind")
+    parser.add_argument("--report", action="store_true",
+                        help="only print the tables and draw the figures of the cells finished so far")
     args = parser.parse_args(argv)
 
     scale = QUICK if args.quick else FULL
@@ -371,7 +382,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cells = tuple(c for c in setting.cells if args.kinds is None or c.name in args.kinds)
         chosen.append(Setting(setting.name, setting.title, setting.objective, setting.sampling, cells,
                               setting.equal_wall_clock))
-    plan = Plan(scale, args.fasta.resolve(), args.out.resolve(), chosen)
+    plan = Plan(scale, args.fasta.resolve(), args.out.resolve(), chosen, report_only=args.report)
     plan.out.mkdir(parents=True, exist_ok=True)
     print(run(plan))
     return 0

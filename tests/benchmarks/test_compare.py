@@ -59,6 +59,11 @@ def test_quick_comparison_trains_every_cell_reports_and_resumes(tmp_path):
     second = run_compare(out)
     assert second.count("done before, skipped") == 4 and "python -m protein_performer.train" not in second
 
+    # --report trains nothing and rebuilds the same tables from the finished cells.
+    (out / "results.md").unlink()
+    reported = run_compare(out, "--report")
+    assert "python -m protein_performer.train" not in reported and (out / "results.md").read_text() == report
+
     # A cell without its result (as if killed after its last checkpoint) resumes from that checkpoint,
     # and its earlier metrics are kept: the same final numbers come out.
     (out / "A" / "favor" / "result.json").unlink()
