@@ -308,8 +308,7 @@ class Plan:
 def run(plan: Plan) -> str:
     cache_dir = plan.out / "cache"
     report = [f"Data: {plan.fasta.name}; model={plan.scale.model}; {plan.scale.tokens_per_batch} tokens per step; "
-              f"lr {plan.scale.lr}, warmup {plan.scale.warmup_steps}; seed 0. torch threads: "
-              f"{os.environ.get('OMP_NUM_THREADS', 'default')}."]
+              f"lr {plan.scale.lr}, warmup {plan.scale.warmup_steps}; seed 0."]
     finished: dict[tuple[str, str], dict] = {}
     for setting in plan.settings:
         print(f"{setting.name}: {setting.title}", flush=True)
