@@ -625,14 +625,23 @@ class _SoftmaxFavor(torch.autograd.Function):
         grad_query, grad_key, grad_v = _linear_backward(tuple(saved), grad_out.to(query.dtype), ctx.causal)
         grad_q = grad_query.mul_(query) @ w_query.T  # d exp(x) = exp(x) dx
         grad_k_aug = grad_key.mul_(key) @ w_key.T  # [dL W, -sum_m dL]
-        D = k_scaled.shape[-1]
-        grad_k = torch.addcmul(grad_k_aug[..., :D], k_scaled, grad_k_aug[..., D:]).mul_(D**-0.25)
-        if key_padding_mask is not None:
-            pad = key_padding_mask[:, None, :, None]
-            grad_q.masked_fill_(pad, 0.0)
-            grad_k.masked_fill_(pad, 0.0)
-            grad_v.masked_fill_(pad, 0.0)
+        grad_k = _key_gradient(grad_k_aug, k_scaled)
+        _zero_at_padding(key_padding_mask, grad_q, grad_k, grad_v)
         return grad_q, grad_k, grad_v, None, None, None, None
+
+
+def _key_gradient(grad_k_aug: Tensor, k_scaled: Tensor) -> Tensor:
+    """dL/dk from dL/d[k', |k'|^2/2] (the augmented key the softmax features project), k' = k D^-1/4."""
+    D = k_scaled.shape[-1]
+    return torch.addcmul(grad_k_aug[..., :D], k_scaled, grad_k_aug[..., D:]).mul_(D**-0.25)
+
+
+def _zero_at_padding(key_padding_mask: Tensor | None, *grads: Tensor) -> None:
+    """In place: zero the padded rows of each [batch, heads, length, dim] gradient."""
+    if key_padding_mask is not None:
+        pad = key_padding_mask[:, None, :, None]
+        for grad in grads:
+            grad.masked_fill_(pad, 0.0)
 
 
 def _relu_features(q: Tensor, k: Tensor, projection: Tensor, key_padding_mask: Tensor | None) -> tuple[Tensor, Tensor]:

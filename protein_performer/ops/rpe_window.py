@@ -48,9 +48,11 @@ from torch import Tensor
 from protein_performer.ops._checks import compute_dtype
 from protein_performer.ops.favor import (
     _decayed_scan,
+    _key_gradient,
     _running_max,
     _safe_divide,
     _softmax_logits,
+    _zero_at_padding,
     softmax_kernel_features,
 )
 
@@ -269,12 +271,8 @@ class _WindowedAttention(torch.autograd.Function):
         # through the features: d exp(x) = exp(x) dx, then the projections (the key's with [k', |k'|^2/2])
         grad_q = _from_blocks(grad_qb.mul_(qb) @ w_query.T, length).view(*shape, -1)
         grad_k_aug = _from_blocks(grad_kb[r : r + n].mul_(kb[r : r + n]) @ w_key.T, length).view(*shape, -1)
-        D = k_scaled.shape[-1]
-        grad_k = torch.addcmul(grad_k_aug[..., :D], k_scaled, grad_k_aug[..., D:]).mul_(D**-0.25)
-        if key_padding_mask is not None:
-            pad = key_padding_mask[:, None, :, None]
-            grad_q.masked_fill_(pad, 0.0)
-            grad_k.masked_fill_(pad, 0.0)
+        grad_k = _key_gradient(grad_k_aug, k_scaled)
+        _zero_at_padding(key_padding_mask, grad_q, grad_k)
         grad_w = _from_blocks(grad_wb[r : r + n], length).view(*shape, -1)
         return grad_q, grad_k, grad_w, grad_c, None, None, None, None
 
