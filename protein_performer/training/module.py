@@ -22,6 +22,8 @@ from torch.distributed.fsdp import FullyShardedDataParallel
 
 from protein_performer.data import IGNORE_INDEX, OBJECTIVES
 from protein_performer.model import PerformerConfig, ProteinPerformer
+from protein_performer.training.loggers import CHECKPOINT_KEY as CSV_ROWS_KEY
+from protein_performer.training.loggers import ResumableCSVLogger
 
 DECAY_KINDS = ("linear", "cosine", "constant")
 
@@ -131,6 +133,9 @@ class ProteinLM(pl.LightningModule):
         self.last_validated_step = -1  # global_step of the latest real (non-sanity) validation
         self._elapsed_before = 0.0  # wall-clock seconds of training before this process (from a checkpoint)
         self._fit_started: float | None = None
+        # From a checkpoint being resumed: None = not resumed; else the metrics.csv rows it had seen
+        # (-1: a checkpoint that did not record them, so the CSV logger cuts its file by step instead).
+        self._resumed_log_rows: int | None = None
 
     @property
     def config(self) -> PerformerConfig:
@@ -156,6 +161,13 @@ class ProteinLM(pl.LightningModule):
 
     def on_fit_start(self) -> None:
         self._fit_started = time.monotonic()
+
+    def on_train_start(self) -> None:
+        # The global step is restored by now: bring resumable loggers back to the checkpoint.
+        rows = self._resumed_log_rows
+        for logger in self.trainer.loggers:
+            if isinstance(logger, ResumableCSVLogger):
+                logger.resume(0 if rows is None else (None if rows < 0 else rows), self.global_step)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # Dropout draws from the global torch RNG. Seeding it per optimizer step (and rank, so ranks drop
@@ -241,10 +253,15 @@ class ProteinLM(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["elapsed_seconds"] = self.elapsed_seconds()
         checkpoint["last_validated_step"] = self.last_validated_step
+        for logger in self.trainer.loggers if self._trainer is not None else ():
+            if isinstance(logger, ResumableCSVLogger):
+                logger.save()  # the rows counted are on disk with the checkpoint
+                checkpoint[CSV_ROWS_KEY] = logger.rows_logged
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._elapsed_before = float(checkpoint.get("elapsed_seconds", 0.0))
         self.last_validated_step = int(checkpoint.get("last_validated_step", -1))
+        self._resumed_log_rows = int(checkpoint.get(CSV_ROWS_KEY, -1))
 
 
 def pad_length_to_multiple(batch: Mapping[str, Tensor | None], multiple: int, pad_idx: int) -> Mapping[str, Any]:
