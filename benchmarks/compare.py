@@ -14,6 +14,8 @@ FAVOR+) differs:
     C  windows of 4096 from the <eos>-joined stream, masked LM (paper concat): softmax favor favor_rpe,
        at equal wall-clock: every kind gets the same seconds of training (below)
     D  ablations of A's favor: no feature redraw, and m = 64 random features (A's favor is the reference)
+    S  (on request) seed spread: A's softmax and favor again with seed 1, to tell a difference between
+       kinds from what another draw of initial weights, batches, masks and features moves
 
 A and B (and D) train every kind for the same number of steps. For C, seconds per step are measured
 first for all of C's kinds by short real training runs, alternated and repeated (keeping each kind's
@@ -110,6 +112,12 @@ def settings() -> dict[str, Setting]:
             Cell("D", "favor", ("attention=favor",), "favor", reuse=("A", "favor")),
             Cell("D", "no_redraw", ("attention=favor", "attention.feature_redraw_interval=0"), "favor"),
             Cell("D", "m64", ("attention=favor", "attention.nb_features=64"), "favor"),
+        )),
+        Setting("S", "seed spread of A's softmax and favor", "mlm", "single", (
+            Cell("S", "softmax", ("attention=softmax",), "softmax", reuse=("A", "softmax")),
+            Cell("S", "favor", ("attention=favor",), "favor", reuse=("A", "favor")),
+            Cell("S", "softmax_seed1", ("attention=softmax", "seed=1"), "softmax"),
+            Cell("S", "favor_seed1", ("attention=favor", "seed=1"), "favor"),
         )),
     )}
 
@@ -308,7 +316,7 @@ class Plan:
 def run(plan: Plan) -> str:
     cache_dir = plan.out / "cache"
     report = [f"Data: {plan.fasta.name}; model={plan.scale.model}; {plan.scale.tokens_per_batch} tokens per step; "
-              f"lr {plan.scale.lr}, warmup {plan.scale.warmup_steps}; seed 0."]
+              f"lr {plan.scale.lr}, warmup {plan.scale.warmup_steps}; seed 0 (S: also seed 1)."]
     finished: dict[tuple[str, str], dict] = {}
     for setting in plan.settings:
         print(f"{setting.name}: {setting.title}", flush=True)
@@ -356,7 +364,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="proteins to train and evaluate on (default: the bundled Swiss-Prot subset; "
                              "with --quick the bundled 500-protein sample)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "compare")
-    parser.add_argument("--settings", nargs="+", default=["A", "B", "C", "D"], choices=["A", "B", "C", "D"])
+    parser.add_argument("--settings", nargs="+", default=["A", "B", "C", "D"], choices=["A", "B", "C", "D", "S"])
     parser.add_argument("--kinds", nargs="+", default=None,
                         help="keep only these cells (kind or ablation names, e.g. softmax favor no_redraw)")
     parser.add_argument("--quick", action="store_true",

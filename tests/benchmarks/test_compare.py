@@ -92,3 +92,21 @@ def test_metrics_of_a_resumed_run_merge_by_step_later_parts_winning(tmp_path):
     assert [row["step"] for row in rows] == [10, 20, 30, 40]
     assert rows[2]["train/loss"] == 2.5
     assert rows[3] == {"step": 40, "val/perplexity": 14, "test/perplexity": 13}
+
+
+def test_seed_spread_cells_rerun_a_with_only_the_seed_changed(tmp_path):
+    from protein_performer.train import compose_config
+
+    spread, a = compare.settings()["S"], compare.settings()["A"]
+    def shared(setting):  # everything but the run name: the same data, model and optimiser
+        overrides = compare.base_overrides(setting, compare.FULL, tmp_path / "x.fasta", tmp_path / "cache")
+        return [o for o in overrides if not o.startswith("name=")]
+
+    assert shared(spread) == shared(a)
+    base = compare.base_overrides(spread, compare.FULL, tmp_path / "x.fasta", tmp_path / "cache")
+    reused = {c.name: c.reuse for c in spread.cells if c.reuse is not None}
+    assert reused == {"softmax": ("A", "softmax"), "favor": ("A", "favor")}
+    for cell in spread.cells:
+        if cell.reuse is None:
+            cfg = compose_config([*base, *cell.overrides], tmp_path / cell.name)
+            assert (cfg.seed, cfg.attention.kind, cfg.attention.get("feature_seed", 1)) == (1, cell.kind, 1)
