@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed
 install: $(STAMP)
 
 # torch goes in first and pinned: an unpinned torch pulls several GB of CUDA wheels.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip setuptools wheel
 	$(BIN)/python -m pip install "$(TORCH)"

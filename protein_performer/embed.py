@@ -52,6 +52,7 @@ from tqdm import tqdm
 from protein_performer import __version__
 from protein_performer.data import Alphabet, expand_inputs, read_fasta
 from protein_performer.errors import UserError, describe_os_error, make_output_directory, run_command
+from protein_performer.resources import conf_dir
 from protein_performer.runtime import keep_freed_memory
 
 __all__ = [
@@ -847,7 +848,7 @@ def run_cli(cfg: DictConfig) -> int:
     return 0
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="embed")
+@hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="embed")
 def main(cfg: DictConfig) -> None:
     """``python -m protein_performer.embed checkpoint=... input=... output=...`` (see conf/embed.yaml)."""
     keep_freed_memory()  # long inputs allocate large feature tensors per layer: reuse, don't page-fault

@@ -17,6 +17,7 @@ from protein_performer.data.fasta import DataError
 from protein_performer.data.splits import SplitSpec
 from protein_performer.data.store import build_token_store
 from protein_performer.errors import run_command
+from protein_performer.resources import conf_dir
 
 
 USAGE = "python -m protein_performer.preprocess input=<FASTA file or glob> output=<store.h5> [key=value ...]"
@@ -36,7 +37,7 @@ def preprocess(cfg: DictConfig) -> None:
     print(f"wrote {cfg.output}\n{summary.format()}")
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="preprocess")
+@hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="preprocess")
 def main(cfg: DictConfig) -> None:
     run_command("preprocess", lambda: preprocess(cfg), interrupted_note="nothing was written")
 

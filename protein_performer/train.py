@@ -1,7 +1,12 @@
 """Train a protein language model: `python -m protein_performer.train [group=option ...] [key=value ...]`.
 
 Hydra composes the run from conf/train.yaml (groups data, model, attention, trainer, logger, callbacks,
-experiment); this file only instantiates and calls fit and test. Examples:
+experiment). This file wires one run together: it applies the process settings (protein_performer.runtime),
+instantiates the data, model and trainer, refuses a resume that does not match its checkpoint
+(protein_performer.checkpoint), calls fit, validates and saves the final weights when the last validation
+came before the last step, calls test, and prints the validation perplexity beside context-free baselines
+(protein_performer.training.baselines). `compose_config` builds the same config without a command line.
+Examples:
 
     python -m protein_performer.train model=small data=sample trainer=cpu        # the CPU demo
     python -m protein_performer.train experiment=bid trainer=ddp trainer.devices=8
@@ -29,12 +34,12 @@ from protein_performer.checkpoint import check_resume, check_weights_fit, data_s
 from protein_performer.data import Alphabet, ProteinDataModule, TokenStore
 from protein_performer.errors import UserError, run_command
 from protein_performer.model import config_from_hydra
+from protein_performer.resources import conf_dir
 from protein_performer.runtime import configure_process
 from protein_performer.training.baselines import Baselines, context_free_baselines, token_counts
 from protein_performer.training.callbacks import RunSettings
 from protein_performer.training.module import ProteinLM
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 # compile=true pads batch lengths to multiples of FAVOR+'s causal chunk: no partial chunk, few shapes.
 COMPILE_LENGTH_MULTIPLE = 64
 # ckpt_path values Lightning resolves itself (in the new run's own checkpoint directory): not checked here.
@@ -196,7 +201,7 @@ def compose_config(overrides: Sequence[str] = (), output_dir: str | Path | None 
     For tests and notebooks: `train(compose_config(["model=tiny", "trainer=cpu"], tmp_dir))`.
     output_dir: where the run writes; None = the run dir the command line would create under outputs/.
     """
-    with hydra.initialize_config_dir(version_base="1.3", config_dir=str(CONF_DIR)):
+    with hydra.initialize_config_dir(version_base="1.3", config_dir=str(conf_dir())):
         cfg = hydra.compose("train", overrides=list(overrides), return_hydra_config=True)
     HydraConfig.instance().set_config(cfg)  # so ${hydra:...} interpolations resolve as under @hydra.main
     with open_dict(cfg):
@@ -206,7 +211,7 @@ def compose_config(overrides: Sequence[str] = (), output_dir: str | Path | None 
     return cfg
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="train")
 def main(cfg: DictConfig) -> float:
     """Hydra entry point; returns the final validation perplexity (for sweepers that minimise it).
 

@@ -11,7 +11,8 @@ from omegaconf import OmegaConf
 from protein_performer.data import Alphabet, ProteinDataModule
 from protein_performer.model import PerformerConfig, config_from_hydra
 from protein_performer.nn import Block
-from protein_performer.train import CONF_DIR, compose_config
+from protein_performer.resources import conf_dir
+from protein_performer.train import compose_config
 
 GROUPS = ("data", "model", "attention", "trainer", "logger", "callbacks", "experiment")
 # Trainer presets that need GPUs: checked by composition and by building their strategy only.
@@ -19,7 +20,7 @@ GPU_TRAINERS = ("gpu", "ddp", "fsdp")
 
 
 def _options(group: str) -> list[str]:
-    return sorted(path.stem for path in (CONF_DIR / group).glob("*.yaml"))
+    return sorted(path.stem for path in (conf_dir() / group).glob("*.yaml"))
 
 
 def _model_config(cfg) -> PerformerConfig:

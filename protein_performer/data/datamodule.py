@@ -1,7 +1,6 @@
 """ProteinDataModule: a token store (given, or built from FASTA into a cache) -> sharded batch loaders."""
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import logging
@@ -20,24 +19,11 @@ from protein_performer.data.dataset import BatchSpec, ProteinBatches
 from protein_performer.data.fasta import DataError, expand_inputs
 from protein_performer.data.splits import SplitSpec
 from protein_performer.data.store import FORMAT_VERSION, TokenStore, build_token_store, input_identity
+from protein_performer.resources import resolve_data_path
 
 __all__ = ["ProteinDataModule", "EpochLoader", "ResumableLoader"]
 
 log = logging.getLogger(__name__)
-
-# The checkout this package runs from (an editable install): relative data paths that do not exist
-# under the working directory are looked up here, so data=sample works from any directory.
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def _locate(path: str) -> str:
-    """`path` as given if it exists (or matches) under the working directory; else, if it is relative
-    and exists under the repository root, that one."""
-    if os.path.isabs(path) or glob.glob(os.path.expanduser(path)):
-        return path
-    candidate = REPO_ROOT / path
-    return str(candidate) if glob.glob(str(candidate)) else path
-
 
 class EpochLoader(DataLoader):
     """A DataLoader (batch_size=None: the dataset yields batches) that sets its dataset's epoch.
@@ -190,8 +176,8 @@ class ProteinDataModule(pl.LightningDataModule):
         if num_workers < 0:
             raise DataError(f"num_workers must be >= 0, got {num_workers}")
         fasta_list = None if fasta is None else ([fasta] if isinstance(fasta, str) else [str(f) for f in fasta])
-        self.fasta = None if fasta_list is None else [_locate(f) for f in fasta_list]
-        self.store = None if store is None else Path(_locate(store))
+        self.fasta = None if fasta_list is None else [resolve_data_path(f) for f in fasta_list]
+        self.store = None if store is None else Path(resolve_data_path(store))
         self.cache_dir = Path(cache_dir).expanduser().absolute()
         self.num_workers = num_workers
         self.pin_memory = pin_memory
