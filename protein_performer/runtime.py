@@ -11,6 +11,10 @@ about 30% of a FAVOR+ training step here (`benchmarks/train.py`). `keep_freed_me
 take large blocks from its heap and keep what is freed for the next allocation, as PyTorch's CUDA
 caching allocator does on the GPU and as jemalloc/tcmalloc setups do for CPU training. The cost is
 that memory a run has used stays with the process until it exits.
+
+`slow_bf16_warning(precision, accelerator)` catches bf16 asked of a CPU that has no bf16 arithmetic
+(x86 without AVX512-BF16 or AMX-BF16, such as AVX2-only machines; Arm without the BF16 extension):
+there oneDNN emulates every bf16 matmul, and a training step ran 20-30x slower than in float32.
 """
 from __future__ import annotations
 
@@ -19,7 +23,8 @@ import ctypes.util
 import logging
 import sys
 
-__all__ = ["configure_process", "keep_freed_memory", "runs_on_cuda", "use_tensor_cores"]
+__all__ = ["configure_process", "cpu_has_native_bf16", "keep_freed_memory", "runs_on_cpu", "runs_on_cuda",
+           "slow_bf16_warning", "use_tensor_cores"]
 
 log = logging.getLogger(__name__)
 
@@ -93,3 +98,56 @@ def configure_process(accelerator: str, *, keep_freed: bool = True, float32_matm
     elif keep_freed:
         keep_freed_memory()
     return on_cuda
+
+
+CPUINFO = "/proc/cpuinfo"
+# Its flags for bf16 arithmetic in hardware: x86 AVX512-BF16 and AMX-BF16, Arm's BF16 extension.
+_BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def _cpuinfo_flags() -> frozenset[str] | None:
+    """The CPU's feature flags (x86 `flags`, Arm `Features`) from CPUINFO, or None where it does not exist."""
+    try:
+        with open(CPUINFO) as handle:
+            for line in handle:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    return frozenset(value.split())
+    except OSError:
+        return None
+    return frozenset()
+
+
+def cpu_has_native_bf16() -> bool | None:
+    """Whether this CPU computes in bf16 in hardware; None when it cannot tell (no /proc/cpuinfo, e.g. macOS).
+
+    torch.backends.cpu.get_cpu_capability() does not answer this: it names the vector width torch's own
+    kernels use ("AVX2", "AVX512"), and reports "AVX512" on CPUs with and without AVX512-BF16 alike.
+    """
+    flags = _cpuinfo_flags()
+    if not flags:
+        return None
+    return not flags.isdisjoint(_BF16_CPU_FLAGS)
+
+
+def runs_on_cpu(accelerator: str) -> bool:
+    """Whether a Lightning `accelerator` setting computes on the CPU ("auto": when no CUDA or MPS device exists)."""
+    accelerator = str(accelerator).lower()
+    if accelerator != "auto":
+        return accelerator == "cpu"
+    import torch
+
+    mps = getattr(torch.backends, "mps", None)
+    return not torch.cuda.is_available() and not (mps is not None and mps.is_available())
+
+
+def slow_bf16_warning(precision: object, accelerator: str) -> str | None:
+    """A warning for a run that asks for bf16 (`trainer.precision` bf16-mixed, bf16-true, ...) on a CPU
+    without bf16 arithmetic, naming the fix; None when the run is not affected or the CPU is unknown."""
+    if not str(precision).lower().startswith("bf16") or not runs_on_cpu(accelerator):
+        return None
+    if cpu_has_native_bf16() is not False:
+        return None
+    return (f"trainer.precision={precision} on a CPU without bf16 arithmetic (neither AVX512-BF16 nor AMX-BF16 "
+            "among its flags): bf16 matmuls are emulated, which made training steps 20-30x slower than float32 "
+            "on an AVX2 machine. Use trainer.precision=32-true on this machine.")

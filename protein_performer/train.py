@@ -1,12 +1,13 @@
-"""Train a protein language model: `python -m protein_performer.train [group=option ...] [key=value ...]`.
+"""Train a protein language model: `python -m protein_performer.train [group=option ...] [key=value ...]`,
+or the same overrides after the installed command `protein-performer-train`.
 
 Hydra composes the run from conf/train.yaml (groups data, model, attention, trainer, logger, callbacks,
-experiment). This file wires one run together: it applies the process settings (protein_performer.runtime),
-instantiates the data, model and trainer, refuses a resume that does not match its checkpoint
-(protein_performer.checkpoint), calls fit, validates and saves the final weights when the last validation
-came before the last step, calls test, and prints the validation perplexity beside context-free baselines
-(protein_performer.training.baselines). `compose_config` builds the same config without a command line.
-Examples:
+experiment). This file wires one run together: it applies the process settings (protein_performer.runtime;
+a warning when bf16 is asked of a CPU without bf16 arithmetic), instantiates the data, model and trainer,
+refuses a resume that does not match its checkpoint (protein_performer.checkpoint), calls fit, validates
+and saves the final weights when the last validation came before the last step, calls test, and prints
+the validation perplexity beside context-free baselines (protein_performer.training.baselines).
+`compose_config` builds the same config without a command line. Examples:
 
     python -m protein_performer.train model=small data=sample trainer=cpu        # the CPU demo
     python -m protein_performer.train experiment=bid trainer=ddp trainer.devices=8
@@ -15,6 +16,7 @@ Examples:
 """
 from __future__ import annotations
 
+import logging
 import math
 import sys
 import warnings
@@ -29,17 +31,19 @@ from hydra.errors import InstantiationException
 from lightning_fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from protein_performer.checkpoint import check_resume, check_weights_fit, data_sampling_settings, read_checkpoint
 from protein_performer.data import Alphabet, ProteinDataModule, TokenStore
 from protein_performer.errors import UserError, run_command
 from protein_performer.model import config_from_hydra
 from protein_performer.resources import conf_dir
-from protein_performer.runtime import configure_process
+from protein_performer.runtime import configure_process, slow_bf16_warning
 from protein_performer.training.baselines import Baselines, context_free_baselines, token_counts
 from protein_performer.training.callbacks import RunSettings
 from protein_performer.training.module import ProteinLM
 
+log = logging.getLogger(__name__)
 # compile=true pads batch lengths to multiples of FAVOR+'s causal chunk: no partial chunk, few shapes.
 COMPILE_LENGTH_MULTIPLE = 64
 # ckpt_path values Lightning resolves itself (in the new run's own checkpoint directory): not checked here.
@@ -74,6 +78,9 @@ def train(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> TrainResult
 
 
 def _train(cfg: DictConfig, callbacks: Sequence[pl.Callback]) -> TrainResult:
+    slow_bf16 = slow_bf16_warning(cfg.trainer.get("precision"), cfg.trainer.get("accelerator", "auto"))
+    if slow_bf16 is not None:
+        rank_zero_only(log.warning)(slow_bf16)
     configure_process(cfg.trainer.get("accelerator", "auto"), keep_freed=cfg.get("keep_freed_memory", True),
                       float32_matmul_precision=cfg.get("float32_matmul_precision", "high"))
     pl.seed_everything(cfg.seed, workers=True)
