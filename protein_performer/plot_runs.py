@@ -3,24 +3,25 @@
     python -m protein_performer.plot_runs multirun/2025-01-01/12-00-00            # every run below it
     python -m protein_performer.plot_runs outputs multirun --group mlm-small-sample -o cmp.png
 
-Runs are found below each given path from their CSV logs (<run dir>/metrics.csv, logger=csv or many)
-and from offline wandb runs (<run dir>/wandb/offline-run-*/run-*.wandb, logger=wandb), so nothing is
-fetched from the network. `--group` keeps the runs of one wandb group (the config's `name`). Each run
-is labelled by the command-line overrides that tell it apart from the others (e.g. attention=softmax).
+Runs are found below each given path by the metrics.csv that Lightning's CSVLogger writes into the run
+dir (logger=many, the default, or logger=csv), so nothing is fetched from the network. A run logged to
+wandb alone (logger=wandb) has no such file: its binary .wandb log has no public offline reader, so
+it is named and skipped (`wandb sync` uploads it to compare there). `--group` keeps the runs of one
+group (the config's `name`, read from the logged hparams.yaml). Each run is labelled by the command-line
+overrides that tell it apart from the others (e.g. attention=softmax), read from .hydra/overrides.yaml.
 The wall-clock axis is `val/elapsed_seconds`: training time since the run began, resumes included.
 """
 from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
-import struct
-from collections.abc import Iterator, Sequence
+import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
+from omegaconf import OmegaConf
 
 METRIC = "val/perplexity"
 ELAPSED = "val/elapsed_seconds"
@@ -38,12 +39,10 @@ class Run:
     values: list[float] = field(default_factory=list)
 
 
-# ---- metrics.csv ----------------------------------------------------------------------------------------
-
 def read_csv_run(metrics_csv: Path, metric: str = METRIC) -> Run:
     """A Run from a CSVLogger metrics.csv (rows without `metric` are other logging steps)."""
     run_dir = metrics_csv.parent
-    run = Run(run_dir, _csv_group(run_dir), _overrides(run_dir))
+    run = Run(run_dir, _group(run_dir), _overrides(run_dir))
     with metrics_csv.open(newline="") as handle:
         for row in csv.DictReader(handle):
             if row.get(metric):
@@ -53,92 +52,50 @@ def read_csv_run(metrics_csv: Path, metric: str = METRIC) -> Run:
     return run
 
 
-def _csv_group(run_dir: Path) -> str | None:
+def _group(run_dir: Path) -> str | None:
+    """The run's `name` as train.py logged it (resolved) into the CSVLogger's hparams.yaml."""
     hparams = run_dir / "hparams.yaml"
     if not hparams.is_file():
         return None
-    values = yaml.safe_load(hparams.read_text()) or {}
-    config = values.get("config") or {}
-    return config.get("name") if isinstance(config, dict) else None
+    config = _load_yaml(hparams)
+    config = config.get("config") if isinstance(config, dict) else None
+    name = config.get("name") if isinstance(config, dict) else None
+    return None if name is None else str(name)
 
 
 def _overrides(run_dir: Path) -> list[str]:
     overrides = run_dir / ".hydra" / "overrides.yaml"
-    return list(yaml.safe_load(overrides.read_text()) or []) if overrides.is_file() else []
+    values = _load_yaml(overrides) if overrides.is_file() else []
+    return [str(value) for value in values] if isinstance(values, list) else []
 
 
-# ---- offline wandb runs ---------------------------------------------------------------------------------
-# A .wandb file is a LevelDB-style log: a 7-byte header (":W&B", magic, version), then 32 KiB blocks of
-# chunks, each with a 7-byte header (CRC32, length, type: full | first | middle | last); a block's tail
-# shorter than a chunk header is zero padding. Each reassembled record is a wandb protobuf `Record`.
-
-_WANDB_IDENT = b":W&B"
-_BLOCK = 32 * 1024
-_CHUNK_HEADER = struct.Struct("<IHB")
-_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
+def _load_yaml(path: Path) -> object:
+    """A YAML file as plain containers, interpolations (`${...}` in an override) left as written."""
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=False)
 
 
-def wandb_records(path: Path) -> Iterator[bytes]:
-    """The serialized protobuf records of a .wandb file, in order."""
-    data = path.read_bytes()
-    if not data.startswith(_WANDB_IDENT):
-        raise ValueError(f"{path}: not a wandb run file (it does not start with {_WANDB_IDENT!r})")
-    position, pending = 7, b""
-    while position + _CHUNK_HEADER.size <= len(data):
-        left_in_block = _BLOCK - position % _BLOCK
-        if left_in_block < _CHUNK_HEADER.size:
-            position += left_in_block
-            continue
-        _, length, kind = _CHUNK_HEADER.unpack_from(data, position)
-        position += _CHUNK_HEADER.size
-        chunk = data[position:position + length]
-        position += length
-        if kind == _FULL:
-            yield chunk
-        elif kind == _FIRST:
-            pending = chunk
-        elif kind == _MIDDLE:
-            pending += chunk
-        elif kind == _LAST:
-            yield pending + chunk
-        else:  # zeros: the writer stopped mid-block (a run still going, or killed)
-            return
-
-
-def read_wandb_run(run_file: Path, metric: str = METRIC) -> Run:
-    """A Run from an offline wandb run file (<run dir>/wandb/offline-run-*/run-*.wandb)."""
-    from wandb.proto import wandb_internal_pb2
-
-    run = Run(run_file.parent.parent.parent, None, _overrides(run_file.parent.parent.parent))
-    for raw in wandb_records(run_file):
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(raw)
-        kind = record.WhichOneof("record_type")
-        if kind == "run":
-            run.group = record.run.run_group or None
-        elif kind == "history":
-            row = {("/".join(item.nested_key) if item.nested_key else item.key): item.value_json
-                   for item in record.history.item}
-            if metric in row:
-                run.values.append(float(json.loads(row[metric])))
-                run.steps.append(int(float(json.loads(row.get("trainer/global_step", row.get("_step", "nan"))))))
-                run.seconds.append(float(json.loads(row[ELAPSED])) if ELAPSED in row else math.nan)
-    return run
+def wandb_only_runs(paths: Sequence[Path]) -> list[Path]:
+    """Run dirs below `paths` with an offline wandb run but no metrics.csv (trained with logger=wandb)."""
+    found = set()
+    for root in paths:
+        if root.is_dir():
+            for wandb_dir in root.rglob("wandb"):
+                run_dir = wandb_dir.parent
+                if any(wandb_dir.glob("offline-run-*")) and not (run_dir / "metrics.csv").is_file():
+                    found.add(run_dir)
+    return sorted(found)
 
 
 # ---- finding and plotting -------------------------------------------------------------------------------
 
 def find_runs(paths: Sequence[Path], group: str | None = None, metric: str = METRIC) -> list[Run]:
-    """Runs below `paths` (CSV preferred when a run has both), optionally of one group, with data."""
+    """Runs below `paths` with a metrics.csv, optionally of one group, that logged `metric`."""
     runs: dict[Path, Run] = {}
     for root in paths:
         if not root.exists():
             raise FileNotFoundError(f"{root} does not exist; pass Hydra run or sweep directories")
         for metrics_csv in sorted(root.rglob("metrics.csv")) if root.is_dir() else [root]:
             run = read_csv_run(metrics_csv, metric)
-            runs.setdefault(run.path.resolve(), run)
-        for run_file in sorted(root.rglob("run-*.wandb")) if root.is_dir() else []:
-            run = read_wandb_run(run_file, metric)
             runs.setdefault(run.path.resolve(), run)
     selected = [run for run in runs.values() if run.values and (group is None or run.group == group)]
     return sorted(selected, key=lambda run: str(run.path))
@@ -190,10 +147,17 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("-o", "--output", type=Path, help="PNG path (default <first path>/val_perplexity.png)")
     args = parser.parse_args(argv)
     runs = find_runs(args.paths, args.group, args.metric)
+    skipped = wandb_only_runs(args.paths)
+    note = (f"{len(skipped)} run(s) logged to wandb only, without metrics.csv, skipped "
+            f"(e.g. {skipped[0]}): train with logger=many (the default) or logger=csv to plot them here, "
+            "or upload them with `wandb sync <run dir>/wandb/offline-run-*`") if skipped else ""
     if not runs:
         raise SystemExit(f"no runs with {args.metric} below {[str(p) for p in args.paths]}"
                          + (f" in group {args.group!r}" if args.group else "")
-                         + "; train with logger=csv, wandb or many, and let at least one validation finish")
+                         + (f"; {note}" if note else
+                            "; train with logger=many or logger=csv, and let at least one validation finish"))
+    if note:
+        print(note, file=sys.stderr)
     first = args.paths[0]
     output = args.output or (first if first.is_dir() else first.parent) / "val_perplexity.png"
     plot(runs, output, args.metric)

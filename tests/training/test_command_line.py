@@ -1,15 +1,12 @@
 """The command line end to end: a comparison multirun, offline wandb runs, metrics.csv, plot_runs."""
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
-from wandb.proto import wandb_internal_pb2
 
 from protein_performer import plot_runs
 
 from .runs import run_cli, tiny_overrides
+from .wandb_file import read_run
 
 
 @pytest.mark.slow
@@ -27,14 +24,16 @@ def test_attention_comparison_multirun_writes_offline_wandb_runs_of_one_group(tm
         assert (job / "metrics.csv").is_file()
         run_files = list((job / "wandb").glob("offline-run-*/run-*.wandb"))
         assert len(run_files) == 1, "one offline wandb run per job, inside the job's run dir"
-        wandb_run = plot_runs.read_wandb_run(run_files[0])
+        wandb_run = read_run(run_files[0])
         csv_run = plot_runs.read_csv_run(job / "metrics.csv")
         assert wandb_run.group == "cmp" and csv_run.group == "cmp"
-        assert wandb_run.steps == csv_run.steps == [2, 4]
-        assert wandb_run.values == pytest.approx(csv_run.values)
-        assert all(s > 0 for s in wandb_run.seconds)
+        validations = [row for row in wandb_run.history if plot_runs.METRIC in row]
+        assert [row["trainer/global_step"] for row in validations] == csv_run.steps == [2, 4]
+        assert [row[plot_runs.METRIC] for row in validations] == pytest.approx(csv_run.values)
+        assert all(s > 0 for s in csv_run.seconds)
+        assert [row[plot_runs.ELAPSED] for row in validations] == pytest.approx(csv_run.seconds)
         # The resolved config was logged: the job's own attention kind, interpolations filled in.
-        config = _logged_config(run_files[0])
+        config = wandb_run.config["config"]
         assert config["attention"]["kind"] == kind and config["name"] == "cmp"
         assert config["output_dir"] == str(job)
 
@@ -42,15 +41,3 @@ def test_attention_comparison_multirun_writes_offline_wandb_runs_of_one_group(tm
     assert plot_runs.labels(runs) == ["attention=softmax", "attention=favor"]
     output = plot_runs.main([str(sweep), "--group", "cmp"])
     assert output.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-def _logged_config(run_file: Path) -> dict:
-    """The `config` entry train.py logged, read back from an offline .wandb file."""
-    for raw in plot_runs.wandb_records(run_file):
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(raw)
-        if record.WhichOneof("record_type") == "config":
-            for item in record.config.update:
-                if item.key == "config":
-                    return json.loads(item.value_json)
-    raise AssertionError(f"{run_file} holds no logged config")
