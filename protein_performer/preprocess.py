@@ -2,6 +2,7 @@
 
     python -m protein_performer.preprocess input=uniref50.fasta.gz output=uniref50.h5
     python -m protein_performer.preprocess input='shards/*.fasta' output=all.h5 ood_regex='OS=Homo sapiens'
+    protein-performer-preprocess input=uniref50.fasta.gz output=uniref50.h5    # the installed command
 
 Options: conf/preprocess.yaml. Bad input (missing or empty file, binary data, text before the first
 '>', a truncated .gz), an output that is an input or not named .h5, an unwritable directory: one line
