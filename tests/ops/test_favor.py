@@ -18,8 +18,9 @@ from protein_performer.ops import (
     softmax_attention,
     softmax_kernel_features,
 )
-from protein_performer.ops import favor as favor_module
-from protein_performer.ops.favor import _decayed_scan, _favor_attention_reference
+from protein_performer.ops import stabilise
+from protein_performer.ops.favor import favor_attention_reference
+from protein_performer.ops.stabilise import decayed_scan
 
 F64 = torch.float64
 
@@ -156,7 +157,7 @@ def test_favor_equals_its_references_with_gradients(causal, kernel, padded, leng
     references = {
         "implied": implied @ v,
         "paper": _paper_formula(q, k, v, w, **kwargs),
-        "plain-autograd": _favor_attention_reference(q, k, v, w, chunk_size=chunk_size, **kwargs),
+        "plain-autograd": favor_attention_reference(q, k, v, w, chunk_size=chunk_size, **kwargs),
     }
     grad_out = torch.randn(out.shape, generator=_gen(9), dtype=F64)
     grads = torch.autograd.grad((out * grad_out).sum(), (q, k, v))
@@ -174,12 +175,12 @@ def test_favor_equals_its_references_with_gradients(causal, kernel, padded, leng
     torch.testing.assert_close(rows, valid[:, None, :].to(F64).expand_as(rows))
 
 
-@pytest.mark.parametrize("group", [4, favor_module.SCAN_GROUP], ids=lambda g: f"group{g}")
+@pytest.mark.parametrize("group", [4, stabilise.SCAN_GROUP], ids=lambda g: f"group{g}")
 @pytest.mark.parametrize("reverse", [False, True], ids=["prefix", "suffix"])
 @pytest.mark.parametrize("n", [1, 32, 75], ids=lambda n: f"n{n}")
 def test_chunk_state_scan_equals_a_loop(n, reverse, group, monkeypatch):
     # The two-level decayed scan of the causal path against its definition, offsets jumping around.
-    monkeypatch.setattr(favor_module, "SCAN_GROUP", group)
+    monkeypatch.setattr(stabilise, "SCAN_GROUP", group)
     g = _gen(20)
     x = torch.rand(3, n, 5, generator=g, dtype=F64)
     end = torch.cumsum(torch.rand(3, n, generator=g, dtype=F64) * 30, dim=1)  # nondecreasing
@@ -189,8 +190,8 @@ def test_chunk_state_scan_equals_a_loop(n, reverse, group, monkeypatch):
     for c in range(n):
         for c_ in range(c + 1, n) if reverse else range(c):
             expected[:, c] += x[:, c_] * torch.exp(source[:, c_] - target[:, c])[:, None]
-    torch.testing.assert_close(_decayed_scan(x, source, target, reverse=reverse), expected, rtol=1e-12, atol=1e-300)
-    plain = _decayed_scan(x, None, None, reverse=reverse)
+    torch.testing.assert_close(decayed_scan(x, source, target, reverse=reverse), expected, rtol=1e-12, atol=1e-300)
+    plain = decayed_scan(x, None, None, reverse=reverse)
     cumsum = x.flip(1).cumsum(dim=1).flip(1) if reverse else x.cumsum(dim=1)
     torch.testing.assert_close(plain, cumsum - x)
 

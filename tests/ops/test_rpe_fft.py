@@ -13,7 +13,7 @@ from protein_performer.ops import (
     implied_rpe_attention,
     slice_rpe_bias,
 )
-from protein_performer.ops import rpe_fft
+from protein_performer.ops.rpe import dense, fft
 
 F64 = torch.float64
 
@@ -224,7 +224,7 @@ def test_chunking_changes_nothing(causal, toeplitz, chunk_elements, monkeypatch)
     expected = [t.grad.clone() for t in leaves]
     for t in leaves:
         t.grad = None
-    monkeypatch.setattr(rpe_fft, "_CHUNK_ELEMENTS", chunk_elements)
+    monkeypatch.setattr(fft if toeplitz == "fft" else dense, "_CHUNK_ELEMENTS", chunk_elements)
     chunked = favor_rpe_attention(*leaves[:3], projection, leaves[3], causal=causal, toeplitz=toeplitz)
     chunked.square().sum().backward()
     torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=1e-12)
@@ -262,17 +262,17 @@ def test_fft_size_is_the_smallest_5_smooth_length():
         return n == 1
 
     for n in range(1, 600):
-        size = rpe_fft._fft_size(n)
+        size = fft.fft_size(n)
         assert size >= n and smooth(size)
         assert not any(smooth(c) for c in range(n, size)), n
 
 
 def test_auto_picks_dense_for_short_and_fft_for_long_sequences():
-    assert not rpe_fft._use_fft(1024, 256, 65, causal=False)
-    assert rpe_fft._use_fft(1 << 17, 256, 65, causal=False)
+    assert not fft.use_fft(1024, 256, 65, causal=False)
+    assert fft.use_fft(1 << 17, 256, 65, causal=False)
     # causal attention is always dense: the FFT mixes every position's rounding into every output
-    assert rpe_fft._use_fft(1 << 16, 256, 65, causal=False)
-    assert not any(rpe_fft._use_fft(1 << e, 256, 65, causal=True) for e in (10, 16, 20))
+    assert fft.use_fft(1 << 16, 256, 65, causal=False)
+    assert not any(fft.use_fft(1 << e, 256, 65, causal=True) for e in (10, 16, 20))
 
 
 def test_auto_and_bad_algorithm_names():
@@ -315,7 +315,7 @@ def test_causal_float32_ignores_loud_future_keys(toeplitz, chunk_elements, monke
     past gradients independent of the future. "auto" never picks the FFT path for causal attention
     (it mixes every position's rounding into every output), so dense is the path to hold to this."""
     if chunk_elements is not None:
-        monkeypatch.setattr(rpe_fft, "_CHUNK_ELEMENTS", chunk_elements)
+        monkeypatch.setattr(dense, "_CHUNK_ELEMENTS", chunk_elements)  # causal "auto" is dense
     length, t = 40, 17
     q, k, v, projection, bias = _inputs(length=length, dim=32, nb_features=64, seed=4, dtype=torch.float32)
     k = k * 6

@@ -16,7 +16,7 @@ from protein_performer.ops import (
     gaussian_orthogonal_random_matrix,
     implied_rpe_attention,
 )
-from protein_performer.ops import rpe_window
+from protein_performer.ops.rpe import window
 
 F64 = torch.float64
 
@@ -107,7 +107,7 @@ def test_block_size_and_chunking_change_nothing(causal, monkeypatch):
             a, b, c, projection, WindowedBias(band, far), causal=causal, block_size=block), leaves, cotangent)
 
     want, want_grads = run(None)
-    monkeypatch.setattr(rpe_window, "_CHUNK_ELEMENTS", 2 * 3 * 4 * 4 * 3)  # 3 query blocks of 4 per chunk
+    monkeypatch.setattr(window, "_CHUNK_ELEMENTS", 2 * 3 * 4 * 4 * 3)  # 3 query blocks of 4 per chunk
     for block in (1, 4, 5, 64):
         got, got_grads = run(block)
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13)
