@@ -174,7 +174,7 @@ class PerformerConfig:
     n_heads: int = 8  # attention heads; each is d_model // n_heads wide
     d_ff: int = 2048  # hidden width of each feed-forward network
     dropout: float = 0.1  # on embeddings and on each residual branch (the Performer paper's 0.1)
-    attention: str = "favor"  # a kind of ATTENTION: "softmax" (exact) | "favor" | "favor_relu" | "favor_rpe" | "combiner"
+    attention: str = "favor"  # a row of ATTENTION: "softmax" | "favor" | "favor_relu" | "favor_rpe" | "combiner"
     causal: bool = False  # True: position i sees keys <= i (causal LM); False: all keys (masked LM)
     nb_features: int = 256  # random features per head for the favor kinds (the paper's m = 256)
     feature_redraw_interval: int = 1000  # optimizer steps between redraws (the training callback); 0 = never

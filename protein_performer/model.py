@@ -176,8 +176,9 @@ class ProteinPerformer(nn.Module):
         """
         if not self.config.recurrent:
             recurrent = [name for name, row in ATTENTION.items() if row.recurrent]
-            raise ValueError(f"decode_step needs causal=True and an attention kind with a recurrent state ({recurrent}; "
-                             f"favor_rpe with rpe_max_distance set); this model has attention={self.config.attention!r}, "
+            raise ValueError(f"decode_step needs causal=True and an attention kind with a recurrent state "
+                             f"({recurrent}; favor_rpe with rpe_max_distance set); this model has "
+                             f"attention={self.config.attention!r}, "
                              f"causal={self.config.causal}, rpe_max_distance={self.config.rpe_max_distance}")
         if state is None:
             state = DecodingState(position=0, layers=[None] * self.config.n_layers)

@@ -29,7 +29,7 @@ def default_block_size(length: int) -> int:
 
 
 def check_combiner(where: str, q: Tensor, k: Tensor, v: Tensor | None, variant: str, block_size: int | None,
-           key_padding_mask: Tensor | None) -> int:
+                   key_padding_mask: Tensor | None) -> int:
     """Validate the arguments; returns the block size to use (clamped to [1, L])."""
     check_self_attention(where, q, k, v)
     if variant not in ("fixed", "axial"):

@@ -66,8 +66,8 @@ class _SoftmaxFavor(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, projection, key_padding_mask, causal: bool, chunk_size: int) -> Tensor:
-        query, key, offset, k_scaled, w_query, w_key = inplace_softmax_features(q, k, projection, key_padding_mask,
-                                                                                 running=causal)
+        query, key, offset, k_scaled, w_query, w_key = inplace_softmax_features(
+            q, k, projection, key_padding_mask, running=causal)
         out, saved = linear_forward(query, key, v, offset, causal, chunk_size)
         ctx.save_for_backward(query, key, k_scaled, w_query, w_key, key_padding_mask, *saved)
         ctx.causal = causal

@@ -64,7 +64,7 @@ def _bidirectional_backward(saved: tuple, grad_out: Tensor) -> tuple[Tensor, Ten
 def _causal_forward(
     query: Tensor, key: Tensor, value: Tensor, key_offset: Tensor | None, chunk_size: int
 ) -> tuple[Tensor, tuple]:
-    """Chunked causal linear attention with running key offsets; see :func:`~protein_performer.ops.favor.reference.causal_reference`.
+    """Chunked causal linear attention with running key offsets (reference: `favor.reference.causal_reference`).
 
     query, key [B, H, L, m]; value [B, H, L, D]; key_offset [B, H, L] or None; L a multiple of
     chunk_size. Internally tensors are viewed as [B*H, n_chunks, chunk, *]. For chunk c with end offset

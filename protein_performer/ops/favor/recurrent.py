@@ -7,7 +7,13 @@ import torch
 from torch import Tensor
 
 from protein_performer.ops._checks import compute_dtype
-from protein_performer.ops.favor.features import Kernel, check_favor, relu_kernel_features, softmax_kernel_features, softmax_logits
+from protein_performer.ops.favor.features import (
+    Kernel,
+    check_favor,
+    relu_kernel_features,
+    softmax_kernel_features,
+    softmax_logits,
+)
 from protein_performer.ops.stabilise import decay, safe_divide
 
 __all__ = ["FavorState", "favor_causal_step"]

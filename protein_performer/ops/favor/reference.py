@@ -76,7 +76,7 @@ def favor_attention_reference(
     key_padding_mask: Tensor | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> Tensor:
-    """:func:`~protein_performer.ops.favor_attention` in plain autograd (the reference of the fast path; same contract)."""
+    """:func:`~protein_performer.ops.favor_attention` in plain autograd (its reference; same contract)."""
     check_favor("favor_attention", q, k, v, projection, kernel, key_padding_mask)
     with torch.autocast(device_type=q.device.type, enabled=False):
         f = favor_features(q, k, v, projection, kernel, causal, key_padding_mask)

@@ -9,16 +9,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from protein_performer.ops._checks import check_key_padding_mask, check_projection, check_self_attention, compute_dtype
-from protein_performer.ops.favor.features import softmax_kernel_features, softmax_logits
+from protein_performer.ops._checks import check_key_padding_mask, check_projection, check_self_attention
+from protein_performer.ops.favor.features import favor_features
 from protein_performer.ops.rpe.bias import WindowedBias, check_windowed_bias, expand_windowed_bias, relative_weights
-from protein_performer.ops.stabilise import decay, masked, running_key_offset
+from protein_performer.ops.stabilise import decay
 
 __all__ = ["check_rpe", "implied_rpe_attention", "rpe_features"]
 
 
 def check_rpe(where: str, q: Tensor, k: Tensor, v: Tensor | None, projection: Tensor,
-           rpe_bias: Tensor | WindowedBias, key_padding_mask: Tensor | None) -> None:
+              rpe_bias: Tensor | WindowedBias, key_padding_mask: Tensor | None) -> None:
     check_self_attention(where, q, k, v)
     check_projection(where, projection, q.shape[-1])
     heads, length = q.shape[1], q.shape[2]
@@ -37,7 +37,7 @@ def check_rpe(where: str, q: Tensor, k: Tensor, v: Tensor | None, projection: Te
 def rpe_features(
     q: Tensor, k: Tensor, projection: Tensor, key_padding_mask: Tensor | None, *, running: bool
 ) -> tuple[Tensor, Tensor, Tensor | None]:
-    """FAVOR+ softmax-kernel features, both zero at padding (padded queries get zero rows, as in
+    """FAVOR+ softmax-kernel features (:func:`favor_features`), both zero at padding (padded queries get zero rows, as in
     ``favor_attention``); call with autocast off.
 
     Returns:
@@ -46,14 +46,8 @@ def rpe_features(
         ``running=True`` (causal): key j is exp(logit_j - M_j) with M_j the running max over valid
         keys j' <= j (detached), returned as key_offset; the reader rescales by exp(M_j - M_i).
     """
-    dtype = compute_dtype(q)
-    q, k, projection = q.to(dtype), k.to(dtype), projection.to(dtype)
-    phi_q = masked(softmax_kernel_features(q, projection, is_query=True), key_padding_mask)
-    if not running:
-        return phi_q, softmax_kernel_features(k, projection, is_query=False, key_padding_mask=key_padding_mask), None
-    logits = softmax_logits(k, projection)
-    key_offset = running_key_offset(logits, key_padding_mask)
-    return phi_q, masked(torch.exp(logits - key_offset[..., None]), key_padding_mask), key_offset
+    f = favor_features(q, k, None, projection, "softmax", running, key_padding_mask)
+    return f.query, f.key, f.key_offset
 
 
 def implied_rpe_attention(

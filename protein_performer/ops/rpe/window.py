@@ -170,8 +170,8 @@ class _WindowedAttention(torch.autograd.Function):
         B, H, length, _ = q.shape
         rows = B * H
         plan = _plan(length, block, (c.shape[1] - 1) // 2, causal)
-        query, key, key_offset, k_scaled, w_query, w_key = inplace_softmax_features(q, k, projection, key_padding_mask,
-                                                                            causal)
+        query, key, key_offset, k_scaled, w_query, w_key = inplace_softmax_features(q, k, projection,
+                                                                                    key_padding_mask, causal)
         qb = _to_blocks(query.view(rows, length, -1), block, 0, 0)  # (n, R, T, m)
         kb = _to_blocks(key.view(rows, length, -1), block, plan.r, plan.after)  # (r + n + after, R, T, m)
         del query, key
@@ -326,7 +326,7 @@ def _rows_scan(x: Tensor, source: Tensor, target: Tensor, *, reverse: bool = Fal
     (source, target [n, R]): out_c = sum_(c' < c) x_c' exp(source_c' - target_c) (``reverse``: c' > c)."""
     n, rows = x.shape[:2]
     out = decayed_scan(x.transpose(0, 1).contiguous().view(rows, n, -1), source.T.contiguous(), target.T.contiguous(),
-                        reverse=reverse)
+                       reverse=reverse)
     return out.view(rows, n, *x.shape[2:]).transpose(0, 1).contiguous()
 
 
