@@ -223,7 +223,7 @@ class PerformerConfig:
         _require(block_size is None or (_is_int(block_size) and block_size > 0),
                  f"combiner_block_size must be a positive integer or None, got {self.combiner_block_size!r}")
 
-        for name, default in self.kind.defaults.items():
+        for name, default in self.attention_kind.defaults.items():
             if getattr(self, name) is None:
                 setattr(self, name, default(self))
         if self.position is None:
@@ -235,26 +235,26 @@ class PerformerConfig:
                  f"{self.d_model // self.n_heads} must be even; change d_model/n_heads or the position")
         # Bidirectional attention is permutation-equivariant: without positions an MLM cannot see residue
         # order at all. A causal model still can (the mask breaks the symmetry), so that combination stays.
-        _require(self.position != "none" or self.causal or self.kind.relative_bias,
+        _require(self.position != "none" or self.causal or self.attention_kind.relative_bias,
                  f"position='none' with bidirectional attention={self.attention!r} leaves the model blind to "
                  "residue order; use position='rotary' or 'learned', attention='favor_rpe', or causal=True")
 
     @property
-    def kind(self) -> AttentionKind:
+    def attention_kind(self) -> AttentionKind:
         """This config's row of the ATTENTION registry."""
         return ATTENTION[self.attention]
 
     @property
     def longest_input(self) -> int | None:
         """The longest input this model takes (learned positions, a full favor_rpe bias), None: any length."""
-        bounds = [self.kind.length_bound(self), self.max_length if self.position == "learned" else None]
+        bounds = [self.attention_kind.length_bound(self), self.max_length if self.position == "learned" else None]
         known = [bound for bound in bounds if bound is not None]
         return min(known) if known else None
 
     @property
     def recurrent(self) -> bool:
         """True when a causal model of this config can decode one token at a time (constant memory)."""
-        return self.causal and self.kind.is_recurrent(self)
+        return self.causal and self.attention_kind.is_recurrent(self)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> PerformerConfig:

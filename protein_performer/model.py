@@ -91,7 +91,7 @@ class ProteinPerformer(nn.Module):
     @property
     def uses_random_features(self) -> bool:
         """True when the layers hold projections that the training loop should redraw."""
-        return self.config.kind.random_features
+        return self.config.attention_kind.random_features
 
     @torch.no_grad()
     def redraw_projections(self, step: int) -> None:

@@ -266,6 +266,15 @@ def test_auto_picks_dense_for_short_and_fft_for_long_sequences():
     assert not any(fft.use_fft(1 << e, 256, 65, causal=True) for e in (10, 16, 20))
 
 
+def test_the_fft_cost_is_per_device_type_and_overridable(monkeypatch):
+    """A device type without a step cost never picks the FFT by itself; setting one turns the model on."""
+    assert not any(fft.use_fft(1 << e, 256, 65, causal=False, device_type="cuda") for e in (10, 17, 20))
+    monkeypatch.setitem(fft.FFT_STEP_COST, "cuda", fft.FFT_STEP_COST["cpu"])
+    assert fft.use_fft(1 << 17, 256, 65, causal=False, device_type="cuda")
+    monkeypatch.setitem(fft.FFT_STEP_COST, "cpu", 1e9)  # an FFT step as dear as a billion multiply-adds
+    assert not fft.use_fft(1 << 17, 256, 65, causal=False)
+
+
 def test_auto_and_bad_algorithm_names():
     q, k, v, projection, bias = _inputs()
     torch.testing.assert_close(

@@ -36,14 +36,13 @@ from torch import Tensor
 from protein_performer.ops._checks import compute_dtype
 from protein_performer.ops.rpe.bias import WindowedBias, relative_weights, windowed_weights
 from protein_performer.ops.rpe.dense import toeplitz_dense
-from protein_performer.ops.rpe.fft import toeplitz_fft, use_fft
+from protein_performer.ops.rpe.fft import FFT_DTYPE, toeplitz_fft, use_fft
 from protein_performer.ops.rpe.reference import check_rpe, rpe_features
 from protein_performer.ops.rpe.window import default_block_size, windowed_attention_product
 
 __all__ = ["Toeplitz", "favor_rpe_attention"]
 
 Toeplitz = Literal["auto", "fft", "dense"]
-_FFT_DTYPE = torch.float64
 
 
 def favor_rpe_attention(
@@ -117,7 +116,7 @@ def favor_rpe_attention(
             m = phi_q.shape[-1]
             args = (phi_q.reshape(B * H, L, m), phi_k.reshape(B * H, L, m), w.reshape(B * H, L, D + 1))
             if by_fft:
-                product = toeplitz_fft(*args, relative_weights(rpe_bias, causal, _FFT_DTYPE))
+                product = toeplitz_fft(*args, relative_weights(rpe_bias, causal, FFT_DTYPE))
             else:
                 offset = None if key_offset is None else key_offset.reshape(B * H, L)
                 product = toeplitz_dense(*args, relative_weights(rpe_bias, causal, dtype), offset, causal)

@@ -42,13 +42,13 @@ from torch import Tensor
 
 from protein_performer.ops.rpe.bias import sum_by_head
 
-__all__ = ["FFT_STEP_COST", "fft_size", "toeplitz_fft", "use_fft"]
+__all__ = ["FFT_DTYPE", "FFT_STEP_COST", "fft_size", "toeplitz_fft", "use_fft"]
 
 #: Upper bound on the elements of one [rows, features, D + 1, n_fft] FFT chunk (64 MB in float64). A
 #: chunk's temporaries take a few times this.
 _CHUNK_ELEMENTS = 1 << 23
 #: The FFT path convolves in float64 whatever the input precision (see "Precision" above).
-_FFT_DTYPE = torch.float64
+FFT_DTYPE = torch.float64
 #: Cost of one n log2 n step of an FFT channel (float64, forward + backward) in dense-path GEMM
 #: multiply-adds, per torch device type (module docstring); a device type not listed never picks the
 #: FFT by itself. Overridable: ``FFT_STEP_COST["cuda"] = <measured>``.
@@ -90,7 +90,7 @@ def _kernel_grad_to_c(grad_g: Tensor, length: int) -> Tensor:
 def _padded_outer(a: Tensor, b: Tensor, n_fft: int) -> Tensor:
     """x[r, f, e, l] = a[r, l, f] b[r, l, e] for l < L, zero up to n_fft; [R, F, E, n_fft] float64."""
     rows, length, features = a.shape
-    x = a.new_zeros(rows, features, b.shape[-1], n_fft, dtype=_FFT_DTYPE)
+    x = a.new_zeros(rows, features, b.shape[-1], n_fft, dtype=FFT_DTYPE)
     torch.mul(a.transpose(1, 2)[:, :, None, :], b.transpose(1, 2)[:, None, :, :], out=x[..., :length])
     return x
 
@@ -117,12 +117,12 @@ class _ToeplitzFFT(torch.autograd.Function):
         rows, length, features = phi_k.shape
         heads = c.shape[0]
         n_fft = fft_size(2 * length - 1)
-        spectrum = torch.fft.rfft(_circular_kernel(c.to(_FFT_DTYPE), n_fft)).repeat(rows // heads, 1)  # (R, F)
-        out = phi_q.new_zeros(rows, w.shape[-1], length, dtype=_FFT_DTYPE)  # (R, E, L)
+        spectrum = torch.fft.rfft(_circular_kernel(c.to(FFT_DTYPE), n_fft)).repeat(rows // heads, 1)  # (R, F)
+        out = phi_q.new_zeros(rows, w.shape[-1], length, dtype=FFT_DTYPE)  # (R, E, L)
         for r, a in _fft_chunks(rows, features, w.shape[-1], n_fft):
             x_hat = torch.fft.rfft(_padded_outer(phi_k[r, :, a], w[r], n_fft))  # (r, a, E, F)
             y = torch.fft.irfft(x_hat.mul_(spectrum[r, None, None, :]), n=n_fft)[..., :length]
-            out[r] += (y * phi_q[r, :, a].transpose(1, 2).to(_FFT_DTYPE)[:, :, None, :]).sum(dim=1)
+            out[r] += (y * phi_q[r, :, a].transpose(1, 2).to(FFT_DTYPE)[:, :, None, :]).sum(dim=1)
         ctx.save_for_backward(phi_q, phi_k, w, c)
         return out.transpose(1, 2)
 
@@ -132,11 +132,11 @@ class _ToeplitzFFT(torch.autograd.Function):
         rows, length, features = phi_k.shape
         heads = c.shape[0]
         n_fft = fft_size(2 * length - 1)
-        spectrum = torch.fft.rfft(_circular_kernel(c.to(_FFT_DTYPE), n_fft)).repeat(rows // heads, 1)
-        grad_t = grad_out.to(_FFT_DTYPE).transpose(1, 2)  # (R, E, L)
-        grad_q = torch.empty_like(phi_q, dtype=_FFT_DTYPE)
-        grad_k = torch.empty_like(phi_k, dtype=_FFT_DTYPE)
-        grad_w = torch.zeros_like(w, dtype=_FFT_DTYPE).transpose(1, 2)  # (R, E, L)
+        spectrum = torch.fft.rfft(_circular_kernel(c.to(FFT_DTYPE), n_fft)).repeat(rows // heads, 1)
+        grad_t = grad_out.to(FFT_DTYPE).transpose(1, 2)  # (R, E, L)
+        grad_q = torch.empty_like(phi_q, dtype=FFT_DTYPE)
+        grad_k = torch.empty_like(phi_k, dtype=FFT_DTYPE)
+        grad_w = torch.zeros_like(w, dtype=FFT_DTYPE).transpose(1, 2)  # (R, E, L)
         grad_kernel_hat = spectrum.new_zeros(spectrum.shape)  # sum over channels of rfft(grad y) conj(x_hat)
         for r, a in _fft_chunks(rows, features, w.shape[-1], n_fft):
             x_hat = torch.fft.rfft(_padded_outer(phi_k[r, :, a], w[r], n_fft))
@@ -147,8 +147,8 @@ class _ToeplitzFFT(torch.autograd.Function):
             z_hat = torch.fft.rfft(_padded_outer(phi_q[r, :, a], grad_out[r], n_fft))
             grad_kernel_hat[r] += (z_hat * x_hat.conj_physical_()).sum(dim=(1, 2))
             grad_x = torch.fft.irfft(z_hat.mul_(spectrum[r, None, None, :].conj()), n=n_fft)[..., :length]
-            grad_k[r, :, a] = (grad_x * w[r].transpose(1, 2).to(_FFT_DTYPE)[:, None]).sum(dim=2).transpose(1, 2)
-            grad_w[r] += (grad_x * phi_k[r, :, a].transpose(1, 2).to(_FFT_DTYPE)[:, :, None, :]).sum(dim=1)
+            grad_k[r, :, a] = (grad_x * w[r].transpose(1, 2).to(FFT_DTYPE)[:, None]).sum(dim=2).transpose(1, 2)
+            grad_w[r] += (grad_x * phi_k[r, :, a].transpose(1, 2).to(FFT_DTYPE)[:, :, None, :]).sum(dim=1)
         grad_kernel = torch.fft.irfft(sum_by_head(grad_kernel_hat, heads), n=n_fft)  # (H, n_fft)
         grad_c = _kernel_grad_to_c(grad_kernel, length)
         return (grad_q.to(phi_q.dtype), grad_k.to(phi_k.dtype), grad_w.transpose(1, 2).to(w.dtype), grad_c.to(c.dtype))
