@@ -18,7 +18,7 @@ except PackageNotFoundError:  # running from a source tree that was never instal
     __version__ = "0.0.0+unknown"
 
 _EXPORTS = {
-    "PerformerConfig": "protein_performer.model",
+    "PerformerConfig": "protein_performer.config",
     "ProteinPerformer": "protein_performer.model",
     "PerformerOutput": "protein_performer.model",
     "load_model": "protein_performer.checkpoint",
@@ -30,7 +30,8 @@ __all__ = [*_EXPORTS, "__version__"]
 if TYPE_CHECKING:
     from protein_performer.checkpoint import load_model
     from protein_performer.data import Alphabet
-    from protein_performer.model import PerformerConfig, PerformerOutput, ProteinPerformer
+    from protein_performer.config import PerformerConfig
+    from protein_performer.model import PerformerOutput, ProteinPerformer
 
 
 def __getattr__(name: str) -> Any:

@@ -22,7 +22,9 @@ from protein_performer.model import (
     config_from_hydra,
     projection_seed,
 )
+from protein_performer.config import ATTENTION
 from protein_performer.nn import ATTENTION_KINDS, RANDOM_FEATURE_KINDS
+from protein_performer.ops.combiner import default_block_size
 
 VOCAB, PAD = 25, 1
 CONF = Path(__file__).resolve().parent.parent / "conf"
@@ -342,8 +344,34 @@ def test_decode_step_needs_a_causal_recurrent_kind(kind: str, causal: bool) -> N
 
 def test_config_round_trips_through_a_dict() -> None:
     config = tiny_config("combiner", combiner_block_size=None)
-    assert config.combiner_block_size == 7  # round(sqrt(max_length=48))
+    assert config.combiner_block_size == 7  # ceil(sqrt(max_length=48)), the rule of ops.combiner
     assert PerformerConfig.from_dict(config.to_dict()) == config
+
+
+def test_vocab_size_defaults_to_the_alphabet() -> None:
+    assert PerformerConfig().vocab_size == len(Alphabet())
+
+
+@pytest.mark.parametrize("max_length", [48, 500, 1024, 8192])
+def test_combiner_block_size_has_one_default_rule(max_length: int) -> None:
+    """The config's default is the op's own default at L = max_length: one rule, ceil(sqrt(L))."""
+    config = tiny_config("combiner", combiner_block_size=None, max_length=max_length)
+    assert config.combiner_block_size == default_block_size(max_length)
+
+
+def test_every_registered_kind_has_a_config_file_and_every_file_a_kind() -> None:
+    assert sorted(ATTENTION) == sorted(p.stem for p in (CONF / "attention").glob("*.yaml"))
+    assert ATTENTION_KINDS == tuple(ATTENTION)
+    assert RANDOM_FEATURE_KINDS == tuple(name for name, row in ATTENTION.items() if row.random_features)
+
+
+@pytest.mark.parametrize("kind", ATTENTION_KINDS)
+def test_longest_input_and_recurrence_follow_the_registry(kind: str) -> None:
+    config = tiny_config(kind, causal=True)
+    assert config.recurrent == (ATTENTION[kind].step is not None and ATTENTION[kind].is_recurrent(config))
+    assert config.longest_input == ATTENTION[kind].length_bound(config)
+    assert tiny_config(kind, position="learned").longest_input == 48
+    assert tiny_config(kind, causal=False).recurrent is False
 
 
 def test_config_from_dict_rejects_unknown_keys() -> None:

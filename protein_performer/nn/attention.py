@@ -1,30 +1,32 @@
 """Multi-head self-attention: projections, head split, rotary, and dispatch to the `ops` kernels.
 
-The math of each attention kind lives in `protein_performer.ops`; this module owns the weights and
-buffers those functions need (q/k/v projections, the random-feature projection, the RPE bias) and
-gives every kind the same interface. For a feature map, return_attention=True gives the matrix that
+The math of each attention kind lives in `protein_performer.ops`, and how a layer calls it in the kind's
+row of `protein_performer.config.ATTENTION`; this module owns the weights and buffers those functions
+need (q/k/v projections, the random-feature projection, the RPE bias) and gives every kind the same
+interface. For a feature map, return_attention=True gives the matrix that
 the kind's forward applied to v (exact for softmax, implied by the features for FAVOR+).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from protein_performer import ops
+from protein_performer.config import (  # the kind tuples are re-exported: they lived here before the registry
+    ATTENTION,
+    ATTENTION_KINDS,
+    RANDOM_FEATURE_KINDS,
+    RECURRENT_KINDS,
+    AttentionKind,
+    PerformerConfig,
+)
 from protein_performer.nn.rotary import RotaryEmbedding
 
-if TYPE_CHECKING:  # model.py imports this module, so the config type is imported for checkers only
-    from protein_performer.model import PerformerConfig
+__all__ = ["ATTENTION_KINDS", "RANDOM_FEATURE_KINDS", "RECURRENT_KINDS", "RPE_BUCKETS_PER_OCTAVE", "SelfAttention",
+           "relative_buckets"]
 
-ATTENTION_KINDS = ("softmax", "favor", "favor_relu", "favor_rpe", "combiner")
-# Kinds that hold a random-feature projection (a buffer redrawn during training).
-RANDOM_FEATURE_KINDS = ("favor", "favor_relu", "favor_rpe")
-# Kinds with a constant-size recurrent state, so a causal model can decode one token at a time (and
-# favor_rpe with a windowed bias: the last w keys plus the far state; see SelfAttention.recurrent).
-RECURRENT_KINDS = ("favor", "favor_relu")
-_FAVOR_KERNEL = {"favor": "softmax", "favor_relu": "relu"}
 # Log-spaced buckets of the windowed favor_rpe bias between rpe_exact_distance and rpe_max_distance.
 RPE_BUCKETS_PER_OCTAVE = 4
 
@@ -58,7 +60,7 @@ def relative_buckets(exact_distance: int, max_distance: int) -> Tensor:
 
 
 class SelfAttention(nn.Module):
-    """Self-attention of one block, for any kind in ATTENTION_KINDS.
+    """Self-attention of one block, for any kind of the ATTENTION registry (`protein_performer.config`).
 
     No dropout on attention weights: kernelized attention never materialises them, and keeping the
     kinds alike makes their comparison fair. Dropout acts on the output, as it enters the residual.
@@ -82,8 +84,7 @@ class SelfAttention(nn.Module):
         self.rotary = RotaryEmbedding(self.head_dim) if config.position == "rotary" else None
         # Persistent buffer: saved in checkpoints, moved with .to(), never touched by the optimiser.
         # Filled by redraw_projection (the model draws all layers at construction).
-        projection = (torch.zeros(config.nb_features, self.head_dim)
-                      if self.kind in RANDOM_FEATURE_KINDS else None)
+        projection = torch.zeros(config.nb_features, self.head_dim) if self.spec.random_features else None
         self.register_buffer("projection", projection, persistent=True)
         # favor_rpe's b_(j-i), zero = plain FAVOR+ at initialisation. Windowed (rpe_max_distance = w): a
         # table [heads, columns] read through rpe_index (relative_buckets), the same size at any length.
@@ -91,17 +92,20 @@ class SelfAttention(nn.Module):
         # [heads, 2L-1] for each input.
         self.rpe_bias: nn.Parameter | None = None
         index = None
-        if self.kind == "favor_rpe" and config.rpe_max_distance is not None:
+        if self.spec.relative_bias and config.rpe_max_distance is not None:
             index = relative_buckets(config.rpe_exact_distance, config.rpe_max_distance)
             self.rpe_bias = nn.Parameter(torch.zeros(config.n_heads, int(index.max()) + 1))
-        elif self.kind == "favor_rpe":
+        elif self.spec.relative_bias:
             self.rpe_bias = nn.Parameter(torch.zeros(config.n_heads, 2 * config.max_length - 1))
         self.register_buffer("rpe_index", index, persistent=False)  # derived from the config
+        # a causal layer of this kind has a finite recurrent state (it can `step`)
+        self.recurrent = self.spec.step is not None and self.spec.is_recurrent(config)
 
     @property
-    def recurrent(self) -> bool:
-        """True when a causal layer of this kind has a finite recurrent state (it can `step`)."""
-        return self.kind in RECURRENT_KINDS or self.rpe_index is not None
+    def spec(self) -> AttentionKind:
+        """This layer's row of the ATTENTION registry: how to call its op, what the kind holds. (Looked
+        up by name, not stored: the rows hold closures, and a module must stay picklable.)"""
+        return ATTENTION[self.kind]
 
     def relative_bias(self, length: int) -> Tensor | ops.WindowedBias:
         """favor_rpe's bias in the form its op takes: a WindowedBias, or the full [heads, 2L - 1] one."""
@@ -145,29 +149,11 @@ class SelfAttention(nn.Module):
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
         """Attention output [batch, heads, length, head_dim] of this layer's kind."""
-        if self.kind == "softmax":
-            return ops.softmax_attention(q, k, v, causal=self.causal, key_padding_mask=key_padding_mask)
-        if self.kind in _FAVOR_KERNEL:
-            return ops.favor_attention(q, k, v, self.projection, causal=self.causal,
-                                       kernel=_FAVOR_KERNEL[self.kind], key_padding_mask=key_padding_mask)
-        if self.kind == "favor_rpe":
-            return ops.favor_rpe_attention(q, k, v, self.projection, self.relative_bias(q.shape[-2]),
-                                           causal=self.causal, key_padding_mask=key_padding_mask)
-        return ops.combiner_attention(q, k, v, causal=self.causal, block_size=self.combiner_block_size,
-                                      variant=self.combiner_variant, key_padding_mask=key_padding_mask)
+        return self.spec.attend(self, q, k, v, key_padding_mask)
 
     def attention_weights(self, q: Tensor, k: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
         """The [batch, heads, length, length] matrix A that `attend` applies: attend(q, k, v) = A @ v."""
-        if self.kind == "softmax":
-            return ops.softmax_attention_weights(q, k, causal=self.causal, key_padding_mask=key_padding_mask)
-        if self.kind in _FAVOR_KERNEL:
-            return ops.implied_attention(q, k, self.projection, causal=self.causal,
-                                         kernel=_FAVOR_KERNEL[self.kind], key_padding_mask=key_padding_mask)
-        if self.kind == "favor_rpe":
-            return ops.implied_rpe_attention(q, k, self.projection, self.relative_bias(q.shape[-2]),
-                                             causal=self.causal, key_padding_mask=key_padding_mask)
-        return ops.combiner_attention_weights(q, k, causal=self.causal, block_size=self.combiner_block_size,
-                                              variant=self.combiner_variant, key_padding_mask=key_padding_mask)
+        return self.spec.weights(self, q, k, key_padding_mask)
 
     def forward(self, x: Tensor, key_padding_mask: Tensor | None = None,
                 return_attention: bool = False) -> tuple[Tensor, Tensor | None]:
@@ -193,8 +179,5 @@ class SelfAttention(nn.Module):
                              f"favor_rpe with a windowed bias (rpe_max_distance set), this layer is "
                              f"attention={self.kind!r}, causal={self.causal}")
         q, k, v = (t.squeeze(2) for t in self.project_qkv(x_t[:, None, :], offset=position))  # (B, H, D)
-        if self.kind == "favor_rpe":
-            y, state = ops.favor_rpe_causal_step(q, k, v, self.projection, self.relative_bias(position + 1), state)
-        else:
-            y, state = ops.favor_causal_step(q, k, v, self.projection, state, kernel=_FAVOR_KERNEL[self.kind])
+        y, state = self.spec.step(self, q, k, v, position, state)
         return self.dropout(self.out_proj(y.reshape(x_t.shape[0], -1))), state

@@ -1,15 +1,13 @@
 """A pre-LayerNorm Transformer block: x + attention(norm(x)), then x + feedforward(norm(x))."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from torch import Tensor, nn
 
+from protein_performer.config import PerformerConfig
 from protein_performer.nn.attention import SelfAttention
 from protein_performer.nn.feedforward import FeedForward
-
-if TYPE_CHECKING:
-    from protein_performer.model import PerformerConfig
 
 
 class Block(nn.Module):

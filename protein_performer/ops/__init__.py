@@ -1,4 +1,13 @@
-"""Pure attention math on tensors shaped [batch, heads, length, head_dim]: no parameters, no config."""
+"""Pure attention math on tensors shaped [batch, heads, length, head_dim]: no parameters, no config.
+
+One package per family, each with a naive O(L^2) reference beside its fast paths:
+
+    softmax/    exact attention (SDPA) and its materialised matrix
+    favor/      FAVOR+: features, reference, linear-time fast path, recurrent step
+    rpe/        FAVOR+ with relative positions: bias forms, reference, window / FFT / dense paths, step
+    combiner/   Combiner: the dense matrix from masks, the blocked fast path
+    stabilise.py  the log-offset stabilisers and decayed scan FAVOR+ and favor_rpe share
+"""
 from protein_performer.ops.combiner import combiner_attention, combiner_attention_weights
 from protein_performer.ops.favor import (
     FavorState,
@@ -9,8 +18,15 @@ from protein_performer.ops.favor import (
     relu_kernel_features,
     softmax_kernel_features,
 )
-from protein_performer.ops.rpe_fft import favor_rpe_attention, implied_rpe_attention, slice_rpe_bias
-from protein_performer.ops.rpe_window import WindowedBias, WindowedState, expand_windowed_bias, favor_rpe_causal_step
+from protein_performer.ops.rpe import (
+    WindowedBias,
+    WindowedState,
+    expand_windowed_bias,
+    favor_rpe_attention,
+    favor_rpe_causal_step,
+    implied_rpe_attention,
+    slice_rpe_bias,
+)
 from protein_performer.ops.softmax import softmax_attention, softmax_attention_weights
 
 __all__ = [

@@ -9,7 +9,8 @@ import torch
 from protein_performer.ops import combiner_attention, combiner_attention_weights, softmax_attention
 from protein_performer.ops.combiner import default_block_size
 
-F64 = torch.float64
+from .common import F64, generator, padding, random_qkv
+
 VARIANTS = ["fixed", "axial"]
 MODES = [pytest.param(False, id="bidir"), pytest.param(True, id="causal")]
 # (length, block_size): a multiple, not a multiple (padded tail), the default ceil(sqrt(L)), block > L/2.
@@ -21,17 +22,8 @@ SHAPES = [
 ]
 
 
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def _qkv(batch=2, heads=2, length=24, dim=6, *, seed=0, dtype=F64):
-    g = _gen(seed)
-    return tuple(torch.randn(batch, heads, length, dim, generator=g, dtype=dtype) for _ in range(3))
-
-
-def _padding(length: int, valid: list[int]) -> torch.Tensor:
-    return torch.arange(length)[None, :] >= torch.tensor(valid)[:, None]
+def _qkv(batch=2, heads=2, length=24, dim=6, *, seed=0):
+    return random_qkv(batch, heads, length, dim, seed=seed)
 
 
 def _allowed(length: int, causal: bool, mask: torch.Tensor | None) -> torch.Tensor:
@@ -50,9 +42,9 @@ def _allowed(length: int, causal: bool, mask: torch.Tensor | None) -> torch.Tens
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_output_and_gradients_equal_dense_weights(variant, causal, length, block_size):
     q, k, v = _qkv(length=length)
-    mask = _padding(length, [length, length - 7])
+    mask = padding(length, [length, length - 7])
     kwargs = dict(causal=causal, block_size=block_size, variant=variant, key_padding_mask=mask)
-    cotangent = torch.randn(2, 2, length, 6, generator=_gen(3), dtype=F64)
+    cotangent = torch.randn(2, 2, length, 6, generator=generator(3), dtype=F64)
 
     def run(fn):
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
@@ -73,8 +65,8 @@ def test_output_and_gradients_equal_dense_weights(variant, causal, length, block
 def test_values_may_differ_in_width_from_queries(variant, causal, value_dim):
     """As with SDPA, v's last dimension is free: [B, H, L, Dv] in, [B, H, L, Dv] out, gradients too."""
     q, k, _ = _qkv(length=17, seed=9)
-    v = torch.randn(2, 2, 17, value_dim, generator=_gen(10), dtype=F64)
-    mask = _padding(17, [17, 12])
+    v = torch.randn(2, 2, 17, value_dim, generator=generator(10), dtype=F64)
+    mask = padding(17, [17, 12])
     kwargs = dict(causal=causal, block_size=4, variant=variant, key_padding_mask=mask)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     out = combiner_attention(*leaves, **kwargs)
@@ -90,7 +82,7 @@ def test_values_may_differ_in_width_from_queries(variant, causal, value_dim):
 def test_rows_sum_to_one_with_full_support(variant, causal, length, block_size):
     """Every key exact attention allows gets a positive weight, every other key exactly zero."""
     q, k, _ = _qkv(length=length, seed=1)
-    mask = _padding(length, [length, length - 5])
+    mask = padding(length, [length, length - 5])
     weights = combiner_attention_weights(
         q, k, causal=causal, block_size=block_size, variant=variant, key_padding_mask=mask
     )
@@ -123,7 +115,7 @@ def test_summarised_region_shares_one_inner_distribution(variant):
 def test_extreme_block_sizes_are_exact_softmax(variant, causal, block_size):
     length = 19
     q, k, v = _qkv(length=length, seed=2)
-    mask = _padding(length, [length, 12])
+    mask = padding(length, [length, 12])
     s = 1 if block_size == "one" else length
     out = combiner_attention(q, k, v, causal=causal, block_size=s, variant=variant, key_padding_mask=mask)
     torch.testing.assert_close(out, softmax_attention(q, k, v, causal=causal, key_padding_mask=mask))
@@ -141,7 +133,7 @@ def test_intermediate_block_size_is_not_exact_softmax(variant):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_causal_output_ignores_future(variant, length, block_size):
     q, k, v = _qkv(length=length, seed=5)
-    g = _gen(6)
+    g = generator(6)
     for t in (9, length - 2):  # mid-block and near the end
         q2, k2, v2 = q.clone(), k.clone(), v.clone()
         for x in (q2, k2, v2):
@@ -158,7 +150,7 @@ def test_padding_is_invisible(variant, causal):
     """Junk (even NaN) at padded positions changes no output of a real position."""
     length = 23
     q, k, v = _qkv(length=length, seed=7)
-    mask = _padding(length, [length, 15])
+    mask = padding(length, [length, 15])
     junk = [t.clone() for t in (q, k, v)]
     for t in junk:
         t[1, :, 15:] = torch.nan
@@ -174,7 +166,7 @@ def test_padding_is_invisible(variant, causal):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_query_with_nothing_to_see_gets_zero_row(variant):
     q, k, v = _qkv(length=10, seed=8)
-    mask = _padding(10, [10, 0])
+    mask = padding(10, [10, 0])
     out = combiner_attention(q, k, v, block_size=3, variant=variant, key_padding_mask=mask)
     assert torch.isfinite(out).all() and out[1].abs().max() == 0
 

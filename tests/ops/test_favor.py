@@ -18,28 +18,11 @@ from protein_performer.ops import (
     softmax_attention,
     softmax_kernel_features,
 )
-from protein_performer.ops import favor as favor_module
-from protein_performer.ops.favor import _decayed_scan, _favor_attention_reference
+from protein_performer.ops import stabilise
+from protein_performer.ops.favor import favor_attention_reference
+from protein_performer.ops.stabilise import decayed_scan
 
-F64 = torch.float64
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def _qkv(batch: int, heads: int, length: int, dim: int, *, seed: int = 0, dtype=F64, scale: float = 1.0):
-    g = _gen(seed)
-    return tuple(torch.randn(batch, heads, length, dim, generator=g, dtype=dtype) * scale for _ in range(3))
-
-
-def _projection(nb_features: int, dim: int, *, seed: int = 1, dtype=F64, orthogonal: bool = True) -> torch.Tensor:
-    return gaussian_orthogonal_random_matrix(nb_features, dim, orthogonal=orthogonal, generator=_gen(seed), dtype=dtype)
-
-
-def _padding(batch: int, length: int, valid: list[int]) -> torch.Tensor:
-    """Right padding: sequence b has valid[b] real positions."""
-    return torch.arange(length)[None, :] >= torch.tensor(valid)[:, None]
+from .common import F64, generator, padding, random_projection, random_qkv
 
 
 def _paper_features(x, projection, kernel: str):
@@ -87,7 +70,7 @@ SHAPES = [
     "nb_features,dim", [(64, 16), (100, 16), (8, 16)], ids=["4blocks", "partial-block", "under-one-block"]
 )
 def test_orthogonal_projection_blocks_are_orthogonal(nb_features, dim):
-    w = gaussian_orthogonal_random_matrix(nb_features, dim, scaling=1, generator=_gen(0), dtype=F64)
+    w = gaussian_orthogonal_random_matrix(nb_features, dim, scaling=1, generator=generator(0), dtype=F64)
     assert w.shape == (nb_features, dim)
     torch.testing.assert_close(w.norm(dim=1), torch.full((nb_features,), math.sqrt(dim), dtype=F64))
     for start in range(0, nb_features, dim):
@@ -96,26 +79,26 @@ def test_orthogonal_projection_blocks_are_orthogonal(nb_features, dim):
 
 
 def test_projection_is_reproducible_and_iid_rows_are_not_orthogonal():
-    a = gaussian_orthogonal_random_matrix(32, 16, generator=_gen(3))
-    b = gaussian_orthogonal_random_matrix(32, 16, generator=_gen(3))
-    c = gaussian_orthogonal_random_matrix(32, 16, generator=_gen(4))
+    a = gaussian_orthogonal_random_matrix(32, 16, generator=generator(3))
+    b = gaussian_orthogonal_random_matrix(32, 16, generator=generator(3))
+    c = gaussian_orthogonal_random_matrix(32, 16, generator=generator(4))
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert a.dtype == torch.get_default_dtype()
-    iid = gaussian_orthogonal_random_matrix(16, 16, orthogonal=False, generator=_gen(3), dtype=F64)
+    iid = gaussian_orthogonal_random_matrix(16, 16, orthogonal=False, generator=generator(3), dtype=F64)
     gram = iid @ iid.T
     assert (gram - torch.diag(gram.diagonal())).abs().max() > 1.0
 
 
 def test_chi_scaled_rows_have_gaussian_norms():
     # scaling=0: row norms ~ chi(dim), so E|w|^2 = dim.
-    w = gaussian_orthogonal_random_matrix(512, 16, generator=_gen(0), dtype=F64)
+    w = gaussian_orthogonal_random_matrix(512, 16, generator=generator(0), dtype=F64)
     assert abs(w.pow(2).sum(dim=1).mean().item() - 16) < 1.0  # 4 standard errors
     assert w.norm(dim=1).std() > 0.5
 
 
 def test_feature_maps_follow_the_paper():
-    x, _, _ = _qkv(1, 2, 9, 8, seed=21)
-    w = _projection(16, 8)
+    x, _, _ = random_qkv(1, 2, 9, 8, seed=21)
+    w = random_projection(16, 8)
     torch.testing.assert_close(
         softmax_kernel_features(x, w, is_query=False, stabilize=False), _paper_features(x, w, "softmax")
     )
@@ -123,8 +106,8 @@ def test_feature_maps_follow_the_paper():
 
 
 def test_stabilised_features_are_scaled_unbiased_features():
-    q, k, _ = _qkv(2, 2, 9, 8)
-    w = _projection(16, 8)
+    q, k, _ = random_qkv(2, 2, 9, 8)
+    w = random_projection(16, 8)
     exact_q = softmax_kernel_features(q, w, is_query=True, stabilize=False)
     exact_k = softmax_kernel_features(k, w, is_query=False, stabilize=False)
     stable_q = softmax_kernel_features(q, w, is_query=True)
@@ -147,18 +130,18 @@ def test_stabilised_features_are_scaled_unbiased_features():
 @pytest.mark.parametrize("causal,kernel", MODES)
 def test_favor_equals_its_references_with_gradients(causal, kernel, padded, length, chunk_size):
     # fast path == dense implied matrix @ v == the paper's unstabilised formula == plain autograd loop
-    q, k, v = (t.requires_grad_() for t in _qkv(2, 3, length, 16))
-    w = _projection(32, 16)
-    mask = _padding(2, length, [length, length - 5]) if padded else None
+    q, k, v = (t.requires_grad_() for t in random_qkv(2, 3, length, 16))
+    w = random_projection(32, 16)
+    mask = padding(length, [length, length - 5]) if padded else None
     kwargs = dict(causal=causal, kernel=kernel, key_padding_mask=mask)
     out = favor_attention(q, k, v, w, chunk_size=chunk_size, **kwargs)
     implied = implied_attention(q, k, w, **kwargs)
     references = {
         "implied": implied @ v,
         "paper": _paper_formula(q, k, v, w, **kwargs),
-        "plain-autograd": _favor_attention_reference(q, k, v, w, chunk_size=chunk_size, **kwargs),
+        "plain-autograd": favor_attention_reference(q, k, v, w, chunk_size=chunk_size, **kwargs),
     }
-    grad_out = torch.randn(out.shape, generator=_gen(9), dtype=F64)
+    grad_out = torch.randn(out.shape, generator=generator(9), dtype=F64)
     grads = torch.autograd.grad((out * grad_out).sum(), (q, k, v))
     for ref_name, reference in references.items():
         torch.testing.assert_close(out, reference, rtol=1e-10, atol=1e-12, msg=lambda m, r=ref_name: f"{r}: {m}")
@@ -174,13 +157,13 @@ def test_favor_equals_its_references_with_gradients(causal, kernel, padded, leng
     torch.testing.assert_close(rows, valid[:, None, :].to(F64).expand_as(rows))
 
 
-@pytest.mark.parametrize("group", [4, favor_module.SCAN_GROUP], ids=lambda g: f"group{g}")
+@pytest.mark.parametrize("group", [4, stabilise.SCAN_GROUP], ids=lambda g: f"group{g}")
 @pytest.mark.parametrize("reverse", [False, True], ids=["prefix", "suffix"])
 @pytest.mark.parametrize("n", [1, 32, 75], ids=lambda n: f"n{n}")
 def test_chunk_state_scan_equals_a_loop(n, reverse, group, monkeypatch):
     # The two-level decayed scan of the causal path against its definition, offsets jumping around.
-    monkeypatch.setattr(favor_module, "SCAN_GROUP", group)
-    g = _gen(20)
+    monkeypatch.setattr(stabilise, "SCAN_GROUP", group)
+    g = generator(20)
     x = torch.rand(3, n, 5, generator=g, dtype=F64)
     end = torch.cumsum(torch.rand(3, n, generator=g, dtype=F64) * 30, dim=1)  # nondecreasing
     previous = torch.cat([end[:, :1] - 1.0, end[:, :-1]], dim=1)
@@ -189,17 +172,17 @@ def test_chunk_state_scan_equals_a_loop(n, reverse, group, monkeypatch):
     for c in range(n):
         for c_ in range(c + 1, n) if reverse else range(c):
             expected[:, c] += x[:, c_] * torch.exp(source[:, c_] - target[:, c])[:, None]
-    torch.testing.assert_close(_decayed_scan(x, source, target, reverse=reverse), expected, rtol=1e-12, atol=1e-300)
-    plain = _decayed_scan(x, None, None, reverse=reverse)
+    torch.testing.assert_close(decayed_scan(x, source, target, reverse=reverse), expected, rtol=1e-12, atol=1e-300)
+    plain = decayed_scan(x, None, None, reverse=reverse)
     cumsum = x.flip(1).cumsum(dim=1).flip(1) if reverse else x.cumsum(dim=1)
     torch.testing.assert_close(plain, cumsum - x)
 
 
 @pytest.mark.parametrize("causal,kernel", MODES)
 def test_favor_gradcheck(causal, kernel):
-    q, k, v = (t.requires_grad_() for t in _qkv(1, 2, 11, 4, seed=3))
-    w = _projection(8, 4)
-    mask = _padding(1, 11, [9])
+    q, k, v = (t.requires_grad_() for t in random_qkv(1, 2, 11, 4, seed=3))
+    w = random_projection(8, 4)
+    mask = padding(11, [9])
 
     def fn(q, k, v):
         return favor_attention(q, k, v, w, causal=causal, kernel=kernel, key_padding_mask=mask, chunk_size=4)
@@ -209,8 +192,8 @@ def test_favor_gradcheck(causal, kernel):
 
 @pytest.mark.parametrize("kernel", ["softmax", "relu"])
 def test_recurrent_step_equals_parallel_causal(kernel):
-    q, k, v = _qkv(2, 3, 23, 8, seed=4)
-    w = _projection(16, 8)
+    q, k, v = random_qkv(2, 3, 23, 8, seed=4)
+    w = random_projection(16, 8)
     state = None
     outputs = []
     for t in range(q.shape[2]):
@@ -223,8 +206,8 @@ def test_recurrent_step_equals_parallel_causal(kernel):
 
 def test_recurrent_step_survives_a_dominant_later_key():
     # A later key far above the running max must rescale, not overflow, the carried state.
-    q, k, v = _qkv(1, 1, 6, 8, seed=5, dtype=torch.float32)
-    w = _projection(16, 8, dtype=torch.float32) * 4
+    q, k, v = random_qkv(1, 1, 6, 8, seed=5, dtype=torch.float32)
+    w = random_projection(16, 8, dtype=torch.float32) * 4
     k[0, 0, 4] = w[w.norm(dim=1).argmax()] * 8**0.25  # x' = w: logit |w|^2 / 2, far above the others
     state, outputs = None, []
     for t in range(6):
@@ -241,12 +224,12 @@ def test_recurrent_step_survives_a_dominant_later_key():
 
 
 def test_error_shrinks_like_inverse_sqrt_features():
-    q, k, v = _qkv(1, 2, 32, 16, seed=6, scale=0.5)
+    q, k, v = random_qkv(1, 2, 32, 16, seed=6, scale=0.5)
     exact = softmax_attention(q, k, v)
     features = [32, 128, 512, 2048]
     rmse = []
     for m in features:
-        mse = [(favor_attention(q, k, v, _projection(m, 16, seed=100 + s)) - exact).pow(2).mean() for s in range(8)]
+        mse = [(favor_attention(q, k, v, random_projection(m, 16, seed=100 + s)) - exact).pow(2).mean() for s in range(8)]
         rmse.append(torch.stack(mse).mean().sqrt().item())
     slope = (math.log(rmse[-1]) - math.log(rmse[0])) / (math.log(features[-1]) - math.log(features[0]))
     assert all(a > b for a, b in zip(rmse[:-1], rmse[1:], strict=True)), rmse
@@ -260,7 +243,7 @@ def _kernel_mse(x, y, nb_features: int, *, features: str, orthogonal: bool, draw
     exact = torch.exp((x * y).sum(dim=-1) / math.sqrt(dim))
     # All draws stacked into one projection [draws * m, d]: one call, then split per draw. The
     # 1/sqrt(rows) normalisation then counts draws * m rows, hence the factor `draws` below.
-    w = torch.cat([_projection(nb_features, dim, seed=seed, orthogonal=orthogonal) for seed in range(draws)])
+    w = torch.cat([random_projection(nb_features, dim, seed=seed, orthogonal=orthogonal) for seed in range(draws)])
     if features == "positive":
         phi_x = softmax_kernel_features(x[None, None], w, is_query=True, stabilize=False)[0, 0]
         phi_y = softmax_kernel_features(y[None, None], w, is_query=False, stabilize=False)[0, 0]
@@ -281,7 +264,7 @@ def _trigonometric_features(x: torch.Tensor, projection: torch.Tensor) -> torch.
 
 
 def _pairs(count: int, dim: int, norm: float, *, seed: int):
-    g = _gen(seed)
+    g = generator(seed)
     x, y = torch.randn(2, count, dim, generator=g, dtype=F64)
     return x / x.norm(dim=-1, keepdim=True) * norm, y / y.norm(dim=-1, keepdim=True) * norm
 
@@ -312,10 +295,10 @@ def test_positive_features_beat_trigonometric_where_kernel_is_small():
 @pytest.mark.parametrize("kernel", ["softmax", "relu"])
 @pytest.mark.parametrize("position", [0, 13, 15, 16, 30], ids=lambda p: f"i{p}")
 def test_causal_output_ignores_future(kernel, position):
-    q, k, v = _qkv(1, 2, 40, 16, seed=9, dtype=torch.float32)
-    w = _projection(32, 16, dtype=torch.float32)
+    q, k, v = random_qkv(1, 2, 40, 16, seed=9, dtype=torch.float32)
+    w = random_projection(32, 16, dtype=torch.float32)
     before = favor_attention(q, k, v, w, causal=True, kernel=kernel, chunk_size=16)
-    g = _gen(10)
+    g = generator(10)
     future = slice(position + 1, None)
     q2, k2, v2 = q.clone(), k.clone(), v.clone()
     for t in (q2, k2, v2):
@@ -328,8 +311,8 @@ def test_causal_output_ignores_future(kernel, position):
 def test_causal_stabiliser_ignores_a_dominant_future_key():
     # A future key whose feature logits sit ~hundreds above the rest would underflow every earlier
     # key to zero under a max taken over the sequence or over the chunk; the running max must not.
-    q, k, v = _qkv(1, 1, 24, 16, seed=11, dtype=torch.float32)
-    w = _projection(32, 16, dtype=torch.float32) * 4
+    q, k, v = random_qkv(1, 1, 24, 16, seed=11, dtype=torch.float32)
+    w = random_projection(32, 16, dtype=torch.float32) * 4
     before = favor_attention(q, k, v, w, causal=True, chunk_size=16)
     k2 = k.clone()
     k2[0, 0, 10] = w[w.norm(dim=1).argmax()] * 16**0.25  # x' = w: logit |w|^2 / 2 (~ several hundred)
@@ -344,8 +327,8 @@ def test_causal_stabiliser_ignores_a_dominant_future_key():
 
 @pytest.mark.parametrize("kernel", ["softmax", "relu"])
 def test_causal_gradients_do_not_flow_from_past_outputs_to_future_inputs(kernel):
-    q, k, v = (t.requires_grad_() for t in _qkv(1, 2, 30, 8, seed=12))
-    w = _projection(16, 8)
+    q, k, v = (t.requires_grad_() for t in random_qkv(1, 2, 30, 8, seed=12))
+    w = random_projection(16, 8)
     out = favor_attention(q, k, v, w, causal=True, kernel=kernel, chunk_size=8)
     grads = torch.autograd.grad(out[:, :, :12].sum(), (q, k, v))
     for name, grad in zip("qkv", grads, strict=True):
@@ -362,14 +345,14 @@ def test_causal_gradients_do_not_flow_from_past_outputs_to_future_inputs(kernel)
 @pytest.mark.parametrize("causal,kernel", MODES)
 def test_padding_is_invisible_whatever_the_junk(causal, kernel, junk):
     short, long = 19, 33
-    q, k, v = _qkv(2, 2, long, 16, seed=13, dtype=torch.float32)
-    w = _projection(32, 16, dtype=torch.float32)
+    q, k, v = random_qkv(2, 2, long, 16, seed=13, dtype=torch.float32)
+    w = random_projection(32, 16, dtype=torch.float32)
     alone = favor_attention(
         q[:1, :, :short], k[:1, :, :short], v[:1, :, :short], w, causal=causal, kernel=kernel, chunk_size=8
     )
     for t in (q, k, v):
         t[0, :, short:] = junk
-    mask = _padding(2, long, [short, long])
+    mask = padding(long, [short, long])
     padded = favor_attention(q, k, v, w, causal=causal, kernel=kernel, key_padding_mask=mask, chunk_size=8)
     torch.testing.assert_close(padded[:1, :, :short], alone, rtol=0, atol=1e-5)
     assert torch.isfinite(padded[1]).all()
@@ -377,12 +360,12 @@ def test_padding_is_invisible_whatever_the_junk(causal, kernel, junk):
 
 @pytest.mark.parametrize("causal,kernel", MODES)
 def test_padded_positions_get_zero_gradients_and_real_ones_stay_finite(causal, kernel):
-    q, k, v = _qkv(2, 2, 21, 8, seed=18, dtype=torch.float32)
+    q, k, v = random_qkv(2, 2, 21, 8, seed=18, dtype=torch.float32)
     for t in (q, k, v):
         t[0, :, 15:] = float("nan")
     q, k, v = (t.requires_grad_() for t in (q, k, v))
-    w = _projection(16, 8, dtype=torch.float32)
-    mask = _padding(2, 21, [15, 21])
+    w = random_projection(16, 8, dtype=torch.float32)
+    mask = padding(21, [15, 21])
     out = favor_attention(q, k, v, w, causal=causal, kernel=kernel, key_padding_mask=mask, chunk_size=8)
     assert out[0, :, 15:].eq(0).all()
     for name, grad in zip("qkv", torch.autograd.grad(out.sum(), (q, k, v)), strict=True):
@@ -391,8 +374,8 @@ def test_padded_positions_get_zero_gradients_and_real_ones_stay_finite(causal, k
 
 
 def test_trainable_projection_gets_the_reference_gradient():
-    q, k, v = _qkv(1, 2, 13, 8, seed=19)
-    w = _projection(16, 8).requires_grad_()
+    q, k, v = random_qkv(1, 2, 13, 8, seed=19)
+    w = random_projection(16, 8).requires_grad_()
     for causal in (False, True):
         out = favor_attention(q, k, v, w, causal=causal, chunk_size=4)
         (grad,) = torch.autograd.grad(out.square().sum(), w)
@@ -402,9 +385,9 @@ def test_trainable_projection_gets_the_reference_gradient():
 
 def test_padding_reaches_the_denominator_not_only_the_values():
     # Masking only v (the reference JAX code, performer-pytorch) leaves padded keys in the denominator.
-    q, k, v = _qkv(1, 1, 12, 8, seed=14)
-    w = _projection(16, 8)
-    mask = _padding(1, 12, [7])
+    q, k, v = random_qkv(1, 1, 12, 8, seed=14)
+    w = random_projection(16, 8)
+    mask = padding(12, [7])
     masked = favor_attention(q, k, v, w, key_padding_mask=mask)
     v_only = favor_attention(q, k, v.masked_fill(mask[:, None, :, None], 0.0), w)
     assert not torch.allclose(masked, v_only)
@@ -420,9 +403,9 @@ def test_padding_reaches_the_denominator_not_only_the_values():
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 def test_no_nan_or_inf_for_large_norms_at_8192(causal, autocast):
-    q, k, v = _qkv(1, 1, 8192, 64, seed=15, dtype=torch.float32)
+    q, k, v = random_qkv(1, 1, 8192, 64, seed=15, dtype=torch.float32)
     q, k = q * 10, k * 10
-    w = _projection(256, 64, dtype=torch.float32)
+    w = random_projection(256, 64, dtype=torch.float32)
     if autocast:
         q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
@@ -439,10 +422,10 @@ def test_backward_under_autocast_gives_the_float32_gradients(causal, kernel, pad
     still run in float32 (autocast would turn its matmuls into bf16 and break the in-place updates).
     The ReLU kernel's features are differentiated by autograd, whose built-in backward follows autocast
     as PyTorch defines it: those gradients agree to bf16 accuracy."""
-    q, k, v = (t.float().requires_grad_() for t in _qkv(2, 2, 37, 8, seed=16))
-    w = _projection(16, 8, dtype=torch.float32)
-    mask = _padding(2, 37, [37, 30]) if padded else None
-    grad = torch.randn(2, 2, 37, 8, generator=_gen(17))
+    q, k, v = (t.float().requires_grad_() for t in random_qkv(2, 2, 37, 8, seed=16))
+    w = random_projection(16, 8, dtype=torch.float32)
+    mask = padding(37, [37, 30]) if padded else None
+    grad = torch.randn(2, 2, 37, 8, generator=generator(17))
 
     def gradients(autocast: bool):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
@@ -459,7 +442,7 @@ def test_backward_under_autocast_gives_the_float32_gradients(causal, kernel, pad
 
 def test_features_are_float32_under_autocast():
     x = torch.randn(1, 1, 5, 8).bfloat16()
-    w = _projection(16, 8, dtype=torch.float32)
+    w = random_projection(16, 8, dtype=torch.float32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert softmax_kernel_features(x, w, is_query=True).dtype == torch.float32
         assert relu_kernel_features(x, w).dtype == torch.float32

@@ -13,26 +13,17 @@ from protein_performer.ops import (
     implied_rpe_attention,
     slice_rpe_bias,
 )
-from protein_performer.ops import rpe_fft
+from protein_performer.ops.rpe import dense, fft
 
-F64 = torch.float64
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+from .common import F64, generator, padding
 
 
 def _inputs(batch=2, heads=3, length=37, dim=8, nb_features=16, *, seed=0, dtype=F64, bias_scale=1.0):
-    g = _gen(seed)
+    g = generator(seed)
     q, k, v = (torch.randn(batch, heads, length, dim, generator=g, dtype=dtype) for _ in range(3))
     projection = gaussian_orthogonal_random_matrix(nb_features, dim, generator=g, dtype=dtype)
     bias = torch.randn(heads, 2 * length - 1, generator=g, dtype=dtype) * bias_scale
     return q, k, v, projection, bias
-
-
-def _padding(length: int, valid: list[int]) -> torch.Tensor:
-    """Right padding: sequence b has valid[b] real positions."""
-    return torch.arange(length)[None, :] >= torch.tensor(valid)[:, None]
 
 
 def _row_relative_error(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
@@ -50,7 +41,7 @@ PADDING = [pytest.param(None, id="nopad"), pytest.param([37, 26], id="pad")]
 @pytest.mark.parametrize("toeplitz", TOEPLITZ)
 def test_output_equals_dense_reference_float64(toeplitz, causal, valid):
     q, k, v, projection, bias = _inputs()
-    mask = None if valid is None else _padding(37, valid)
+    mask = None if valid is None else padding(37, valid)
     out = favor_rpe_attention(q, k, v, projection, bias, causal=causal, key_padding_mask=mask, toeplitz=toeplitz)
     weights = implied_rpe_attention(q, k, projection, bias, causal=causal, key_padding_mask=mask)
     torch.testing.assert_close(out, weights @ v, rtol=1e-10, atol=1e-10)
@@ -89,9 +80,9 @@ def test_bias_reaches_the_right_offsets(toeplitz, causal):
 @pytest.mark.parametrize("toeplitz", TOEPLITZ)
 def test_gradients_match_dense_reference(toeplitz, causal):
     q, k, v, projection, bias = _inputs(length=29)
-    mask = _padding(29, [29, 21])
+    mask = padding(29, [29, 21])
     leaves = [t.clone().requires_grad_() for t in (q, k, v, bias)]
-    cotangent = torch.randn(2, 3, 29, 8, generator=_gen(5), dtype=F64)
+    cotangent = torch.randn(2, 3, 29, 8, generator=generator(5), dtype=F64)
 
     def grads(fn):
         qq, kk, vv, bb = (t.detach().clone().requires_grad_() for t in leaves)
@@ -118,7 +109,7 @@ def test_gradcheck(toeplitz, causal):
     """Finite differences w.r.t. q, k, v and b (fast mode: random projections of the Jacobian; the
     full Jacobian is covered by the comparison with the dense reference's autograd above)."""
     q, k, v, projection, bias = _inputs(batch=2, heads=2, length=6, dim=3, nb_features=4, seed=3)
-    mask = _padding(6, [6, 5])
+    mask = padding(6, [6, 5])
     inputs = tuple(t.clone().requires_grad_() for t in (q, k, v, bias))
     assert torch.autograd.gradcheck(
         lambda a, b_, c, d: favor_rpe_attention(
@@ -134,7 +125,7 @@ def test_gradcheck(toeplitz, causal):
 @pytest.mark.parametrize("toeplitz", TOEPLITZ)
 def test_zero_bias_is_plain_favor(toeplitz, causal, valid):
     q, k, v, projection, bias = _inputs()
-    mask = None if valid is None else _padding(37, valid)
+    mask = None if valid is None else padding(37, valid)
     zero = torch.zeros_like(bias)
     out = favor_rpe_attention(q, k, v, projection, zero, causal=causal, key_padding_mask=mask, toeplitz=toeplitz)
     torch.testing.assert_close(out, favor_attention(q, k, v, projection, causal=causal, key_padding_mask=mask))
@@ -143,7 +134,7 @@ def test_zero_bias_is_plain_favor(toeplitz, causal, valid):
 def _wide_biases(length: int) -> dict[str, torch.Tensor]:
     offsets = torch.arange(-(length - 1), length, dtype=F64)
     return {
-        "uniform": torch.rand(2, 2 * length - 1, generator=_gen(7), dtype=F64) * 20 - 10,
+        "uniform": torch.rand(2, 2 * length - 1, generator=generator(7), dtype=F64) * 20 - 10,
         "ramp": torch.stack([offsets, -offsets]) * (10 / length),  # each row sees a different maximum
     }
 
@@ -157,7 +148,7 @@ def test_float32_matches_float64_with_wide_bias(toeplitz, causal, shape):
     length = 300
     q, k, v, projection, _ = _inputs(batch=1, heads=2, length=length, dim=16, nb_features=32, seed=2)
     bias = _wide_biases(length)[shape]
-    mask = _padding(length, [280])
+    mask = padding(length, [280])
     ref = implied_rpe_attention(q, k, projection, bias, causal=causal, key_padding_mask=mask) @ v
     out = favor_rpe_attention(
         q.float(), k.float(), v.float(), projection.float(), bias.float(),
@@ -172,7 +163,7 @@ def test_causal_output_ignores_future(toeplitz):
     q, k, v, projection, bias = _inputs(length=40)
     t = 17
     q2, k2, v2 = q.clone(), k.clone(), v.clone()
-    g = _gen(11)
+    g = generator(11)
     # Louder future keys also move the shared key stabiliser; it must cancel.
     q2[:, :, t + 1 :] = torch.randn(q2[:, :, t + 1 :].shape, generator=g, dtype=F64) * 3
     k2[:, :, t + 1 :] = torch.randn(k2[:, :, t + 1 :].shape, generator=g, dtype=F64) * 3
@@ -187,7 +178,7 @@ def test_causal_output_ignores_future(toeplitz):
 @pytest.mark.parametrize("toeplitz", TOEPLITZ)
 def test_padding_is_invisible(toeplitz, causal):
     q, k, v, projection, bias = _inputs()
-    mask = _padding(37, [37, 26])
+    mask = padding(37, [37, 26])
     junk = [t.clone() for t in (q, k, v)]
     for t in junk:
         t[1, :, 26:] = torch.nan
@@ -200,7 +191,7 @@ def test_padding_is_invisible(toeplitz, causal):
 @pytest.mark.parametrize("toeplitz", TOEPLITZ)
 def test_fully_padded_sequence_gives_zero_rows(toeplitz):
     q, k, v, projection, bias = _inputs()
-    out = favor_rpe_attention(q, k, v, projection, bias, key_padding_mask=_padding(37, [37, 0]), toeplitz=toeplitz)
+    out = favor_rpe_attention(q, k, v, projection, bias, key_padding_mask=padding(37, [37, 0]), toeplitz=toeplitz)
     assert torch.isfinite(out).all() and out[1].abs().max() == 0
 
 
@@ -224,7 +215,7 @@ def test_chunking_changes_nothing(causal, toeplitz, chunk_elements, monkeypatch)
     expected = [t.grad.clone() for t in leaves]
     for t in leaves:
         t.grad = None
-    monkeypatch.setattr(rpe_fft, "_CHUNK_ELEMENTS", chunk_elements)
+    monkeypatch.setattr(fft if toeplitz == "fft" else dense, "_CHUNK_ELEMENTS", chunk_elements)
     chunked = favor_rpe_attention(*leaves[:3], projection, leaves[3], causal=causal, toeplitz=toeplitz)
     chunked.square().sum().backward()
     torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=1e-12)
@@ -262,17 +253,26 @@ def test_fft_size_is_the_smallest_5_smooth_length():
         return n == 1
 
     for n in range(1, 600):
-        size = rpe_fft._fft_size(n)
+        size = fft.fft_size(n)
         assert size >= n and smooth(size)
         assert not any(smooth(c) for c in range(n, size)), n
 
 
 def test_auto_picks_dense_for_short_and_fft_for_long_sequences():
-    assert not rpe_fft._use_fft(1024, 256, 65, causal=False)
-    assert rpe_fft._use_fft(1 << 17, 256, 65, causal=False)
+    assert not fft.use_fft(1024, 256, 65, causal=False)
+    assert fft.use_fft(1 << 17, 256, 65, causal=False)
     # causal attention is always dense: the FFT mixes every position's rounding into every output
-    assert rpe_fft._use_fft(1 << 16, 256, 65, causal=False)
-    assert not any(rpe_fft._use_fft(1 << e, 256, 65, causal=True) for e in (10, 16, 20))
+    assert fft.use_fft(1 << 16, 256, 65, causal=False)
+    assert not any(fft.use_fft(1 << e, 256, 65, causal=True) for e in (10, 16, 20))
+
+
+def test_the_fft_cost_is_per_device_type_and_overridable(monkeypatch):
+    """A device type without a step cost never picks the FFT by itself; setting one turns the model on."""
+    assert not any(fft.use_fft(1 << e, 256, 65, causal=False, device_type="cuda") for e in (10, 17, 20))
+    monkeypatch.setitem(fft.FFT_STEP_COST, "cuda", fft.FFT_STEP_COST["cpu"])
+    assert fft.use_fft(1 << 17, 256, 65, causal=False, device_type="cuda")
+    monkeypatch.setitem(fft.FFT_STEP_COST, "cpu", 1e9)  # an FFT step as dear as a billion multiply-adds
+    assert not fft.use_fft(1 << 17, 256, 65, causal=False)
 
 
 def test_auto_and_bad_algorithm_names():
@@ -289,7 +289,7 @@ def _loud_future(q, k, v, projection, t: int):
     """Copies of q, k, v whose positions > t are replaced: fresh queries, values x100, fresh keys
     of which one has 30x the norm and one sits at the largest logit any key can reach (k' = w_a for
     the projection row of largest norm: logit |w_a|^2 / 2)."""
-    g = _gen(13)
+    g = generator(13)
     q2, k2, v2 = q.clone(), k.clone(), v.clone()
     future = q2[:, :, t + 1 :].shape
     q2[:, :, t + 1 :] = torch.randn(future, generator=g, dtype=q.dtype)
@@ -315,13 +315,13 @@ def test_causal_float32_ignores_loud_future_keys(toeplitz, chunk_elements, monke
     past gradients independent of the future. "auto" never picks the FFT path for causal attention
     (it mixes every position's rounding into every output), so dense is the path to hold to this."""
     if chunk_elements is not None:
-        monkeypatch.setattr(rpe_fft, "_CHUNK_ELEMENTS", chunk_elements)
+        monkeypatch.setattr(dense, "_CHUNK_ELEMENTS", chunk_elements)  # causal "auto" is dense
     length, t = 40, 17
     q, k, v, projection, bias = _inputs(length=length, dim=32, nb_features=64, seed=4, dtype=torch.float32)
     k = k * 6
     q2, k2, v2 = _loud_future(q, k, v, projection, t)
-    mask = _padding(length, [length, 36])
-    cotangent = torch.randn(q.shape, generator=_gen(6))
+    mask = padding(length, [length, 36])
+    cotangent = torch.randn(q.shape, generator=generator(6))
     cotangent[:, :, t + 1 :] = 0  # a loss on the past outputs only
 
     def run(*qkv):

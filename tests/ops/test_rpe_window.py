@@ -16,29 +16,20 @@ from protein_performer.ops import (
     gaussian_orthogonal_random_matrix,
     implied_rpe_attention,
 )
-from protein_performer.ops import rpe_window
+from protein_performer.ops.rpe import window
 
-F64 = torch.float64
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+from .common import F64, generator, padding
 
 
 def _inputs(batch=2, heads=3, length=37, dim=6, nb_features=8, window=8, *, seed=0, dtype=F64, bias_scale=1.0,
             value_dim=None):
-    g = _gen(seed)
+    g = generator(seed)
     q, k = (torch.randn(batch, heads, length, dim, generator=g, dtype=dtype) for _ in range(2))
     v = torch.randn(batch, heads, length, value_dim or dim, generator=g, dtype=dtype)
     projection = gaussian_orthogonal_random_matrix(nb_features, dim, generator=g, dtype=dtype)
     bias = WindowedBias(torch.randn(heads, 2 * window - 1, generator=g, dtype=dtype) * bias_scale,
                         torch.randn(heads, 2, generator=g, dtype=dtype) * bias_scale)
     return q, k, v, projection, bias
-
-
-def _padding(length: int, valid: list[int]) -> torch.Tensor:
-    """Right padding: sequence b has valid[b] real positions."""
-    return torch.arange(length)[None, :] >= torch.tensor(valid)[:, None]
 
 
 def _grads(fn, leaves, cotangent):
@@ -67,8 +58,8 @@ SHAPES = [
 @pytest.mark.parametrize("causal", MODES)
 def test_outputs_and_gradients_equal_the_dense_reference(causal, length, window, block, valid):
     q, k, v, projection, bias = _inputs(length=length, window=window)
-    mask = None if valid is None else _padding(length, [length, max(1, int(valid[0] * length))])
-    cotangent = torch.randn(v.shape, generator=_gen(5), dtype=F64)
+    mask = None if valid is None else padding(length, [length, max(1, int(valid[0] * length))])
+    cotangent = torch.randn(v.shape, generator=generator(5), dtype=F64)
     leaves = [q, k, v, bias.band, bias.far]
     fast, fast_grads = _grads(lambda a, b, c, band, far: favor_rpe_attention(
         a, b, c, projection, WindowedBias(band, far), causal=causal, key_padding_mask=mask, block_size=block),
@@ -88,7 +79,7 @@ def test_outputs_and_gradients_equal_the_dense_reference(causal, length, window,
 def test_gradcheck(causal):
     """Finite differences through q, k, v and both bias parts (fast mode)."""
     q, k, v, projection, bias = _inputs(batch=1, heads=2, length=11, dim=3, nb_features=4, window=3, seed=3)
-    mask = _padding(11, [10])
+    mask = padding(11, [10])
     inputs = tuple(t.clone().requires_grad_() for t in (q, k, v, bias.band, bias.far))
     assert torch.autograd.gradcheck(
         lambda a, b, c, band, far: favor_rpe_attention(a, b, c, projection, WindowedBias(band, far), causal=causal,
@@ -99,7 +90,7 @@ def test_gradcheck(causal):
 @pytest.mark.parametrize("causal", MODES)
 def test_block_size_and_chunking_change_nothing(causal, monkeypatch):
     q, k, v, projection, bias = _inputs(length=45, window=6)
-    cotangent = torch.randn(v.shape, generator=_gen(2), dtype=F64)
+    cotangent = torch.randn(v.shape, generator=generator(2), dtype=F64)
     leaves = [q, k, v, bias.band, bias.far]
 
     def run(block):
@@ -107,7 +98,7 @@ def test_block_size_and_chunking_change_nothing(causal, monkeypatch):
             a, b, c, projection, WindowedBias(band, far), causal=causal, block_size=block), leaves, cotangent)
 
     want, want_grads = run(None)
-    monkeypatch.setattr(rpe_window, "_CHUNK_ELEMENTS", 2 * 3 * 4 * 4 * 3)  # 3 query blocks of 4 per chunk
+    monkeypatch.setattr(window, "_CHUNK_ELEMENTS", 2 * 3 * 4 * 4 * 3)  # 3 query blocks of 4 per chunk
     for block in (1, 4, 5, 64):
         got, got_grads = run(block)
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-13)
@@ -138,7 +129,7 @@ def test_expanded_bias_puts_each_value_at_its_offsets():
 def test_zero_bias_is_plain_favor(causal):
     q, k, v, projection, bias = _inputs(length=33, window=5)
     zero = WindowedBias(torch.zeros_like(bias.band), torch.zeros_like(bias.far))
-    mask = _padding(33, [33, 20])
+    mask = padding(33, [33, 20])
     torch.testing.assert_close(favor_rpe_attention(q, k, v, projection, zero, causal=causal, key_padding_mask=mask,
                                                    block_size=4),
                                favor_attention(q, k, v, projection, causal=causal, key_padding_mask=mask))
@@ -160,10 +151,10 @@ def test_float32_matches_float64_with_a_wide_bias(causal):
     length, window = 300, 16
     q, k, v, projection, bias = _inputs(batch=1, heads=2, length=length, dim=16, nb_features=32, window=window,
                                         seed=2, bias_scale=0.0)
-    g = _gen(7)
+    g = generator(7)
     bias = WindowedBias(torch.rand(2, 2 * window - 1, generator=g, dtype=F64) * 20 - 10,
                         torch.tensor([[10.0, -10.0], [-10.0, 10.0]], dtype=F64))
-    mask = _padding(length, [280])
+    mask = padding(length, [280])
     ref = implied_rpe_attention(q, k, projection, bias, causal=causal, key_padding_mask=mask) @ v
     out = favor_rpe_attention(q.float(), k.float(), v.float(), projection.float(),
                               WindowedBias(bias.band.float(), bias.far.float()), causal=causal,
@@ -180,7 +171,7 @@ def test_causal_past_is_bit_for_bit_independent_of_the_future():
     length, t = 40, 17
     q, k, v, projection, bias = _inputs(length=length, dim=32, nb_features=64, window=6, seed=4, dtype=torch.float32)
     k = k * 8
-    g = _gen(13)
+    g = generator(13)
     q2, k2, v2 = q.clone(), k.clone(), v.clone()
     future = q2[:, :, t + 1 :].shape
     q2[:, :, t + 1 :] = torch.randn(future, generator=g)
@@ -188,8 +179,8 @@ def test_causal_past_is_bit_for_bit_independent_of_the_future():
     k2[:, :, t + 1] *= 30
     k2[:, :, t + 2] = projection[projection.norm(dim=1).argmax()] * q.shape[-1] ** 0.25
     v2[:, :, t + 1 :] *= 100
-    mask = _padding(length, [length, 36])
-    cotangent = torch.randn(q.shape, generator=_gen(6))
+    mask = padding(length, [length, 36])
+    cotangent = torch.randn(q.shape, generator=generator(6))
     cotangent[:, :, t + 1 :] = 0
 
     def run(*qkv):
@@ -208,7 +199,7 @@ def test_causal_past_is_bit_for_bit_independent_of_the_future():
 @pytest.mark.parametrize("causal", MODES)
 def test_padding_is_invisible(causal):
     q, k, v, projection, bias = _inputs(length=37, window=5)
-    mask = _padding(37, [37, 26])
+    mask = padding(37, [37, 26])
     junk = [t.clone() for t in (q, k, v)]
     for t in junk:
         t[1, :, 26:] = torch.nan

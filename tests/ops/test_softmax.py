@@ -9,12 +9,7 @@ import torch
 
 from protein_performer.ops import softmax_attention, softmax_attention_weights
 
-F64 = torch.float64
-
-
-def _qkv(batch: int, heads: int, length: int, dim: int, *, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn(batch, heads, length, dim, generator=g, dtype=F64) for _ in range(3))
+from .common import random_qkv
 
 
 def _definition(q, k, v, *, causal: bool, key_padding_mask):
@@ -37,7 +32,7 @@ def _definition(q, k, v, *, causal: bool, key_padding_mask):
 @pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
 @pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
 def test_softmax_attention_matches_the_definition(causal, padded):
-    q, k, v = _qkv(2, 3, 13, 8)
+    q, k, v = random_qkv(2, 3, 13, 8)
     mask = None
     if padded:
         mask = torch.zeros(2, 13, dtype=torch.bool)
@@ -51,7 +46,7 @@ def test_softmax_attention_matches_the_definition(causal, padded):
 
 
 def test_fully_padded_sequence_gives_zero_rows():
-    q, k, v = _qkv(2, 1, 6, 4)
+    q, k, v = random_qkv(2, 1, 6, 4)
     mask = torch.zeros(2, 6, dtype=torch.bool)
     mask[0] = True
     out = softmax_attention(q, k, v, key_padding_mask=mask)
@@ -60,7 +55,7 @@ def test_fully_padded_sequence_gives_zero_rows():
 
 
 def test_causal_softmax_ignores_future():
-    q, k, v = _qkv(1, 2, 10, 8)
+    q, k, v = random_qkv(1, 2, 10, 8)
     before = softmax_attention(q, k, v, causal=True)
     q2, k2, v2 = (t.clone() for t in (q, k, v))
     for t in (q2, k2, v2):
@@ -71,7 +66,7 @@ def test_causal_softmax_ignores_future():
 
 
 def test_softmax_padding_is_invisible():
-    q, k, v = _qkv(2, 2, 15, 8)
+    q, k, v = random_qkv(2, 2, 15, 8)
     alone = softmax_attention(q[:1, :, :9], k[:1, :, :9], v[:1, :, :9])
     for t in (q, k, v):
         t[0, :, 9:] = 1e4

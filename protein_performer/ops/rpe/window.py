@@ -6,7 +6,7 @@ A T5-shaped bias is free near the diagonal and constant far from it (per head an
     b_(j-i) = far[0]                  for j - i <= -w       (keys far before the query)
     b_(j-i) = far[1]                  for j - i >= w        (keys far after it; never read when causal)
 
-and the attention of :mod:`~protein_performer.ops.rpe_fft` (Luo et al. 2021) weights FAVOR+ terms by
+and the attention of :mod:`~protein_performer.ops.rpe` (Luo et al. 2021) weights FAVOR+ terms by
 c = exp(b):
 
     z_i = sum_j c_(j-i) phi(q_i).phi(k_j) [v_j, 1]     (the trailing 1 gives the denominator)
@@ -21,7 +21,7 @@ With a constant far weight the sum splits exactly into
   the far values. O(L (2w + T) (m + D)) multiply-adds, O(T^2) memory per block.
 Every term is a product of nonnegative factors: nothing is subtracted, so no cancellation.
 
-Stabilisers are those of the other paths (:mod:`~protein_performer.ops.rpe_fft`): c = exp(b - max b)
+Stabilisers are those of the other paths (:mod:`~protein_performer.ops.stabilise`): c = exp(b - max b)
 over the entries the mode reads; query features divided by their row max; bidirectional keys share
 one offset; causal keys carry the running offset M_j and query i reads key j with exp(M_j - M_i) <= 1:
 exactly on the band blocks, and through the block-end offset e_c for the prefix state (kept relative
@@ -33,99 +33,35 @@ The autograd function builds the features in place, straight into a block layout
 them by hand. For the backward pass it keeps the features (O(L m)), the band scores (O(L (2w + T)))
 and the far block states (O(L m D / T)): nothing of size L x w x m. The projection gets no gradient
 (it is a redrawn buffer). The dense reference is
-:func:`~protein_performer.ops.rpe_fft.implied_rpe_attention` with :func:`expand_windowed_bias`.
+:func:`~protein_performer.ops.rpe.reference.implied_rpe_attention` with
+:func:`~protein_performer.ops.rpe.bias.expand_windowed_bias`.
 
-Decoding: :func:`favor_rpe_causal_step` keeps the last w keys plus the far prefix state.
+Decoding: :func:`~protein_performer.ops.rpe.recurrent.favor_rpe_causal_step`.
 """
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from protein_performer.ops._checks import compute_dtype
-from protein_performer.ops.favor import (
-    _decayed_scan,
-    _key_gradient,
-    _running_max,
-    _safe_divide,
-    _softmax_logits,
-    _zero_at_padding,
-    softmax_kernel_features,
-)
+from protein_performer.ops.favor.features import inplace_softmax_features
+from protein_performer.ops.stabilise import decayed_scan, key_gradient, zero_at_padding
 
-__all__ = ["WindowedBias", "WindowedState", "expand_windowed_bias", "favor_rpe_causal_step"]
+__all__ = ["MAX_DEFAULT_BLOCK_SIZE", "default_block_size", "windowed_attention_product"]
 
 #: Largest default query block of the band product (T = w up to this): T = w covers the band with 3 key
 #: blocks (3w keys per query for 2w - 1 offsets). At w = 128 (m = 256, D = 64) it beat T = 64 (5 blocks
 #: of 64, 320 keys) by 1.2-1.5x bidirectional on this project's 2-core CPU (larger products, fewer
 #: passes); causal, the two were within noise.
 MAX_DEFAULT_BLOCK_SIZE = 128
+#: Upper bound on the elements of one [query blocks x rows, T, T] score tensor.
+_CHUNK_ELEMENTS = 1 << 23
 
 
 def default_block_size(window: int) -> int:
     """T = w, clamped to [16, MAX_DEFAULT_BLOCK_SIZE]."""
     return min(max(window, 16), MAX_DEFAULT_BLOCK_SIZE)
-#: Upper bound on the elements of one [query blocks x rows, T, T] score tensor.
-_CHUNK_ELEMENTS = 1 << 23
-
-
-class WindowedBias(NamedTuple):
-    """A relative-position bias that is constant beyond a window w (log space: c = exp(b)).
-
-    band: [heads, 2w - 1], b_(j-i) for |j - i| < w at index (j - i) + w - 1.
-    far: [heads, 2], b for j - i <= -w (index 0, keys before the query) and j - i >= w (index 1).
-    """
-
-    band: Tensor
-    far: Tensor
-
-    @property
-    def window(self) -> int:
-        return (self.band.shape[-1] + 1) // 2
-
-
-def check_windowed_bias(where: str, bias: WindowedBias, heads: int) -> None:
-    band, far = bias
-    if band.dim() != 2 or band.shape[0] != heads or band.shape[1] % 2 != 1:
-        raise ValueError(
-            f"{where}: rpe_bias.band must be [heads={heads}, 2w - 1] (odd width, window w >= 1), "
-            f"got {tuple(band.shape)}."
-        )
-    if far.shape != (heads, 2):
-        raise ValueError(
-            f"{where}: rpe_bias.far must be [heads={heads}, 2] (before, after), got {tuple(far.shape)}."
-        )
-
-
-def expand_windowed_bias(bias: WindowedBias, length: int) -> Tensor:
-    """The same bias over every offset of a length-L sequence: [heads, 2L - 1], entry (j - i) + L - 1
-    (the full form of :func:`~protein_performer.ops.favor_rpe_attention`; O(L), for references and maps)."""
-    window = bias.window
-    offsets = torch.arange(-(length - 1), length, device=bias.band.device)
-    index = (offsets + window).clamp(0, 2 * window)  # into [far before, band, far after]
-    return torch.cat([bias.far[:, :1], bias.band, bias.far[:, 1:]], dim=1)[:, index]
-
-
-def windowed_weights(bias: WindowedBias, causal: bool, dtype: torch.dtype) -> Tensor:
-    """c = exp(b - max b) as [heads, 2w + 1] = [far before, band offsets -(w-1)..w-1, far after].
-
-    The max (detached, it cancels in the ratio) is over the entries the mode reads; causal zeroes the
-    positive offsets and the far-after value (never read; exp of them could overflow)."""
-    b = torch.cat([bias.far[:, :1], bias.band, bias.far[:, 1:]], dim=1).to(dtype)
-    window = bias.window
-    read = b[:, : window + 1] if causal else b
-    c = torch.exp(b - read.amax(dim=1, keepdim=True).detach())
-    if causal:
-        c = torch.cat([c[:, : window + 1], torch.zeros_like(c[:, window + 1 :])], dim=1)
-    return c
-
-
-# --------------------------------------------------------------------------------------------------
-# the blocked product
-# --------------------------------------------------------------------------------------------------
 
 
 class _Plan(NamedTuple):
@@ -225,7 +161,7 @@ class _WindowedAttention(torch.autograd.Function):
     ones); c: [H, 2w + 1] from :func:`windowed_weights`; projection: [m, D]. Causal keys carry running
     offsets M (E_ij = exp(M_j - M_i)), bidirectional ones one shared offset (E = 1). Returns [R, L, E].
 
-    The features are built in place (:func:`_softmax_features`) straight into the block layout the
+    The features are built in place (:func:`inplace_softmax_features`) straight into the block layout the
     product reads, and differentiated by hand there: the backward pass keeps one copy of them."""
 
     @staticmethod
@@ -234,8 +170,8 @@ class _WindowedAttention(torch.autograd.Function):
         B, H, length, _ = q.shape
         rows = B * H
         plan = _plan(length, block, (c.shape[1] - 1) // 2, causal)
-        query, key, key_offset, k_scaled, w_query, w_key = _softmax_features(q, k, projection, key_padding_mask,
-                                                                            causal)
+        query, key, key_offset, k_scaled, w_query, w_key = inplace_softmax_features(q, k, projection,
+                                                                                    key_padding_mask, causal)
         qb = _to_blocks(query.view(rows, length, -1), block, 0, 0)  # (n, R, T, m)
         kb = _to_blocks(key.view(rows, length, -1), block, plan.r, plan.after)  # (r + n + after, R, T, m)
         del query, key
@@ -271,8 +207,8 @@ class _WindowedAttention(torch.autograd.Function):
         # through the features: d exp(x) = exp(x) dx, then the projections (the key's with [k', |k'|^2/2])
         grad_q = _from_blocks(grad_qb.mul_(qb) @ w_query.T, length).view(*shape, -1)
         grad_k_aug = _from_blocks(grad_kb[r : r + n].mul_(kb[r : r + n]) @ w_key.T, length).view(*shape, -1)
-        grad_k = _key_gradient(grad_k_aug, k_scaled)
-        _zero_at_padding(key_padding_mask, grad_q, grad_k)
+        grad_k = key_gradient(grad_k_aug, k_scaled)
+        zero_at_padding(key_padding_mask, grad_q, grad_k)
         grad_w = _from_blocks(grad_wb[r : r + n], length).view(*shape, -1)
         return grad_q, grad_k, grad_w, grad_c, None, None, None, None
 
@@ -382,15 +318,15 @@ def _scan(x: Tensor, *, reverse: bool = False) -> Tensor:
 
     One batched [G, G] product per group of blocks (favor's two-level scan, every row at once):
     torch's cumsum over a leading dim and a loop of per-block adds are both far slower on a CPU."""
-    return _decayed_scan(x.view(1, x.shape[0], -1), None, None, reverse=reverse).view_as(x)
+    return decayed_scan(x.view(1, x.shape[0], -1), None, None, reverse=reverse).view_as(x)
 
 
 def _rows_scan(x: Tensor, source: Tensor, target: Tensor, *, reverse: bool = False) -> Tensor:
-    """:func:`~protein_performer.ops.favor._decayed_scan` of x [n, R, m, E] with per-row decays
+    """:func:`~protein_performer.ops.stabilise.decayed_scan` of x [n, R, m, E] with per-row decays
     (source, target [n, R]): out_c = sum_(c' < c) x_c' exp(source_c' - target_c) (``reverse``: c' > c)."""
     n, rows = x.shape[:2]
-    out = _decayed_scan(x.transpose(0, 1).contiguous().view(rows, n, -1), source.T.contiguous(), target.T.contiguous(),
-                        reverse=reverse)
+    out = decayed_scan(x.transpose(0, 1).contiguous().view(rows, n, -1), source.T.contiguous(), target.T.contiguous(),
+                       reverse=reverse)
     return out.view(rows, n, *x.shape[2:]).transpose(0, 1).contiguous()
 
 
@@ -501,117 +437,7 @@ def _far_backward(qb, kb, wb, c, offsets, far_states, plan: _Plan, grad, grad_c)
     return grad_qb, grad_kb, grad_wb
 
 
-def _softmax_features(q: Tensor, k: Tensor, projection: Tensor, key_padding_mask: Tensor | None, running: bool):
-    """Positive softmax-kernel features of queries and keys, in place (no autograd; the values of
-    :func:`~protein_performer.ops.rpe_fft._features`, built as in favor's fast path).
-
-    phi_q = exp(W q' - max_a W q') (the row max and |q'|^2 / 2 are constant per query and cancel);
-    phi_k = exp(W k' - |k'|^2 / 2 - offset), the offset the max over valid keys (shared) or, ``running``,
-    the running max M_j (returned; else None). Both are zero at padding.
-
-    Returns (phi_q, phi_k [B, H, L, m], offset [B, H, L] or None, k' [B, H, L, D], W_q [D, m],
-    W_k [D + 1, m]): the last three are what the derivatives need."""
-    D = q.shape[-1]
-    scale = D**-0.25
-    pad = None if key_padding_mask is None else key_padding_mask[:, None, :, None]
-    w_query = projection.T * scale  # (D, m)
-    w_key = torch.cat([projection, -torch.ones_like(projection[:, :1])], dim=1).T  # (D + 1, m)
-    k_scaled = k * scale
-    k_aug = torch.cat([k_scaled, 0.5 * (k_scaled * k_scaled).sum(dim=-1, keepdim=True)], dim=-1)
-    query = q @ w_query  # (B, H, L, m)
-    query.sub_(query.amax(dim=-1, keepdim=True))
-    key = k_aug @ w_key  # logits W k' - |k'|^2 / 2
-    if pad is not None:
-        query.masked_fill_(pad, -math.inf)
-        key.masked_fill_(pad, -math.inf)
-    query.exp_()
-    offset = None
-    if running:
-        offset = _running_max(key.amax(dim=-1))  # (B, H, L)
-        key.sub_(offset[..., None])
-    else:
-        shared = key.amax(dim=(-2, -1), keepdim=True)
-        key.sub_(torch.where(torch.isfinite(shared), shared, torch.zeros_like(shared)))
-    key.exp_()
-    return query, key, offset, k_scaled, w_query, w_key
-
-
 def windowed_attention_product(q: Tensor, k: Tensor, w: Tensor, c: Tensor, projection: Tensor,
                                key_padding_mask: Tensor | None, causal: bool, block_size: int) -> Tensor:
     """See :class:`_WindowedAttention`: [B * H, L, E], differentiable in q, k, w and c."""
     return _WindowedAttention.apply(q, k, w, c, projection.detach(), key_padding_mask, causal, block_size)
-
-
-# --------------------------------------------------------------------------------------------------
-# recurrent step (generation)
-# --------------------------------------------------------------------------------------------------
-
-
-class WindowedState(NamedTuple):
-    """Causal windowed favor_rpe after t tokens.
-
-    keys: [B, H, <= w, m] features of the last (up to) w keys, key j relative to its own running
-    offset; values: [B, H, <= w, D]; key_offsets: [B, H, <= w] those offsets M_j.
-    far_kv: [B, H, m, D + 1] sum of phi(k_j) [v_j, 1]^T over keys j <= t - w, relative to far_offset
-    [B, H] (the running offset of the newest of them; -inf before any).
-    """
-
-    keys: Tensor
-    values: Tensor
-    key_offsets: Tensor
-    far_kv: Tensor
-    far_offset: Tensor
-
-
-def favor_rpe_causal_step(
-    q_t: Tensor, k_t: Tensor, v_t: Tensor, projection: Tensor, rpe_bias: WindowedBias,
-    state: WindowedState | None = None,
-) -> tuple[Tensor, WindowedState]:
-    """One token of causal windowed favor_rpe: the output at position t given the state of tokens < t.
-
-    Args:
-        q_t, k_t, v_t: [batch, heads, head_dim], the new token.
-        projection: [nb_features, head_dim], as for the parallel pass.
-        rpe_bias: the :class:`WindowedBias` of the parallel pass.
-        state: returned by the previous step; None before the first token.
-
-    Returns:
-        (out_t [batch, heads, head_dim] in v_t's dtype, new state): the band's last w keys plus the
-        far prefix, O(w m + m D) memory per head. Feeding a sequence token by token reproduces
-        ``favor_rpe_attention(..., rpe_bias, causal=True)``.
-    """
-    check_windowed_bias("favor_rpe_causal_step", rpe_bias, q_t.shape[1])
-    with torch.autocast(device_type=q_t.device.type, enabled=False):
-        dtype = compute_dtype(q_t)
-        q, k, v, projection = q_t.to(dtype), k_t.to(dtype), v_t.to(dtype), projection.to(dtype)
-        B, H, D = v.shape
-        m = projection.shape[0]
-        window = rpe_bias.window
-        if state is None:
-            state = WindowedState(v.new_zeros(B, H, 0, m), v.new_zeros(B, H, 0, D), v.new_zeros(B, H, 0),
-                                  v.new_zeros(B, H, m, D + 1), v.new_full((B, H), -math.inf))
-        query = softmax_kernel_features(q[:, :, None], projection, is_query=True)[:, :, 0]  # (B, H, m)
-        logits = _softmax_logits(k[:, :, None], projection)[:, :, 0]  # (B, H, m)
-        previous = state.key_offsets[..., -1] if state.key_offsets.shape[-1] else torch.full_like(logits[..., 0],
-                                                                                                   -math.inf)
-        offset = torch.maximum(previous, logits.amax(dim=-1))  # M_t
-        keys = torch.cat([state.keys, torch.exp(logits - offset[..., None])[:, :, None]], dim=2)
-        values = torch.cat([state.values, v[:, :, None]], dim=2)
-        key_offsets = torch.cat([state.key_offsets, offset[..., None]], dim=2)
-        far_kv, far_offset = state.far_kv, state.far_offset
-        if keys.shape[2] > window:  # key t - w leaves the band for the far state
-            leaving = torch.cat([values[:, :, 0], values.new_ones(B, H, 1)], dim=-1)  # (B, H, D + 1)
-            new_offset = key_offsets[:, :, 0]
-            shrink = torch.exp((far_offset - new_offset).clamp(max=0.0))
-            far_kv = far_kv * shrink[..., None, None] + keys[:, :, 0, :, None] * leaving[:, :, None, :]
-            far_offset = new_offset
-            keys, values, key_offsets = keys[:, :, 1:], values[:, :, 1:], key_offsets[:, :, 1:]
-        c = windowed_weights(rpe_bias, True, dtype)  # (H, 2w + 1)
-        band = c[:, 1 + window - keys.shape[2] : 1 + window]  # offsets -(n-1) .. 0, oldest first
-        weights = (keys @ query[..., None])[..., 0] * band * torch.exp(key_offsets - offset[..., None])  # (B, H, n)
-        augmented = torch.cat([values, values.new_ones(B, H, values.shape[2], 1)], dim=-1)
-        total = (weights[:, :, None, :] @ augmented)[:, :, 0]  # (B, H, D + 1)
-        far_read = c[:, 0] * torch.exp((far_offset - offset).clamp(max=0.0))  # (B, H); far_kv = 0 before any
-        total = total + far_read[..., None] * (query[:, :, None, :] @ far_kv)[:, :, 0]
-        out = _safe_divide(total[..., :D], total[..., D])
-    return out.to(v_t.dtype), WindowedState(keys, values, key_offsets, far_kv, far_offset)
