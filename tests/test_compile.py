@@ -8,15 +8,16 @@ import torch
 
 from protein_performer.data import Alphabet
 from protein_performer.model import PerformerConfig, ProteinPerformer
-from protein_performer.ops import favor as favor_module
+from protein_performer.ops import stabilise
 from protein_performer.training.module import ProteinLM, pad_length_to_multiple
 
-# favor_rpe is not here: ops/rpe_fft.py is being rewritten (windowed favor_rpe) and gets its own pass.
-CASES = [  # (kind, causal, padded): favor's two Functions and its chunk-state scan, softmax's maskless path
+CASES = [  # (kind, causal, padded): favor's two Functions and its chunk-state scan, softmax's maskless path,
+    # windowed favor_rpe's band-and-far-state Function
     pytest.param("favor", True, True, id="favor-causal-padded"),
     pytest.param("favor_relu", False, True, id="favor_relu-bidirectional-padded"),
     pytest.param("softmax", True, False, id="softmax-causal-unpadded"),
     pytest.param("combiner", True, True, id="combiner-causal-padded"),
+    pytest.param("favor_rpe", True, True, id="favor_rpe-causal-padded"),
 ]
 
 
@@ -26,7 +27,7 @@ def test_compiled_model_equals_eager_with_gradients_and_no_graph_break(kind, cau
     """fullgraph=True turns any graph break (e.g. an `out=` write into a strided view, which Dynamo
     cannot trace) into an error. 160 positions: three FAVOR+ chunks of 64, the last one partial, and
     scan groups of 2 chunks, so the causal scan carries state across groups as at L > 2048."""
-    monkeypatch.setattr(favor_module, "SCAN_GROUP", 2)
+    monkeypatch.setattr(stabilise, "SCAN_GROUP", 2)
     torch._dynamo.reset()
     config = PerformerConfig(vocab_size=25, d_model=32, n_layers=2, n_heads=2, d_ff=64, dropout=0.0, attention=kind,
                              causal=causal, nb_features=16, max_length=256, pad_idx=1, combiner_block_size=16)
