@@ -1,7 +1,7 @@
 """Proteins from FASTA to training batches.
 
     fasta.py      read_fasta / chunked reading (Biopython), accessions, DataError
-    alphabet.py   Alphabet: residues <-> uint8 token ids through a byte lookup table
+    alphabet.py   Alphabet: residues <-> uint8 token ids through a byte lookup table; `frame`: <cls> ... <eos> rows
     splits.py     train/valid/test/ood from a stable hash of the accession
     store.py      build_token_store (FASTA -> HDF5, streaming) and TokenStore (reading it)
     sampling.py   single proteins (crops, token-budget batches) or a concatenated stream in windows
@@ -17,7 +17,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from protein_performer.data.alphabet import Alphabet, EncodedSequences
+from protein_performer.data.alphabet import Alphabet, EncodedSequences, frame
 from protein_performer.data.fasta import (
     DataError,
     FastaChunk,
@@ -69,6 +69,7 @@ __all__ = [
     "build_token_store",
     "causal_lm_labels",
     "expand_inputs",
+    "frame",
     "mask_for_mlm",
     "parse_accession",
     "plan_epoch",
