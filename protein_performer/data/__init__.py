@@ -1,6 +1,8 @@
 """Proteins from FASTA to training batches.
 
-    fasta.py      read_fasta / chunked reading (Biopython), accessions, DataError
+    errors.py     DataError, FastaFormatError: every data error, each naming the file (and line)
+    fasta.py      read_fasta: FastaRecords (Biopython), accessions, the opener and its checks
+    fasta_chunks.py  read_fasta_chunks: the fast chunk parser, its decompression thread and reader process
     alphabet.py   Alphabet: residues <-> uint8 token ids through a byte lookup table; `frame`: <cls> ... <eos> rows
     splits.py     train/valid/test/ood from a stable hash of the accession
     store.py      build_token_store (FASTA -> HDF5, streaming) and TokenStore (reading it)
@@ -18,16 +20,9 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from protein_performer.data.alphabet import Alphabet, EncodedSequences, frame
-from protein_performer.data.fasta import (
-    DataError,
-    FastaChunk,
-    FastaFormatError,
-    FastaRecord,
-    expand_inputs,
-    parse_accession,
-    read_fasta,
-    read_fasta_chunks,
-)
+from protein_performer.data.errors import DataError, FastaFormatError
+from protein_performer.data.fasta import FastaRecord, expand_inputs, parse_accession, read_fasta
+from protein_performer.data.fasta_chunks import FastaChunk, read_fasta_chunks
 from protein_performer.data.masking import IGNORE_INDEX, OBJECTIVES, causal_lm_labels, mask_for_mlm
 from protein_performer.data.sampling import SAMPLINGS, budget_batches, plan_epoch, single_examples
 from protein_performer.data.splits import SPLITS, SplitSpec, accession_hash

@@ -17,7 +17,8 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from protein_performer.data.dataset import BatchSpec, ProteinBatches
-from protein_performer.data.fasta import DataError, expand_inputs
+from protein_performer.data.errors import DataError
+from protein_performer.data.fasta import expand_inputs
 from protein_performer.data.splits import SplitSpec
 from protein_performer.data.store import FORMAT_VERSION, TokenStore, build_token_store, input_identity
 

@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from protein_performer.data.alphabet import Alphabet, frame
-from protein_performer.data.fasta import DataError
+from protein_performer.data.errors import DataError
 from protein_performer.data.masking import IGNORE_INDEX, OBJECTIVES, causal_lm_labels, mask_for_mlm
 from protein_performer.data.sampling import (
     SAMPLINGS,

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from protein_performer.data.fasta import DataError
+from protein_performer.data.errors import DataError
 
 __all__ = ["SPLITS", "SplitSpec", "SplitAssigner", "accession_hash", "accession_hashes", "hash_to_unit"]
 

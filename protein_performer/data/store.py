@@ -40,18 +40,9 @@ import numpy as np
 from tqdm import tqdm
 
 from protein_performer.data.alphabet import Alphabet
-from protein_performer.data.fasta import (
-    DataError,
-    FastaChunk,
-    FastaFormatError,
-    PathInput,
-    accession_spans,
-    check_fasta,
-    expand_inputs,
-    header_line_of_record,
-    read_fasta_chunks,
-    read_fasta_chunks_in_background,
-)
+from protein_performer.data.errors import DataError, FastaFormatError
+from protein_performer.data.fasta import PathInput, accession_spans, check_fasta, expand_inputs, header_line_of_record
+from protein_performer.data.fasta_chunks import FastaChunk, read_fasta_chunks, read_fasta_chunks_in_background
 from protein_performer.data.splits import SPLITS, SplitAssigner, SplitSpec, accession_hashes
 from protein_performer.errors import describe_os_error, make_output_directory
 
