@@ -9,7 +9,8 @@
     sampling.py   single proteins (crops, token-budget batches) or a concatenated stream in windows
     masking.py    masked-LM corruption and causal-LM labels
     dataset.py    ProteinBatches: one split's batches, sharded over DDP ranks and DataLoader workers
-    datamodule.py ProteinDataModule (Lightning), building the store from FASTA into a cache on first use
+    datamodule.py ProteinDataModule (Lightning), building the store from FASTA into a cache on first use;
+                  its settings in typed groups: DataSource, BatchSpec, SplitSpec, Loading
 
 The torch/Lightning parts (dataset, datamodule) are imported on first use, so preprocessing and
 FASTA reading start without loading torch.
@@ -32,12 +33,14 @@ _LAZY = {
     "Batch": "protein_performer.data.dataset",
     "BatchSpec": "protein_performer.data.dataset",
     "ProteinBatches": "protein_performer.data.dataset",
+    "DataSource": "protein_performer.data.datamodule",
     "EpochLoader": "protein_performer.data.datamodule",
+    "Loading": "protein_performer.data.datamodule",
     "ProteinDataModule": "protein_performer.data.datamodule",
 }
 
 if TYPE_CHECKING:
-    from protein_performer.data.datamodule import EpochLoader, ProteinDataModule
+    from protein_performer.data.datamodule import DataSource, EpochLoader, Loading, ProteinDataModule
     from protein_performer.data.dataset import Batch, BatchSpec, ProteinBatches
 
 __all__ = [
@@ -45,12 +48,14 @@ __all__ = [
     "Batch",
     "BatchSpec",
     "DataError",
+    "DataSource",
     "EncodedSequences",
     "EpochLoader",
     "FastaChunk",
     "FastaFormatError",
     "FastaRecord",
     "IGNORE_INDEX",
+    "Loading",
     "OBJECTIVES",
     "ProteinBatches",
     "ProteinDataModule",

@@ -124,10 +124,6 @@ class SplitAssigner:
         if spec.ood_accessions is not None:
             self.ood_accessions = frozenset(_read_accession_list(Path(spec.ood_accessions)))
 
-    @property
-    def holds_out(self) -> bool:
-        return self.ood_regex is not None or bool(self.ood_accessions)
-
     def assign(self, hashes: np.ndarray, accessions: Sequence[bytes] | None = None,
                titles: Sequence[bytes] | None = None) -> np.ndarray:
         """uint8 [n] split codes. `accessions` and `titles` are needed only for the OOD rules."""
