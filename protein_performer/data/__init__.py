@@ -5,7 +5,8 @@
     fasta_chunks.py  read_fasta_chunks: the fast chunk parser, its decompression thread and reader process
     alphabet.py   Alphabet: residues <-> uint8 token ids through a byte lookup table; `frame`: <cls> ... <eos> rows
     splits.py     train/valid/test/ood from a stable hash of the accession
-    store.py      build_token_store (FASTA -> HDF5, streaming) and TokenStore (reading it)
+    store.py      the HDF5 token store's layout, StoreSummary, and TokenStore (reading it)
+    store_writer.py  build_token_store: FASTA -> HDF5, streaming in constant memory
     sampling.py   single proteins (crops, token-budget batches) or a concatenated stream in windows
     masking.py    masked-LM corruption and causal-LM labels
     dataset.py    ProteinBatches: one split's batches, sharded over DDP ranks and DataLoader workers
@@ -27,7 +28,8 @@ from protein_performer.data.fasta_chunks import FastaChunk, read_fasta_chunks
 from protein_performer.data.masking import IGNORE_INDEX, OBJECTIVES, causal_lm_labels, mask_for_mlm
 from protein_performer.data.sampling import SAMPLINGS, budget_batches, plan_epoch, single_examples
 from protein_performer.data.splits import SPLITS, SplitSpec, accession_hash
-from protein_performer.data.store import StoreSummary, TokenStore, build_token_store
+from protein_performer.data.store import StoreSummary, TokenStore
+from protein_performer.data.store_writer import build_token_store
 
 _LAZY = {
     "Batch": "protein_performer.data.dataset",

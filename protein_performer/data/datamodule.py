@@ -21,7 +21,8 @@ from protein_performer.data.dataset import BatchSpec, ProteinBatches
 from protein_performer.data.errors import DataError
 from protein_performer.data.fasta import expand_inputs
 from protein_performer.data.splits import SplitSpec
-from protein_performer.data.store import FORMAT_VERSION, TokenStore, build_token_store, input_identity
+from protein_performer.data.store import FORMAT_VERSION, TokenStore, input_identity
+from protein_performer.data.store_writer import build_token_store
 
 __all__ = ["ProteinDataModule", "DataSource", "Loading", "EpochLoader", "ResumableLoader"]
 
