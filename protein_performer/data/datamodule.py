@@ -139,9 +139,26 @@ class Loading:
             raise DataError(f"num_workers must be >= 0, got {self.num_workers}")
 
 
-# The typed groups ProteinDataModule takes, by their argument names; `from_settings` deals flat keys
-# (conf/data/*.yaml, `data.max_length=...` on the command line) to the group with a field of that name.
+# The typed groups ProteinDataModule takes, by their argument names. Flat keys (conf/data/*.yaml,
+# `data.max_length=...` on the command line, configs saved by earlier runs) go to the group with a
+# field of that name.
 _GROUPS: dict[str, type] = {"source": DataSource, "batches": BatchSpec, "splits": SplitSpec, "loading": Loading}
+
+
+def _deal_settings(settings: dict[str, Any], **given: Any) -> tuple[DataSource, BatchSpec, SplitSpec, Loading]:
+    """The four groups: each as given, or built from the flat keys that are its fields (a group given
+    whole and flat keys of the same group together are refused, as is a key no group has)."""
+    owner = {field.name: name for name, group in _GROUPS.items() for field in fields(group)}
+    unknown = sorted(key for key in settings if key not in owner)
+    if unknown:
+        raise DataError(f"unknown data setting(s) {unknown}; the settings are {sorted([*owner, 'seed'])}")
+    groups = []
+    for name, group in _GROUPS.items():
+        flat = {key: value for key, value in settings.items() if owner[key] == name}
+        if given[name] is not None and flat:
+            raise TypeError(f"{name} is given both as a {group.__name__} and as flat keys {sorted(flat)}")
+        groups.append(given[name] if given[name] is not None else group(**flat))
+    return tuple(groups)  # type: ignore[return-value]
 
 
 class ProteinDataModule(pl.LightningDataModule):
@@ -170,7 +187,8 @@ class ProteinDataModule(pl.LightningDataModule):
     worker reads whole, disjoint blocks of the split; training reshuffles every epoch from
     (seed, epoch) and gives every rank the same number of batches.
 
-    Args (each a small typed group; `from_settings` builds them from flat keys, as conf/data/*.yaml does):
+    Args (small typed groups; each may instead be given as flat keyword settings named like its fields,
+    ``ProteinDataModule(fasta=..., max_length=512, valid_fraction=0.05)``, which is what conf/data/*.yaml do):
         source: DataSource: fasta or store, the cache and how it is built.
         batches: BatchSpec: objective, sampling, lengths, batch sizes, the MLM recipe, block sizes.
         splits: SplitSpec: valid/test fractions and the OOD rules, used when building from FASTA (a
@@ -180,15 +198,16 @@ class ProteinDataModule(pl.LightningDataModule):
     """
 
     def __init__(self, source: DataSource | None = None, batches: BatchSpec | None = None,
-                 splits: SplitSpec | None = None, loading: Loading | None = None, *, seed: int = 0) -> None:
+                 splits: SplitSpec | None = None, loading: Loading | None = None, *, seed: int = 0,
+                 **settings: Any) -> None:
         super().__init__()
-        source = source if source is not None else DataSource()
-        self.spec = batches if batches is not None else BatchSpec()
-        self.split_spec = splits if splits is not None else SplitSpec()
-        loading = loading if loading is not None else Loading()
+        source, batches, splits, loading = _deal_settings(settings, source=source, batches=batches, splits=splits,
+                                                          loading=loading)
+        self.spec = batches
+        self.split_spec = splits
         # Flat, as checkpoints have always stored them: a resume compares these with the checkpoint's.
-        self.save_hyperparameters({**asdict(source), **asdict(self.spec), **asdict(self.split_spec),
-                                   **asdict(loading), "seed": seed})
+        self.save_hyperparameters({**asdict(source), **asdict(batches), **asdict(splits), **asdict(loading),
+                                   "seed": seed})
         self.prepare_data_per_node = source.prepare_data_per_node
         fasta = source.fasta
         fasta_list = None if fasta is None else ([fasta] if isinstance(fasta, str) else [str(f) for f in fasta])
@@ -202,23 +221,6 @@ class ProteinDataModule(pl.LightningDataModule):
         self.background_reader = source.background_reader
         self.build_timeout = source.build_timeout
         self.store_path: Path | None = None  # set by prepare_data / setup
-
-    @classmethod
-    def from_settings(cls, **settings: Any) -> ProteinDataModule:
-        """A data module from flat keys (``fasta=..., max_length=..., valid_fraction=..., seed=...``), each
-        dealt to the group that has a field of that name; a key no group has is a DataError naming it.
-
-        What conf/data/*.yaml instantiate, so `data.<key>=...` overrides stay flat on the command line.
-        """
-        seed = settings.pop("seed", 0)
-        groups: dict[str, dict[str, Any]] = {name: {} for name in _GROUPS}
-        owner = {field.name: name for name, group in _GROUPS.items() for field in fields(group)}
-        unknown = sorted(key for key in settings if key not in owner)
-        if unknown:
-            raise DataError(f"unknown data setting(s) {unknown}; the settings are {sorted([*owner, 'seed'])}")
-        for key, value in settings.items():
-            groups[owner[key]][key] = value
-        return cls(**{name: _GROUPS[name](**values) for name, values in groups.items()}, seed=seed)
 
     # ---- the store --------------------------------------------------------------------------------
 

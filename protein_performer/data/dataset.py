@@ -267,7 +267,8 @@ class ProteinBatches(IterableDataset):
         if self.train:
             batches = [batches[i] for i in rng.permutation(len(batches))]
         for number, rows in enumerate(batches):
-            ids = frame(self.alphabet, tokens, offsets[examples.record[rows]] + examples.start[rows], examples.take[rows])
+            source = offsets[examples.record[rows]] + examples.start[rows]
+            ids = frame(self.alphabet, tokens, source, examples.take[rows])
             yield self._targets(ids, self._rng(block, number))
 
     def _concat_block(self, block: int) -> Iterator[Batch]:

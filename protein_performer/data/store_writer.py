@@ -33,7 +33,14 @@ from protein_performer.data.errors import DataError, FastaFormatError
 from protein_performer.data.fasta import PathInput, accession_spans, check_fasta, expand_inputs, header_line_of_record
 from protein_performer.data.fasta_chunks import FastaChunk, read_fasta_chunks, read_fasta_chunks_in_background
 from protein_performer.data.splits import SPLITS, SplitAssigner, SplitSpec, accession_hashes
-from protein_performer.data.store import COMPRESSIONS, FORMAT, FORMAT_VERSION, HDF5_SUFFIXES, StoreSummary, input_identity
+from protein_performer.data.store import (
+    COMPRESSIONS,
+    FORMAT,
+    FORMAT_VERSION,
+    HDF5_SUFFIXES,
+    StoreSummary,
+    input_identity,
+)
 from protein_performer.errors import describe_os_error, make_output_directory
 
 __all__ = ["build_token_store", "remove_stale_temporaries"]

@@ -33,7 +33,7 @@ def cache_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def make_datamodule(sample_fasta, cache_dir):
     def make(**settings) -> ProteinDataModule:
-        datamodule = ProteinDataModule.from_settings(fasta=str(sample_fasta), cache_dir=str(cache_dir), **{**SAMPLE, **settings})
+        datamodule = ProteinDataModule(fasta=str(sample_fasta), cache_dir=str(cache_dir), **{**SAMPLE, **settings})
         datamodule.prepare_data()
         datamodule.setup("fit")
         return datamodule
@@ -237,7 +237,7 @@ def test_the_cache_is_reused_and_rebuilt_when_inputs_or_settings_change(sample_f
     cache = tmp_path / "cache"
 
     def store_path(**settings) -> Path:
-        datamodule = ProteinDataModule.from_settings(fasta=str(fasta), cache_dir=str(cache), **settings)
+        datamodule = ProteinDataModule(fasta=str(fasta), cache_dir=str(cache), **settings)
         datamodule.prepare_data()
         return datamodule.store_path
 
@@ -257,15 +257,15 @@ def test_the_cache_is_built_once_per_job_and_by_nodes_that_cannot_see_it(sample_
     """Lightning runs prepare_data on global rank 0 only (not once per node, which would race every
     node's builder on a shared filesystem); a node whose cache_dir is its own builds a copy in setup."""
     shared = tmp_path / "shared"
-    first = ProteinDataModule.from_settings(fasta=str(sample_fasta), cache_dir=str(shared))
+    first = ProteinDataModule(fasta=str(sample_fasta), cache_dir=str(shared))
     assert first.prepare_data_per_node is False
     first.prepare_data()  # global rank 0
     built = first.store_path.stat().st_mtime_ns
     monkeypatch.setenv("LOCAL_RANK", "0")  # another node's local rank 0, after Lightning's barrier
-    other_node = ProteinDataModule.from_settings(fasta=str(sample_fasta), cache_dir=str(shared))
+    other_node = ProteinDataModule(fasta=str(sample_fasta), cache_dir=str(shared))
     other_node.setup("fit")
     assert other_node.store_path == first.store_path and first.store_path.stat().st_mtime_ns == built
-    local = ProteinDataModule.from_settings(fasta=str(sample_fasta), cache_dir=str(tmp_path / "node-local"))
+    local = ProteinDataModule(fasta=str(sample_fasta), cache_dir=str(tmp_path / "node-local"))
     local.setup("fit")
     assert local.store_path.is_file() and local.store_path.parent == tmp_path / "node-local"
 
@@ -287,20 +287,20 @@ def test_stores_are_read_without_requiring_file_locks(sample_store_path, monkeyp
 
 def test_missing_data_is_explained(tmp_path):
     with pytest.raises(DataError, match=r"no data: set data\.fasta=.*UNIREF50_FASTA"):
-        ProteinDataModule.from_settings(cache_dir=str(tmp_path)).prepare_data()
+        ProteinDataModule(cache_dir=str(tmp_path)).prepare_data()
     with pytest.raises(DataError, match="missing.h5: no such token store"):
-        ProteinDataModule.from_settings(store=str(tmp_path / "missing.h5")).setup()
+        ProteinDataModule(store=str(tmp_path / "missing.h5")).setup()
     with pytest.raises(DataError, match="no-such.fasta: no such file"):
-        ProteinDataModule.from_settings(fasta=str(tmp_path / "no-such.fasta"), cache_dir=str(tmp_path)).prepare_data()
+        ProteinDataModule(fasta=str(tmp_path / "no-such.fasta"), cache_dir=str(tmp_path)).prepare_data()
     with pytest.raises(DataError, match="tokens_per_batch .* must be >= max_length"):
-        ProteinDataModule.from_settings(max_length=1024, tokens_per_batch=512)
+        ProteinDataModule(max_length=1024, tokens_per_batch=512)
 
 
 def test_flat_settings_are_dealt_to_the_typed_groups(sample_fasta, tmp_path):
-    """conf/data/*.yaml and `data.<key>=...` stay flat; the module holds typed groups, and its hparams (what a
-    checkpoint stores and a resume compares) stay the flat keys they always were."""
-    flat = ProteinDataModule.from_settings(fasta=str(sample_fasta), cache_dir=str(tmp_path), sampling="concat",
-                                           max_length=256, batch_size=3, valid_fraction=0.1, num_workers=2, seed=7)
+    """conf/data/*.yaml, `data.<key>=...` and configs saved by earlier runs stay flat; the module holds typed
+    groups, and its hparams (what a checkpoint stores and a resume compares) stay the flat keys they always were."""
+    flat = ProteinDataModule(fasta=str(sample_fasta), cache_dir=str(tmp_path), sampling="concat", max_length=256,
+                             batch_size=3, valid_fraction=0.1, num_workers=2, seed=7)
     grouped = ProteinDataModule(DataSource(fasta=str(sample_fasta), cache_dir=str(tmp_path)),
                                 BatchSpec(sampling="concat", max_length=256, batch_size=3),
                                 SplitSpec(valid_fraction=0.1), Loading(num_workers=2), seed=7)
@@ -314,14 +314,16 @@ def test_flat_settings_are_dealt_to_the_typed_groups(sample_fasta, tmp_path):
         "compression", "background_reader", "build_timeout", "prepare_data_per_node"}
     assert flat.hparams["seed"] == 7 and flat.hparams["max_length"] == 256
     with pytest.raises(DataError, match=r"unknown data setting\(s\) \['max_lenght'\]"):
-        ProteinDataModule.from_settings(max_lenght=256)
+        ProteinDataModule(max_lenght=256)
+    with pytest.raises(TypeError, match=r"batches is given both as a BatchSpec and as flat keys \['max_length'\]"):
+        ProteinDataModule(batches=BatchSpec(), max_length=256)
     with pytest.raises(DataError, match="num_workers must be >= 0"):
         Loading(num_workers=-1)
 
 
 def test_the_bundled_sample_is_found_from_any_working_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    datamodule = ProteinDataModule.from_settings(fasta="data/uniprot_sample.fasta", cache_dir="cache", **SAMPLE)
+    datamodule = ProteinDataModule(fasta="data/uniprot_sample.fasta", cache_dir="cache", **SAMPLE)
     datamodule.prepare_data()
     assert datamodule.store_path.parent == tmp_path / "cache"  # the cache stays under the working directory
     assert len(TokenStore(datamodule.store_path)) == 500

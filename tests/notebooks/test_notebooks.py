@@ -88,7 +88,8 @@ def _package_imports(source: str) -> list[tuple[str, str]]:
 @pytest.mark.parametrize("name", run_all.NOTEBOOKS)
 def test_notebooks_use_only_the_public_api(name):
     """Every name a notebook imports from the package exists and is public (a submodule, or listed in its
-    module's __all__), so the notebooks show supported use and break here, not in a reader's hands, when a name moves."""
+    module's __all__), so the notebooks show supported use and break here, not in a reader's hands, when a
+    name moves."""
     nb = nbformat.read(NOTEBOOK_DIR / name, as_version=4)
     source = "\n".join(cell.source for cell in nb.cells if cell.cell_type == "code")
     imports = _package_imports(source)

@@ -128,7 +128,7 @@ def test_softmax_gets_no_mask_for_an_unpadded_batch(objective, data_dir, tmp_pat
     module = _module(objective, attention="softmax")
     settings = dict(fasta=str(data_dir / "uniprot_sample.fasta"), cache_dir=str(tmp_path), objective=objective,
                     max_length=64, tokens_per_batch=512, batch_size=2)
-    concat = ProteinDataModule.from_settings(sampling="concat", **settings)
+    concat = ProteinDataModule(sampling="concat", **settings)
     concat.setup("fit")
     batch = next(iter(concat.train_dataloader()))
     assert batch["padding_mask"] is None
@@ -136,7 +136,7 @@ def test_softmax_gets_no_mask_for_an_unpadded_batch(objective, data_dir, tmp_pat
     assert received == [None] * module.config.n_layers
 
     received.clear()
-    single = ProteinDataModule.from_settings(sampling="single", **settings)
+    single = ProteinDataModule(sampling="single", **settings)
     single.setup("fit")
     batch = next(b for b in single.train_dataloader() if (b["input_ids"] == Alphabet().pad_idx).any())
     module.token_statistics(batch)
