@@ -34,7 +34,7 @@ from Bio.SeqIO.FastaIO import SimpleFastaParser
 
 from protein_performer.data import ProteinBatches, build_token_store
 from protein_performer.data.dataset import BatchSpec
-from protein_performer.data.fasta import read_fasta_chunks, read_fasta_chunks_reference
+from protein_performer.data.fasta_chunks import read_fasta_chunks, read_fasta_chunks_reference
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "data" / "uniprot_sample.fasta"

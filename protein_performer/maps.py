@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from protein_performer import ops
-from protein_performer.data import Alphabet
+from protein_performer.data import Alphabet, frame
 from protein_performer.nn.attention import SelfAttention
 
 __all__ = [
@@ -49,8 +49,8 @@ AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"
 
 def tokenize(alphabet: Alphabet, sequence: str) -> Tensor:
     """One protein as the model saw it in training: <cls> residues <eos> -> LongTensor [L + 2]."""
-    residues = torch.from_numpy(alphabet.encode(sequence).astype(np.int64))
-    return torch.cat([torch.tensor([alphabet.cls_idx]), residues, torch.tensor([alphabet.eos_idx])])
+    residues = alphabet.encode(sequence)
+    return torch.from_numpy(frame(alphabet, residues, [0], [len(residues)])[0])
 
 
 def _model_device(model: nn.Module) -> torch.device:

@@ -17,10 +17,13 @@ from protein_performer.train import compose_config
 GROUPS = ("data", "model", "attention", "trainer", "logger", "callbacks", "experiment")
 # Trainer presets that need GPUs: checked by composition and by building their strategy only.
 GPU_TRAINERS = ("gpu", "ddp", "fsdp")
+# Trainer presets whose strategy is an object built from the config, and the class it must be.
+GPU_STRATEGIES = {"fsdp": pl.strategies.FSDPStrategy}
 
 
 def _options(group: str) -> list[str]:
-    return sorted(path.stem for path in (conf_dir() / group).glob("*.yaml"))
+    """The choices of a group; files starting with '_' are bases the choices share, not choices."""
+    return sorted(path.stem for path in (conf_dir() / group).glob("*.yaml") if not path.stem.startswith("_"))
 
 
 def _model_config(cfg) -> PerformerConfig:
@@ -43,6 +46,11 @@ def test_config_option_composes_and_instantiates(group, option, tmp_path):
 
     datamodule = hydra.utils.instantiate(cfg.data)
     assert isinstance(datamodule, ProteinDataModule)
+    # The flat YAML keys reach the module's typed groups unchanged.
+    assert datamodule.spec.max_length == cfg.data.max_length and datamodule.spec.sampling == cfg.data.sampling
+    assert datamodule.spec.objective == cfg.objective and datamodule.seed == cfg.seed
+    assert datamodule.split_spec.valid_fraction == cfg.data.valid_fraction
+    assert datamodule.num_workers == cfg.data.num_workers
     config = _model_config(cfg)
     assert config.causal == (cfg.objective == "clm")
     callbacks = [hydra.utils.instantiate(c) for c in cfg.callbacks.values()]
@@ -51,8 +59,8 @@ def test_config_option_composes_and_instantiates(group, option, tmp_path):
     assert all(isinstance(lg, pl.loggers.Logger) for lg in loggers)
     if group == "trainer" and option in GPU_TRAINERS:
         strategy = cfg.trainer.get("strategy")
-        if OmegaConf.is_dict(strategy):
-            assert hydra.utils.instantiate(strategy) is not None
+        if OmegaConf.is_dict(strategy):  # a strategy object built from the config: the kind its option names
+            assert isinstance(hydra.utils.instantiate(strategy), GPU_STRATEGIES[option])
         assert cfg.trainer.accelerator == "gpu" and cfg.trainer.precision == "bf16-mixed"
     else:
         trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
@@ -120,3 +128,22 @@ def test_distributed_presets(tmp_path):
     assert isinstance(strategy, pl.strategies.FSDPStrategy)
     assert strategy._state_dict_type == "full"  # load_model reads FSDP checkpoints like any other
     assert Block in strategy.kwargs["auto_wrap_policy"]._module_classes
+
+
+def test_data_and_experiment_choices_share_their_base(tmp_path):
+    """Every data config starts from data/_base.yaml and the paper experiments from experiment/_paper.yaml,
+    so a key changed in a base reaches all of them (and nothing repeats it by hand)."""
+    for option in _options("data"):
+        text = (conf_dir() / "data" / f"{option}.yaml").read_text()
+        assert "_target_" not in text, option  # the base names the target
+        assert "- _base" in text or "- trembl" in text, option
+    paper = {option: _compose(tmp_path, f"experiment={option}", "trainer=cpu") for option in ("bid", "uni", "concat")}
+    for option, cfg in paper.items():
+        assert cfg.trainer.max_steps == 500000 and cfg.trainer.val_check_interval == 2000, option
+        assert cfg.optim.warmup_steps == 10000 and cfg.attention.kind == "favor", option
+    assert _compose(tmp_path, "experiment=bid").trainer.accelerator == "gpu"
+    concat = _compose(tmp_path, "data=trembl_concat").data
+    trembl = _compose(tmp_path, "data=trembl").data
+    assert (concat.sampling, concat.max_length, concat.batch_size) == ("concat", 8192, 4)
+    assert concat.valid_fraction == trembl.valid_fraction and concat.num_workers == trembl.num_workers
+

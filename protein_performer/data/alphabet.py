@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Alphabet", "EncodedSequences", "STANDARD_AMINO_ACIDS", "EXTRA_RESIDUES", "SPECIAL_TOKENS"]
+__all__ = ["Alphabet", "EncodedSequences", "STANDARD_AMINO_ACIDS", "EXTRA_RESIDUES", "SPECIAL_TOKENS", "frame"]
 
 # Alphabetical one-letter order; MLM random replacement draws from these 20.
 STANDARD_AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"
@@ -155,3 +155,23 @@ class Alphabet:
         if outside.any():
             raise ValueError(f"token id {array[outside][0]} is outside the vocabulary (0..{len(self) - 1})")
         return "".join(self._decode_table[array])
+
+
+def frame(alphabet: Alphabet, tokens: np.ndarray, start: np.ndarray, take: np.ndarray) -> np.ndarray:
+    """A batch as the model sees it: row b is <cls> tokens[start[b]:start[b] + take[b]] <eos>, then <pad>.
+
+    The one place a protein gets its <cls>/<eos> frame (training batches, embedding, attention maps).
+    tokens: residue ids (any int dtype) of all rows, flat; start, take: int [B]. Returns int64
+    [B, max(take) + 2], built without a Python loop per row.
+    """
+    start = np.asarray(start, dtype=np.int64)
+    take = np.asarray(take, dtype=np.int64)
+    count = len(take)
+    ids = np.full((count, int(take.max()) + 2), alphabet.pad_idx, dtype=np.int64)
+    ids[:, 0] = alphabet.cls_idx
+    ids[np.arange(count), take + 1] = alphabet.eos_idx
+    before = np.cumsum(take) - take
+    row = np.repeat(np.arange(count), take)
+    within = np.arange(int(take.sum())) - np.repeat(before, take)
+    ids[row, within + 1] = tokens[np.repeat(start, take) + within]
+    return ids

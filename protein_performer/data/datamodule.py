@@ -8,6 +8,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +17,14 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from protein_performer.data.dataset import BatchSpec, ProteinBatches
-from protein_performer.data.fasta import DataError, expand_inputs
+from protein_performer.data.errors import DataError
+from protein_performer.data.fasta import expand_inputs
 from protein_performer.data.splits import SplitSpec
-from protein_performer.data.store import FORMAT_VERSION, TokenStore, build_token_store, input_identity
+from protein_performer.data.store import FORMAT_VERSION, TokenStore, input_identity
+from protein_performer.data.store_writer import build_token_store
 from protein_performer.resources import resolve_data_path
 
-__all__ = ["ProteinDataModule", "EpochLoader", "ResumableLoader"]
+__all__ = ["ProteinDataModule", "DataSource", "Loading", "EpochLoader", "ResumableLoader"]
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +91,62 @@ class ResumableLoader(EpochLoader):
         return iterator
 
 
+@dataclass(frozen=True)
+class DataSource:
+    """Where the proteins come from, and how a FASTA becomes the cached token store.
+
+    fasta: a file, a glob or a list (plain or .gz), tokenised on first use into `cache_dir`.
+    store: a token store (.h5 from ``python -m protein_performer.preprocess``); when set, used instead of fasta.
+    cache_dir: where stores built from fasta are kept, keyed by the inputs and the split settings.
+    compression, background_reader: how a cache store is built (see build_token_store).
+    build_timeout: seconds a rank waits for another to finish building the cache.
+    prepare_data_per_node: Lightning's flag: True would build on every node's local rank 0 (see
+        ProteinDataModule for why the default is False).
+    """
+
+    fasta: str | Sequence[str] | None = None
+    store: str | None = None
+    cache_dir: str = ".cache/protein_performer"
+    compression: str = "scaleoffset"
+    background_reader: bool = True
+    build_timeout: float = 24 * 3600.0
+    prepare_data_per_node: bool = False
+
+
+@dataclass(frozen=True)
+class Loading:
+    """How the DataLoaders run: worker processes per rank and pinned host memory."""
+
+    num_workers: int = 0
+    pin_memory: bool = False
+
+    def __post_init__(self) -> None:
+        if self.num_workers < 0:
+            raise DataError(f"num_workers must be >= 0, got {self.num_workers}")
+
+
+# The typed groups ProteinDataModule takes, by their argument names. Flat keys (conf/data/*.yaml,
+# `data.max_length=...` on the command line, configs saved by earlier runs) go to the group with a
+# field of that name.
+_GROUPS: dict[str, type] = {"source": DataSource, "batches": BatchSpec, "splits": SplitSpec, "loading": Loading}
+
+
+def _deal_settings(settings: dict[str, Any], **given: Any) -> tuple[DataSource, BatchSpec, SplitSpec, Loading]:
+    """The four groups: each as given, or built from the flat keys that are its fields (a group given
+    whole and flat keys of the same group together are refused, as is a key no group has)."""
+    owner = {field.name: name for name, group in _GROUPS.items() for field in fields(group)}
+    unknown = sorted(key for key in settings if key not in owner)
+    if unknown:
+        raise DataError(f"unknown data setting(s) {unknown}; the settings are {sorted([*owner, 'seed'])}")
+    groups = []
+    for name, group in _GROUPS.items():
+        flat = {key: value for key, value in settings.items() if owner[key] == name}
+        if given[name] is not None and flat:
+            raise TypeError(f"{name} is given both as a {group.__name__} and as flat keys {sorted(flat)}")
+        groups.append(given[name] if given[name] is not None else group(**flat))
+    return tuple(groups)  # type: ignore[return-value]
+
+
 class ProteinDataModule(pl.LightningDataModule):
     """Masked- or causal-LM batches of proteins from a token store, for Lightning (DDP-aware).
 
@@ -99,92 +158,54 @@ class ProteinDataModule(pl.LightningDataModule):
       -100 at the last position and wherever the next token is padding.
     Either way the loss is cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100).
 
-    Data: `store` (an .h5 from `python -m protein_performer.preprocess`) if given; otherwise `fasta`
-    (a file, a glob or a list; plain or .gz), tokenised on first use into `cache_dir` under a name
-    keyed by the inputs' paths, sizes and mtimes and the split settings, so a changed input or
-    setting builds a new store. Relative paths are relative to the working directory, or, if nothing
-    is there, to the repository root (so the bundled data/uniprot_sample.fasta is found from anywhere).
-    Lightning builds the cache in `prepare_data` on global rank 0 only (prepare_data_per_node=False;
-    other ranks wait at its barrier), so a cache on a filesystem shared by the nodes is built once per
-    job, not raced by every node's local rank 0. A node whose cache_dir is node-local finds no file
-    after the barrier and builds its own copy in `setup` (on its local rank 0, the others waiting for
-    the file); `setup` does the same without a Trainer.
+    Data: `source.store` if given; otherwise `source.fasta`, tokenised on first use into `cache_dir`
+    under a name keyed by the inputs' paths, sizes and mtimes and the split settings, so a changed
+    input or setting builds a new store. Relative paths are relative to the working directory, or, if
+    nothing is there, to the repository root (so the bundled data/uniprot_sample.fasta is found from
+    anywhere). Lightning builds the cache in `prepare_data` on global rank 0 only
+    (prepare_data_per_node=False; other ranks wait at its barrier), so a cache on a filesystem shared
+    by the nodes is built once per job, not raced by every node's local rank 0. A node whose cache_dir
+    is node-local finds no file after the barrier and builds its own copy in `setup` (on its local
+    rank 0, the others waiting for the file); `setup` does the same without a Trainer.
 
     Loaders: train_dataloader (split "train"), val_dataloader ("valid"), test_dataloader
     ([test, ood], matching ProteinLM's eval_split_names), ood_dataloader. Every DDP rank and DataLoader
     worker reads whole, disjoint blocks of the split; training reshuffles every epoch from
     (seed, epoch) and gives every rank the same number of batches.
 
-    Args (see conf/data/*.yaml):
-        objective: "mlm" | "clm".
-        sampling: "single" (one protein per example) | "concat" (a <eos>-joined stream cut into windows).
-        max_length: tokens per example (single, incl. <cls>/<eos>) or per window (concat).
-        tokens_per_batch: single: padded tokens per batch (batch size x longest example).
-        batch_size: concat: windows per batch.
-        eval_crop: single, evaluation: "windows" (every residue once) | "start" (the first residues).
-        valid_fraction, test_fraction, ood_accessions, ood_regex: split settings (SplitSpec), used when
-            building from FASTA (a given store carries its own).
-        num_workers, pin_memory: DataLoader settings.
+    Args (small typed groups; each may instead be given as flat keyword settings named like its fields,
+    ``ProteinDataModule(fasta=..., max_length=512, valid_fraction=0.05)``, which is what conf/data/*.yaml do):
+        source: DataSource: fasta or store, the cache and how it is built.
+        batches: BatchSpec: objective, sampling, lengths, batch sizes, the MLM recipe, block sizes.
+        splits: SplitSpec: valid/test fractions and the OOD rules, used when building from FASTA (a
+            given store carries its own).
+        loading: Loading: DataLoader workers and pinned memory.
         seed: data order, crops and masks.
-        mask_probability, mask_fraction, random_fraction: MLM recipe.
-        block_records, block_batches: the largest unit of reading and sharding (records for single,
-            batches of windows for concat); small splits get smaller blocks.
-        compression, background_reader: how a cache store is built (see build_token_store).
-        build_timeout: seconds a rank waits for another to finish building the cache.
-        prepare_data_per_node: Lightning's flag: True would run prepare_data on every node's local
-            rank 0 (see above for why the default is False).
     """
 
-    def __init__(
-        self,
-        objective: str = "mlm",
-        sampling: str = "single",
-        max_length: int = 1024,
-        fasta: str | Sequence[str] | None = None,
-        store: str | None = None,
-        cache_dir: str = ".cache/protein_performer",
-        tokens_per_batch: int = 16384,
-        batch_size: int = 8,
-        eval_crop: str = "windows",
-        valid_fraction: float = 0.01,
-        test_fraction: float = 0.01,
-        ood_accessions: str | None = None,
-        ood_regex: str | None = None,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        seed: int = 0,
-        mask_probability: float = 0.15,
-        mask_fraction: float = 0.8,
-        random_fraction: float = 0.1,
-        block_records: int = 2048,
-        block_batches: int = 8,
-        compression: str = "scaleoffset",
-        background_reader: bool = True,
-        build_timeout: float = 24 * 3600.0,
-        prepare_data_per_node: bool = False,
-    ) -> None:
+    def __init__(self, source: DataSource | None = None, batches: BatchSpec | None = None,
+                 splits: SplitSpec | None = None, loading: Loading | None = None, *, seed: int = 0,
+                 **settings: Any) -> None:
         super().__init__()
-        self.save_hyperparameters()
-        self.prepare_data_per_node = prepare_data_per_node
-        self.spec = BatchSpec(objective=objective, sampling=sampling, max_length=max_length,
-                              tokens_per_batch=tokens_per_batch, batch_size=batch_size, eval_crop=eval_crop,
-                              mask_probability=mask_probability, mask_fraction=mask_fraction,
-                              random_fraction=random_fraction, block_records=block_records,
-                              block_batches=block_batches)
-        self.split_spec = SplitSpec(valid_fraction=valid_fraction, test_fraction=test_fraction,
-                                    ood_accessions=ood_accessions, ood_regex=ood_regex)
-        if num_workers < 0:
-            raise DataError(f"num_workers must be >= 0, got {num_workers}")
+        source, batches, splits, loading = _deal_settings(settings, source=source, batches=batches, splits=splits,
+                                                          loading=loading)
+        self.spec = batches
+        self.split_spec = splits
+        # Flat, as checkpoints have always stored them: a resume compares these with the checkpoint's.
+        self.save_hyperparameters({**asdict(source), **asdict(batches), **asdict(splits), **asdict(loading),
+                                   "seed": seed})
+        self.prepare_data_per_node = source.prepare_data_per_node
+        fasta = source.fasta
         fasta_list = None if fasta is None else ([fasta] if isinstance(fasta, str) else [str(f) for f in fasta])
         self.fasta = None if fasta_list is None else [resolve_data_path(f) for f in fasta_list]
-        self.store = None if store is None else Path(resolve_data_path(store))
-        self.cache_dir = Path(cache_dir).expanduser().absolute()
-        self.num_workers = num_workers
-        self.pin_memory = pin_memory
+        self.store = None if source.store is None else Path(resolve_data_path(source.store))
+        self.cache_dir = Path(source.cache_dir).expanduser().absolute()
+        self.num_workers = loading.num_workers
+        self.pin_memory = loading.pin_memory
         self.seed = seed
-        self.compression = compression
-        self.background_reader = background_reader
-        self.build_timeout = build_timeout
+        self.compression = source.compression
+        self.background_reader = source.background_reader
+        self.build_timeout = source.build_timeout
         self.store_path: Path | None = None  # set by prepare_data / setup
 
     # ---- the store --------------------------------------------------------------------------------

@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from protein_performer.data.alphabet import Alphabet
-from protein_performer.data.fasta import DataError
+from protein_performer.data.alphabet import Alphabet, frame
+from protein_performer.data.errors import DataError
 from protein_performer.data.masking import IGNORE_INDEX, OBJECTIVES, causal_lm_labels, mask_for_mlm
 from protein_performer.data.sampling import (
     SAMPLINGS,
@@ -207,7 +207,7 @@ class ProteinBatches(IterableDataset):
     def scoring_free_batch(self) -> Batch:
         """<cls> <eos> with no target: runs the model like any batch but adds nothing to a loss or metric
         (every label is IGNORE_INDEX, so summed loss, correct and scored tokens are all zero)."""
-        ids = torch.tensor([[self.alphabet.cls_idx, self.alphabet.eos_idx]], dtype=torch.int64)
+        ids = torch.from_numpy(frame(self.alphabet, np.empty(0, dtype=np.int64), [0], [0]))
         return {"input_ids": ids, "labels": torch.full_like(ids, IGNORE_INDEX), "padding_mask": None}
 
     # ---- iteration --------------------------------------------------------------------------------
@@ -267,20 +267,9 @@ class ProteinBatches(IterableDataset):
         if self.train:
             batches = [batches[i] for i in rng.permutation(len(batches))]
         for number, rows in enumerate(batches):
-            ids = self._assemble(tokens, offsets[examples.record[rows]] + examples.start[rows], examples.take[rows])
+            source = offsets[examples.record[rows]] + examples.start[rows]
+            ids = frame(self.alphabet, tokens, source, examples.take[rows])
             yield self._targets(ids, self._rng(block, number))
-
-    def _assemble(self, tokens: np.ndarray, source: np.ndarray, take: np.ndarray) -> np.ndarray:
-        """[B, max(take) + 2] int64: <cls> tokens[source[b]:source[b] + take[b]] <eos>, then <pad>."""
-        count = len(take)
-        ids = np.full((count, int(take.max()) + 2), self.alphabet.pad_idx, dtype=np.int64)
-        ids[:, 0] = self.alphabet.cls_idx
-        ids[np.arange(count), take + 1] = self.alphabet.eos_idx
-        before = np.cumsum(take) - take
-        row = np.repeat(np.arange(count), take)
-        within = np.arange(int(take.sum())) - np.repeat(before, take)
-        ids[row, within + 1] = tokens[np.repeat(source, take) + within]
-        return ids
 
     def _concat_block(self, block: int) -> Iterator[Batch]:
         length = self.spec.max_length

@@ -86,30 +86,53 @@ def example_token_counts(lengths: np.ndarray, max_length: int, crop: str) -> np.
     return single_examples(lengths, max_length, "start" if crop == "random" else crop).take + 2
 
 
-def budget_batches(token_counts: np.ndarray, tokens_per_batch: int) -> list[np.ndarray]:
+def budget_batches(token_counts: np.ndarray, tokens_per_batch: int, rows: np.ndarray | None = None, *,
+                   oversize: str = "raise") -> list[np.ndarray]:
     """Group examples so that a batch padded to its longest example holds <= tokens_per_batch tokens.
 
-    Longest first: a batch starts at the longest remaining example and takes as many of the next
-    (shorter or equal) ones as the budget allows. Returns index arrays into token_counts.
+    Longest first, ties in input order: a batch starts at the longest remaining example and takes as
+    many of the next (shorter or equal) ones as the budget allows, so neighbours have similar lengths
+    and the grouping depends on the counts alone. The one token-budget batcher: training batches and
+    embedding batches both come from here.
+
+    rows: rows of the batch each example fills (int [n], default 1 each; an embedded protein cut into
+        windows fills one row per window, each `token_counts` long).
+    oversize: an example over the budget on its own: "raise" (ValueError), or "alone" (a batch of its own).
+    Returns index arrays into token_counts.
     """
-    order = np.argsort(-np.asarray(token_counts), kind="stable")
-    sizes = _batch_sizes(np.asarray(token_counts)[order], tokens_per_batch)
+    counts = np.asarray(token_counts)
+    order = np.argsort(-counts, kind="stable")
+    ordered_rows = None if rows is None else np.asarray(rows)[order]
+    sizes = _batch_sizes(counts[order], tokens_per_batch, ordered_rows, oversize)
     return np.split(order, np.cumsum(sizes)[:-1]) if sizes else []
 
 
 def count_budget_batches(token_counts: np.ndarray, tokens_per_batch: int) -> int:
     """len(budget_batches(...)) without building the batches."""
-    return len(_batch_sizes(np.sort(np.asarray(token_counts))[::-1], tokens_per_batch))
+    return len(_batch_sizes(np.sort(np.asarray(token_counts))[::-1], tokens_per_batch, None, "raise"))
 
 
-def _batch_sizes(descending: np.ndarray, tokens_per_batch: int) -> list[int]:
-    if len(descending) and descending[0] > tokens_per_batch:
-        raise ValueError(f"an example of {descending[0]} tokens exceeds tokens_per_batch={tokens_per_batch}")
-    sizes = []
+def _batch_sizes(descending: np.ndarray, tokens_per_batch: int, rows: np.ndarray | None,
+                 oversize: str) -> list[int]:
+    """Examples per batch, for examples sorted longest first (one step per batch, not per example)."""
+    if oversize not in ("raise", "alone"):
+        raise ValueError(f"oversize must be 'raise' or 'alone', got {oversize!r}")
+    if oversize == "raise" and len(descending):
+        padded = descending if rows is None else descending * rows
+        if padded.max() > tokens_per_batch:
+            raise ValueError(f"an example of {padded.max()} tokens exceeds tokens_per_batch={tokens_per_batch}")
     counts = descending.tolist()
+    filled = None if rows is None else np.cumsum(rows)  # rows of examples [0, i] together
+    sizes = []
     i = 0
     while i < len(counts):
-        size = min(tokens_per_batch // counts[i], len(counts) - i)
+        room = tokens_per_batch // counts[i]  # rows that fit at this batch's width
+        if filled is None:
+            size = min(room, len(counts) - i)
+        else:
+            before = int(filled[i - 1]) if i else 0
+            size = int(np.searchsorted(filled, before + room, side="right")) - i
+        size = max(size, 1)  # only an oversize example ("alone") fits nothing
         sizes.append(size)
         i += size
     return sizes

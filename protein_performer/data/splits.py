@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from protein_performer.data.fasta import DataError
+from protein_performer.data.errors import DataError
 
 __all__ = ["SPLITS", "SplitSpec", "SplitAssigner", "accession_hash", "accession_hashes", "hash_to_unit"]
 
@@ -123,10 +123,6 @@ class SplitAssigner:
         self.ood_accessions: frozenset[bytes] = frozenset()
         if spec.ood_accessions is not None:
             self.ood_accessions = frozenset(_read_accession_list(Path(spec.ood_accessions)))
-
-    @property
-    def holds_out(self) -> bool:
-        return self.ood_regex is not None or bool(self.ood_accessions)
 
     def assign(self, hashes: np.ndarray, accessions: Sequence[bytes] | None = None,
                titles: Sequence[bytes] | None = None) -> np.ndarray:

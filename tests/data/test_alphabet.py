@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from protein_performer.data import Alphabet
+from protein_performer.data import Alphabet, frame
 from protein_performer.data.alphabet import EXTRA_RESIDUES, STANDARD_AMINO_ACIDS
 
 
@@ -100,3 +100,18 @@ def test_encoding_many_sequences_at_once_equals_one_at_a_time(alphabet, sample_r
 def test_decode_rejects_ids_outside_the_vocabulary(alphabet):
     with pytest.raises(ValueError, match="outside the vocabulary"):
         alphabet.decode([4, 30])
+
+
+def test_frame_puts_each_row_between_cls_and_eos_then_pads(alphabet, sample_records):
+    proteins = [alphabet.encode(record.sequence) for record in sample_records[:5]]
+    tokens = np.concatenate(proteins)
+    starts = np.cumsum([0] + [len(p) for p in proteins[:-1]]) + 3  # crops: skip each protein's first 3
+    takes = np.array([len(p) - 3 for p in proteins])
+    ids = frame(alphabet, tokens, starts, takes)
+    assert ids.dtype == np.int64 and ids.shape == (5, takes.max() + 2)
+    for row, protein, take in zip(ids, proteins, takes):
+        expected = [alphabet.cls_idx, *protein[3:].tolist(), alphabet.eos_idx]
+        assert row[:take + 2].tolist() == expected
+        assert (row[take + 2:] == alphabet.pad_idx).all()
+    empty = frame(alphabet, np.empty(0, dtype=np.uint8), [0], [0])
+    assert empty.tolist() == [[alphabet.cls_idx, alphabet.eos_idx]]

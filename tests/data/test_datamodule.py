@@ -10,7 +10,16 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from protein_performer.data import IGNORE_INDEX, DataError, ProteinDataModule, TokenStore
+from protein_performer.data import (
+    IGNORE_INDEX,
+    BatchSpec,
+    DataError,
+    DataSource,
+    Loading,
+    ProteinDataModule,
+    SplitSpec,
+    TokenStore,
+)
 
 SAMPLE = dict(valid_fraction=0.05, test_fraction=0.05, ood_regex="OS=Homo sapiens", max_length=128,
               tokens_per_batch=1024, batch_size=4)
@@ -285,6 +294,31 @@ def test_missing_data_is_explained(tmp_path):
         ProteinDataModule(fasta=str(tmp_path / "no-such.fasta"), cache_dir=str(tmp_path)).prepare_data()
     with pytest.raises(DataError, match="tokens_per_batch .* must be >= max_length"):
         ProteinDataModule(max_length=1024, tokens_per_batch=512)
+
+
+def test_flat_settings_are_dealt_to_the_typed_groups(sample_fasta, tmp_path):
+    """conf/data/*.yaml, `data.<key>=...` and configs saved by earlier runs stay flat; the module holds typed
+    groups, and its hparams (what a checkpoint stores and a resume compares) stay the flat keys they always were."""
+    flat = ProteinDataModule(fasta=str(sample_fasta), cache_dir=str(tmp_path), sampling="concat", max_length=256,
+                             batch_size=3, valid_fraction=0.1, num_workers=2, seed=7)
+    grouped = ProteinDataModule(DataSource(fasta=str(sample_fasta), cache_dir=str(tmp_path)),
+                                BatchSpec(sampling="concat", max_length=256, batch_size=3),
+                                SplitSpec(valid_fraction=0.1), Loading(num_workers=2), seed=7)
+    assert flat.spec == grouped.spec == BatchSpec(sampling="concat", max_length=256, batch_size=3)
+    assert flat.split_spec == grouped.split_spec and flat.num_workers == grouped.num_workers == 2
+    assert dict(flat.hparams) == dict(grouped.hparams)
+    assert set(flat.hparams) == {
+        "objective", "sampling", "max_length", "fasta", "store", "cache_dir", "tokens_per_batch", "batch_size",
+        "eval_crop", "valid_fraction", "test_fraction", "ood_accessions", "ood_regex", "num_workers", "pin_memory",
+        "seed", "mask_probability", "mask_fraction", "random_fraction", "block_records", "block_batches",
+        "compression", "background_reader", "build_timeout", "prepare_data_per_node"}
+    assert flat.hparams["seed"] == 7 and flat.hparams["max_length"] == 256
+    with pytest.raises(DataError, match=r"unknown data setting\(s\) \['max_lenght'\]"):
+        ProteinDataModule(max_lenght=256)
+    with pytest.raises(TypeError, match=r"batches is given both as a BatchSpec and as flat keys \['max_length'\]"):
+        ProteinDataModule(batches=BatchSpec(), max_length=256)
+    with pytest.raises(DataError, match="num_workers must be >= 0"):
+        Loading(num_workers=-1)
 
 
 def test_the_bundled_sample_is_found_from_any_working_directory(tmp_path, monkeypatch):

@@ -59,6 +59,25 @@ def test_an_example_longer_than_the_budget_is_refused():
         budget_batches(np.array([10, 600]), 512)
 
 
+def test_examples_of_several_rows_count_every_row_and_oversize_ones_can_go_alone(lengths):
+    """Rows per example (an embedded protein cut into windows): a batch of r rows of width w holds r * w
+    <= budget tokens; with oversize="alone" an example over the budget is a batch of its own."""
+    counts = np.minimum(lengths, 300) + 2
+    rows = np.where(lengths > 300, -(-lengths // 150), 1)
+    batches = budget_batches(counts, 4096, rows, oversize="alone")
+    assert sorted(np.concatenate(batches).tolist()) == list(range(len(counts)))
+    for batch in batches:
+        assert rows[batch].sum() * counts[batch].max() <= 4096 or len(batch) == 1
+    # Without rows, every example is one row: the same batches as before.
+    plain = budget_batches(counts, 4096)
+    ones = budget_batches(counts, 4096, np.ones(len(counts), dtype=np.int64))
+    assert [b.tolist() for b in plain] == [b.tolist() for b in ones]
+    with pytest.raises(ValueError, match="exceeds tokens_per_batch"):
+        budget_batches(counts, 4096, rows)
+    alone = budget_batches(np.array([600, 10, 10]), 512, oversize="alone")
+    assert [b.tolist() for b in alone] == [[0], [1, 2]]
+
+
 def test_join_with_eos(sample_records, alphabet):
     sequences = [alphabet.encode(r.sequence) for r in sample_records[:4]]
     offsets = np.concatenate([[0], np.cumsum([len(s) for s in sequences])])

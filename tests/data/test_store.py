@@ -12,8 +12,8 @@ import pytest
 
 from protein_performer.data import DataError, FastaFormatError, SplitSpec, TokenStore, build_token_store
 from protein_performer.data.splits import SPLITS, SplitAssigner, accession_hash
-from protein_performer.data import store as store_module
-from protein_performer.data.store import _ChunkEncoder
+from protein_performer.data import store_writer
+from protein_performer.data.store_writer import _ChunkEncoder
 
 
 def test_every_record_comes_back(sample_store, sample_records, alphabet, sample_split):
@@ -159,7 +159,7 @@ def test_stale_temporaries_of_killed_builds_are_removed_never_reused(sample_fast
     """A SIGKILLed build leaves <stem>.<host>-<pid>-<token>.h5.tmp; the next build removes it if <pid> is gone."""
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(dead.stdout)  # has exited: nothing runs under this pid (unless reused within the test)
-    host = store_module._HOST
+    host = store_writer._HOST
     stale = tmp_path / f"out.{host}-{dead_pid}-0123abcd.h5.tmp"
     old_style = tmp_path / f"out.{dead_pid}-89abcdef.h5.tmp"  # before host names were part of the name
     running = tmp_path / f"out.{host}-{os.getpid()}-00000000.h5.tmp"  # a build still in progress
@@ -186,7 +186,7 @@ def test_output_that_is_an_input_or_not_hdf5_is_refused(sample_fasta, tmp_path):
 
 def test_unwritable_output_directory_is_one_clear_error(sample_fasta, tmp_path, monkeypatch):
     # (The suite may run as root, for whom no directory is read-only: the permission answer is faked.)
-    monkeypatch.setattr(store_module.os, "access", lambda path, mode: False)
+    monkeypatch.setattr(store_writer.os, "access", lambda path, mode: False)
     with pytest.raises(DataError, match=rf"{tmp_path}: no permission to write in this directory"):
         build_token_store(sample_fasta, tmp_path / "out.h5", progress=False)
     assert leftovers(tmp_path) == []

@@ -1,7 +1,10 @@
 """The notebooks run top to bottom on a checkpoint trained here, through the package's public API."""
 from __future__ import annotations
 
+import ast
+import importlib
 import importlib.util
+import inspect
 from pathlib import Path
 
 import nbformat
@@ -74,12 +77,30 @@ def test_notebook_runs_on_a_trained_checkpoint(checkpoint, name, expected_text, 
     assert figures >= min_figures
 
 
+def _package_imports(source: str) -> list[tuple[str, str]]:
+    """(module, name) of every `from protein_performer... import name` in the code (IPython magics skipped)."""
+    code = "\n".join(line for line in source.splitlines() if not line.lstrip().startswith(("%", "!")))
+    return [(node.module, alias.name) for node in ast.walk(ast.parse(code))
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("protein_performer")
+            for alias in node.names]
+
+
 @pytest.mark.parametrize("name", run_all.NOTEBOOKS)
 def test_notebooks_use_only_the_public_api(name):
-    """No private names of the package (protein_performer.x._y), so the notebooks show supported use."""
+    """Every name a notebook imports from the package exists and is public (a submodule, or listed in its
+    module's __all__), so the notebooks show supported use and break here, not in a reader's hands, when a
+    name moves."""
     nb = nbformat.read(NOTEBOOK_DIR / name, as_version=4)
     source = "\n".join(cell.source for cell in nb.cells if cell.cell_type == "code")
-    assert "import" in source
+    imports = _package_imports(source)
+    assert imports, f"{name} imports nothing from protein_performer"
+    for module_name, imported in imports:
+        module = importlib.import_module(module_name)
+        if inspect.ismodule(getattr(module, imported, None)):  # a submodule: public unless _named
+            assert not imported.startswith("_"), f"{name}: {module_name}.{imported} is private"
+            continue
+        assert hasattr(module, imported), f"{name}: {module_name} has no {imported}"
+        assert imported in getattr(module, "__all__", ()), f"{name}: {module_name}.{imported} is not public"
     for line in source.splitlines():
         if "protein_performer" in line:
             assert "._" not in line and "import _" not in line, line

@@ -1,0 +1,107 @@
+"""The fast chunk reader: the same records as Biopython on awkward files, gzip members, huge records,
+and in a background process (protein_performer.data.fasta_chunks)."""
+from __future__ import annotations
+
+import gzip
+
+import numpy as np
+import pytest
+
+from protein_performer.data import FastaFormatError, fasta_chunks, read_fasta_chunks
+from protein_performer.data.fasta_chunks import read_fasta_chunks_in_background, read_fasta_chunks_reference
+
+
+@pytest.mark.parametrize("chunk_records", [1, 7, 4096])
+def test_chunks_hold_exactly_the_records(sample_fasta, sample_records, chunk_records):
+    chunks = list(read_fasta_chunks(sample_fasta, chunk_records))
+    assert [c.first_record for c in chunks] == list(range(0, 500, chunk_records))
+    titles = b"\n".join(c.titles for c in chunks).decode().split("\n")
+    sequences = b"".join(c.sequences for c in chunks)
+    lengths = np.concatenate([c.lengths for c in chunks])
+    assert titles == [r.description for r in sample_records]
+    assert lengths.tolist() == [len(r.sequence) for r in sample_records]
+    assert sequences.decode() == "".join(r.sequence for r in sample_records)
+
+
+def _awkward_fasta(records, seed: int) -> bytes:
+    """Real records written in every way FASTA files vary, mixed at random: wrapped at various widths,
+    CRLF lines, blank lines, blanks and tabs inside and after sequence lines, titles with trailing
+    blanks or a '>' inside, empty sequences, a header without a line break at the very end."""
+    rng = np.random.default_rng(seed)
+    out = [b"\n\n"] if seed % 2 else []  # blank lines before the first header are allowed
+    for record in records:
+        title, sequence = record.description.encode(), record.sequence.encode()
+        style = rng.integers(12)
+        newline = b"\r\n" if style == 0 else b"\n"
+        if style == 1:
+            title += b"  \t"
+        if style == 2:
+            title += b" >not a header"
+        if style == 3:
+            sequence = b""
+        width = int(rng.choice([10, 60, 80, 1 << 20]))
+        lines = [sequence[i:i + width] for i in range(0, len(sequence), width)]
+        if style == 4 and lines:
+            lines[0] = lines[0][:3] + b" " + lines[0][3:]  # a blank inside a line
+        if style == 5 and lines:
+            lines[-1] += b"\t"  # trailing tab: stripped
+        if style == 6 and lines:
+            lines[0] = lines[0][:2] + b"\t" + lines[0][2:]  # inner tab: kept (becomes <unk>)
+        if style == 7:
+            lines.insert(len(lines) // 2, b"")  # a blank line inside the sequence
+        out.append(b">" + title + newline + b"".join(line + newline for line in lines))
+    if seed % 3 == 0:
+        out.append(b">last header at the end of the file")
+    text = b"".join(out)
+    return text.rstrip(b"\n") if seed % 4 == 1 else text
+
+
+@pytest.mark.parametrize("block_bytes", [64, 4096, 4 << 20])
+@pytest.mark.parametrize("seed", range(6))
+def test_fast_chunks_equal_biopython_on_awkward_files(sample_records, tmp_path, monkeypatch, seed, block_bytes):
+    monkeypatch.setattr(fasta_chunks, "_BLOCK_BYTES", block_bytes)  # many blocks: records carried across them
+    path = tmp_path / ("awkward.fasta.gz" if seed % 2 else "awkward.fasta")
+    text = _awkward_fasta(sample_records[:120], seed)
+    path.write_bytes(gzip.compress(text) if seed % 2 else text)
+    for chunk_records in (1, 7, 50, 4096):
+        fast = list(read_fasta_chunks(path, chunk_records))
+        reference = list(read_fasta_chunks_reference(path, chunk_records))
+        assert [c.first_record for c in fast] == [c.first_record for c in reference]
+        for a, b in zip(fast, reference, strict=True):
+            assert a.titles == b.titles and a.sequences == b.sequences
+            assert a.lengths.tolist() == b.lengths.tolist() and a.lengths.dtype == np.int64
+
+
+def test_multi_member_and_zero_padded_gzip_read_as_one_file(sample_fasta, sample_records, tmp_path):
+    data = sample_fasta.read_bytes()
+    cut = data.index(b"\n>", len(data) // 3) + 1
+    path = tmp_path / "members.fasta.gz"  # as bgzip or `cat a.gz b.gz` make them
+    path.write_bytes(gzip.compress(data[:cut]) + gzip.compress(data[cut:]) + b"\x00" * 1024)
+    chunks = list(read_fasta_chunks(path, 4096))
+    assert b"\n".join(c.titles for c in chunks).decode().split("\n") == [r.description for r in sample_records]
+    assert b"".join(c.sequences for c in chunks).decode() == "".join(r.sequence for r in sample_records)
+
+
+def test_background_reader_delivers_the_same_chunks_and_forwards_errors(sample_fasta, tmp_path):
+    foreground = list(read_fasta_chunks(sample_fasta, 100))
+    background = list(read_fasta_chunks_in_background([sample_fasta, sample_fasta], 100))
+    assert len(background) == 2 * len(foreground)
+    for a, b in zip(foreground * 2, background):
+        assert (a.titles, a.sequences, a.lengths.tolist()) == (b.titles, b.sequences, b.lengths.tolist())
+    bad = tmp_path / "bad.fasta"
+    bad.write_bytes(b"not fasta\n>x\nMKV\n")
+    with pytest.raises(FastaFormatError, match="bad.fasta:1: text before the first '>'"):
+        list(read_fasta_chunks_in_background([sample_fasta, bad], 100))
+
+
+def test_a_record_far_longer_than_a_block_is_read_whole(tmp_path, monkeypatch):
+    monkeypatch.setattr(fasta_chunks, "_BLOCK_BYTES", 1 << 10)  # the 32 MB record spans 32,000 blocks
+    rng = np.random.default_rng(0)
+    giant = np.frombuffer(b"ACDEFGHIKLMNPQRSTVWY", dtype=np.uint8)[rng.integers(0, 20, 32 << 20)].tobytes()
+    wrapped = b"\n".join(giant[i:i + 60] for i in range(0, len(giant), 60))
+    path = tmp_path / "giant.fasta"
+    path.write_bytes(b">small\nMKV\n>giant one record\n" + wrapped + b"\n>after\nMK\n")
+    chunks = list(read_fasta_chunks(path, 2))
+    assert b"\n".join(c.titles for c in chunks) == b"small\ngiant one record\nafter"
+    assert b"".join(c.sequences for c in chunks) == b"MKV" + giant + b"MK"
+    assert np.concatenate([c.lengths for c in chunks]).tolist() == [3, len(giant), 2]
