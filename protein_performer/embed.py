@@ -30,7 +30,7 @@ from protein_performer.embedding import (
 )
 from protein_performer.errors import run_command
 from protein_performer.resources import conf_dir
-from protein_performer.runtime import keep_freed_memory
+from protein_performer.runtime import keep_freed_memory, slow_bf16_warning
 
 __all__ = [
     "INCLUDE_KINDS",
@@ -61,6 +61,9 @@ def run(cfg: DictConfig) -> Path:
     options = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(options, dict)
     settings = EmbedSettings.from_config({key: value for key, value in options.items() if key not in _LOCATIONS})
+    slow_bf16 = slow_bf16_warning(settings.precision, str(settings.device or "auto"), option="precision", fix="32")
+    if slow_bf16 is not None:
+        print(f"embed: warning: {slow_bf16}", file=sys.stderr)
     checkpoint = Path(cfg.checkpoint)
     model, alphabet = load_model(checkpoint, map_location="cpu")  # CheckpointError: damaged, non-finite, ...
     return embed_fasta(model, alphabet, cfg.input, cfg.output, settings, checkpoint=str(checkpoint.resolve()))

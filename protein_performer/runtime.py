@@ -134,20 +134,22 @@ def runs_on_cpu(accelerator: str) -> bool:
     """Whether a Lightning `accelerator` setting computes on the CPU ("auto": when no CUDA or MPS device exists)."""
     accelerator = str(accelerator).lower()
     if accelerator != "auto":
-        return accelerator == "cpu"
+        return accelerator.split(":")[0] == "cpu"
     import torch
 
     mps = getattr(torch.backends, "mps", None)
     return not torch.cuda.is_available() and not (mps is not None and mps.is_available())
 
 
-def slow_bf16_warning(precision: object, accelerator: str) -> str | None:
+def slow_bf16_warning(precision: object, accelerator: str, option: str = "trainer.precision",
+                      fix: str = "32-true") -> str | None:
     """A warning for a run that asks for bf16 (`trainer.precision` bf16-mixed, bf16-true, ...) on a CPU
-    without bf16 arithmetic, naming the fix; None when the run is not affected or the CPU is unknown."""
+    without bf16 arithmetic, naming the fix (`option`=`fix`); None when the run is not affected or the CPU
+    is unknown. `accelerator` is a Lightning accelerator or a torch device ("cpu", "cuda:1", "auto")."""
     if not str(precision).lower().startswith("bf16") or not runs_on_cpu(accelerator):
         return None
     if cpu_has_native_bf16() is not False:
         return None
-    return (f"trainer.precision={precision} on a CPU without bf16 arithmetic (neither AVX512-BF16 nor AMX-BF16 "
+    return (f"{option}={precision} on a CPU without bf16 arithmetic (neither AVX512-BF16 nor AMX-BF16 "
             "among its flags): bf16 matmuls are emulated, which made training steps 20-30x slower than float32 "
-            "on an AVX2 machine. Use trainer.precision=32-true on this machine.")
+            f"on an AVX2 machine. Use {option}={fix} on this machine.")

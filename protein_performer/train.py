@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import math
 import sys
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,13 +111,8 @@ def _train(cfg: DictConfig, callbacks: Sequence[pl.Callback]) -> TrainResult:
     trainer: pl.Trainer = _instantiate(cfg.trainer, callbacks=[*configured, RunSettings(run_settings), *callbacks],
                                        logger=loggers or False)
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    with warnings.catch_warnings():
-        if not (Path(cfg.output_dir) / "metrics.csv").exists():
-            # The CSV logger writes into the run dir, which Hydra has filled already (.hydra/); with no
-            # metrics.csv there, its warning that previous log files will be deleted is noise.
-            warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
-        for logger in trainer.loggers:
-            logger.log_hyperparams({"config": resolved, "parameters": module.model.num_parameters()})
+    for logger in trainer.loggers:
+        logger.log_hyperparams({"config": resolved, "parameters": module.model.num_parameters()})
 
     if trainer.is_global_zero:
         print(f"{model_config.attention} {cfg.objective.upper()} model: {module.model.num_parameters():,} "

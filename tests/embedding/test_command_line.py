@@ -80,3 +80,18 @@ def test_command_line_takes_scalars_for_one_element_lists(checkpoint, fasta, tmp
     assert run_cli(cfg) == 0
     loaded = load_embeddings(tmp_path / "one.h5")
     assert loaded.layers == (0,) and len(loaded.cls) == 1 and len(loaded.mean) == 0
+
+
+def test_bf16_on_a_cpu_without_it_warns_and_names_the_fix(checkpoint, fasta, tmp_path, capsys, monkeypatch):
+    from protein_performer import runtime
+
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: False)
+    cfg = compose(f"checkpoint={checkpoint}", f"input={fasta}", f"output={tmp_path / 'bf16.h5'}", "precision=bf16",
+                  "device=cpu", "progress=false")
+    assert embed_module.run_cli(cfg) == 0
+    assert "embed: warning: precision=bf16 on a CPU without bf16 arithmetic" in capsys.readouterr().err
+    assert "Use precision=32 on this machine" in runtime.slow_bf16_warning("bf16", "cpu", "precision", "32")
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: True)
+    assert embed_module.run_cli(compose(f"checkpoint={checkpoint}", f"input={fasta}", "precision=bf16", "device=cpu",
+                                        f"output={tmp_path / 'native.h5'}", "progress=false")) == 0
+    assert "warning" not in capsys.readouterr().err
