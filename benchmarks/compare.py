@@ -13,7 +13,8 @@ FAVOR+) differs:
     B  single proteins cropped to 1024, causal LM (paper UNI): softmax favor favor_relu
     C  windows of 4096 from the <eos>-joined stream, masked LM (paper concat): softmax favor favor_rpe,
        at equal wall-clock: every kind gets the same seconds of training (below)
-    D  ablations of A's favor: no feature redraw, and m = 64 random features (A's favor is the reference)
+    D  ablations of A's favor: no feature redraw, redraws every 100 steps, and m = 64 random features
+       (A's favor is the reference)
     S  (on request) seed spread: A's softmax and favor again with seed 1, to tell a difference between
        kinds from what another draw of initial weights, batches, masks and features moves
 
@@ -111,6 +112,9 @@ def settings() -> dict[str, Setting]:
         Setting("D", "ablations of A's favor", "mlm", "single", (
             Cell("D", "favor", ("attention=favor",), "favor", reuse=("A", "favor")),
             Cell("D", "no_redraw", ("attention=favor", "attention.feature_redraw_interval=0"), "favor"),
+            # The default interval (1,000 steps) never fires in a 500-step run, so the default run is
+            # itself one without redraws: this cell redraws five times.
+            Cell("D", "redraw100", ("attention=favor", "attention.feature_redraw_interval=100"), "favor"),
             Cell("D", "m64", ("attention=favor", "attention.nb_features=64"), "favor"),
         )),
         Setting("S", "seed spread of A's softmax and favor", "mlm", "single", (
