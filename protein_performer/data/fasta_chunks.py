@@ -314,6 +314,8 @@ def _die_with_parent(parent: int) -> None:
     """
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):  # blocked by the parent across the fork (_start_unsignalled)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _START_BLOCKED)
     if sys.platform.startswith("linux"):
         try:
             import ctypes
@@ -331,6 +333,25 @@ def _die_with_parent(parent: int) -> None:
     if os.getppid() != parent:  # the parent died before prctl was set
         os._exit(1)
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+_START_BLOCKED = {signal.SIGTERM, signal.SIGINT}
+
+
+def _start_unsignalled(process: Any) -> None:
+    """`process.start()` with SIGTERM and SIGINT blocked in this thread, so the child is born with them
+    blocked (the mask is inherited) until `_die_with_parent` has replaced the parent's handlers.
+    Otherwise a SIGTERM in the window between fork and that point runs the parent's handler inside the
+    child's at-fork hooks (an "Exception ignored" traceback on the shared stderr). Signals that arrive
+    meanwhile stay pending here and are handled once the mask is restored."""
+    if not hasattr(signal, "pthread_sigmask"):
+        process.start()
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _START_BLOCKED)
+    try:
+        process.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 _CHUNKS_AHEAD = 8  # chunks the background reader may have parsed before the caller takes them
@@ -352,7 +373,7 @@ def read_fasta_chunks_in_background(paths: Sequence[Path], chunk_records: int = 
     receiver, sender = context.Pipe(duplex=False)
     process = context.Process(target=_reader_main, args=(list(paths), chunk_records, sender, receiver, os.getpid()),
                               name="fasta-reader", daemon=True)
-    process.start()
+    _start_unsignalled(process)
     sender.close()
     messages: queue.Queue[tuple] = queue.Queue(maxsize=_CHUNKS_AHEAD)
     stop = threading.Event()

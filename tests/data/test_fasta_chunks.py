@@ -105,3 +105,28 @@ def test_a_record_far_longer_than_a_block_is_read_whole(tmp_path, monkeypatch):
     assert b"\n".join(c.titles for c in chunks) == b"small\ngiant one record\nafter"
     assert b"".join(c.sequences for c in chunks) == b"MKV" + giant + b"MK"
     assert np.concatenate([c.lengths for c in chunks]).tolist() == [3, len(giant), 2]
+
+
+def _report_mask(connection) -> None:
+    import signal
+
+    connection.send(signal.pthread_sigmask(signal.SIG_BLOCK, []))
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "pthread_sigmask"), reason="POSIX signal masks")
+def test_reader_child_is_born_with_sigterm_blocked_and_the_parent_mask_is_restored():
+    """A SIGTERM between fork and the child's own handlers must not run the parent's handler there."""
+    import multiprocessing
+    import signal
+
+    from protein_performer.data import fasta_chunks
+
+    context = multiprocessing.get_context("fork")
+    receiver, sender = context.Pipe(duplex=False)
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    process = context.Process(target=_report_mask, args=(sender,))
+    fasta_chunks._start_unsignalled(process)
+    child_mask = receiver.recv()
+    process.join(timeout=30)
+    assert {signal.SIGTERM, signal.SIGINT} <= child_mask
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
