@@ -15,6 +15,7 @@ FAVOR+) differs:
        at equal wall-clock: every kind gets the same seconds of training (below)
     D  ablations of A's favor: no feature redraw, redraws every 100 steps, and m = 64 random features
        (A's favor is the reference)
+    L  (on request) A's kinds trained 4x longer (2,000 steps): does a gap of a 500-step run close?
     S  (on request) seed spread: A's softmax and favor again with seed 1, to tell a difference between
        kinds from what another draw of initial weights, batches, masks and features moves
 
@@ -96,6 +97,13 @@ class Setting:
     sampling: str
     cells: tuple[Cell, ...]
     equal_wall_clock: bool = False
+    steps_factor: int = 1  # optimizer steps: the scale's times this (validations: every steps_factor / 2 x)
+
+    def steps(self, scale: Scale) -> int:
+        return scale.steps * self.steps_factor
+
+    def val_every(self, scale: Scale) -> int:
+        return scale.val_every * max(1, self.steps_factor // 2)
 
 
 def settings() -> dict[str, Setting]:
@@ -117,6 +125,8 @@ def settings() -> dict[str, Setting]:
             Cell("D", "redraw100", ("attention=favor", "attention.feature_redraw_interval=100"), "favor"),
             Cell("D", "m64", ("attention=favor", "attention.nb_features=64"), "favor"),
         )),
+        Setting("L", "A's kinds trained 4x as many steps", "mlm", "single",
+                kinds("L", ("softmax", "favor", "favor_rpe", "combiner")), steps_factor=4),
         Setting("S", "seed spread of A's softmax and favor", "mlm", "single", (
             Cell("S", "softmax", ("attention=softmax",), "softmax", reuse=("A", "softmax")),
             Cell("S", "favor", ("attention=favor",), "favor", reuse=("A", "favor")),
@@ -133,8 +143,8 @@ def base_overrides(setting: Setting, scale: Scale, fasta: Path, cache_dir: Path)
         "data=swissprot", f"data.fasta={fasta}", f"data.cache_dir={cache_dir}", f"data.sampling={setting.sampling}",
         f"data.max_length={length}", f"data.valid_fraction={scale.eval_fraction}",
         f"data.test_fraction={scale.eval_fraction}", f"model={scale.model}", f"model.max_length={length}",
-        f"objective={setting.objective}", "trainer=cpu", f"trainer.val_check_interval={scale.val_every}",
-        f"trainer.log_every_n_steps={max(1, scale.val_every // 10)}",
+        f"objective={setting.objective}", "trainer=cpu", f"trainer.val_check_interval={setting.val_every(scale)}",
+        f"trainer.log_every_n_steps={max(1, setting.val_every(scale) // 10)}",
         f"optim.lr={scale.lr}", f"optim.warmup_steps={scale.warmup_steps}", "logger=csv", "seed=0",
         f"name=compare-{setting.name}",
     ]
@@ -346,7 +356,7 @@ def run(plan: Plan) -> str:
                     print(f"  {setting.name}/{cell.name}: not finished yet", flush=True)
                 continue
             extra: dict[str, float] = {}
-            steps = plan.scale.steps
+            steps = setting.steps(plan.scale)
             if setting.equal_wall_clock:
                 extra["seconds_per_step"] = calibration[cell.name]
                 steps = max(plan.scale.val_every, round(plan.scale.concat_seconds / calibration[cell.name]))
@@ -368,12 +378,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="proteins to train and evaluate on (default: the bundled Swiss-Prot subset; "
                              "with --quick the bundled 500-protein sample)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "compare")
-    parser.add_argument("--settings", nargs="+", default=["A", "B", "C", "D"], choices=["A", "B", "C", "D", "S"])
+    parser.add_argument("--settings", nargs="+", default=["A", "B", "C", "D"], choices=["A", "B", "C", "D", "L", "S"])
     parser.add_argument("--kinds", nargs="+", default=None,
                         help="keep only these cells (kind or ablation names, e.g. softmax favor no_redraw)")
     parser.add_argument("--quick", action="store_true",
                         help="tiny model, a few steps, short crops: checks the whole pipeline in minutes")
-    parser.add_argument("--steps", type=int, default=None, help="A/B/D optimizer steps (default: the scale's)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="A/B/D/S optimizer steps (L: 4x this; default: the scale's)")
     parser.add_argument("--concat-seconds", type=float, default=None, help="C: training seconds per kind")
     parser.add_argument("--report", action="store_true",
                         help="only print the tables and draw the figures of the cells finished so far")
@@ -391,8 +402,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in args.settings:
         setting = settings()[name]
         cells = tuple(c for c in setting.cells if args.kinds is None or c.name in args.kinds)
-        chosen.append(Setting(setting.name, setting.title, setting.objective, setting.sampling, cells,
-                              setting.equal_wall_clock))
+        chosen.append(dataclasses.replace(setting, cells=cells))
     plan = Plan(scale, args.fasta.resolve(), args.out.resolve(), chosen, report_only=args.report)
     plan.out.mkdir(parents=True, exist_ok=True)
     print(run(plan))
