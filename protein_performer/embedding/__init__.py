@@ -4,6 +4,7 @@
     compute.py    windows, token-budget batches, the forward pass; `embed` for proteins in memory
     results.py    Embeddings / ProteinEmbedding / LayerArrays: columnar results, in memory or from a file
     store.py      the columnar HDF5 file: `embed_fasta` (resumable writer) and `load_embeddings`
+    probe.py      linear probes of per-residue embeddings; the FLIP secondary-structure experiment
 """
 from __future__ import annotations
 

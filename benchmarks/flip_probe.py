@@ -1,0 +1,60 @@
+"""FLIP secondary structure: linear probes of trained checkpoints against sequence-only baselines.
+
+    python benchmarks/flip_probe.py outputs/<date>/<time>/checkpoints/last.ckpt
+    python benchmarks/flip_probe.py run_a/ run_b/ --threads 1          # several models, one table
+    python benchmarks/flip_probe.py <ckpt> --fast                      # tiny subsets: a smoke run
+
+The downstream notebook's experiment (protein_performer.embedding.probe.probe_secondary_structure)
+on each checkpoint: 3-state accuracy on FLIP's test chains of a logistic-regression probe on the
+one-hot residue, on its one-hot window of ±7 residues, on each layer's embedding, and on the window
+plus the best layer (chosen on FLIP's validation chains). The last row asks whether the model's
+embedding adds anything to what a linear model reads from the local sequence. Prints a Markdown
+table; "vs window" is the difference to the one-hot window probe, in accuracy points.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoints", nargs="+", type=Path, help=".ckpt files or training run directories")
+    parser.add_argument("--data", type=Path, default=REPO / "data", help="folder of flip_ss_*.fasta.gz")
+    parser.add_argument("--fast", action="store_true", help="a few chains per split: checks the pipeline only")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    args = parser.parse_args(argv)
+    for checkpoint in args.checkpoints:
+        if not checkpoint.exists():
+            parser.error(f"checkpoint {checkpoint} does not exist")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from protein_performer import load_model
+    from protein_performer.embedding.probe import probe_secondary_structure
+
+    limits = {"fit": 12, "validation": 4, "test": 6} if args.fast else None
+    options = {"weight_decays": [1e-3], "steps": 10} if args.fast else {}
+    for checkpoint in args.checkpoints:
+        start = time.perf_counter()
+        model, alphabet = load_model(checkpoint)
+        probes = probe_secondary_structure(model, alphabet, args.data, limits=limits, progress=True, **options)
+        window = probes.window.test_accuracy
+        print(f"\n{checkpoint}: {model.config.attention} attention, {model.num_parameters():,} parameters; "
+              f"scored residues {probes.residues}; {time.perf_counter() - start:.0f} s\n")
+        print("| probe | Q3 test | vs window |\n|---|---:|---:|")
+        for name, result in probes.rows().items():
+            print(f"| {name} | {result.test_accuracy:.3f} | {result.test_accuracy - window:+.3f} |")
+        print("\nby layer (0 = token embeddings): " + ", ".join(
+            f"{layer}: {result.test_accuracy:.3f}" for layer, result in probes.by_layer.items()), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
