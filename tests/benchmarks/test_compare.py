@@ -110,3 +110,17 @@ def test_seed_spread_cells_rerun_a_with_only_the_seed_changed(tmp_path):
         if cell.reuse is None:
             cfg = compose_config([*base, *cell.overrides], tmp_path / cell.name)
             assert (cfg.seed, cfg.attention.kind, cfg.attention.get("feature_seed", 1)) == (1, cell.kind, 1)
+
+
+def test_longer_setting_trains_a_kinds_four_times_as_many_steps_and_changes_nothing_else(tmp_path):
+    longer, a = compare.settings()["L"], compare.settings()["A"]
+    assert {c.kind for c in longer.cells} <= {c.kind for c in a.cells}
+    assert longer.steps(compare.FULL) == 4 * a.steps(compare.FULL) == 2000
+    assert longer.val_every(compare.FULL) == 2 * a.val_every(compare.FULL)
+
+    def shared(setting):  # the same data, model and optimiser; only the evaluation cadence and name differ
+        overrides = compare.base_overrides(setting, compare.FULL, tmp_path / "x.fasta", tmp_path / "cache")
+        return [o for o in overrides if not o.startswith(("name=", "trainer.val_check_interval=",
+                                                          "trainer.log_every_n_steps="))]
+
+    assert shared(longer) == shared(a)
