@@ -8,8 +8,10 @@ The downstream notebook's experiment (protein_performer.embedding.probe.probe_se
 on each checkpoint: 3-state accuracy on FLIP's test chains of a logistic-regression probe on the
 one-hot residue, on its one-hot window of ±7 residues, on each layer's embedding, and on the window
 plus the best layer (chosen on FLIP's validation chains). The last row asks whether the model's
-embedding adds anything to what a linear model reads from the local sequence. Prints a Markdown
-table; "vs window" is the difference to the one-hot window probe, in accuracy points.
+embedding adds anything to what a linear model reads from the local sequence. `--untrained` runs the
+same probes on an untrained model of the same architecture (seed 0) beside it: the control for that
+question, since random features of the context can add something too. Prints a Markdown table; "vs
+window" is the difference to the one-hot window probe, in accuracy points.
 """
 from __future__ import annotations
 
@@ -23,11 +25,22 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 
 
+def by_role(probes) -> dict[str, object]:
+    """The results of one model by what they are (its best layer may differ from another model's)."""
+    return {"residue": probes.onehot, "window": probes.window, "last": probes.by_layer[probes.last_layer],
+            "best": probes.by_layer[probes.best_layer], "window + best": probes.window_plus_best}
+
+
+ROLES = ("residue", "window", "last", "best", "window + best")  # the order of SecondaryStructureProbes.rows()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoints", nargs="+", type=Path, help=".ckpt files or training run directories")
     parser.add_argument("--data", type=Path, default=REPO / "data", help="folder of flip_ss_*.fasta.gz")
     parser.add_argument("--fast", action="store_true", help="a few chains per split: checks the pipeline only")
+    parser.add_argument("--untrained", action="store_true",
+                        help="also probe an untrained model of each checkpoint's architecture (the control)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args(argv)
     for checkpoint in args.checkpoints:
@@ -44,15 +57,27 @@ def main(argv: list[str] | None = None) -> int:
     for checkpoint in args.checkpoints:
         start = time.perf_counter()
         model, alphabet = load_model(checkpoint)
-        probes = probe_secondary_structure(model, alphabet, args.data, limits=limits, progress=True, **options)
-        window = probes.window.test_accuracy
+        models = {"trained": model}
+        if args.untrained:
+            torch.manual_seed(0)
+            models["untrained"] = type(model)(model.config).eval()
+        probes = {name: probe_secondary_structure(m, alphabet, args.data, limits=limits, progress=True, **options)
+                  for name, m in models.items()}
+        trained = probes["trained"]
         print(f"\n{checkpoint}: {model.config.attention} attention, {model.num_parameters():,} parameters; "
-              f"scored residues {probes.residues}; {time.perf_counter() - start:.0f} s\n")
-        print("| probe | Q3 test | vs window |\n|---|---:|---:|")
-        for name, result in probes.rows().items():
-            print(f"| {name} | {result.test_accuracy:.3f} | {result.test_accuracy - window:+.3f} |")
-        print("\nby layer (0 = token embeddings): " + ", ".join(
-            f"{layer}: {result.test_accuracy:.3f}" for layer, result in probes.by_layer.items()), flush=True)
+              f"scored residues {trained.residues}; {time.perf_counter() - start:.0f} s\n")
+        print("| probe | " + " | ".join(f"{name} Q3 test | vs window" for name in probes) + " |")
+        print("|---|" + "---:|---:|" * len(probes))
+        names = list(trained.rows())
+        if len(names) < len(ROLES):  # the trained model's best layer is its last: one row for both
+            names.insert(3, f"embedding, layer {trained.best_layer} (best on validation)")
+        for name, role in zip(names, ROLES, strict=True):
+            cells = [f"{by_role(r)[role].test_accuracy:.3f} | {by_role(r)[role].test_accuracy - r.window.test_accuracy:+.3f}"
+                     for r in probes.values()]
+            print(f"| {name} | " + " | ".join(cells) + " |")
+        for name, result in probes.items():
+            print(f"\n{name}, by layer (0 = token embeddings): " + ", ".join(
+                f"{layer}: {r.test_accuracy:.3f}" for layer, r in result.by_layer.items()), flush=True)
     return 0
 
 

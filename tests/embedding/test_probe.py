@@ -97,12 +97,18 @@ def test_probe_secondary_structure_runs_every_probe(data_dir, alphabet):
 
 def test_flip_probe_benchmark_prints_a_table_per_checkpoint(checkpoint, tmp_path):
     script = Path(__file__).resolve().parents[2] / "benchmarks" / "flip_probe.py"
-    result = subprocess.run([sys.executable, str(script), str(checkpoint), "--fast", "--threads", "1"],
+    result = subprocess.run([sys.executable, str(script), str(checkpoint), "--fast", "--threads", "1",
+                             "--untrained"],
                             capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     table = [line for line in result.stdout.splitlines() if line.startswith("| ")]
-    assert table[0] == "| probe | Q3 test | vs window |"
-    assert table[2].startswith("| one-hot window ±7 | ") and table[2].endswith(" | +0.000 |")
+    assert table[0] == "| probe | trained Q3 test | vs window | untrained Q3 test | vs window |"
+    assert len(table) == 6 and all(row.count("|") == 6 for row in table)
+    assert table[2].startswith("| one-hot window ±7 | ") and table[2].count("| +0.000 |") == 2
     assert table[-1].startswith("| one-hot window ±7 + layer ")
+    # The sequence-only baselines do not depend on the model: the same in both columns.
+    for row in table[1:3]:
+        cells = row.split("|")
+        assert cells[2] == cells[4]
     missing = subprocess.run([sys.executable, str(script), str(tmp_path / "none.ckpt")], capture_output=True, text=True)
     assert missing.returncode == 2 and "does not exist" in missing.stderr
