@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         trained = probes["trained"]
         print(f"\n{checkpoint}: {model.config.attention} attention, {model.num_parameters():,} parameters; "
               f"scored residues {trained.residues}; {time.perf_counter() - start:.0f} s\n")
+        print("Row names are the trained model's; another column's best layer is its own (below).\n")
         print("| probe | " + " | ".join(f"{name} Q3 test | vs window" for name in probes) + " |")
         print("|---|" + "---:|---:|" * len(probes))
         names = list(trained.rows())
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
                      for r in probes.values()]
             print(f"| {name} | " + " | ".join(cells) + " |")
         for name, result in probes.items():
-            print(f"\n{name}, by layer (0 = token embeddings): " + ", ".join(
+            print(f"\n{name}, best layer on validation {result.best_layer}; by layer (0 = token embeddings): " + ", ".join(
                 f"{layer}: {r.test_accuracy:.3f}" for layer, r in result.by_layer.items()), flush=True)
     return 0
 
