@@ -73,12 +73,13 @@ def main(argv: list[str] | None = None) -> int:
         if len(names) < len(ROLES):  # the trained model's best layer is its last: one row for both
             names.insert(3, f"embedding, layer {trained.best_layer} (best on validation)")
         for name, role in zip(names, ROLES, strict=True):
-            cells = [f"{by_role(r)[role].test_accuracy:.3f} | {by_role(r)[role].test_accuracy - r.window.test_accuracy:+.3f}"
-                     for r in probes.values()]
+            accuracies = [(by_role(r)[role].test_accuracy, r.window.test_accuracy) for r in probes.values()]
+            cells = [f"{acc:.3f} | {acc - window:+.3f}" for acc, window in accuracies]
             print(f"| {name} | " + " | ".join(cells) + " |")
         for name, result in probes.items():
-            print(f"\n{name}, best layer on validation {result.best_layer}; by layer (0 = token embeddings): " + ", ".join(
-                f"{layer}: {r.test_accuracy:.3f}" for layer, r in result.by_layer.items()), flush=True)
+            layers = ", ".join(f"{layer}: {r.test_accuracy:.3f}" for layer, r in result.by_layer.items())
+            print(f"\n{name}, best layer on validation {result.best_layer}; by layer (0 = token embeddings): {layers}",
+                  flush=True)
     return 0
 
 

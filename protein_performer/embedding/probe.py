@@ -162,7 +162,8 @@ def secondary_structure(directory: str | Path, limits: dict[str, int | None] | N
     def read(part: str) -> dict[str, str]:
         path = directory / f"flip_ss_{part}.fasta.gz"
         if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: the FLIP secondary-structure files live in the repository's data/")
+            raise FileNotFoundError(f"{path} not found: the FLIP secondary-structure files live in the "
+                                    "repository's data/")
         return {record.accession: record for record in read_fasta(path)}
 
     sequences, labels, masks = read("sequences"), read("labels"), read("mask")
@@ -211,7 +212,8 @@ class SecondaryStructureProbes:
     def table(self) -> str:
         rows = self.rows()
         width = max(map(len, rows))
-        return "\n".join(f"{name:>{width}}: Q3 test accuracy {result.test_accuracy:.3f}" for name, result in rows.items())
+        return "\n".join(f"{name:>{width}}: Q3 test accuracy {result.test_accuracy:.3f}"
+                         for name, result in rows.items())
 
 
 def probe_secondary_structure(model: torch.nn.Module, alphabet: Alphabet, directory: str | Path, *,
