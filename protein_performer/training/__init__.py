@@ -2,7 +2,7 @@
 
 The command line is `python -m protein_performer.train` (protein_performer/train.py).
 """
-from protein_performer.training.callbacks import BatchFingerprints, FeatureRedraw, Throughput
+from protein_performer.training.callbacks import BatchFingerprints, Checkpoint, FeatureRedraw, Throughput
 from protein_performer.training.module import ProteinLM, TokenMetrics, lr_factor
 
-__all__ = ["BatchFingerprints", "FeatureRedraw", "ProteinLM", "Throughput", "TokenMetrics", "lr_factor"]
+__all__ = ["BatchFingerprints", "Checkpoint", "FeatureRedraw", "ProteinLM", "Throughput", "TokenMetrics", "lr_factor"]

@@ -1,5 +1,6 @@
-"""Lightning callbacks: FAVOR+ feature redraws, throughput in tokens/s, the divergence guard (with the
-gradient norm), the run settings saved for resume checks, and per-rank batch fingerprints."""
+"""Lightning callbacks: checkpoints (last.ckpt after every validation), FAVOR+ feature redraws, throughput in
+tokens/s, the divergence guard (with the gradient norm), the run settings saved for resume checks, and
+per-rank batch fingerprints."""
 from __future__ import annotations
 
 import hashlib
@@ -12,10 +13,29 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.strategies import FSDPStrategy
 from torch import Tensor
 
 from protein_performer.errors import UserError
+
+
+class Checkpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint, except that `save_last` rewrites last.ckpt after every validation.
+
+    Lightning (2.5 and later) writes last.ckpt only when it also writes a top-k checkpoint, i.e. when the
+    monitored metric improved. A validation that did not improve (for FAVOR+, the one just after a
+    feature redraw, or any plateau) then leaves an older last.ckpt, and a run killed afterwards resumes
+    from the last improvement and trains those steps again: the benchmark's 2,000-step favor_rpe run lost
+    400 steps that way. Here a resumable last.ckpt always holds the latest validated step.
+    """
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)  # top-k, and last.ckpt if that saved anything
+        # Skipped when the step was already saved just now (or at all), in sanity checks and outside fit.
+        if (self.save_last and not self._should_skip_saving_checkpoint(trainer)
+                and not self._should_save_on_train_epoch_end(trainer)):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
 
 class FeatureRedraw(pl.Callback):
