@@ -125,8 +125,11 @@ def settings() -> dict[str, Setting]:
             Cell("D", "redraw100", ("attention=favor", "attention.feature_redraw_interval=100"), "favor"),
             Cell("D", "m64", ("attention=favor", "attention.nb_features=64"), "favor"),
         )),
-        Setting("L", "A's kinds trained 4x as many steps", "mlm", "single",
-                kinds("L", ("softmax", "favor", "favor_rpe", "combiner")), steps_factor=4),
+        Setting("L", "A's kinds trained 4x as many steps", "mlm", "single", (
+            *kinds("L", ("softmax", "favor", "favor_rpe", "combiner")),
+            # D's no_redraw at a length where the default interval (1,000) fires: favor redraws once.
+            Cell("L", "no_redraw", ("attention=favor", "attention.feature_redraw_interval=0"), "favor"),
+        ), steps_factor=4),
         Setting("S", "seed spread of A's softmax and favor", "mlm", "single", (
             Cell("S", "softmax", ("attention=softmax",), "softmax", reuse=("A", "softmax")),
             Cell("S", "favor", ("attention=favor",), "favor", reuse=("A", "favor")),

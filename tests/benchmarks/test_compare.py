@@ -124,3 +124,14 @@ def test_longer_setting_trains_a_kinds_four_times_as_many_steps_and_changes_noth
                                                           "trainer.log_every_n_steps="))]
 
     assert shared(longer) == shared(a)
+    from omegaconf import OmegaConf
+    from protein_performer.train import compose_config
+
+    # Its no_redraw cell is favor with the one redraw (at step 1,000 of 2,000) turned off, nothing else.
+    base = compare.base_overrides(longer, compare.FULL, tmp_path / "x.fasta", tmp_path / "cache")
+    cells = {c.name: c for c in longer.cells}
+    favor, no_redraw = (compose_config([*base, *cells[name].overrides], tmp_path / name)
+                        for name in ("favor", "no_redraw"))
+    assert (favor.attention.feature_redraw_interval, no_redraw.attention.feature_redraw_interval) == (1000, 0)
+    no_redraw.attention.feature_redraw_interval = 1000
+    assert OmegaConf.to_container(no_redraw.attention) == OmegaConf.to_container(favor.attention)
