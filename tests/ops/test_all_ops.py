@@ -67,18 +67,18 @@ def test_causal_output_and_gradients_ignore_the_future(case: OpCase) -> None:
     assert (after[:, :, t + 1:] - before[:, :, t + 1:]).abs().max() > 1e-3  # the future did change
 
 
+@pytest.mark.parametrize("junk_value", [1e4, float("inf"), float("nan")], ids=["large", "inf", "nan"])
 @pytest.mark.parametrize("causal", MODES)
 @pytest.mark.parametrize("case", OP_PARAMS)
-def test_padding_is_invisible(case: OpCase, causal: bool) -> None:
-    """Junk at padded positions changes nothing; a padded sequence's real outputs equal those of the
-    sequence alone; padded inputs get zero gradients from the real outputs. (Large finite junk: every
-    op; the favor, favor_rpe window and combiner outputs are also held to NaN junk in their own files.)"""
+def test_padding_is_invisible(case: OpCase, causal: bool, junk_value: float) -> None:
+    """Junk at padded positions (large, infinite or NaN) changes nothing; a padded sequence's real outputs
+    equal those of the sequence alone; padded inputs get zero (finite) gradients from the real outputs."""
     short = 15
     q, k, v = random_qkv(2, HEADS, LENGTH, DIM, seed=5)
     mask = padding(LENGTH, [LENGTH, short])
     junk = [x.clone() for x in (q, k, v)]
     for x in junk:
-        x[1, :, short:] = 1e4
+        x[1, :, short:] = junk_value
     junk = [x.requires_grad_() for x in junk]
     clean = case.fast(q, k, v, causal, mask)
     dirty = case.fast(*junk, causal, mask)

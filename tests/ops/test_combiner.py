@@ -80,14 +80,16 @@ def test_values_may_differ_in_width_from_queries(variant, causal, value_dim):
 @pytest.mark.parametrize("causal", MODES)
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_rows_sum_to_one_with_full_support(variant, causal, length, block_size):
-    """Every key exact attention allows gets a positive weight, every other key exactly zero."""
+    """Every key exact attention allows a real query gets a positive weight, every other key exactly zero;
+    padded queries' rows are zero."""
     q, k, _ = _qkv(length=length, seed=1)
     mask = padding(length, [length, length - 5])
     weights = combiner_attention_weights(
         q, k, causal=causal, block_size=block_size, variant=variant, key_padding_mask=mask
     )
-    torch.testing.assert_close(weights.sum(dim=-1), torch.ones_like(weights[..., 0]), rtol=0, atol=1e-12)
-    allowed = _allowed(length, causal, mask).expand_as(weights)
+    real = ~mask[:, None, :].expand_as(weights[..., 0])
+    torch.testing.assert_close(weights.sum(dim=-1), real.to(weights.dtype), rtol=0, atol=1e-12)
+    allowed = (_allowed(length, causal, mask) & real[..., None]).expand_as(weights)
     assert (weights[allowed] > 0).all()
     assert (weights[~allowed] == 0).all()
 

@@ -13,7 +13,7 @@ from .common import random_qkv
 
 
 def _definition(q, k, v, *, causal: bool, key_padding_mask):
-    """Loop over queries: softmax over exactly the keys the query may see (none -> zero row)."""
+    """Loop over queries: softmax over exactly the keys the query may see (none, or a padded query -> zero row)."""
     B, H, L, D = q.shape
     out = torch.zeros_like(v)
     for b in range(B):
@@ -23,7 +23,7 @@ def _definition(q, k, v, *, causal: bool, key_padding_mask):
                 for j in range(L)
                 if not (causal and j > i) and not (key_padding_mask is not None and key_padding_mask[b, j])
             ]
-            if visible:
+            if visible and not (key_padding_mask is not None and key_padding_mask[b, i]):
                 weights = torch.softmax(q[b, :, i : i + 1] @ k[b, :, visible].transpose(-1, -2) / math.sqrt(D), dim=-1)
                 out[b, :, i] = (weights @ v[b, :, visible])[:, 0]
     return out

@@ -28,7 +28,8 @@ multiple of s gets an invisible padded tail.
 
 Padding (``key_padding_mask`` bool [batch, length], True at padding) is invisible: padded positions
 are left out of every direct set, every pooled key and query and every region's attention; a region
-with no valid position is dropped. A query that sees no key gets a zero row (as in ``softmax_attention``).
+with no valid position is dropped. Padded positions get zero rows, and so does a query that sees no key
+(as in ``softmax_attention``). Whatever padding holds (even inf or NaN) reaches no output and no gradient.
 
 The reference (`ops.combiner.reference`) builds the dense [L, L] matrix of the same factorisation from
 explicit per-query membership masks (no block reshapes), for tests and attention maps.
@@ -184,11 +185,13 @@ def combiner_attention(
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     valid = torch.ones(B, L, dtype=torch.bool, device=q.device) if key_padding_mask is None else ~key_padding_mask
     with torch.autocast(device_type=q.device.type, enabled=False):
-        # Pad the tail to whole blocks with invalid positions; v is zeroed where invalid so junk in
-        # padded values can never reach an output through a zero weight (0 * inf = NaN).
+        # Pad the tail to whole blocks with invalid positions; q, k and v are zeroed where invalid so
+        # junk there can never reach an output or a gradient through a zero weight (0 * inf = NaN).
         valid = F.pad(valid, (0, pad), value=False)
-        q = F.pad(q.to(dtype) * D**-0.5, (0, 0, 0, pad))
-        k = F.pad(k.to(dtype), (0, 0, 0, pad))
-        v_padded = F.pad(v.to(dtype), (0, 0, 0, pad)).masked_fill(~valid[:, None, :, None], 0.0)
+        invalid = ~valid[:, None, :, None]
+        q = F.pad(q.to(dtype) * D**-0.5, (0, 0, 0, pad)).masked_fill(invalid, 0.0)
+        k = F.pad(k.to(dtype), (0, 0, 0, pad)).masked_fill(invalid, 0.0)
+        v_padded = F.pad(v.to(dtype), (0, 0, 0, pad)).masked_fill(invalid, 0.0)
         out = (_fixed if variant == "fixed" else _axial)(q, k, v_padded, valid, causal, s)
+        out = out.masked_fill(invalid, 0.0)  # padded positions' own rows
     return out[:, :, :L].to(v.dtype)

@@ -116,7 +116,8 @@ def combiner_attention_weights(
     2L for "axial"): for tests and attention maps of short sequences.
 
     Returns:
-        [batch, heads, length, length] in q's dtype; rows sum to 1 (zero rows for queries that see no key).
+        [batch, heads, length, length] in q's dtype; rows sum to 1 (zero rows for padded queries and for
+        queries that see no key).
     """
     s = check_combiner("combiner_attention_weights", q, k, None, variant, block_size, key_padding_mask)
     B, H, L, D = q.shape
@@ -136,4 +137,4 @@ def combiner_attention_weights(
         torch.cat([q @ k.transpose(-1, -2), q @ k_region.transpose(-1, -2)], dim=-1),
         torch.cat([direct, uses], dim=-1)[:, None],
     )
-    return joint[..., :L] + joint[..., L:] @ within
+    return (joint[..., :L] + joint[..., L:] @ within).masked_fill(~valid[:, None, :, None], 0.0)

@@ -39,6 +39,7 @@ from protein_performer.ops.rpe.dense import toeplitz_dense
 from protein_performer.ops.rpe.fft import FFT_DTYPE, toeplitz_fft, use_fft
 from protein_performer.ops.rpe.reference import check_rpe, rpe_features
 from protein_performer.ops.rpe.window import default_block_size, windowed_attention_product
+from protein_performer.ops.stabilise import masked
 
 __all__ = ["Toeplitz", "favor_rpe_attention"]
 
@@ -100,9 +101,8 @@ def favor_rpe_attention(
         by_fft = not windowed and (
             toeplitz == "fft" or (toeplitz == "auto" and use_fft(L, projection.shape[0], D + 1, causal, q.device.type)))
         dtype = compute_dtype(q)
-        value = v.to(dtype)
-        if key_padding_mask is not None:
-            value = value.masked_fill(key_padding_mask[:, None, :, None], 0.0)
+        # Zeroed at padding first, so junk there reaches no output and no gradient (0 * NaN would).
+        q, k, value = (masked(x, key_padding_mask) for x in (q, k, v.to(dtype)))
         # A column of ones turns the same product into the denominator (padded keys have phi_k = 0).
         w = torch.cat([value, value.new_ones(B, H, L, 1)], dim=-1)  # (B, H, L, D + 1)
         if windowed:  # features built inside, straight into the block layout

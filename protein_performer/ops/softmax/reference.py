@@ -12,7 +12,7 @@ from torch import Tensor
 
 from protein_performer.ops._checks import check_key_padding_mask
 
-__all__ = ["allowed_keys", "check_query_key", "softmax_attention_weights"]
+__all__ = ["allowed_keys", "check_query_key", "silent_queries", "softmax_attention_weights"]
 
 
 def check_query_key(q: Tensor, k: Tensor, key_padding_mask: Tensor | None, where: str) -> None:
@@ -39,6 +39,15 @@ def allowed_keys(
     return allowed
 
 
+def silent_queries(allowed: Tensor, key_padding_mask: Tensor, q_len: int) -> Tensor:
+    """Bool, broadcastable to [batch, heads, q_len, 1]: the queries whose rows are zero. Those that see no
+    key, and in self-attention (q_len equal to the keys' length) the padded positions themselves."""
+    silent = ~allowed.any(dim=-1, keepdim=True)
+    if q_len == key_padding_mask.shape[1]:
+        silent = silent | key_padding_mask[:, None, :, None]
+    return silent
+
+
 def softmax_attention_weights(
     q: Tensor,
     k: Tensor,
@@ -53,7 +62,8 @@ def softmax_attention_weights(
         causal, key_padding_mask: as in :func:`~protein_performer.ops.softmax_attention`.
 
     Returns:
-        [batch, heads, q_length, k_length]; each row sums to 1 (or is zero if it sees no key).
+        [batch, heads, q_length, k_length]; each row sums to 1, except zero rows for queries that see no
+        key and (self-attention) padded queries.
     """
     check_query_key(q, k, key_padding_mask, "softmax_attention_weights")
     scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, H, Lq, Lk)
@@ -61,4 +71,6 @@ def softmax_attention_weights(
     if allowed is None:
         return scores.softmax(dim=-1)
     weights = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
-    return weights.masked_fill(~allowed.any(dim=-1, keepdim=True), 0.0)
+    if key_padding_mask is None:
+        return weights.masked_fill(~allowed.any(dim=-1, keepdim=True), 0.0)
+    return weights.masked_fill(silent_queries(allowed, key_padding_mask, q.shape[2]), 0.0)
