@@ -4,7 +4,8 @@ exp() of random-feature logits overflows for large inputs, so features are kept 
 one shared offset (bidirectional keys), or the running max M_j over keys <= j (causal keys), read by query
 i with the factor exp(M_j - M_i) <= 1 so that no statistic of a future key reaches an earlier output.
 This module holds those offsets, the decayed prefix scan that carries states across chunks, and the
-padding and division guards: pure tensor functions, no autograd.Function.
+padding and division guards: pure tensor functions, no autograd.Function. (`masked`, the padding guard,
+serves `ops.softmax` too.)
 """
 from __future__ import annotations
 
