@@ -307,6 +307,22 @@ def table(setting: Setting, results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def curve_table(setting: Setting, results: list[dict], running: dict[str, dict[str, list[float]]]) -> str:
+    """Validation perplexity at every validation step, a column per cell: the comparison at equal steps.
+    `running` holds the curves so far of cells still training (their columns say so)."""
+    columns = {r["cell"]: r["curve"] for r in results}
+    columns.update({f"{name} (running)": c for name, c in running.items()})
+    by_cell = {name: dict(zip((int(step) for step in c["step"]), c["val_perplexity"], strict=True))
+               for name, c in columns.items()}
+    steps = sorted({step for points in by_cell.values() for step in points})
+    lines = [f"Validation perplexity at each validation ({setting.name}):", "",
+             "| step | " + " | ".join(by_cell) + " |", "|---:|" + "---:|" * len(by_cell)]
+    for step in steps:
+        cells = [f"{points[step]:.3f}" if step in points else "" for points in by_cell.values()]
+        lines.append(f"| {step:,} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def figure(setting: Setting, results: list[dict], output: Path) -> Path:
     from protein_performer.plot_runs import Run, plot
 
@@ -342,6 +358,7 @@ def run(plan: Plan) -> str:
         calibration = (calibrate(setting, plan.scale, overrides, setting_dir)
                        if setting.equal_wall_clock and setting.cells and not plan.report_only else {})
         results = []
+        running: dict[str, dict[str, list[float]]] = {}  # report only: curves of cells still training
         for cell in setting.cells:
             if cell.reuse is not None:
                 source = plan.out / cell.reuse[0] / cell.reuse[1] / "result.json"
@@ -357,6 +374,9 @@ def run(plan: Plan) -> str:
                     results.append(json.loads(result_file.read_text()))
                 else:
                     print(f"  {setting.name}/{cell.name}: not finished yet", flush=True)
+                    partial = curve(read_metrics(setting_dir / cell.name))
+                    if partial["step"]:
+                        running[cell.name] = partial
                 continue
             extra: dict[str, float] = {}
             steps = setting.steps(plan.scale)
@@ -368,6 +388,8 @@ def run(plan: Plan) -> str:
             finished[(setting.name, cell.name)] = results[-1]
         if results:
             report.append(table(setting, results))
+            if not setting.equal_wall_clock:  # C's cells validate at different steps
+                report.append(curve_table(setting, results, running))
             png = figure(setting, results, plan.out / f"compare_{setting.name}.png")
             report.append(f"![{setting.name}]({png.name})")
     text = "\n\n".join(report) + "\n"

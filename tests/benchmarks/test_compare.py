@@ -135,3 +135,16 @@ def test_longer_setting_trains_a_kinds_four_times_as_many_steps_and_changes_noth
     assert (favor.attention.feature_redraw_interval, no_redraw.attention.feature_redraw_interval) == (1000, 0)
     no_redraw.attention.feature_redraw_interval = 1000
     assert OmegaConf.to_container(no_redraw.attention) == OmegaConf.to_container(favor.attention)
+
+
+def test_curve_table_lines_cells_up_by_step_with_running_cells_marked():
+    setting = compare.settings()["L"]
+    results = [{"cell": "softmax", "curve": {"step": [200.0, 400.0], "seconds": [1.0, 2.0],
+                                             "val_perplexity": [15.2, 15.0]}},
+               {"cell": "favor", "curve": {"step": [200.0, 400.0, 600.0], "seconds": [1.0, 2.0, 3.0],
+                                           "val_perplexity": [15.09, 14.82, 14.75]}}]
+    running = {"favor_rpe": {"step": [200.0], "seconds": [1.0], "val_perplexity": [15.196]}}
+    lines = compare.curve_table(setting, results, running).splitlines()
+    assert lines[2] == "| step | softmax | favor | favor_rpe (running) |"
+    assert lines[4:] == ["| 200 | 15.200 | 15.090 | 15.196 |", "| 400 | 15.000 | 14.820 |  |",
+                         "| 600 |  | 14.750 |  |"]
