@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from protein_performer.data import Alphabet, read_fasta
 
@@ -227,6 +228,7 @@ def probe_secondary_structure(model: torch.nn.Module, alphabet: Alphabet, direct
     the final LayerNorm's output); and the window plus the best layer's embedding (best on validation),
     which asks whether the embedding adds anything the window lacks. Embeddings go through the file
     path (embed_fasta -> HDF5 -> load_embeddings) in `workdir` (default: a temporary folder, removed).
+    `progress`: tqdm bars on stderr for the embedding and for the probes' fits.
     """
     from protein_performer.embedding.store import embed_fasta, load_embeddings
 
@@ -250,9 +252,12 @@ def probe_secondary_structure(model: torch.nn.Module, alphabet: Alphabet, direct
                 windows[split] = torch.from_numpy(np.concatenate(
                     [window_tokens(alphabet.encode(c.sequence), half_window, pad)[c.scored] for c in parts]))
             width, vocab, dim = 2 * half_window + 1, len(alphabet) + 1, model.config.d_model
+            bar = tqdm(total=len(layers) + 3, unit="probe", desc="probe", disable=not progress)
 
             def run(make_probe: Callable[[], torch.nn.Module], x: dict[str, Features]) -> ProbeResult:
-                return evaluate(make_probe, x, y, weight_decays, steps)
+                result = evaluate(make_probe, x, y, weight_decays, steps)
+                bar.update()
+                return result
 
             onehot = standardised({s: F.one_hot(windows[s][:, half_window], vocab).float() for s in SPLITS})
             onehot_result = run(lambda: torch.nn.Linear(vocab, len(STATES)), onehot)
@@ -267,5 +272,6 @@ def probe_secondary_structure(model: torch.nn.Module, alphabet: Alphabet, direct
                 if best is None or by_layer[layer].validation_accuracy > by_layer[best_layer].validation_accuracy:
                     best_layer, best = layer, x
             both = run(lambda: WindowPlusLinear(width, vocab, dim), {s: (windows[s], best[s]) for s in SPLITS})
+            bar.close()
     return SecondaryStructureProbes(half_window, onehot_result, window_result, by_layer, best_layer, both,
                                     best["test"], y["test"], {s: len(rows[s]) for s in SPLITS})

@@ -79,11 +79,15 @@ def test_bundled_flip_split_reads_whole(data_dir):
         secondary_structure(data_dir / "nowhere")
 
 
-def test_probe_secondary_structure_runs_every_probe(data_dir, alphabet):
+def test_probe_secondary_structure_runs_every_probe(data_dir, alphabet, capsys):
     model = tiny_model(alphabet)
     limits = {"fit": 10, "validation": 4, "test": 5}
-    probes = probe_secondary_structure(model, alphabet, data_dir, limits=limits, weight_decays=[1e-3], steps=5)
+    probes = probe_secondary_structure(model, alphabet, data_dir, limits=limits, weight_decays=[1e-3], steps=5,
+                                       progress=True)
     assert list(probes.by_layer) == list(range(model.config.n_layers + 1))
+    n_probes = model.config.n_layers + 4  # one-hot, window, every layer (0 = token embeddings), window + best
+    bars = capsys.readouterr().err
+    assert "embed: 100%" in bars and f"probe: 100%|██████████| {n_probes}/{n_probes}" in bars
     rows = probes.rows()
     assert list(rows)[:2] == ["one-hot residue", "one-hot window ±7"]
     assert list(rows)[-1] == f"one-hot window ±7 + layer {probes.best_layer}"
