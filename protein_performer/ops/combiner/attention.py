@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from protein_performer.ops.combiner.reference import check_combiner, masked_softmax
+from protein_performer.ops.stabilise import masked
 
 __all__ = ["Variant", "combiner_attention"]
 
@@ -185,13 +186,11 @@ def combiner_attention(
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     valid = torch.ones(B, L, dtype=torch.bool, device=q.device) if key_padding_mask is None else ~key_padding_mask
     with torch.autocast(device_type=q.device.type, enabled=False):
-        # Pad the tail to whole blocks with invalid positions; q, k and v are zeroed where invalid so
-        # junk there can never reach an output or a gradient through a zero weight (0 * inf = NaN).
+        # q, k and v are zeroed at padding so junk there can never reach an output or a gradient through
+        # a zero weight (0 * inf = NaN); the tail that fills the last block is zeros (and invalid) too.
         valid = F.pad(valid, (0, pad), value=False)
-        invalid = ~valid[:, None, :, None]
-        q = F.pad(q.to(dtype) * D**-0.5, (0, 0, 0, pad)).masked_fill(invalid, 0.0)
-        k = F.pad(k.to(dtype), (0, 0, 0, pad)).masked_fill(invalid, 0.0)
-        v_padded = F.pad(v.to(dtype), (0, 0, 0, pad)).masked_fill(invalid, 0.0)
+        q = F.pad(masked(q.to(dtype), key_padding_mask) * D**-0.5, (0, 0, 0, pad))
+        k = F.pad(masked(k.to(dtype), key_padding_mask), (0, 0, 0, pad))
+        v_padded = F.pad(masked(v.to(dtype), key_padding_mask), (0, 0, 0, pad))
         out = (_fixed if variant == "fixed" else _axial)(q, k, v_padded, valid, causal, s)
-        out = out.masked_fill(invalid, 0.0)  # padded positions' own rows
-    return out[:, :, :L].to(v.dtype)
+    return masked(out[:, :, :L], key_padding_mask).to(v.dtype)  # padded positions' own rows are zero

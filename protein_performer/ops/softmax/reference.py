@@ -39,11 +39,11 @@ def allowed_keys(
     return allowed
 
 
-def silent_queries(allowed: Tensor, key_padding_mask: Tensor, q_len: int) -> Tensor:
+def silent_queries(allowed: Tensor, key_padding_mask: Tensor | None, q_len: int) -> Tensor:
     """Bool, broadcastable to [batch, heads, q_len, 1]: the queries whose rows are zero. Those that see no
     key, and in self-attention (q_len equal to the keys' length) the padded positions themselves."""
     silent = ~allowed.any(dim=-1, keepdim=True)
-    if q_len == key_padding_mask.shape[1]:
+    if key_padding_mask is not None and q_len == key_padding_mask.shape[1]:
         silent = silent | key_padding_mask[:, None, :, None]
     return silent
 
@@ -71,6 +71,4 @@ def softmax_attention_weights(
     if allowed is None:
         return scores.softmax(dim=-1)
     weights = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
-    if key_padding_mask is None:
-        return weights.masked_fill(~allowed.any(dim=-1, keepdim=True), 0.0)
     return weights.masked_fill(silent_queries(allowed, key_padding_mask, q.shape[2]), 0.0)
