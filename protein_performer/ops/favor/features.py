@@ -233,8 +233,8 @@ class Features(NamedTuple):
 
 
 def check_favor(
-    where: str, q: Tensor, k: Tensor, v: Tensor | None, projection: Tensor, kernel: str, key_padding_mask: Tensor | None,
-    oprf_a: Tensor | None = None,
+    where: str, q: Tensor, k: Tensor, v: Tensor | None, projection: Tensor, kernel: str,
+    key_padding_mask: Tensor | None, oprf_a: Tensor | None = None,
 ) -> None:
     check_self_attention(where, q, k, v)
     check_projection(where, projection, q.shape[-1])

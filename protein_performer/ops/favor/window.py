@@ -180,8 +180,8 @@ def implied_window_attention(
     _check_window("implied_window_attention", window, None)
     with torch.autocast(device_type=q.device.type, enabled=False):
         dtype = compute_dtype(q)
-        q, k, projection = masked(q.to(dtype), key_padding_mask), masked(k.to(dtype), key_padding_mask), \
-            projection.detach().to(dtype)
+        q, k = masked(q.to(dtype), key_padding_mask), masked(k.to(dtype), key_padding_mask)
+        projection = projection.detach().to(dtype)
         oprf_a = None if oprf_a is None else oprf_a.detach().to(dtype)
         L = q.shape[2]
         # true features phi = exp(logits) / sqrt(m), each side kept relative to a detached max
