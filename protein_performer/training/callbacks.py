@@ -94,7 +94,9 @@ class Throughput(pl.Callback):
     excluded), so it is the rate a user waits on; shown on the progress bar. Under DDP the rank's own
     rate is multiplied by the world size (ranks see equally sized batches; no collective per step).
     Token counts stay on the batch's device: nothing here waits for the GPU; the value is read only
-    when the progress bar refreshes or a logger writes (every log_every_n_steps).
+    when the progress bar refreshes or a logger writes (every log_every_n_steps). It also counts the
+    run's tokens seen (all ranks), saved as checkpoint["tokens_seen"] and restored on resume (for the
+    model card of an exported model).
     """
 
     def __init__(self, window: int = 20) -> None:
@@ -103,6 +105,7 @@ class Throughput(pl.Callback):
         # (time at the end of a batch, tokens in it); the first entry marks the window's start.
         self._marks: deque[tuple[float, int | Tensor]] = deque(maxlen=window + 1)
         self._latest: float | Tensor | None = None
+        self._seen: int | Tensor | None = 0  # this rank's non-padding training tokens (None: unknown)
 
     @property
     def tokens_per_sec(self) -> float | None:
@@ -121,6 +124,8 @@ class Throughput(pl.Callback):
         padding = batch["padding_mask"]
         tokens = batch["input_ids"].numel() if padding is None else (~padding).sum()  # a device tensor: no sync
         self._marks.append((time.perf_counter(), tokens))
+        if self._seen is not None:
+            self._seen = self._seen + tokens
         tokens = sum(count for _, count in list(self._marks)[1:])
         seconds = self._marks[-1][0] - self._marks[0][0]
         self._latest = tokens * trainer.world_size / max(seconds, 1e-9)
@@ -129,6 +134,16 @@ class Throughput(pl.Callback):
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._marks.clear()  # a window never spans a validation
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        # None: resumed from a checkpoint that did not count them, so the total is unknown
+        checkpoint["tokens_seen"] = None if self._seen is None else int(self._seen) * trainer.world_size
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("tokens_seen")
+        self._seen = None if saved is None else saved // max(trainer.world_size, 1)
 
 
 class TrainingDiverged(UserError):
