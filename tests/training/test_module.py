@@ -11,7 +11,14 @@ import torch.nn.functional as F
 
 from protein_performer.data import Alphabet, read_fasta
 from protein_performer.model import PerformerConfig
-from protein_performer.training.module import ProteinLM, TokenMetrics, dropout_seed, lr_factor, parameter_groups
+from protein_performer.training.module import (
+    ProteinLM,
+    TokenMetrics,
+    dropout_seed,
+    lr_factor,
+    parameter_groups,
+    use_fused_adamw,
+)
 
 
 def _sequences(data_dir, count: int) -> list[str]:
@@ -199,3 +206,14 @@ def test_dropout_differs_between_micro_batches_of_one_accumulation_window():
     assert torch.initial_seed() != seeds[3, 1]  # ranks drop different units
     # without accumulation, the seeds of earlier versions (older checkpoints resume exactly)
     assert dropout_seed(0, 3, 0) == dropout_seed(0, 3, 0, micro_batch=0) == seeds[3, 0]
+
+
+def test_adamw_is_fused_on_cuda_only():
+    cpu = [torch.zeros(2, requires_grad=True)]
+    assert not use_fused_adamw(cpu) and not use_fused_adamw([])
+    assert use_fused_adamw([SimpleNamespace(device=torch.device("cuda", 0))] * 2)
+    assert not use_fused_adamw([SimpleNamespace(device=torch.device("cuda", 0)), *cpu])
+    module = _module("mlm")
+    module._trainer = SimpleNamespace(estimated_stepping_batches=100)
+    optimizer = module.configure_optimizers()["optimizer"]
+    assert not optimizer.defaults["fused"]
