@@ -18,7 +18,7 @@ GROUPS = ("data", "model", "attention", "trainer", "logger", "callbacks", "exper
 # Trainer presets that need GPUs: checked by composition and by building their strategy only.
 GPU_TRAINERS = ("gpu", "ddp", "fsdp")
 # Trainer presets whose strategy is an object built from the config, and the class it must be.
-GPU_STRATEGIES = {"fsdp": pl.strategies.FSDPStrategy}
+GPU_STRATEGIES = {"ddp": pl.strategies.DDPStrategy, "fsdp": pl.strategies.FSDPStrategy}
 
 
 def _options(group: str) -> list[str]:
