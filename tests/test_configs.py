@@ -118,7 +118,7 @@ def test_comparison_runs_differ_in_attention_only_and_share_a_wandb_group(tmp_pa
 
 def test_distributed_presets(tmp_path):
     ddp = _compose(tmp_path, "trainer=ddp", "trainer.devices=8", "trainer.num_nodes=4").trainer
-    assert (ddp.strategy, ddp.devices, ddp.num_nodes) == ("ddp", 8, 4)
+    assert (ddp.strategy._target_, ddp.devices, ddp.num_nodes) == ("pytorch_lightning.strategies.DDPStrategy", 8, 4)
 
     trainer = hydra.utils.instantiate(_compose(tmp_path, "trainer=ddp_cpu").trainer, logger=False)
     assert isinstance(trainer.strategy, pl.strategies.DDPStrategy)
