@@ -16,7 +16,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from protein_performer.data.fasta import DataError
 from protein_performer.data.splits import SplitSpec
-from protein_performer.data.store import build_token_store
+from protein_performer.data.store_writer import build_token_store
 from protein_performer.errors import run_command
 from protein_performer.resources import conf_dir
 

@@ -4,7 +4,7 @@
     read_fasta_chunks_reference(path)        the same by Biopython's SimpleFastaParser (the reference)
     read_fasta_chunks_in_background(paths)   read_fasta_chunks in a child process, overlapping the caller
 
-It must keep up with 100 GB of TrEMBL: a thread decompresses the file (zlib releases the GIL) into
+It must keep up with 100 GB of TrEMBL: a thread decompresses the file (ISA-L or zlib: both release the GIL) into
 blocks of whole records, and each chunk is cut out of its block with numpy and a few slices per
 record, with no str per line; `read_fasta_chunks_in_background` moves all of that into a child
 process that dies with its parent. Opening and the file's checks are fasta.py's (`open_fasta`,
@@ -22,7 +22,6 @@ import sys
 import threading
 import time
 import traceback
-import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice
@@ -36,6 +35,7 @@ from protein_performer.data.errors import DataError, FastaFormatError
 from protein_performer.data.fasta import (
     GZIP_MAGIC,
     GZIP_STREAM_ERRORS,
+    INFLATE,
     check_fasta,
     open_fasta,
     truncated_gzip_error,
@@ -255,7 +255,7 @@ def _decompressed(raw: IO[bytes], path: Path) -> Iterator[bytes]:
         while data := raw.read(_READ_BYTES):
             yield data
         return
-    inflater, fed = zlib.decompressobj(31), False
+    inflater, fed = INFLATE.decompressobj(31), False
     try:
         while data := raw.read(_READ_BYTES):
             while data:
@@ -269,7 +269,7 @@ def _decompressed(raw: IO[bytes], path: Path) -> Iterator[bytes]:
                 data = inflater.unconsumed_tail
                 if inflater.eof:  # end of a member: the rest may start another
                     data = inflater.unused_data + data
-                    inflater, fed = zlib.decompressobj(31), False
+                    inflater, fed = INFLATE.decompressobj(31), False
         if fed:
             raise EOFError("compressed file ended before the end-of-stream marker was reached")
     except GZIP_STREAM_ERRORS as error:

@@ -14,12 +14,11 @@ any range of its records with two slices, whatever the other splits hold. Datase
 strings, which are several times slower to write and to read in bulk.
 
 `TokenStore` reads a store: a global index runs over train, then valid, test and ood. The writer,
-`build_token_store` (streaming FASTA chunks into the layout in constant memory), is store_writer.py;
-its names are importable from here too.
+`build_token_store` (streaming FASTA chunks into the layout in constant memory), is store_writer.py,
+which builds on this module (never the other way round).
 """
 from __future__ import annotations
 
-import importlib
 import json
 import os
 from collections.abc import Iterable
@@ -35,16 +34,12 @@ from protein_performer.data.errors import DataError
 from protein_performer.data.fasta import PathInput
 from protein_performer.data.splits import SPLITS
 
-__all__ = ["TokenStore", "StoreSummary", "build_token_store", "input_identity", "remove_stale_temporaries",
-           "FORMAT_VERSION", "COMPRESSIONS", "HDF5_SUFFIXES"]
+__all__ = ["TokenStore", "StoreSummary", "input_identity", "FORMAT_VERSION", "COMPRESSIONS", "HDF5_SUFFIXES"]
 
 FORMAT = "protein_performer.token_store"
 FORMAT_VERSION = 1
 COMPRESSIONS = ("scaleoffset", "gzip", "lzf", "none")
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".he5")  # output names accepted without any_suffix=True
-# The writer's names, importable from here as before (store_writer imports this module, so they are
-# looked up on first use rather than imported at the top).
-_WRITER_NAMES = frozenset({"build_token_store", "remove_stale_temporaries"})
 
 
 @dataclass
@@ -235,8 +230,3 @@ class TokenStore:
         """Tokens begin..end of a split's concatenated residues, uint8 [end - begin]."""
         return self._dataset(split, "tokens")[begin:end]
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _WRITER_NAMES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module("protein_performer.data.store_writer"), name)

@@ -3,6 +3,7 @@ and in a background process (protein_performer.data.fasta_chunks)."""
 from __future__ import annotations
 
 import gzip
+import zlib
 
 import numpy as np
 import pytest
@@ -72,7 +73,13 @@ def test_fast_chunks_equal_biopython_on_awkward_files(sample_records, tmp_path, 
             assert a.lengths.tolist() == b.lengths.tolist() and a.lengths.dtype == np.int64
 
 
-def test_multi_member_and_zero_padded_gzip_read_as_one_file(sample_fasta, sample_records, tmp_path):
+@pytest.mark.parametrize("inflate", ["isal", "zlib"])
+def test_multi_member_and_zero_padded_gzip_read_as_one_file(inflate, sample_fasta, sample_records, tmp_path,
+                                                            monkeypatch):
+    if inflate == "zlib":  # the standard library's fallback, as without the isal package
+        monkeypatch.setattr(fasta_chunks, "INFLATE", zlib)
+    else:
+        assert fasta_chunks.INFLATE.__name__.startswith("isal"), "the isal package is a dependency"
     data = sample_fasta.read_bytes()
     cut = data.index(b"\n>", len(data) // 3) + 1
     path = tmp_path / "members.fasta.gz"  # as bgzip or `cat a.gz b.gz` make them
