@@ -133,10 +133,12 @@ def _done(value: bytes) -> Future[bytes]:
 
 
 class _SplitWriter:
-    """The four datasets of one split."""
+    """The datasets of one split: four appended as records come, `token_counts` written at the end."""
 
-    def __init__(self, group: h5py.Group, compression: dict[str, Any], executor: ThreadPoolExecutor | None) -> None:
+    def __init__(self, group: h5py.Group, compression: dict[str, Any], executor: ThreadPoolExecutor | None,
+                 vocab_size: int) -> None:
         self.group = group
+        self.token_counts = np.zeros(vocab_size, dtype=np.int64)
         compress = _deflate_huffman if compression.get("compression") == "gzip" else None
         self.tokens = _ChunkedAppender(group.create_dataset(
             "tokens", shape=(0,), maxshape=(None,), dtype=np.uint8, chunks=(_TOKEN_CHUNK,), **compression),
@@ -163,6 +165,7 @@ class _SplitWriter:
     def append(self, tokens: np.ndarray, lengths: np.ndarray, accessions: np.ndarray,
                accession_lengths: np.ndarray) -> None:
         self.tokens.append(tokens)
+        self.token_counts += np.bincount(tokens, minlength=len(self.token_counts))[:len(self.token_counts)]
         self.offsets.append(self.residues + np.cumsum(lengths))
         self.accessions.append(accessions)
         self.accession_offsets.append(self.accession_bytes + np.cumsum(accession_lengths))
@@ -173,6 +176,7 @@ class _SplitWriter:
     def close(self) -> None:
         for appender in (self.tokens, self.offsets, self.accessions, self.accession_offsets):
             appender.close()
+        self.group.create_dataset("token_counts", data=self.token_counts)
         self.group.attrs["records"] = self.records
         self.group.attrs["residues"] = self.residues
 
@@ -467,7 +471,8 @@ def _write_store(path: Path, chunks: Iterable[FastaChunk], encode: _ChunkEncoder
         with (h5py.File(path, "w") as h5,
               tqdm(total=summary.input_bytes, unit="B", unit_scale=True, unit_divisor=1000, desc="tokenising",
                    disable=not progress, smoothing=0.1) as bar):
-            writers = {name: _SplitWriter(h5.create_group(name), compression, executor) for name in SPLITS}
+            writers = {name: _SplitWriter(h5.create_group(name), compression, executor, len(encode.alphabet))
+                       for name in SPLITS}
             for chunk in chunks:
                 if chunk.path != current:
                     done_bytes += last_position

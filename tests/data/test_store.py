@@ -50,7 +50,55 @@ def test_summary_is_printed_and_stored(sample_store, sample_records):
     text = summary.format()
     assert "500" in text and "4,291" in text and "ood" in text
     attrs = sample_store.attrs
-    assert attrs["format_version"] == 1 and "OS=Homo sapiens" in attrs["split_spec"]
+    assert attrs["format_version"] == 2 and "OS=Homo sapiens" in attrs["split_spec"]
+
+
+def test_token_and_record_counts_are_recorded_per_split(sample_store, sample_records, alphabet):
+    counts = sample_store.token_counts
+    assert set(counts) == set(SPLITS)
+    for split in SPLITS:
+        tokens = sample_store.read_tokens(split, 0, sample_store.split_residues[split])
+        expected = np.bincount(tokens, minlength=len(alphabet))
+        assert counts[split].dtype == np.int64 and counts[split].shape == (len(alphabet),)
+        np.testing.assert_array_equal(counts[split], expected)
+    assert sum(c.sum() for c in counts.values()) == sum(len(r.sequence) for r in sample_records)
+    records = sample_store.record_counts()
+    assert records == {split: len(sample_store.accessions(split)) for split in SPLITS}
+    assert sum(records.values()) == 500 and records["ood"] == 8
+
+
+def _as_format_1(source, path):
+    """A copy of a store as this project wrote it before format 2: no token_counts datasets."""
+    path.write_bytes(source.read_bytes())
+    with h5py.File(path, "a") as h5:
+        h5.attrs["format_version"] = 1
+        for split in SPLITS:
+            del h5[split]["token_counts"]
+    return path
+
+
+def test_a_format_1_store_estimates_its_token_counts_from_a_sample_and_says_so_once(sample_store_path, sample_store,
+                                                                                   tmp_path, caplog, monkeypatch):
+    from protein_performer.data import store as store_module
+
+    old = _as_format_1(sample_store_path, tmp_path / "old.h5")
+    with TokenStore(old) as store, caplog.at_level("WARNING"):
+        exact = store.token_counts  # the sample store is small: the "sample" is the whole split
+        again = store.token_counts
+        assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1
+        assert "format-1" in caplog.records[0].message and "sample" in caplog.records[0].message
+    for split in SPLITS:
+        np.testing.assert_array_equal(exact[split], sample_store.token_counts[split])
+        assert again[split] is exact[split]
+    monkeypatch.setattr(store_module, "_SAMPLE_WINDOWS", 8)
+    monkeypatch.setattr(store_module, "_SAMPLE_WINDOW_TOKENS", 512)
+    with TokenStore(old) as store:
+        sampled = store.token_counts["train"]
+    truth = sample_store.token_counts["train"]
+    assert abs(int(sampled.sum()) - int(truth.sum())) <= len(truth)  # scaled to the split's residues
+    assert not np.array_equal(sampled, truth)  # 4 Ki of ~150 Ki tokens: an estimate...
+    share, true_share = sampled / sampled.sum(), truth / truth.sum()
+    assert np.abs(share - true_share).max() < 0.02  # ...close to the real frequencies
 
 
 @pytest.mark.parametrize("options", [
@@ -209,3 +257,12 @@ def test_a_store_pickles_without_its_file_handle(sample_store):
     assert copy.locate(-1) == ("ood", 7) and copy.split(0) == "train"
     with pytest.raises(IndexError):
         copy.locate(500)
+
+
+def test_a_store_of_an_unknown_format_is_refused_in_one_line(sample_store_path, tmp_path):
+    path = tmp_path / "future.h5"
+    path.write_bytes(sample_store_path.read_bytes())
+    with h5py.File(path, "a") as h5:
+        h5.attrs["format_version"] = 3
+    with pytest.raises(DataError, match=r"future\.h5: token store format 3, this version reads 1 and 2; rebuild"):
+        TokenStore(path)
