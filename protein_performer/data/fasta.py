@@ -42,6 +42,7 @@ try:  # ISA-L inflates gzip about twice as fast as zlib (benchmarks/preprocess.p
 except ImportError:  # pragma: no cover - the standard library is the fallback
     GZIP, INFLATE = gzip, zlib  # type: ignore[misc]
 
+from protein_performer.data.alphabet import DIGITS
 from protein_performer.data.errors import DataError, FastaFormatError
 
 __all__ = [
@@ -65,6 +66,7 @@ _READ_BUFFER = 1 << 20
 # Control bytes that never occur in text (whitespace excluded): their presence means binary input.
 CONTROL_BYTES = re.compile(rb"[\x00-\x08\x0e-\x1f\x7f]")
 _GLOB_CHARACTERS = re.compile(r"[*?\[]")
+_DIGIT = re.compile(rb"[0-9]")
 # What a damaged gzip stream raises while it is being read.
 GZIP_STREAM_ERRORS = tuple(dict.fromkeys((EOFError, zlib.error, gzip.BadGzipFile, INFLATE.error, GZIP.BadGzipFile)))
 # The first `|` fields under which the second field is the accession (UniProtKB, and UniRef written
@@ -267,6 +269,28 @@ def header_line_of_record(path: Path, record: int) -> int:
     raise ValueError(f"{path} has no record number {record}")
 
 
+def sequence_line_of_residue(path: Path, record: int, offset: int) -> int:
+    """1-based line holding character `offset` (whitespace not counted) of the sequence of record
+    number `record` (0-based) in `path` (error path only)."""
+    header = header_line_of_record(path, record)
+    with open_fasta(path) as (text, _):
+        seen = 0
+        for number, line in enumerate(text, start=1):
+            if number <= header:
+                continue
+            seen += len("".join(line.split()))
+            if seen > offset or line.startswith(">"):
+                return number
+    return header
+
+
+def digit_in_sequence_error(path: Path, record: int, offset: int, character: str) -> FastaFormatError:
+    """The error for a digit in the sequence of record `record` (0-based), `offset` characters in."""
+    line = sequence_line_of_residue(path, record, offset)
+    return FastaFormatError(f"{path}:{line}: digit {character!r} in a sequence line; residues are letters "
+                            "(a numbered or tabular file? strip position numbers first)")
+
+
 # ----------------------------------------------------------------------------------------------------
 # Readers.
 
@@ -275,7 +299,7 @@ def read_fasta(inputs: PathInput | Sequence[PathInput]) -> Iterator[FastaRecord]
     """Every record of the input files (a path, a glob or a list), in order, empty sequences included.
 
     Raises FastaFormatError naming the file and line for: an empty file, binary content, text before
-    the first '>', a truncated gzip stream, a header without an identifier.
+    the first '>', a truncated gzip stream, a header without an identifier, a digit in a sequence.
     """
     for path in expand_inputs(inputs):
         yield from _read_one(path)
@@ -306,7 +330,11 @@ def _read_one(path: Path) -> Iterator[FastaRecord]:
             accession = parse_accession(title)
             if not accession:
                 raise FastaFormatError(f"{path}:{line}: header line has no identifier: '>{title}'")
-            control = CONTROL_BYTES.search(sequence.encode("latin-1"))
+            raw = sequence.encode("latin-1")
+            digit = _DIGIT.search(raw)
+            if digit is not None:
+                raise digit_in_sequence_error(path, count, digit.start(), sequence[digit.start()])
+            control = CONTROL_BYTES.search(raw)
             if control is not None:
                 raise FastaFormatError(f"{path}: binary data in the sequence of the record at line {line} "
                                        f"(byte 0x{ord(sequence[control.start()]):02x}); expected FASTA text")

@@ -41,7 +41,8 @@ from protein_performer.data.fasta import (
     truncated_gzip_error,
 )
 
-__all__ = ["FastaChunk", "read_fasta_chunks", "read_fasta_chunks_reference", "read_fasta_chunks_in_background"]
+__all__ = ["FastaChunk", "chunk_of_block", "read_fasta_chunks", "read_fasta_chunks_reference",
+           "read_fasta_chunks_in_background", "record_blocks", "records_before"]
 
 
 @dataclass(frozen=True)
@@ -53,14 +54,30 @@ class FastaChunk:
     """
 
     path: Path
-    first_record: int  # index of the chunk's first record in its file (0-based)
+    first_record: int  # index of the chunk's first record in its file (0-based; see block_offset)
     titles: bytes
     sequences: bytes
     lengths: np.ndarray  # int64 [n]
     position: int  # bytes of the (possibly compressed) file consumed so far: progress, not exact
+    # -1, or: first_record counts from the block of records starting at this (decompressed) byte of
+    # the file. A parallel worker knows its block, not how many records came before it; that count
+    # is needed only to name a line in an error, so only then is it found (`record_number`).
+    block_offset: int = -1
 
     def __len__(self) -> int:
         return len(self.lengths)
+
+    def record_number(self, i: int) -> int:
+        """Index in its file (0-based) of the chunk's record i (error path: may read the file)."""
+        before = 0 if self.block_offset < 0 else records_before(self.path, self.block_offset)
+        return before + self.first_record + i
+
+
+def chunk_of_block(path: Path, text: bytes, offset: int, position: int) -> FastaChunk:
+    """All records of one block of whole records (`record_blocks`) as one FastaChunk, numbered
+    from the block (`block_offset=offset`): what a parallel worker parses."""
+    records = _RecordSpans.of(text)
+    return FastaChunk(path, 0, *records.cut(text, 0, len(records)), position, block_offset=offset)
 
 
 def read_fasta_chunks(path: Path, chunk_records: int = 2048) -> Iterator[FastaChunk]:
@@ -81,7 +98,7 @@ def read_fasta_chunks(path: Path, chunk_records: int = 2048) -> Iterator[FastaCh
         raise ValueError(f"chunk_records must be >= 1, got {chunk_records}")
     first = 0
     carry = b""  # records of the previous block that did not fill a chunk
-    for block, position, last in _record_blocks(path):
+    for block, _, position, last in record_blocks(path):
         text = carry + block if carry else block
         records = _RecordSpans.of(text)
         count = len(records)
@@ -176,22 +193,27 @@ class _RecordSpans(NamedTuple):
 _BLOCK_BYTES = 4 << 20  # decompressed bytes per block of records (a block grows to hold a longer record)
 
 
-def _record_blocks(path: Path) -> Iterator[tuple[bytes, int, bool]]:
-    """(block, raw file position, is last) over the decompressed file: each block is whole records
-    (it starts with a header line and ends where the next one starts); text before the first
-    header (blank lines: the opener's check allows nothing else) is dropped."""
+def record_blocks(path: Path, block_bytes: int | None = None) -> Iterator[tuple[bytes, int, int, bool]]:
+    """(block, its decompressed offset in the file, raw file position, is last) over the decompressed
+    file: each block is whole records (it starts with a header line and ends where the next one
+    starts) of about `block_bytes` (default _BLOCK_BYTES); text before the first header (blank lines:
+    the opener's check allows nothing else) is dropped."""
     check_fasta(path)
+    block_bytes = block_bytes or _BLOCK_BYTES
     pieces: list[bytes] = []  # decompressed bytes not yet handed out, joined only when a block is due
     size = 0
-    due = _BLOCK_BYTES  # doubles while one record outgrows it, so a huge record is copied O(1) times
+    due = block_bytes  # doubles while one record outgrows it, so a huge record is copied O(1) times
+    offset = 0  # decompressed offset of pieces[0]
     started = False
     with open(path, "rb") as raw:
         for data in _in_thread(_decompressed(raw, path)):
             if not started:
                 first = data.find(b">")
                 if first < 0:
+                    offset += len(data)
                     continue
                 data, started = data[first:], True
+                offset += first
             pieces.append(data)
             size += len(data)
             if size < due:
@@ -201,10 +223,21 @@ def _record_blocks(path: Path) -> Iterator[tuple[bytes, int, bool]]:
             if cut <= 0:  # one record longer than a block: keep reading until it ends
                 pieces, due = [pending], 2 * size
                 continue
-            yield pending[:cut + 1], raw.tell(), False
+            yield pending[:cut + 1], offset, raw.tell(), False
+            offset += cut + 1
             rest = pending[cut + 1:]
-            pieces, size, due = [rest], len(rest), _BLOCK_BYTES
-        yield b"".join(pieces), raw.tell(), True
+            pieces, size, due = [rest], len(rest), block_bytes
+        yield b"".join(pieces), offset, raw.tell(), True
+
+
+def records_before(path: Path, offset: int) -> int:
+    """How many records start before decompressed byte `offset` of `path` (error path only)."""
+    count = 0
+    for block, start, _, _ in record_blocks(path):
+        if start >= offset:
+            break
+        count += len(_RecordSpans.of(block[:offset - start]))
+    return count
 
 
 def _in_thread(items: Iterator[bytes], ahead: int = 4) -> Iterator[bytes]:

@@ -10,7 +10,7 @@ import h5py
 import numpy as np
 import pytest
 
-from protein_performer.data import DataError, FastaFormatError, SplitSpec, TokenStore, build_token_store
+from protein_performer.data import DataError, FastaFormatError, SplitSpec, TokenStore, build_token_store, read_fasta
 from protein_performer.data.splits import SPLITS, SplitAssigner, accession_hash
 from protein_performer.data import store_writer
 from protein_performer.data.store_writer import _ChunkEncoder
@@ -126,7 +126,7 @@ def test_store_is_chunked_compressed_and_readable_by_plain_h5py(compression, fil
     # writer deflates those itself, Huffman only, in threads, and hands them to HDF5 precompressed).
     (tmp_path / "x3.fasta").write_bytes(sample_fasta.read_bytes() * 3)
     build_token_store(tmp_path / "x3.fasta", tmp_path / "x3.h5", split=SplitSpec(0.0, 0.0), progress=False,
-                      compression=compression)
+                      compression=compression, allow_duplicates=True)
     expected = np.concatenate([alphabet.encode(r.sequence) for r in sample_records] * 3)
     with h5py.File(tmp_path / "x3.h5") as h5:
         tokens = h5["train/tokens"]
@@ -177,19 +177,21 @@ def test_binary_data_midway_names_the_line_and_leaves_no_output(background_reade
     assert leftovers(tmp_path) == []
 
 
-def test_an_interrupted_build_leaves_no_output(sample_fasta, tmp_path, monkeypatch):
+@pytest.mark.parametrize("workers", [0, 2], ids=["in-process", "2-workers"])
+def test_an_interrupted_build_leaves_no_output(workers, sample_fasta, tmp_path, monkeypatch):
     calls = []
 
-    def interrupt(self, chunk, summary):
-        calls.append(chunk)
+    def interrupt(self, part):
+        calls.append(part)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return original(self, chunk, summary)
+        return original(self, part)
 
-    original = _ChunkEncoder.__call__
-    monkeypatch.setattr(_ChunkEncoder, "__call__", interrupt)
+    original = store_writer._SplitWriter.append
+    monkeypatch.setattr(store_writer._SplitWriter, "append", interrupt)
     with pytest.raises(KeyboardInterrupt):
-        build_token_store(sample_fasta, tmp_path / "out.h5", chunk_records=50, progress=False)
+        build_token_store(sample_fasta, tmp_path / "out.h5", chunk_records=50, block_bytes=4096,
+                          background_reader=workers > 0, workers=workers or None, progress=False)
     assert leftovers(tmp_path) == []
 
 
@@ -266,3 +268,34 @@ def test_a_store_of_an_unknown_format_is_refused_in_one_line(sample_store_path, 
         h5.attrs["format_version"] = 3
     with pytest.raises(DataError, match=r"future\.h5: token store format 3, this version reads 1 and 2; rebuild"):
         TokenStore(path)
+
+
+@pytest.mark.parametrize("newline", ["\n", "\r\n"], ids=["LF", "CRLF"])
+@pytest.mark.parametrize("reader", ["background", "foreground", "read_fasta"])
+def test_a_digit_in_a_sequence_line_names_that_line(reader, newline, sample_records, tmp_path, write_fasta):
+    records = [(r.description, r.sequence) for r in sample_records[:300]]
+    path = write_fasta(tmp_path / "numbered.fasta", records, width=60, newline=newline)
+    lines = path.read_bytes().split(newline.encode())
+    header = next(i for i, line in enumerate(lines) if line.startswith(b">" + records[250][0][:30].encode()))
+    target = header + 3  # the third sequence line of record 250 (0-based line index)
+    assert not lines[target].startswith(b">")
+    lines[target] = lines[target][:17] + b"7" + lines[target][17:]
+    path.write_bytes(newline.encode().join(lines))
+    message = rf"numbered\.fasta:{target + 1}: digit '7' in a sequence line"
+    with pytest.raises(FastaFormatError, match=message):
+        if reader == "read_fasta":
+            list(read_fasta(path))
+        else:
+            build_token_store(path, tmp_path / "out.h5", chunk_records=64, background_reader=reader == "background",
+                              progress=False)
+    assert leftovers(tmp_path) == []
+
+
+def test_stops_gaps_and_lowercase_are_kept_as_before(sample_records, tmp_path, write_fasta, alphabet):
+    sequence = sample_records[0].sequence
+    odd = sequence[:5].lower() + "-." + sequence[5:20] + "*" + sequence[20:] + "*"
+    path = write_fasta(tmp_path / "odd.fasta", [("odd1", odd), (sample_records[1].description, sample_records[1].sequence)])
+    build_token_store(path, tmp_path / "odd.h5", split=SplitSpec(0.0, 0.0), progress=False)
+    with TokenStore(tmp_path / "odd.h5") as store:
+        np.testing.assert_array_equal(store.tokens(0), alphabet.encode(odd))
+        assert store.summary.unknown == 1  # the inner '*'
