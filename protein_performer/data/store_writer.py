@@ -8,7 +8,6 @@ renames it when complete; `remove_stale_temporaries` cleans up after builds that
 from __future__ import annotations
 
 import gc
-import glob
 import json
 import logging
 import os
@@ -535,19 +534,25 @@ _HOST = socket.gethostname().replace("/", "_")
 
 
 def remove_stale_temporaries(output: PathInput) -> list[Path]:
-    """Delete the temporaries of `output` that builds killed on this host left behind; return them.
+    """Delete the temporaries that builds killed on this host left in `output`'s directory; return them.
 
-    A temporary is <stem>.<host>-<pid>-<token><suffix>.tmp. It is stale when <host> is this machine
-    and process <pid> no longer runs (SIGKILL and the OOM killer leave no chance to clean up). A
-    temporary of a running build, or of another host sharing the file system, is left alone.
+    A temporary is <stem>.<host>-<pid>-<token><suffix>.tmp (the pid of the build that writes it). It
+    is stale when <host> is this machine and process <pid> no longer runs (SIGKILL and the OOM killer
+    leave no chance to clean up), whichever store it was for: a cache directory does not keep a dead
+    build's 600 MB until that same store is built again. A temporary of a running build, or of
+    another host sharing the file system, is left alone; so is `output`'s own older form without a host.
     """
     output = Path(output)
-    pattern = re.compile(rf"{re.escape(output.stem)}\.(?:(?P<host>.+)-)?(?P<pid>\d+)-[0-9a-f]{{8}}"
-                         rf"{re.escape(output.suffix)}\.tmp")
+    token = r"-(?P<pid>\d+)-[0-9a-f]{8}"
+    own = re.compile(rf"{re.escape(output.stem)}\.(?:(?P<host>.+)-)?(?P<pid>\d+)-[0-9a-f]{{8}}"
+                     rf"{re.escape(output.suffix)}\.tmp")
+    any_store = re.compile(rf".+\.{re.escape(_HOST)}{token}\.[^.]+\.tmp")
     removed = []
-    for candidate in output.parent.glob(f"{glob.escape(output.stem)}.*{glob.escape(output.suffix)}.tmp"):
-        match = pattern.fullmatch(candidate.name)
-        if match is None or match["host"] not in (None, _HOST) or _running(int(match["pid"])):
+    for candidate in output.parent.glob("*.tmp"):
+        match = own.fullmatch(candidate.name)
+        if match is None or match["host"] not in (None, _HOST):
+            match = any_store.fullmatch(candidate.name)
+        if match is None or _running(int(match["pid"])):
             continue
         candidate.unlink(missing_ok=True)
         removed.append(candidate)

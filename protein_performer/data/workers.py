@@ -16,9 +16,12 @@ from __future__ import annotations
 import multiprocessing
 import os
 import queue
+import signal
+import threading
 import traceback
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from protein_performer.data.errors import DataError
@@ -37,6 +40,29 @@ def default_workers() -> int:
     """min(the CPU cores this process may use, 8)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(cores, _MAX_DEFAULT_WORKERS))
+
+
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGTERM and SIGINT's Python handlers back while workers are forked, then deliver them.
+
+    A handler that raises (as the commands' do: `errors.signals_unwind`) may otherwise run inside
+    fork's at-fork hooks, where Python prints the exception and drops it: the build would go on
+    and end with status 0 although it was told to stop.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    previous = {signum: signal.signal(signum, lambda signum, frame: pending.append(signum))
+                for signum in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in dict.fromkeys(pending):
+            signal.raise_signal(signum)
 
 
 def _worker_main(function: Callable[[Any], Any], tasks: Any, results: Any, parent: int) -> None:
@@ -65,8 +91,9 @@ def map_in_processes(function: Callable[[Task], Result], tasks: Iterable[Task], 
     processes = [context.Process(target=_worker_main, args=(function, inbox, outbox, os.getpid()),
                                  name=f"preprocess-{k}", daemon=True)
                  for k, (inbox, outbox) in enumerate(zip(inboxes, outboxes))]
-    for process in processes:
-        _start_unsignalled(process)
+    with _signals_deferred():
+        for process in processes:
+            _start_unsignalled(process)
     in_flight: deque[int] = deque()  # the worker of each task sent and not yet taken back, in order
 
     def take() -> Result:

@@ -7,7 +7,7 @@ import h5py
 import numpy as np
 import pytest
 
-from protein_performer.data import FastaFormatError, build_token_store
+from protein_performer.data import DataError, FastaFormatError, build_token_store
 from protein_performer.data.workers import default_workers, map_in_processes
 
 VOLATILE = {"created", "summary_seconds"}  # the build's time; everything else must be equal
@@ -80,3 +80,58 @@ def test_results_come_back_in_task_order_and_bugs_bring_their_traceback():
         list(map_in_processes(lambda x: 1 // (x - 7), range(20), workers=2))
     assert 1 <= default_workers() <= 8
 
+
+
+def _cath_records(sample_records):
+    """Real sequences under CATH domain headers (`>cath|4_1_0|102mA00/0-153`): not UniProt `db|ACC|NAME`."""
+    return [(f"cath|4_1_0|{r.accession.lower()}A00/0-{len(r.sequence)}", r.sequence) for r in sample_records]
+
+
+def test_cath_headers_keep_their_first_word_and_spread_over_the_splits(sample_records, tmp_path, write_fasta, caplog):
+    from protein_performer.data import SplitSpec, TokenStore
+
+    path = write_fasta(tmp_path / "cath.fasta", _cath_records(sample_records), width=60)
+    with caplog.at_level("WARNING"):
+        build_token_store(path, tmp_path / "cath.h5", split=SplitSpec(0.1, 0.1), workers=2, progress=False)
+    assert not [r for r in caplog.records if "repeat" in r.message]
+    with TokenStore(tmp_path / "cath.h5") as store:
+        counts = store.record_counts()
+        assert counts["valid"] > 20 and counts["test"] > 20 and sum(counts.values()) == 500
+        accessions = [store.accession(i) for i in range(len(store))]
+    assert len(set(accessions)) == 500 and all(a.startswith("cath|4_1_0|") for a in accessions)
+
+
+def test_repeated_accessions_are_refused_in_one_line_above_the_limit(sample_fasta, tmp_path):
+    path = tmp_path / "twice.fasta"
+    path.write_bytes(sample_fasta.read_bytes() * 2)
+    with pytest.raises(DataError) as caught:
+        build_token_store(path, tmp_path / "out.h5", workers=2, progress=False)
+    message = str(caught.value)
+    assert "\n" not in message and "twice.fasta: 500 of 1,000 records (50.0%) repeat an accession" in message
+    assert "e.g. A7TBS3 x2, Q8WWJ3 x2, H6QJ35 x2" in message and "allow_duplicates=true" in message
+    assert not list(tmp_path.glob("*.h5*"))
+    summary = build_token_store(path, tmp_path / "out.h5", allow_duplicates=True, workers=2, progress=False)
+    assert summary.records == 1000
+
+
+def test_a_few_repeats_are_kept_with_a_warning(sample_fasta, sample_records, tmp_path, caplog):
+    path = tmp_path / "few.fasta"
+    lines = sample_fasta.read_bytes().split(b"\n")
+    path.write_bytes(sample_fasta.read_bytes() + b"\n".join(lines[:4]) + b"\n")  # the first 2 records again
+    with caplog.at_level("WARNING"):
+        summary = build_token_store(path, tmp_path / "out.h5", workers=1, progress=False)
+    assert summary.records == 502
+    [warning] = [r.message for r in caplog.records if "repeat" in r.message]
+    assert "2 of 502 records (0.4%) repeat an accession seen before (e.g. A7TBS3 x2, Q8WWJ3 x2); kept" in warning
+
+
+def test_repeats_are_estimated_from_a_hash_sample_in_bounded_memory(sample_fasta, tmp_path, monkeypatch):
+    from protein_performer.data import store_writer
+
+    monkeypatch.setattr(store_writer, "_DUPLICATE_SAMPLE", 100)  # 1,000 records: sampled 1/16 or so
+    path = tmp_path / "twice.fasta"
+    path.write_bytes(sample_fasta.read_bytes() * 2)
+    with pytest.raises(DataError, match=r"of 1,000 records \(\d+\.\d%, estimated from a 1/(\d+) sample\)") as caught:
+        build_token_store(path, tmp_path / "out.h5", workers=1, progress=False)
+    repeats = int(str(caught.value).split(": ")[1].split(" of")[0].replace(",", ""))
+    assert 250 <= repeats <= 1000  # 500 in truth

@@ -214,11 +214,13 @@ def test_stale_temporaries_of_killed_builds_are_removed_never_reused(sample_fast
     old_style = tmp_path / f"out.{dead_pid}-89abcdef.h5.tmp"  # before host names were part of the name
     running = tmp_path / f"out.{host}-{os.getpid()}-00000000.h5.tmp"  # a build still in progress
     elsewhere = tmp_path / f"out.another-host-{dead_pid}-11111111.h5.tmp"  # another machine's, on a shared disk
-    unrelated = tmp_path / f"other.{host}-{dead_pid}-22222222.h5.tmp"
-    for path in (stale, old_style, running, elsewhere, unrelated):
+    other_store = tmp_path / f"other.{host}-{dead_pid}-22222222.h5.tmp"  # a cache's other store: removed too
+    other_running = tmp_path / f"other.{host}-{os.getpid()}-33333333.h5.tmp"
+    not_ours = tmp_path / "notes.tmp"
+    for path in (stale, old_style, running, elsewhere, other_store, other_running, not_ours):
         path.write_bytes(b"half a store")
     build_token_store(sample_fasta, tmp_path / "out.h5", progress=False)
-    assert leftovers(tmp_path) == sorted([p.name for p in (running, elsewhere, unrelated)] + ["out.h5"])
+    assert leftovers(tmp_path) == sorted([p.name for p in (running, elsewhere, other_running, not_ours)] + ["out.h5"])
     assert len(TokenStore(tmp_path / "out.h5")) == 500
 
 
