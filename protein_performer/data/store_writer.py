@@ -59,7 +59,7 @@ _OFFSET_CHUNK = 1 << 15  # 256 KiB of int64 offsets
 _HISTOGRAM_CAP = 1 << 17  # exact length statistics up to 131,072 residues (UniProt's longest: 74,488)
 _QUANTILES = {"p10": 0.10, "p50": 0.50, "p90": 0.90, "p99": 0.99}
 DUPLICATE_LIMIT = 0.01  # repeated accessions refused above this fraction of the records (allow_duplicates)
-_DUPLICATE_SAMPLE = 1 << 21  # accession hashes kept for finding repeats (~35 MB); a hash sample beyond
+_DUPLICATE_SAMPLE = 1 << 20  # records whose accession hash is kept for finding repeats (~17 MB); a hash sample beyond
 
 
 def _deflate_huffman(data: bytes) -> bytes:
