@@ -42,7 +42,7 @@ from protein_performer.data.fasta import (
 )
 
 __all__ = ["FastaChunk", "chunk_of_block", "read_fasta_chunks", "read_fasta_chunks_reference",
-           "read_fasta_chunks_in_background", "record_blocks", "records_before"]
+           "read_fasta_chunks_in_background", "RecordRange", "record_blocks", "record_ranges", "records_before"]
 
 
 @dataclass(frozen=True)
@@ -228,6 +228,50 @@ def record_blocks(path: Path, block_bytes: int | None = None) -> Iterator[tuple[
             rest = pending[cut + 1:]
             pieces, size, due = [rest], len(rest), block_bytes
         yield b"".join(pieces), offset, raw.tell(), True
+
+
+class RecordRange(NamedTuple):
+    """The records of a plain (uncompressed) file whose header starts in bytes [start, stop): what a
+    parallel worker reads for itself, so the parent never touches the bytes. `origin` is the file's
+    first '>' (only blank lines may come before it). Ranges that tile [origin, size) hold every
+    record exactly once, and the records of range k are those record_blocks would give there."""
+
+    path: Path
+    start: int
+    stop: int
+    origin: int
+
+    def read(self) -> tuple[bytes, int]:
+        """(the range's records as one block of whole records, the file offset of that block)."""
+        with open(self.path, "rb") as raw:
+            begin = self.start if self.start == self.origin else self.start - 1  # to see the line break before start
+            raw.seek(begin)
+            data = raw.read(self.stop - begin)
+            first = 0 if self.start == self.origin else data.find(b"\n>") + 1
+            if first == 0 and self.start != self.origin:  # no record starts here: it is all one longer record
+                return b"", self.stop
+            pieces, last = [data[first:]], data[-1:]
+            while more := raw.read(_READ_BYTES):  # the last record runs on to the next header
+                cut = (last + more).find(b"\n>")
+                if cut >= 0:
+                    pieces.append(more[:cut])
+                    break
+                pieces.append(more)
+                last = more[-1:]
+        return b"".join(pieces), begin + first
+
+
+def record_ranges(path: Path, range_bytes: int | None = None) -> Iterator[RecordRange] | None:
+    """RecordRanges of about `range_bytes` (default _BLOCK_BYTES) tiling a plain file; None for gzip."""
+    check_fasta(path)
+    with open(path, "rb") as raw:
+        head = raw.read(1 << 16)
+        size = os.fstat(raw.fileno()).st_size
+    if head[:2] == GZIP_MAGIC:
+        return None
+    origin = head.find(b">")
+    step = range_bytes or _BLOCK_BYTES
+    return (RecordRange(path, start, min(start + step, size), origin) for start in range(origin, size, step))
 
 
 def records_before(path: Path, offset: int) -> int:

@@ -37,7 +37,14 @@ from protein_performer.data.fasta import (
     expand_inputs,
     header_line_of_record,
 )
-from protein_performer.data.fasta_chunks import FastaChunk, chunk_of_block, read_fasta_chunks, record_blocks
+from protein_performer.data.fasta_chunks import (
+    FastaChunk,
+    RecordRange,
+    chunk_of_block,
+    read_fasta_chunks,
+    record_blocks,
+    record_ranges,
+)
 from protein_performer.data.workers import default_workers, map_in_processes
 from protein_performer.data.splits import SPLITS, SplitAssigner, SplitSpec, accession_hashes
 from protein_performer.data.store import (
@@ -314,17 +321,23 @@ class _EncodedChunk(NamedTuple):
 class _ChunkEncoder:
     """FastaChunk -> _EncodedChunk: one _SplitPart per split present, for the records worth storing.
 
-    Also called on a block of the raw file (path, text, decompressed offset, raw position), as the
-    parallel workers are: parsing and encoding are then both done where it runs.
+    Also called on a block of records (path, text, decompressed offset, raw position) or a
+    RecordRange of a plain file, as the parallel workers are: reading a plain file, parsing and
+    encoding are then all done where it runs.
     """
 
     def __init__(self, alphabet: Alphabet, assigner: SplitAssigner) -> None:
         self.alphabet = alphabet
         self.assigner = assigner
 
-    def __call__(self, chunk: FastaChunk | tuple[Path, bytes, int, int]) -> _EncodedChunk:
-        if not isinstance(chunk, FastaChunk):
+    def __call__(self, chunk: FastaChunk | RecordRange | tuple[Path, bytes, int, int]) -> _EncodedChunk:
+        if isinstance(chunk, RecordRange):
+            text, offset = chunk.read()
+            chunk = chunk_of_block(chunk.path, text, offset, chunk.stop)
+        elif not isinstance(chunk, FastaChunk):
             chunk = chunk_of_block(*chunk)
+        if not len(chunk):
+            return _EncodedChunk(chunk.path, chunk.position, [], np.zeros(0, np.uint64), np.zeros(0, np.uint8), 0, 0)
         encoded = self.alphabet.encode_concatenated(chunk.sequences, chunk.lengths)
         if encoded.invalid_at >= 0:
             ends = np.cumsum(chunk.lengths)
@@ -577,9 +590,14 @@ def _running(pid: int) -> bool:
         return True
 
 
-def _blocks(paths: list[Path], block_bytes: int | None) -> Iterator[tuple[Path, bytes, int, int]]:
-    """The workers' tasks: (path, block of whole records, its decompressed offset, raw position)."""
+def _blocks(paths: list[Path], block_bytes: int | None) -> Iterator[RecordRange | tuple[Path, bytes, int, int]]:
+    """The workers' tasks: byte ranges of a plain file (each worker reads its own), or, from a gzip
+    stream (decompressed here, in one stream), (path, block of whole records, its offset, raw position)."""
     for path in paths:
+        ranges = record_ranges(path, block_bytes)
+        if ranges is not None:
+            yield from ranges
+            continue
         for block, offset, position, _ in record_blocks(path, block_bytes):
             yield path, block, offset, position
 
