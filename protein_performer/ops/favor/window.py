@@ -78,7 +78,7 @@ def _log_far_scale(q: Tensor, k: Tensor, projection: Tensor, key_padding_mask: T
 def _band_mask(block: int, shifts: range, window: int, causal: bool, device: torch.device) -> Tensor:
     """bool [T, S T]: query t of a block may read key t' of the block ``shift`` away (|j - i| < w, j <= i)."""
     t = torch.arange(block, device=device)
-    shift = torch.tensor(list(shifts), device=device)
+    shift = torch.arange(shifts.start, shifts.stop, device=device)  # filled on the device: no host copy
     delta = (shift[:, None, None] * block + t[None, None, :] - t[None, :, None]).transpose(0, 1)  # (T, S, T)
     allowed = delta.abs() < window
     if causal:
