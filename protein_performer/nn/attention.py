@@ -167,12 +167,12 @@ class SelfAttention(nn.Module):
         sums = torch.cat([(u * valid[:, None]).sum(dim=0), valid.sum()[None]])  # (H + 1)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(sums)
-        if sums[-1] <= 0:
-            return
-        batch_u = sums[:-1] / sums[-1]
-        rate = torch.clamp(1.0 / (self.oprf_updates + 1).float(), min=1.0 - OPRF_MOMENTUM)
+        # no branch on a device value: a training step never waits on the host
+        seen = sums[-1] > 0
+        batch_u = sums[:-1] / sums[-1].clamp(min=1.0)
+        rate = torch.clamp(1.0 / (self.oprf_updates + 1).float(), min=1.0 - OPRF_MOMENTUM) * seen
         self.oprf_u.add_(rate * (batch_u.to(self.oprf_u) - self.oprf_u))
-        self.oprf_updates.add_(1)
+        self.oprf_updates.add_(seen.long())
 
     def project_qkv(self, x: Tensor, offset: int = 0) -> tuple[Tensor, Tensor, Tensor]:
         """x [batch, length, d_model] -> q, k, v, each [batch, heads, length, head_dim].

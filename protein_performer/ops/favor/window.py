@@ -132,9 +132,8 @@ def favor_window_attention(
         sigma = _log_far_scale(q, k, projection, key_padding_mask, causal, oprf_a)  # (B, H, L)
 
         # far part: relative weights 1 beyond the window (both directions), 0 inside it
-        c = torch.zeros(H, 2 * window + 1, dtype=dtype, device=q.device)
-        c[:, 0] = 1.0
-        c[:, -1] = 0.0 if causal else 1.0
+        ones = torch.ones(H, 1, dtype=dtype, device=q.device)  # filled on the device (no host copy)
+        c = torch.cat([ones, ones.new_zeros(H, 2 * window - 1), ones * (not causal)], dim=1)  # (H, 2w + 1)
         scale = 1.0 if oprf_a is None else oprf_input_scale(oprf_a)
         far = windowed_attention_product(q * scale, k * scale, w, c, projection, key_padding_mask, causal, block,
                                          oprf_a)  # (R, L, D + 1)
