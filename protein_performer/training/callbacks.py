@@ -141,8 +141,9 @@ class DivergenceGuard(pl.Callback):
 
     Before every optimizer step it computes the gradient norm on the device (one fused norm over all
     gradients, before clipping) and logs it as train/grad_norm. A step whose norm or loss is NaN or
-    infinite has its gradients zeroed on the device, so the optimizer's update stays finite (AdamW then
-    moves the weights by momentum and weight decay alone). The first such step is recorded on the device
+    infinite is skipped on the device by a fused optimizer (AdamW on CUDA: its found_inf flag, as the
+    fp16 gradient scaler uses it); any other optimizer gets zeroed gradients instead, so its update stays
+    finite (AdamW then moves the weights by momentum and weight decay alone). The first such step is recorded on the device
     and read back only where a read costs nothing extra: at logging steps (every log_every_n_steps), before
     any checkpoint is written, and at the end of training. There the guard raises TrainingDiverged, naming
     the step: training stops at most log_every_n_steps steps later, and no checkpoint is written from
@@ -198,6 +199,10 @@ class DivergenceGuard(pl.Callback):
         if scaler is None:  # (the fp16 scaler skips non-finite steps itself)
             for grad in grads:
                 grad.masked_fill_(~finite, 0.0)
+            if optimizer.defaults.get("fused"):
+                # GradScaler's mechanism: a fused optimizer skips its whole update (state and step count
+                # included) on the device when found_inf is 1.
+                optimizer.found_inf = (~finite).float()
         if self._skipped is None:
             self._skipped = torch.zeros((), dtype=torch.long, device=norm.device)
             self._diverged_step = torch.full((), -1, dtype=torch.long, device=norm.device)

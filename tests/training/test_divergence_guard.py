@@ -127,3 +127,46 @@ def test_hybrid_shard_norm_sums_over_the_shard_group_only():
     mp.start_processes(_hybrid_shard_rank, args=(_free_port(), results), nprocs=2, start_method="spawn")
     # a replica's squared norm is not added again (no sqrt(nodes) inflation); full sharding sums the world
     assert [results[i] for i in range(4)] == [9.0, 9.0, 18.0, 18.0]
+
+
+def test_a_diverging_run_stops_at_a_logging_step_with_finite_weights(store_cache, tmp_path):
+    import re
+
+    import pytorch_lightning as pl
+
+    from protein_performer.train import compose_config, train
+
+    from .runs import tiny_overrides
+
+    class Keep(pl.Callback):
+        def on_train_start(self, trainer, pl_module) -> None:
+            self.module = pl_module
+
+    keep = Keep()
+    cfg = compose_config(tiny_overrides(store_cache, "optim.lr=1e3", "optim.warmup_steps=0", "trainer.max_steps=40",
+                                        "trainer.val_check_interval=40", "trainer.log_every_n_steps=5",
+                                        "logger=csv", "test=false"), tmp_path)
+    with pytest.raises(TrainingDiverged, match=r"training diverged at step \d+") as raised:
+        train(cfg, [keep])
+    diverged, stopped = map(int, re.search(r"at step (\d+): .* stopped at step (\d+)", str(raised.value)).groups())
+    assert diverged <= stopped < diverged + 5 and stopped % 5 == 0
+    # the steps after the divergence ran on zeroed gradients: the weights stayed finite
+    assert all(torch.isfinite(tensor).all() for tensor in keep.module.state_dict().values())
+    assert not list(tmp_path.rglob("*.ckpt"))  # nothing saved from the diverged step on
+
+
+def test_a_fused_optimizer_skips_a_non_finite_step_entirely():
+    module, guard = Logged(), DivergenceGuard()
+    optimizer = torch.optim.AdamW(module.parameters(), lr=0.1, weight_decay=0.1, fused=True)  # as on CUDA
+    for grad in (0.5, float("nan")):
+        for parameter in module.parameters():
+            parameter.grad = torch.full_like(parameter, grad)
+        guard.on_before_backward(fake_trainer(), module, torch.tensor(1.0))
+        guard.on_before_optimizer_step(fake_trainer(), module, optimizer)
+        if grad == 0.5:
+            optimizer.step()
+            weights = {k: v.clone() for k, v in module.state_dict().items()}
+            state = [{k: v.clone() for k, v in optimizer.state[p].items()} for p in module.parameters()]
+    optimizer.step()
+    assert all(torch.equal(v, module.state_dict()[k]) for k, v in weights.items())  # no weight decay, no momentum
+    assert all(torch.equal(v, optimizer.state[p][k]) for p, s in zip(module.parameters(), state) for k, v in s.items())
