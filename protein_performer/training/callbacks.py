@@ -102,7 +102,7 @@ class Throughput(pl.Callback):
             raise ValueError(f"Throughput window must be >= 1 batch, got {window}")
         # (time at the end of a batch, tokens in it); the first entry marks the window's start.
         self._marks: deque[tuple[float, int | Tensor]] = deque(maxlen=window + 1)
-        self._latest: float | Tensor | None = None
+        self._latest: Tensor | None = None
 
     @property
     def tokens_per_sec(self) -> float | None:
@@ -118,14 +118,14 @@ class Throughput(pl.Callback):
                            batch: Any, batch_idx: int) -> None:
         if not self._marks:
             return
-        padding = batch["padding_mask"]
-        tokens = batch["input_ids"].numel() if padding is None else (~padding).sum()  # a device tensor: no sync
+        ids, padding = batch["input_ids"], batch["padding_mask"]
+        # a device tensor either way (filled there, not copied from the host): no sync, no transfer
+        tokens = ids.new_full((), ids.numel()) if padding is None else (~padding).sum()
         self._marks.append((time.perf_counter(), tokens))
         tokens = sum(count for _, count in list(self._marks)[1:])
         seconds = self._marks[-1][0] - self._marks[0][0]
-        self._latest = tokens * trainer.world_size / max(seconds, 1e-9)
-        value = self._latest if isinstance(self._latest, Tensor) else torch.tensor(self._latest)
-        pl_module.log("train/tokens_per_sec", value.float(), prog_bar=True)
+        self._latest = (tokens * trainer.world_size / max(seconds, 1e-9)).float()
+        pl_module.log("train/tokens_per_sec", self._latest, prog_bar=True)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._marks.clear()  # a window never spans a validation
