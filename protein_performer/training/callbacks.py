@@ -143,11 +143,12 @@ class DivergenceGuard(pl.Callback):
     gradients, before clipping) and logs it as train/grad_norm. A step whose norm or loss is NaN or
     infinite is skipped on the device by a fused optimizer (AdamW on CUDA: its found_inf flag, as the
     fp16 gradient scaler uses it); any other optimizer gets zeroed gradients instead, so its update stays
-    finite (AdamW then moves the weights by momentum and weight decay alone). The first such step is recorded on the device
-    and read back only where a read costs nothing extra: at logging steps (every log_every_n_steps), before
-    any checkpoint is written, and at the end of training. There the guard raises TrainingDiverged, naming
-    the step: training stops at most log_every_n_steps steps later, and no checkpoint is written from
-    the non-finite step on, so the checkpoints on disk hold the weights of finite steps.
+    finite (AdamW then moves the weights by momentum and weight decay alone). The first such step is
+    recorded on the device and read back only where a read costs nothing extra: at logging steps (every
+    log_every_n_steps), before any checkpoint is written, and at the end of training. There the guard
+    raises TrainingDiverged, naming the step: training stops at most log_every_n_steps steps later, and
+    no checkpoint is written from the non-finite step on, so the checkpoints on disk hold the weights of
+    finite steps.
 
     Under DDP the gradients are already averaged, so every rank sees the same norm and stops at the same
     step; under FSDP the shards' squared norms are summed over the ranks that hold distinct shards (the
