@@ -6,13 +6,11 @@ tests/test_errors.py; that the guard reads nothing from the device per step is i
 """
 from __future__ import annotations
 
-import socket
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from protein_performer.training import callbacks
@@ -103,30 +101,21 @@ def test_no_checkpoint_is_written_after_a_diverged_step():
         guard.on_save_checkpoint(fake_trainer(step=3), module, {"state_dict": state})
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def test_hybrid_shard_norm_sums_over_the_shard_group_only(monkeypatch):
+    """Under HYBRID_SHARD the root FSDP module's process_group is the node's shard group; nodes hold
+    replicas, so summing the squared norms over the world would inflate the norm by sqrt(nodes)."""
+    reduced = []
 
+    def all_reduce(tensor, op=None, group=None):
+        reduced.append(group)
+        tensor.mul_(2)  # as if two ranks of that group held the same value
+        return None
 
-def _hybrid_shard_rank(rank: int, port: int, results) -> None:
-    """Two nodes of one rank each under HYBRID_SHARD: each rank's shard group is itself."""
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        shard_groups = [dist.new_group([0]), dist.new_group([1])]
-        strategy = SimpleNamespace(model=SimpleNamespace(process_group=shard_groups[rank]))
-        results[rank] = float(callbacks._sum_over_shards(torch.tensor(9.0), strategy))
-        world = SimpleNamespace(model=SimpleNamespace(process_group=None))  # FULL_SHARD: the world
-        results[2 + rank] = float(callbacks._sum_over_shards(torch.tensor(9.0), world))
-    finally:
-        dist.destroy_process_group()
-
-
-def test_hybrid_shard_norm_sums_over_the_shard_group_only():
-    results = mp.get_context("spawn").Manager().dict()
-    mp.start_processes(_hybrid_shard_rank, args=(_free_port(), results), nprocs=2, start_method="spawn")
-    # a replica's squared norm is not added again (no sqrt(nodes) inflation); full sharding sums the world
-    assert [results[i] for i in range(4)] == [9.0, 9.0, 18.0, 18.0]
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    shard_group = object()
+    strategy = SimpleNamespace(model=SimpleNamespace(process_group=shard_group))
+    assert float(callbacks._sum_over_shards(torch.tensor(9.0), strategy)) == 18.0
+    assert reduced == [shard_group]  # the shard group, never the default (world) group
 
 
 def test_a_diverging_run_stops_at_a_logging_step_with_finite_weights(store_cache, tmp_path):
