@@ -104,7 +104,7 @@ class Throughput(pl.Callback):
             raise ValueError(f"Throughput window must be >= 1 batch, got {window}")
         # (time at the end of a batch, tokens in it); the first entry marks the window's start.
         self._marks: deque[tuple[float, int | Tensor]] = deque(maxlen=window + 1)
-        self._latest: float | Tensor | None = None
+        self._latest: Tensor | None = None
         self._seen: int | Tensor | None = 0  # this rank's non-padding training tokens (None: unknown)
 
     @property
@@ -121,16 +121,16 @@ class Throughput(pl.Callback):
                            batch: Any, batch_idx: int) -> None:
         if not self._marks:
             return
-        padding = batch["padding_mask"]
-        tokens = batch["input_ids"].numel() if padding is None else (~padding).sum()  # a device tensor: no sync
+        ids, padding = batch["input_ids"], batch["padding_mask"]
+        # a device tensor either way (filled there, not copied from the host): no sync, no transfer
+        tokens = ids.new_full((), ids.numel()) if padding is None else (~padding).sum()
         self._marks.append((time.perf_counter(), tokens))
         if self._seen is not None:
             self._seen = self._seen + tokens
         tokens = sum(count for _, count in list(self._marks)[1:])
         seconds = self._marks[-1][0] - self._marks[0][0]
-        self._latest = tokens * trainer.world_size / max(seconds, 1e-9)
-        value = self._latest if isinstance(self._latest, Tensor) else torch.tensor(self._latest)
-        pl_module.log("train/tokens_per_sec", value.float(), prog_bar=True)
+        self._latest = (tokens * trainer.world_size / max(seconds, 1e-9)).float()
+        pl_module.log("train/tokens_per_sec", self._latest, prog_bar=True)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._marks.clear()  # a window never spans a validation
@@ -156,12 +156,14 @@ class DivergenceGuard(pl.Callback):
 
     Before every optimizer step it computes the gradient norm on the device (one fused norm over all
     gradients, before clipping) and logs it as train/grad_norm. A step whose norm or loss is NaN or
-    infinite has its gradients zeroed on the device, so the optimizer's update stays finite (AdamW then
-    moves the weights by momentum and weight decay alone). The first such step is recorded on the device
-    and read back only where a read costs nothing extra: at logging steps (every log_every_n_steps), before
-    any checkpoint is written, and at the end of training. There the guard raises TrainingDiverged, naming
-    the step: training stops at most log_every_n_steps steps later, and no checkpoint is written from
-    the non-finite step on, so the checkpoints on disk hold the weights of finite steps.
+    infinite is skipped on the device by a fused optimizer (AdamW on CUDA: its found_inf flag, as the
+    fp16 gradient scaler uses it); any other optimizer gets zeroed gradients instead, so its update stays
+    finite (AdamW then moves the weights by momentum and weight decay alone). The first such step is
+    recorded on the device and read back only where a read costs nothing extra: at logging steps (every
+    log_every_n_steps), before any checkpoint is written, and at the end of training. There the guard
+    raises TrainingDiverged, naming the step: training stops at most log_every_n_steps steps later, and
+    no checkpoint is written from the non-finite step on, so the checkpoints on disk hold the weights of
+    finite steps.
 
     Under DDP the gradients are already averaged, so every rank sees the same norm and stops at the same
     step; under FSDP the shards' squared norms are summed over the ranks that hold distinct shards (the
@@ -213,6 +215,10 @@ class DivergenceGuard(pl.Callback):
         if scaler is None:  # (the fp16 scaler skips non-finite steps itself)
             for grad in grads:
                 grad.masked_fill_(~finite, 0.0)
+            if optimizer.defaults.get("fused"):
+                # GradScaler's mechanism: a fused optimizer skips its whole update (state and step count
+                # included) on the device when found_inf is 1.
+                optimizer.found_inf = (~finite).float()
         if self._skipped is None:
             self._skipped = torch.zeros((), dtype=torch.long, device=norm.device)
             self._diverged_step = torch.full((), -1, dtype=torch.long, device=norm.device)

@@ -6,13 +6,11 @@ tests/test_errors.py; that the guard reads nothing from the device per step is i
 """
 from __future__ import annotations
 
-import socket
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from protein_performer.training import callbacks
@@ -103,27 +101,61 @@ def test_no_checkpoint_is_written_after_a_diverged_step():
         guard.on_save_checkpoint(fake_trainer(step=3), module, {"state_dict": state})
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def test_hybrid_shard_norm_sums_over_the_shard_group_only(monkeypatch):
+    """Under HYBRID_SHARD the root FSDP module's process_group is the node's shard group; nodes hold
+    replicas, so summing the squared norms over the world would inflate the norm by sqrt(nodes)."""
+    reduced = []
+
+    def all_reduce(tensor, op=None, group=None):
+        reduced.append(group)
+        tensor.mul_(2)  # as if two ranks of that group held the same value
+        return None
+
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    shard_group = object()
+    strategy = SimpleNamespace(model=SimpleNamespace(process_group=shard_group))
+    assert float(callbacks._sum_over_shards(torch.tensor(9.0), strategy)) == 18.0
+    assert reduced == [shard_group]  # the shard group, never the default (world) group
 
 
-def _hybrid_shard_rank(rank: int, port: int, results) -> None:
-    """Two nodes of one rank each under HYBRID_SHARD: each rank's shard group is itself."""
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        shard_groups = [dist.new_group([0]), dist.new_group([1])]
-        strategy = SimpleNamespace(model=SimpleNamespace(process_group=shard_groups[rank]))
-        results[rank] = float(callbacks._sum_over_shards(torch.tensor(9.0), strategy))
-        world = SimpleNamespace(model=SimpleNamespace(process_group=None))  # FULL_SHARD: the world
-        results[2 + rank] = float(callbacks._sum_over_shards(torch.tensor(9.0), world))
-    finally:
-        dist.destroy_process_group()
+def test_a_diverging_run_stops_at_a_logging_step_with_finite_weights(store_cache, tmp_path):
+    import re
+
+    import pytorch_lightning as pl
+
+    from protein_performer.train import compose_config, train
+
+    from .runs import tiny_overrides
+
+    class Keep(pl.Callback):
+        def on_train_start(self, trainer, pl_module) -> None:
+            self.module = pl_module
+
+    keep = Keep()
+    cfg = compose_config(tiny_overrides(store_cache, "optim.lr=1e3", "optim.warmup_steps=0", "trainer.max_steps=40",
+                                        "trainer.val_check_interval=40", "trainer.log_every_n_steps=5",
+                                        "logger=csv", "test=false"), tmp_path)
+    with pytest.raises(TrainingDiverged, match=r"training diverged at step \d+") as raised:
+        train(cfg, [keep])
+    diverged, stopped = map(int, re.search(r"at step (\d+): .* stopped at step (\d+)", str(raised.value)).groups())
+    assert diverged <= stopped < diverged + 5 and stopped % 5 == 0
+    # the steps after the divergence ran on zeroed gradients: the weights stayed finite
+    assert all(torch.isfinite(tensor).all() for tensor in keep.module.state_dict().values())
+    assert not list(tmp_path.rglob("*.ckpt"))  # nothing saved from the diverged step on
 
 
-def test_hybrid_shard_norm_sums_over_the_shard_group_only():
-    results = mp.get_context("spawn").Manager().dict()
-    mp.start_processes(_hybrid_shard_rank, args=(_free_port(), results), nprocs=2, start_method="spawn")
-    # a replica's squared norm is not added again (no sqrt(nodes) inflation); full sharding sums the world
-    assert [results[i] for i in range(4)] == [9.0, 9.0, 18.0, 18.0]
+def test_a_fused_optimizer_skips_a_non_finite_step_entirely():
+    module, guard = Logged(), DivergenceGuard()
+    optimizer = torch.optim.AdamW(module.parameters(), lr=0.1, weight_decay=0.1, fused=True)  # as on CUDA
+    for grad in (0.5, float("nan")):
+        for parameter in module.parameters():
+            parameter.grad = torch.full_like(parameter, grad)
+        guard.on_before_backward(fake_trainer(), module, torch.tensor(1.0))
+        guard.on_before_optimizer_step(fake_trainer(), module, optimizer)
+        if grad == 0.5:
+            optimizer.step()
+            weights = {k: v.clone() for k, v in module.state_dict().items()}
+            state = [{k: v.clone() for k, v in optimizer.state[p].items()} for p in module.parameters()]
+    optimizer.step()
+    assert all(torch.equal(v, module.state_dict()[k]) for k, v in weights.items())  # no weight decay, no momentum
+    assert all(torch.equal(v, optimizer.state[p][k]) for p, s in zip(module.parameters(), state) for k, v in s.items())
