@@ -166,7 +166,7 @@ def _train(cfg: DictConfig, callbacks: Sequence[pl.Callback]) -> TrainResult:
                 f"on the same targets the training split's amino-acid frequencies score {baselines.frequency:.3f}, "
                 f"uniform guessing among the 20 amino acids {baselines.uniform:.0f}" if baselines is not None else "")
                 + (f"\n{evaluations}" if evaluations else ""))
-        if last_path is not None:  # the final metrics go with the final weights: the model card reads them
+        if last_path is not None and Path(last_path).is_file():  # the final metrics go with the final weights
             record_evaluation(last_path, evaluation_record(datamodule, metrics, baselines))
         print(f"checkpoint: {last_path}" + (f"  (best by validation perplexity: {best_path})" if best_path else ""))
         if cfg.get("export", False) and last_path is not None:

@@ -38,7 +38,8 @@ def test_config_choices_list_every_option_but_no_bases():
 
 @pytest.mark.slow
 def test_help_lists_choices_not_bases_and_only_train_lists_groups(tmp_path):
-    processes = {command: run(command, "--help", cwd=tmp_path) for command in ("train", "preprocess", "embed", "export")}
+    commands = ("train", "preprocess", "embed", "export")
+    processes = {command: run(command, "--help", cwd=tmp_path) for command in commands}
     texts = {}
     for command, process in processes.items():
         out, err = process.communicate(timeout=300)
@@ -100,7 +101,7 @@ def test_lightning_and_torch_noise_is_filtered_and_nothing_else():
     level = logger.level
     logger.setLevel(logging.INFO)
     try:
-        rank_zero_info("💡 Tip: For seamless cloud logging, try installing [litlogger](https://pypi.org/project/litlogger/)")
+        rank_zero_info("💡 Tip: For cloud logging, try installing [litlogger](https://pypi.org/p/litlogger/)")
         rank_zero_info("GPU available: False, used: False")
     finally:
         logger.removeHandler(handler)
