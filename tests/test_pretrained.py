@@ -118,7 +118,8 @@ def damage(directory: Path, name: str, content: bytes | None) -> None:
 
 
 DAMAGED = {
-    "weights-truncated": (WEIGHTS_FILE, lambda data: data[:len(data) // 2], r"model\.safetensors: damaged or truncated"),
+    "weights-truncated": (WEIGHTS_FILE, lambda data: data[:len(data) // 2],
+                          r"model\.safetensors: damaged or truncated"),
     "weights-garbage": (WEIGHTS_FILE, b"\x00" * 64, r"model\.safetensors: damaged or truncated"),
     "weights-missing": (WEIGHTS_FILE, None, r"model\.safetensors: missing"),
     "config-garbage": (CONFIG_FILE, b"{not json", r"config\.json: damaged, not JSON"),

@@ -483,9 +483,7 @@ def build_token_store(
                         f"{'/'.join(HDF5_SUFFIXES)}; name it e.g. '{output.stem}.h5', or pass any_suffix=true")
     if output.exists() and not overwrite:
         raise DataError(f"{output}: already exists; pass overwrite=true to replace it")
-    make_output_directory(output, DataError)
-    if not os.access(output.parent, os.W_OK):
-        raise DataError(f"{output.parent}: no permission to write in this directory; choose another output")
+    make_output_directory(output, DataError)  # also checks that it can write there
     remove_stale_temporaries(output)
     for path in paths:  # fail now on file 40 of 40, not after hours of parsing the first 39
         check_fasta(path)

@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import time
+import warnings
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,36 @@ class Checkpoint(ModelCheckpoint):
     feature redraw, or any plateau) then leaves an older last.ckpt, and a run killed afterwards resumes
     from the last improvement and trains those steps again: the benchmark's 2,000-step favor_rpe run lost
     400 steps that way. Here a resumable last.ckpt always holds the latest validated step.
+
+    Two more differences, both for a resumed run (ckpt_path=):
+    - resumed into another run directory, the checkpoint's record of best and last checkpoints (files of
+      that other run, scored on its validations) is dropped: this run's best checkpoint is its own;
+    - resumed into its own directory, Lightning's "Checkpoint directory ... exists and is not empty"
+      warning is not shown (that is the point of resuming there); a fresh run into a used directory
+      still gets it.
     """
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Whether the run resumes is known only once the checkpoint is restored (after setup), so the
+        # warning waits for on_fit_start.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            super().setup(trainer, pl_module, stage)
+        self._used_directory: warnings.WarningMessage | None = None
+        for warning in caught:
+            if "exists and is not empty" in str(warning.message):
+                self._used_directory = warning
+            else:
+                warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        warning = getattr(self, "_used_directory", None)
+        if warning is not None and trainer.ckpt_path is None:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("dirpath", self.dirpath) == self.dirpath:
+            super().load_state_dict(state_dict)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)  # top-k, and last.ckpt if that saved anything

@@ -12,6 +12,7 @@ import pytest
 
 from protein_performer.data import DataError, FastaFormatError, SplitSpec, TokenStore, build_token_store, read_fasta
 from protein_performer.data.splits import SPLITS, SplitAssigner, accession_hash
+from protein_performer import errors
 from protein_performer.data import store_writer
 from protein_performer.data.store_writer import _ChunkEncoder
 
@@ -237,9 +238,12 @@ def test_output_that_is_an_input_or_not_hdf5_is_refused(sample_fasta, tmp_path):
 
 
 def test_unwritable_output_directory_is_one_clear_error(sample_fasta, tmp_path, monkeypatch):
-    # (The suite may run as root, for whom no directory is read-only: the permission answer is faked.)
-    monkeypatch.setattr(store_writer.os, "access", lambda path, mode: False)
-    with pytest.raises(DataError, match=rf"{tmp_path}: no permission to write in this directory"):
+    # (The suite may run as root, for whom no directory is read-only: the file system's answer is faked.)
+    def refuse(**kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(errors.tempfile, "TemporaryFile", refuse)
+    with pytest.raises(DataError, match=rf"{tmp_path}: cannot write in this directory \(Permission denied\)"):
         build_token_store(sample_fasta, tmp_path / "out.h5", progress=False)
     assert leftovers(tmp_path) == []
 
