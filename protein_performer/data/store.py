@@ -1,12 +1,16 @@
 """The HDF5 token store: FASTA in, tokens grouped by split out, written in constant memory.
 
-Layout (format_version 1). One group per split in SPLITS (train, valid, test, ood), each with
+Layout (format_version 2; version 1 is still read). One group per split in SPLITS (train, valid,
+test, ood), each with
     tokens             uint8  [T_s]     residues of all the split's records, concatenated (no specials)
     offsets            int64  [N_s + 1] record j is tokens[offsets[j]:offsets[j + 1]]; offsets[0] = 0
     accessions         uint8  [A_s]     accession bytes, concatenated
     accession_offsets  int64  [N_s + 1] accession j is accessions[accession_offsets[j]:...[j + 1]]
+    clusters           int64  [N_s]     (built with clusters only) record j's cluster key: the hash of its
+                                        representative's accession (clusters.py); equal keys, one cluster
 and attributes: the group's `records` and `residues`; at the root the format, the Alphabet's tokens,
-the split settings, the inputs (path, size, mtime) and the summary (see StoreSummary).
+the split settings, the clusters file (path, size, mtime, or null) and how many records it named,
+the inputs (path, size, mtime) and the summary (see StoreSummary).
 
 Records keep their input order within a split. A split is contiguous on disk, so a data loader reads
 any range of its records with two slices, whatever the other splits hold. Datasets are chunked
@@ -39,7 +43,8 @@ __all__ = ["TokenStore", "StoreSummary", "build_token_store", "input_identity", 
            "FORMAT_VERSION", "COMPRESSIONS", "HDF5_SUFFIXES"]
 
 FORMAT = "protein_performer.token_store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 2 added the optional per-split `clusters` dataset
 COMPRESSIONS = ("scaleoffset", "gzip", "lzf", "none")
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".he5")  # output names accepted without any_suffix=True
 # The writer's names, importable from here as before (store_writer imports this module, so they are
@@ -129,15 +134,16 @@ class TokenStore:
         if h5.attrs.get("format") != FORMAT:
             raise DataError(f"{self.path}: not a protein_performer token store")
         version = int(h5.attrs.get("format_version", -1))
-        if version != FORMAT_VERSION:
-            raise DataError(f"{self.path}: token store format {version}, this version reads {FORMAT_VERSION}; "
-                            "rebuild it with python -m protein_performer.preprocess")
+        if version not in READABLE_VERSIONS:
+            raise DataError(f"{self.path}: token store format {version}, this version reads formats "
+                            f"{', '.join(map(str, READABLE_VERSIONS))}; rebuild it with python -m protein_performer.preprocess")
         tokens = json.loads(h5.attrs["alphabet"])
         if tokens != Alphabet().tokens:
             raise DataError(f"{self.path}: built with a different alphabet ({' '.join(tokens)}); rebuild it")
         self.split_sizes: dict[str, int] = {name: int(h5[name]["offsets"].shape[0]) - 1 for name in SPLITS}
         self.split_residues: dict[str, int] = {name: int(h5[name].attrs["residues"]) for name in SPLITS}
         self._split_starts = np.cumsum([0, *self.split_sizes.values()])
+        self.has_clusters: bool = "clusters" in h5[SPLITS[0]]  # built with clusters: splits follow them
 
     def _h5(self) -> h5py.File:
         if self._file is None or self._pid != os.getpid():
@@ -230,6 +236,15 @@ class TokenStore:
     def offset(self, split: str, j: int) -> int:
         """offsets[j] of a split: where its record j starts in the split's tokens."""
         return int(self._dataset(split, "offsets")[j])
+
+    def clusters(self, split: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Cluster keys of records start..stop of a split, int64 [stop - start]: records with equal keys
+        are one cluster (a store built without clusters has none: see `has_clusters`)."""
+        if not self.has_clusters:
+            raise DataError(f"{self.path}: this token store was built without clusters; rebuild it with "
+                            "python -m protein_performer.preprocess ... clusters=<representative TAB member .tsv>")
+        stop = self.split_sizes[split] if stop is None else stop
+        return self._dataset(split, "clusters")[start:stop]
 
     def read_tokens(self, split: str, begin: int, end: int) -> np.ndarray:
         """Tokens begin..end of a split's concatenated residues, uint8 [end - begin]."""

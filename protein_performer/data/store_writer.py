@@ -29,10 +29,11 @@ import numpy as np
 from tqdm import tqdm
 
 from protein_performer.data.alphabet import Alphabet
+from protein_performer.data.clusters import ClusterMap, gather, read_clusters
 from protein_performer.data.errors import DataError, FastaFormatError
 from protein_performer.data.fasta import PathInput, accession_spans, check_fasta, expand_inputs, header_line_of_record
 from protein_performer.data.fasta_chunks import FastaChunk, read_fasta_chunks, read_fasta_chunks_in_background
-from protein_performer.data.splits import SPLITS, SplitAssigner, SplitSpec, accession_hashes
+from protein_performer.data.splits import SPLITS, SplitAssigner, SplitSpec, accession_hashes, file_identity
 from protein_performer.data.store import (
     COMPRESSIONS,
     FORMAT,
@@ -135,7 +136,8 @@ def _done(value: bytes) -> Future[bytes]:
 class _SplitWriter:
     """The four datasets of one split."""
 
-    def __init__(self, group: h5py.Group, compression: dict[str, Any], executor: ThreadPoolExecutor | None) -> None:
+    def __init__(self, group: h5py.Group, compression: dict[str, Any], executor: ThreadPoolExecutor | None,
+                 clusters: bool = False) -> None:
         self.group = group
         compress = _deflate_huffman if compression.get("compression") == "gzip" else None
         self.tokens = _ChunkedAppender(group.create_dataset(
@@ -156,12 +158,18 @@ class _SplitWriter:
             **offset_options))
         self.offsets.append(np.zeros(1, dtype=np.int64))
         self.accession_offsets.append(np.zeros(1, dtype=np.int64))
+        # Each record's cluster key (its representative's accession hash, as int64), with clusters only.
+        self.clusters = _ChunkedAppender(group.create_dataset(
+            "clusters", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(_OFFSET_CHUNK,),
+            **compression)) if clusters else None
         self.records = 0
         self.residues = 0
         self.accession_bytes = 0
 
     def append(self, tokens: np.ndarray, lengths: np.ndarray, accessions: np.ndarray,
-               accession_lengths: np.ndarray) -> None:
+               accession_lengths: np.ndarray, clusters: np.ndarray | None = None) -> None:
+        if self.clusters is not None:
+            self.clusters.append(clusters)
         self.tokens.append(tokens)
         self.offsets.append(self.residues + np.cumsum(lengths))
         self.accessions.append(accessions)
@@ -171,8 +179,9 @@ class _SplitWriter:
         self.accession_bytes += len(accessions)
 
     def close(self) -> None:
-        for appender in (self.tokens, self.offsets, self.accessions, self.accession_offsets):
-            appender.close()
+        for appender in (self.tokens, self.offsets, self.accessions, self.accession_offsets, self.clusters):
+            if appender is not None:
+                appender.close()
         self.group.attrs["records"] = self.records
         self.group.attrs["residues"] = self.residues
 
@@ -213,14 +222,17 @@ class _SplitPart(NamedTuple):
     lengths: np.ndarray  # int64 [n]
     accessions: np.ndarray  # uint8, concatenated
     accession_lengths: np.ndarray  # int64 [n]
+    clusters: np.ndarray | None = None  # int64 [n] cluster keys, when clusters are given
 
 
 class _ChunkEncoder:
     """FastaChunk -> one _SplitPart per split present, for the records worth storing."""
 
-    def __init__(self, alphabet: Alphabet, assigner: SplitAssigner) -> None:
+    def __init__(self, alphabet: Alphabet, assigner: SplitAssigner, clusters: ClusterMap | None = None) -> None:
         self.alphabet = alphabet
         self.assigner = assigner
+        self.clusters = clusters
+        self.clustered = 0  # records found in the clusters file
 
     def __call__(self, chunk: FastaChunk, summary: StoreSummary) -> Iterator[_SplitPart]:
         encoded = self.alphabet.encode_concatenated(chunk.sequences, chunk.lengths)
@@ -254,15 +266,20 @@ class _ChunkEncoder:
         if self.assigner.ood_regex is not None:
             titles = chunk.titles.split(b"\n")
             titles = [t for t, k in zip(titles, keep) if k] if not keep.all() else titles
-        codes = self.assigner.assign(accession_hashes(chunk.titles, start, stop), accessions, titles)
+        keys = accession_hashes(chunk.titles, start, stop)
+        if self.clusters is not None:
+            keys, listed = self.clusters.keys(keys)
+            self.clustered += int(np.count_nonzero(listed))
+        codes = self.assigner.assign(keys, accessions, titles)
 
         accession_lengths = stop - start
         yield from _split_parts(codes, np.frombuffer(encoded.tokens, dtype=np.uint8), lengths,
-                                _gather(chunk.titles, start, accession_lengths), accession_lengths)
+                                gather(chunk.titles, start, accession_lengths), accession_lengths,
+                                keys.view(np.int64) if self.clusters is not None else None)
 
 
 def _split_parts(codes: np.ndarray, tokens: np.ndarray, lengths: np.ndarray, accessions: np.ndarray,
-                 accession_lengths: np.ndarray) -> Iterator[_SplitPart]:
+                 accession_lengths: np.ndarray, clusters: np.ndarray | None = None) -> Iterator[_SplitPart]:
     """Regroup a chunk's records by split code, keeping their order within each split.
 
     Consecutive records of one split form a run; a chunk is mostly one long train run with a few
@@ -281,7 +298,7 @@ def _split_parts(codes: np.ndarray, tokens: np.ndarray, lengths: np.ndarray, acc
                          np.concatenate([tokens[token_ends[a]:token_ends[b]] for a, b in runs]),
                          lengths[rows],
                          np.concatenate([accessions[accession_ends[a]:accession_ends[b]] for a, b in runs]),
-                         accession_lengths[rows])
+                         accession_lengths[rows], None if clusters is None else clusters[rows])
 
 
 def _first_control_byte(text: bytes) -> int:
@@ -289,14 +306,6 @@ def _first_control_byte(text: bytes) -> int:
     codes = np.frombuffer(text, dtype=np.uint8)
     control = np.flatnonzero((codes < 9) | ((codes > 13) & (codes < 32)) | (codes == 127))
     return int(control[0]) if control.size else -1
-
-
-def _gather(text: bytes, start: np.ndarray, length: np.ndarray) -> np.ndarray:
-    """text[start[i]:start[i] + length[i]] for all i, concatenated, as uint8."""
-    data = np.frombuffer(text, dtype=np.uint8)
-    total = int(length.sum())
-    shift = np.repeat(start - (np.cumsum(length) - length), length)
-    return data[shift + np.arange(total)]
 
 
 def build_token_store(
@@ -321,7 +330,8 @@ def build_token_store(
     temporary left by a killed build (its process gone) is removed first, never reused.
 
     Args:
-        split: train/valid/test fractions and the OOD rules (SplitSpec() by default).
+        split: train/valid/test fractions, the OOD rules and the clusters file (SplitSpec() by default).
+            With clusters, splits follow clusters and every split gets a `clusters` dataset (clusters.py).
         compression: "scaleoffset" (HDF5's built-in integer packing: each chunk as value - min in the
             fewest bits, 5 per residue token: 63% of raw; the fastest to build), "gzip" (deflate,
             Huffman-only for residues, see _deflate_huffman: 53% of raw, ~15% slower to build), "lzf",
@@ -360,7 +370,9 @@ def build_token_store(
     for path in paths:  # fail now on file 40 of 40, not after hours of parsing the first 39
         check_fasta(path)
     assigner = SplitAssigner(split)
-    alphabet = Alphabet()
+    clusters = read_clusters(split.clusters) if split.clusters is not None else None
+    encoder = _ChunkEncoder(Alphabet(), assigner, clusters)
+    alphabet = encoder.alphabet
     identity = input_identity(paths)
     summary = StoreSummary(input_files=len(paths), input_bytes=sum(size for _, size, _ in identity))
     options: dict[str, Any] = {}
@@ -376,12 +388,15 @@ def build_token_store(
     gc.disable()  # millions of short-lived parser tuples; cyclic GC would scan them and find nothing
     try:
         with closing(_chunks(paths, chunk_records, background_reader)) as chunks:
-            _write_store(temporary, chunks, _ChunkEncoder(alphabet, assigner), summary, options, compression_threads,
-                         progress)
+            _write_store(temporary, chunks, encoder, summary, options, compression_threads, progress)
         if summary.records == 0:
             names = ", ".join(map(str, paths[:3])) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
             raise DataError(f"{names}: no records with a non-empty sequence ({summary.skipped_empty:,} empty records "
                             "skipped); a FASTA record is a '>' header line followed by its residues")
+        if clusters is not None and encoder.clustered == 0:
+            raise DataError(f"{clusters.path}:1: names none of the {summary.records:,} accessions of {paths[0]}"
+                            f"{' and the other inputs' if len(paths) > 1 else ''}; is it the clusters file of "
+                            "these sequences (its ids must be their accessions or whole header words)?")
         summary.seconds = time.perf_counter() - started
         with h5py.File(temporary, "a") as h5:
             h5.attrs.update({
@@ -390,6 +405,8 @@ def build_token_store(
                 "alphabet": json.dumps(alphabet.tokens),
                 "inputs": json.dumps(identity),
                 "split_spec": json.dumps(split.identity()),
+                "clusters": json.dumps(file_identity(split.clusters)),
+                "clustered_records": encoder.clustered,
                 "hash": "fnv1a64 + splitmix64 finaliser of the accession bytes; u = (h >> 11) / 2**53",
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 **summary.to_attrs(),
@@ -467,13 +484,15 @@ def _write_store(path: Path, chunks: Iterable[FastaChunk], encode: _ChunkEncoder
         with (h5py.File(path, "w") as h5,
               tqdm(total=summary.input_bytes, unit="B", unit_scale=True, unit_divisor=1000, desc="tokenising",
                    disable=not progress, smoothing=0.1) as bar):
-            writers = {name: _SplitWriter(h5.create_group(name), compression, executor) for name in SPLITS}
+            writers = {name: _SplitWriter(h5.create_group(name), compression, executor, encode.clusters is not None)
+                       for name in SPLITS}
             for chunk in chunks:
                 if chunk.path != current:
                     done_bytes += last_position
                     current, last_position = chunk.path, 0
                 for part in encode(chunk, summary):
-                    writers[part.split].append(part.tokens, part.lengths, part.accessions, part.accession_lengths)
+                    writers[part.split].append(part.tokens, part.lengths, part.accessions, part.accession_lengths,
+                                               part.clusters)
                     statistics.add(part.lengths)
                 bar.update(max(done_bytes + chunk.position - bar.n, 0))
                 last_position = chunk.position

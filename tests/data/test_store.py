@@ -50,7 +50,7 @@ def test_summary_is_printed_and_stored(sample_store, sample_records):
     text = summary.format()
     assert "500" in text and "4,291" in text and "ood" in text
     attrs = sample_store.attrs
-    assert attrs["format_version"] == 1 and "OS=Homo sapiens" in attrs["split_spec"]
+    assert attrs["format_version"] == 2 and "OS=Homo sapiens" in attrs["split_spec"]
 
 
 @pytest.mark.parametrize("options", [
