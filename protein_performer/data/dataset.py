@@ -346,7 +346,8 @@ class ProteinBatches(IterableDataset):
                 for c in order[bounds[window]:bounds[window + 1]].tolist():
                     rng = self._rng(int(self.clusters.keys[c].view(np.uint64)))  # the same for a cluster anywhere
                     members = rng.permutation(self.clusters.of(c))
-                    tokens = (store.read_tokens(self.split, int(self.record_offsets[m]), int(self.record_offsets[m + 1]))
+                    bounds_of = self.record_offsets
+                    tokens = (store.read_tokens(self.split, int(bounds_of[m]), int(bounds_of[m + 1]))
                               for m in members.tolist())
                     segments.append(homolog_segment(tokens, int(self.segment_lengths[c]), self.alphabet.cls_idx,
                                                     self.alphabet.eos_idx, self.spec.max_length,

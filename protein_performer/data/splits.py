@@ -22,7 +22,8 @@ import numpy as np
 
 from protein_performer.data.errors import DataError
 
-__all__ = ["SPLITS", "SplitSpec", "SplitAssigner", "accession_hash", "accession_hashes", "file_identity", "hash_to_unit"]
+__all__ = ["SPLITS", "SplitSpec", "SplitAssigner", "accession_hash", "accession_hashes", "file_identity",
+           "hash_to_unit"]
 
 SPLITS = ("train", "valid", "test", "ood")  # the code of a split is its index here
 TRAIN, VALID, TEST, OOD = range(4)

@@ -135,8 +135,9 @@ class TokenStore:
             raise DataError(f"{self.path}: not a protein_performer token store")
         version = int(h5.attrs.get("format_version", -1))
         if version not in READABLE_VERSIONS:
-            raise DataError(f"{self.path}: token store format {version}, this version reads formats "
-                            f"{', '.join(map(str, READABLE_VERSIONS))}; rebuild it with python -m protein_performer.preprocess")
+            readable = ", ".join(map(str, READABLE_VERSIONS))
+            raise DataError(f"{self.path}: token store format {version}, this version reads formats {readable}; "
+                            "rebuild it with python -m protein_performer.preprocess")
         tokens = json.loads(h5.attrs["alphabet"])
         if tokens != Alphabet().tokens:
             raise DataError(f"{self.path}: built with a different alphabet ({' '.join(tokens)}); rebuild it")
