@@ -15,7 +15,8 @@ The Performer paper's two protein settings:
   in a cluster order drawn per epoch). One segment per cluster and epoch is sampling by cluster (as ESM
   and PoET do): a 400-member cluster gets one window's worth of members, not 400 proteins' worth.
   Packing small clusters together instead of one cluster per window wastes far less to padding
-  (benchmarks/homolog_windows.py: about 2% vs 86% of the tokens at 4096 on the bundled subset).
+  (benchmarks/homolog_windows.py, windows of 4096 on the bundled subset: 0.6% of the tokens are
+  padding, against 86% with one cluster per window and 14% with plain next fit).
 
 A split is cut into blocks (consecutive records, or consecutive windows), the unit of reading and of
 sharding: every (DDP rank, DataLoader worker) pair gets whole blocks, balanced by their batch counts
@@ -260,8 +261,8 @@ def pack_segments(lengths: np.ndarray, max_length: int, open_windows: int = 16) 
     """Window of each segment (token counts, in order), int64 [n]: first fit over the last
     `open_windows` windows. A segment goes to the earliest open window with room for it, else opens a
     new one; opening one more than `open_windows` closes the oldest. Windows are numbered in the order
-    they open; each holds at most max_length tokens. (open_windows=1 is next fit: 18% padding vs 5% for
-    16 at 512 tokens on the bundled subset; at 4096 both are small.)"""
+    they open; each holds at most max_length tokens. open_windows=1 is next fit; 16 cut the padding of
+    the bundled subset's windows from 22% to 3.6% at 1024 tokens and from 14% to 0.6% at 4096."""
     window = np.empty(len(lengths), dtype=np.int64)
     rooms: list[int] = []  # room left in the open windows, oldest first
     first_open = 0  # number of the oldest open window
