@@ -199,6 +199,7 @@ class ProteinBatches(IterableDataset):
             assert self.clusters is not None
             order = np.arange(len(self.clusters))
             if self.train:
+                # The trailing 1 keeps this stream apart from the block order's (seed, epoch, split).
                 order = np.random.default_rng((self.seed, epoch, self.split_code, 1)).permutation(order)
             window = pack_segments(self.segment_lengths[order], self.spec.max_length)
             by_window = np.argsort(window, kind="stable")  # each window's clusters in the order they came
@@ -346,8 +347,8 @@ class ProteinBatches(IterableDataset):
                 for c in order[bounds[window]:bounds[window + 1]].tolist():
                     rng = self._rng(int(self.clusters.keys[c].view(np.uint64)))  # the same for a cluster anywhere
                     members = rng.permutation(self.clusters.of(c))
-                    bounds_of = self.record_offsets
-                    tokens = (store.read_tokens(self.split, int(bounds_of[m]), int(bounds_of[m + 1]))
+                    offsets = self.record_offsets
+                    tokens = (store.read_tokens(self.split, int(offsets[m]), int(offsets[m + 1]))
                               for m in members.tolist())
                     segments.append(homolog_segment(tokens, int(self.segment_lengths[c]), self.alphabet.cls_idx,
                                                     self.alphabet.eos_idx, self.spec.max_length,
