@@ -11,7 +11,7 @@ import h5py
 import numpy as np
 import pytest
 
-from protein_performer.data import DataError, SplitSpec, TokenStore, build_token_store
+from protein_performer.data import DataError, ProteinDataModule, SplitSpec, TokenStore, build_token_store
 from protein_performer.data.clusters import read_clusters
 from protein_performer.data.splits import SPLITS, accession_hash
 
@@ -154,3 +154,17 @@ def test_preprocess_takes_clusters_and_reports_them(subset_fasta, subset_cluster
                             cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith("preprocess: error: ")
     assert "bad.tsv:2: expected" in result.stderr and not (tmp_path / "bad.h5").exists()
+
+
+def test_data_clusters_builds_its_own_cached_store(sample_fasta, sample_records, tmp_path):
+    accessions = [record.accession for record in sample_records[:6]]
+    clusters = tmp_path / "clusters.tsv"
+    clusters.write_text("".join(f"{accessions[0]}\t{a}\n" for a in accessions))
+    plain = ProteinDataModule(fasta=str(sample_fasta), cache_dir=str(tmp_path / "cache"))
+    clustered = ProteinDataModule(fasta=str(sample_fasta), cache_dir=str(tmp_path / "cache"), clusters=str(clusters))
+    assert plain.cache_path() != clustered.cache_path()  # the clusters file is part of the store's identity
+    clustered.setup("fit")
+    with TokenStore(clustered.store_path) as store:
+        assert store.has_clusters and store.attrs["clustered_records"] == 6
+        keys = {a: k for split in SPLITS for a, k in zip(store.accessions(split), store.clusters(split).tolist())}
+    assert {keys[a] for a in accessions} == {key(accessions[0])}
