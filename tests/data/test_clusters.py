@@ -168,3 +168,12 @@ def test_data_clusters_builds_its_own_cached_store(sample_fasta, sample_records,
         assert store.has_clusters and store.attrs["clustered_records"] == 6
         keys = {a: k for split in SPLITS for a, k in zip(store.accessions(split), store.clusters(split).tolist())}
     assert {keys[a] for a in accessions} == {key(accessions[0])}
+
+
+def test_the_bundled_clusters_name_the_subset_members_only_with_real_homologs(subset_fasta, subset_clusters):
+    with gzip.open(subset_fasta, "rt") as handle:
+        accessions = {line.split("|")[1] for line in handle if line.startswith(">")}
+    reference = read_tsv(subset_clusters)
+    assert set(reference) == accessions  # every member of the subset, nothing else
+    sizes = collections.Counter(reference.values())
+    assert sum(size >= 2 for size in sizes.values()) == 2_353 and sum(size >= 5 for size in sizes.values()) == 482
