@@ -238,7 +238,7 @@ class Clusters:
         bounds = np.append(starts, len(order)).astype(np.int64)
         sizes = np.diff(bounds)
         kept = np.flatnonzero(sizes >= min_members)
-        members = np.concatenate([order[bounds[c]:bounds[c + 1]] for c in kept]) if len(kept) else order[:0]
+        members = order[np.repeat(sizes >= min_members, sizes)]
         return cls(members.astype(np.int64), np.concatenate([[0], np.cumsum(sizes[kept])]).astype(np.int64),
                    ordered[starts[kept]] if len(kept) else ordered[:0])
 
