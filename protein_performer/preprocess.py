@@ -35,7 +35,8 @@ def preprocess(cfg: DictConfig) -> None:
                       ood_accessions=cfg.ood_accessions, ood_regex=cfg.ood_regex, clusters=cfg.clusters)
     summary = build_token_store(inputs, cfg.output, split=split, compression=cfg.compression,
                                 compression_threads=cfg.compression_threads, chunk_records=cfg.chunk_records,
-                                background_reader=cfg.background_reader, overwrite=cfg.overwrite,
+                                background_reader=cfg.background_reader, workers=cfg.workers,
+                                block_bytes=cfg.block_bytes, allow_duplicates=cfg.allow_duplicates, overwrite=cfg.overwrite,
                                 any_suffix=cfg.any_suffix, progress=cfg.progress)
     print(f"wrote {cfg.output}\n{summary.format()}")
     if cfg.clusters is not None:

@@ -32,9 +32,16 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
-from protein_performer.checkpoint import check_resume, check_weights_fit, data_sampling_settings, read_checkpoint
+from protein_performer.checkpoint import (
+    check_resume,
+    check_weights_fit,
+    data_sampling_settings,
+    read_checkpoint,
+    record_evaluation,
+)
 from protein_performer.data import Alphabet, ProteinDataModule, TokenStore
 from protein_performer.errors import UserError, run_command
+from protein_performer.export import export_checkpoint
 from protein_performer.model import config_from_hydra
 from protein_performer.resources import conf_dir
 from protein_performer.runtime import configure_process, slow_bf16_warning
@@ -155,7 +162,12 @@ def _train(cfg: DictConfig, callbacks: Sequence[pl.Callback]) -> TrainResult:
                 f"on the same targets the training split's amino-acid frequencies score {baselines.frequency:.3f}, "
                 f"uniform guessing among the 20 amino acids {baselines.uniform:.0f}" if baselines is not None else "")
                 + (f"\n{evaluations}" if evaluations else ""))
+        if last_path is not None:  # the final metrics go with the final weights: the model card reads them
+            record_evaluation(last_path, evaluation_record(datamodule, metrics, baselines))
         print(f"checkpoint: {last_path}" + (f"  (best by validation perplexity: {best_path})" if best_path else ""))
+        if cfg.get("export", False) and last_path is not None:
+            exported = export_checkpoint(last_path, Path(cfg.output_dir) / "model", overwrite=True)
+            print(f"exported model: {exported}  (ProteinPerformer.from_pretrained, or embed checkpoint=<it>)")
     return TrainResult(val_perplexity, last_path, best_path, metrics, trainer, module)
 
 
@@ -171,6 +183,16 @@ def validation_baselines(datamodule: pl.LightningDataModule, alphabet: Alphabet,
         return context_free_baselines(datamodule.dataloader("valid", rank=0, world_size=1), counts, alphabet)
     except ValueError:
         return None
+
+
+def evaluation_record(datamodule: pl.LightningDataModule, metrics: dict[str, float],
+                      baselines: Baselines | None) -> dict:
+    """checkpoint["evaluation"]: the final metrics (baselines included), scored targets and split sizes."""
+    record: dict = {"metrics": dict(metrics), "targets": None if baselines is None else baselines.targets}
+    if isinstance(datamodule, ProteinDataModule) and datamodule.store_path is not None:
+        with TokenStore(datamodule.store_path) as store:
+            record["split_sizes"] = {split: int(count) for split, count in store.split_sizes.items()}
+    return record
 
 
 def _instantiate(config: DictConfig, **kwargs: object) -> object:

@@ -134,7 +134,7 @@ def test_a_store_without_clusters_says_so_and_format_1_stores_are_still_read(sam
             store.clusters("train")
     with h5py.File(old, "a") as h5:
         h5.attrs["format_version"] = 3
-    with pytest.raises(DataError, match=r"token store format 3, this version reads formats 1, 2"):
+    with pytest.raises(DataError, match=r"token store format 3, this version reads 1 and 2"):
         TokenStore(old)
 
 
