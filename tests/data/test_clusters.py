@@ -14,6 +14,7 @@ import pytest
 from protein_performer.data import DataError, ProteinDataModule, SplitSpec, TokenStore, build_token_store
 from protein_performer.data.clusters import read_clusters
 from protein_performer.data.splits import SPLITS, accession_hash
+from tests.data.conftest import SUBSET_SPLIT
 
 
 def read_tsv(path: Path) -> dict[str, str]:
@@ -177,3 +178,15 @@ def test_the_bundled_clusters_name_the_subset_members_only_with_real_homologs(su
     assert set(reference) == accessions  # every member of the subset, nothing else
     sizes = collections.Counter(reference.values())
     assert sum(size >= 2 for size in sizes.values()) == 2_353 and sum(size >= 5 for size in sizes.values()) == 482
+
+
+def test_cluster_keys_do_not_depend_on_the_number_of_workers(subset_fasta, subset_clusters, clustered_store_path,
+                                                             tmp_path):
+    one = tmp_path / "one.h5"
+    build_token_store(subset_fasta, one, split=SplitSpec(**SUBSET_SPLIT, clusters=str(subset_clusters)),
+                      workers=1, background_reader=True, progress=False)
+    with TokenStore(one) as a, TokenStore(clustered_store_path) as b:
+        assert a.attrs["clustered_records"] == b.attrs["clustered_records"] == 18_070
+        for split in SPLITS:
+            assert a.accessions(split) == b.accessions(split)
+            assert np.array_equal(a.clusters(split), b.clusters(split))
