@@ -4,7 +4,7 @@ conf/ and the demo FASTA stay at the repository's top level, the one copy anyone
 carries them inside the package, where protein_performer.resources looks first:
 
     conf/**/*.yaml                             -> protein_performer/conf/
-    data/{uniprot_sample,swissprot_subset}...  -> protein_performer/bundled_data/
+    data/{uniprot_sample,swissprot_subset}...  -> protein_performer/bundled_data/  (FASTA and the subset's clusters)
 
 Both are data-only packages mapped from those folders, so the build copies the files and nothing is
 kept in two places in the repository.
@@ -13,7 +13,7 @@ from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
 
 # The files the shipped data configs name (protein_performer.resources.BUNDLED_DATA_FILES; a test checks).
-BUNDLED_DATA_FILES = ["uniprot_sample.fasta", "swissprot_subset.fasta.gz"]
+BUNDLED_DATA_FILES = ["uniprot_sample.fasta", "swissprot_subset.fasta.gz", "swissprot_subset.clusters50.tsv.gz"]
 DATA_PACKAGES = {"protein_performer.conf": "conf", "protein_performer.bundled_data": "data"}
 
 

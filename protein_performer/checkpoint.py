@@ -223,7 +223,7 @@ def setting_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) ->
 
 # ProteinDataModule arguments that say where the data is and how fast it is read, not what is sampled:
 # a resumed run may change them (another machine, another cache directory, more workers).
-DATA_LOCATION_KEYS = frozenset({"fasta", "store", "cache_dir", "num_workers", "pin_memory", "compression",
+DATA_LOCATION_KEYS = frozenset({"fasta", "clusters", "store", "cache_dir", "num_workers", "pin_memory", "compression",
                                 "background_reader", "build_timeout", "prepare_data_per_node"})
 
 

@@ -2,6 +2,7 @@
 
     python -m protein_performer.preprocess input=uniref50.fasta.gz output=uniref50.h5
     python -m protein_performer.preprocess input='shards/*.fasta' output=all.h5 ood_regex='OS=Homo sapiens'
+    python -m protein_performer.preprocess input=swissprot.fasta.gz output=sp.h5 clusters=clusters50.tsv.gz
     protein-performer-preprocess input=uniref50.fasta.gz output=uniref50.h5    # the installed command
 
 Options: conf/preprocess.yaml. Bad input (missing or empty file, binary data, text before the first
@@ -16,6 +17,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from protein_performer.data.fasta import DataError
 from protein_performer.data.splits import SplitSpec
+from protein_performer.data.store import TokenStore
 from protein_performer.data.store_writer import build_token_store
 from protein_performer.errors import run_command
 from protein_performer.resources import conf_dir
@@ -30,13 +32,18 @@ def preprocess(cfg: DictConfig) -> None:
         raise DataError(f"{' and '.join(missing)} must be given: {USAGE}")
     inputs = OmegaConf.to_container(cfg.input) if isinstance(cfg.input, ListConfig) else str(cfg.input)
     split = SplitSpec(valid_fraction=cfg.valid_fraction, test_fraction=cfg.test_fraction,
-                      ood_accessions=cfg.ood_accessions, ood_regex=cfg.ood_regex)
+                      ood_accessions=cfg.ood_accessions, ood_regex=cfg.ood_regex, clusters=cfg.clusters)
     summary = build_token_store(inputs, cfg.output, split=split, compression=cfg.compression,
                                 compression_threads=cfg.compression_threads, chunk_records=cfg.chunk_records,
                                 background_reader=cfg.background_reader, workers=cfg.workers,
                                 block_bytes=cfg.block_bytes, allow_duplicates=cfg.allow_duplicates, overwrite=cfg.overwrite,
                                 any_suffix=cfg.any_suffix, progress=cfg.progress)
     print(f"wrote {cfg.output}\n{summary.format()}")
+    if cfg.clusters is not None:
+        with TokenStore(cfg.output) as store:
+            clustered = int(store.attrs["clustered_records"])
+        print(f"clusters     {clustered:>14,} records named by {cfg.clusters}; the other "
+              f"{summary.records - clustered:,} are singletons. Splits follow the clusters.")
 
 
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="preprocess")

@@ -22,8 +22,8 @@ from pathlib import Path
 __all__ = ["BUNDLED_DATA_FILES", "bundled_data_dir", "conf_dir", "config_choices", "resolve_data_path"]
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
-# The data/ files a wheel carries: those the shipped configs name (data=sample, data=swissprot).
-BUNDLED_DATA_FILES = ("uniprot_sample.fasta", "swissprot_subset.fasta.gz")
+# The data/ files a wheel carries: those the shipped configs name (data=sample, data=swissprot, swissprot_homologs).
+BUNDLED_DATA_FILES = ("uniprot_sample.fasta", "swissprot_subset.fasta.gz", "swissprot_subset.clusters50.tsv.gz")
 # How the configs name them: relative to a source tree's top level, e.g. data/uniprot_sample.fasta.
 _BUNDLED_PREFIX = "data"
 

@@ -4,10 +4,12 @@
     fasta.py      read_fasta: FastaRecords (Biopython), accessions, the opener and its checks
     fasta_chunks.py  read_fasta_chunks: the fast chunk parser, its decompression thread and reader process
     alphabet.py   Alphabet: residues <-> uint8 token ids through a byte lookup table; `frame`: <cls> ... <eos> rows
-    splits.py     train/valid/test/ood from a stable hash of the accession
+    splits.py     train/valid/test/ood from a stable hash of the accession (or of its cluster's representative)
+    clusters.py   read_clusters: MMseqs2 cluster TSV (representative TAB member) -> ClusterMap of accession hashes
     store.py      the HDF5 token store's layout, StoreSummary, and TokenStore (reading it)
     store_writer.py  build_token_store: FASTA -> HDF5, streaming in constant memory
-    sampling.py   single proteins (crops, token-budget batches) or a concatenated stream in windows
+    sampling.py   single proteins (crops, token-budget batches), a concatenated stream in windows, or
+                  homolog windows (whole clusters, <cls> m1 <eos> m2 <eos> ..., packed)
     masking.py    masked-LM corruption and causal-LM labels
     dataset.py    ProteinBatches: one split's batches, sharded over DDP ranks and DataLoader workers
     datamodule.py ProteinDataModule (Lightning), building the store from FASTA into a cache on first use;
@@ -22,6 +24,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from protein_performer.data.alphabet import Alphabet, EncodedSequences, frame
+from protein_performer.data.clusters import ClusterMap, read_clusters
 from protein_performer.data.errors import DataError, FastaFormatError
 from protein_performer.data.fasta import FastaRecord, expand_inputs, parse_accession, read_fasta
 from protein_performer.data.fasta_chunks import FastaChunk, read_fasta_chunks
@@ -49,6 +52,7 @@ __all__ = [
     "Alphabet",
     "Batch",
     "BatchSpec",
+    "ClusterMap",
     "DataError",
     "DataSource",
     "EncodedSequences",
@@ -76,6 +80,7 @@ __all__ = [
     "parse_accession",
     "plan_epoch",
     "read_fasta",
+    "read_clusters",
     "read_fasta_chunks",
     "single_examples",
 ]

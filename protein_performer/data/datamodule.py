@@ -187,6 +187,8 @@ class ProteinDataModule(pl.LightningDataModule):
                  splits: SplitSpec | None = None, loading: Loading | None = None, *, seed: int = 0,
                  **settings: Any) -> None:
         super().__init__()
+        if settings.get("clusters") is not None:  # like fasta: a bundled demo file is found from anywhere
+            settings["clusters"] = resolve_data_path(str(settings["clusters"]))
         source, batches, splits, loading = _deal_settings(settings, source=source, batches=batches, splits=splits,
                                                           loading=loading)
         self.spec = batches
@@ -253,6 +255,10 @@ class ProteinDataModule(pl.LightningDataModule):
         self.store_path = self._resolve_store(build=self._local_rank() == 0)
         with TokenStore(self.store_path) as store:
             log.info("%r", store)
+            if self.store is not None and self.split_spec.clusters is not None and not store.has_clusters:
+                raise DataError(f"{self.store}: data.clusters is applied when a store is built, and this store "
+                                "(data.store) was built without clusters; rebuild it with python -m "
+                                "protein_performer.preprocess ... clusters=<tsv>, or give data.fasta instead")
         # Our __len__ is exact per rank and worker (see ProteinBatches), which Lightning cannot know.
         warnings.filterwarnings("ignore", message="Your `IterableDataset` has `__len__` defined")
 

@@ -34,12 +34,16 @@ from protein_performer.data.errors import DataError
 from protein_performer.data.masking import IGNORE_INDEX, OBJECTIVES, causal_lm_labels, mask_for_mlm
 from protein_performer.data.sampling import (
     SAMPLINGS,
+    Clusters,
     EpochPlan,
     budget_batches,
     count_budget_batches,
     example_token_counts,
     join_with_eos,
+    homolog_segment,
+    pack_segments,
     plan_epoch,
+    segment_lengths,
     single_examples,
 )
 from protein_performer.data.splits import SPLITS
@@ -50,6 +54,8 @@ __all__ = ["BatchSpec", "ProteinBatches", "Batch"]
 Batch = dict[str, torch.Tensor]
 _OFFSETS_PER_READ = 1 << 20  # records per read when scanning a split's lengths
 _MIN_BLOCKS_PER_SHARD = 4  # small splits get small blocks, so every shard has some to balance
+# How each sampling reads one block into batches: the method of ProteinBatches, by SAMPLINGS name.
+_BLOCK_READERS = {"single": "_single_block", "concat": "_concat_block", "homologs": "_homologs_block"}
 
 
 @dataclass(frozen=True)
@@ -57,16 +63,17 @@ class BatchSpec:
     """How examples and batches are made (the DataModule's arguments of the same names)."""
 
     objective: str = "mlm"  # "mlm" | "clm"
-    sampling: str = "single"  # "single" | "concat"
-    max_length: int = 1024  # tokens per example (single: incl. <cls> and <eos>) or per window (concat)
+    sampling: str = "single"  # "single" | "concat" | "homologs" (a store built with clusters)
+    max_length: int = 1024  # tokens per example (single: incl. <cls> and <eos>) or per window (concat, homologs)
     tokens_per_batch: int = 16384  # single: padded tokens per batch (batch size x longest example)
-    batch_size: int = 8  # concat: windows per batch
+    batch_size: int = 8  # concat, homologs: windows per batch
     eval_crop: str = "windows"  # single, evaluation: "windows" (every residue once) | "start"
     mask_probability: float = 0.15
     mask_fraction: float = 0.8
     random_fraction: float = 0.1
     block_records: int = 2048  # single: records per block (the unit of reading and sharding), at most
-    block_batches: int = 8  # concat: batches per block, at most
+    block_batches: int = 8  # concat, homologs: batches per block, at most
+    min_cluster_members: int = 1  # homologs: clusters with fewer members (in the split) are left out
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -80,8 +87,8 @@ class BatchSpec:
         if self.sampling == "single" and self.tokens_per_batch < self.max_length:
             raise DataError(f"tokens_per_batch ({self.tokens_per_batch}) must be >= max_length ({self.max_length}): "
                             "a batch must hold at least one full-length protein")
-        if self.batch_size < 1 or self.block_records < 1 or self.block_batches < 1:
-            raise DataError("batch_size, block_records and block_batches must be >= 1")
+        if self.batch_size < 1 or self.block_records < 1 or self.block_batches < 1 or self.min_cluster_members < 1:
+            raise DataError("batch_size, block_records, block_batches and min_cluster_members must be >= 1")
 
 
 class ProteinBatches(IterableDataset):
@@ -120,6 +127,10 @@ class ProteinBatches(IterableDataset):
         store_now = self._open()
         self.records = store_now.split_sizes[split]
         self.residues = store_now.split_residues[split]
+        self.clusters: Clusters | None = None  # homologs: the split's clusters, their segments and offsets
+        self._layout: tuple[int, np.ndarray, np.ndarray] | None = None  # homologs: (epoch, cluster order, windows)
+        if spec.sampling == "homologs":
+            self._group_clusters(store_now)
         self.block_batches, self.block_size = self._blocks(store_now)
         store_now.close()  # workers open their own handle; none is inherited across the fork
         self._plan: tuple[int, EpochPlan, np.ndarray] | None = None  # (epoch, plan, fillers [workers])
@@ -137,19 +148,28 @@ class ProteinBatches(IterableDataset):
         """concat: length of the split's stream (every record followed by <eos>)."""
         return self.residues + self.records
 
+    def _group_clusters(self, store: TokenStore) -> None:
+        """homologs: the split's clusters (held in memory: 8 bytes per record for keys and for offsets)."""
+        if not store.has_clusters:
+            raise DataError(f"{store.path}: data.sampling=homologs needs a token store built with clusters: set "
+                            "data.clusters=<representative TAB member .tsv> (or preprocess ... clusters=...)")
+        self.record_offsets = store.offsets(self.split)
+        self.clusters = Clusters.from_keys(store.clusters(self.split), self.spec.min_cluster_members)
+        self.segment_lengths = segment_lengths(self.clusters, np.diff(self.record_offsets), self.spec.max_length)
+
     def _blocks(self, store: TokenStore) -> tuple[np.ndarray, int]:
-        """(batches per block int64 [n_blocks], block size in records (single) or windows (concat))."""
+        """(batches per block int64 [n_blocks], block size in records (single) or windows (concat, homologs))."""
         shards = self.world_size * self.workers
         spec = self.spec
-        if self.spec.sampling == "concat":
-            windows = math.ceil(self.stream_tokens / spec.max_length) if self.records else 0
+        if self.spec.sampling in ("concat", "homologs"):
+            if self.spec.sampling == "concat":
+                windows = math.ceil(self.stream_tokens / spec.max_length) if self.records else 0
+            else:
+                windows = len(self.homolog_layout(0)[1]) - 1
             batches = math.ceil(windows / spec.batch_size)
             per_block = min(spec.block_batches, max(1, math.ceil(batches / (_MIN_BLOCKS_PER_SHARD * shards))))
             size = per_block * spec.batch_size
-            counts = np.full(math.ceil(windows / size), per_block, dtype=np.int64)
-            if windows % size:
-                counts[-1] = math.ceil((windows % size) / spec.batch_size)
-            return counts, size
+            return self._window_blocks(windows, size), size
         size = min(spec.block_records, max(1, math.ceil(self.records / (_MIN_BLOCKS_PER_SHARD * shards))))
         crop = "random" if self.train else spec.eval_crop
         counts = []
@@ -163,6 +183,30 @@ class ProteinBatches(IterableDataset):
                 counts.append(count_budget_batches(tokens, spec.tokens_per_batch))
         return np.asarray(counts, dtype=np.int64), size
 
+    def _window_blocks(self, windows: int, size: int) -> np.ndarray:
+        """Batches per block when `windows` windows are cut into blocks of `size`, int64 [n_blocks]."""
+        per_block = size // self.spec.batch_size
+        counts = np.full(math.ceil(windows / size), per_block, dtype=np.int64)
+        if windows % size:
+            counts[-1] = math.ceil((windows % size) / self.spec.batch_size)
+        return counts
+
+    def homolog_layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """homologs: (cluster order int64 [C], window bounds int64 [W + 1]) of an epoch: window w packs
+        the segments of clusters order[bounds[w]:bounds[w + 1]]. Training draws the order from
+        (seed, epoch); evaluation keeps the clusters' own order."""
+        if self._layout is None or self._layout[0] != epoch:
+            assert self.clusters is not None
+            order = np.arange(len(self.clusters))
+            if self.train:
+                # The trailing 1 keeps this stream apart from the block order's (seed, epoch, split).
+                order = np.random.default_rng((self.seed, epoch, self.split_code, 1)).permutation(order)
+            window = pack_segments(self.segment_lengths[order], self.spec.max_length)
+            by_window = np.argsort(window, kind="stable")  # each window's clusters in the order they came
+            bounds = np.concatenate([[0], np.cumsum(np.bincount(window))]) if len(window) else np.zeros(1, np.int64)
+            self._layout = (epoch, order[by_window], bounds.astype(np.int64))
+        return self._layout[1], self._layout[2]
+
     def set_epoch(self, epoch: int) -> None:
         """Training reshuffles per epoch; call before iterating (the DataModule's loaders do)."""
         self.epoch = epoch
@@ -174,10 +218,13 @@ class ProteinBatches(IterableDataset):
     def plan(self) -> EpochPlan:
         epoch = self._plan_epoch
         if self._plan is None or self._plan[0] != epoch:
-            order = np.arange(len(self.block_batches))
+            block_batches = self.block_batches
+            if self.spec.sampling == "homologs":  # packing differs a little from epoch to epoch
+                block_batches = self._window_blocks(len(self.homolog_layout(epoch)[1]) - 1, self.block_size)
+            order = np.arange(len(block_batches))
             if self.train:
                 order = np.random.default_rng((self.seed, epoch, self.split_code)).permutation(order)
-            plan = plan_epoch(self.block_batches, order, self.world_size, self.workers, equal_ranks=self.train)
+            plan = plan_epoch(block_batches, order, self.world_size, self.workers, equal_ranks=self.train)
             self._plan = (epoch, plan, self._fillers(plan))
         return self._plan[1]
 
@@ -244,8 +291,7 @@ class ProteinBatches(IterableDataset):
         for block in blocks.tolist():
             if produced == quota:
                 return
-            read = self._single_block if self.spec.sampling == "single" else self._concat_block
-            for batch in read(block):
+            for batch in getattr(self, _BLOCK_READERS[self.spec.sampling])(block):
                 yield batch
                 produced += 1
                 if produced == quota:
@@ -287,6 +333,31 @@ class ProteinBatches(IterableDataset):
         ids.reshape(-1)[:len(piece)] = piece
         for number, start in enumerate(range(0, windows, self.spec.batch_size)):
             yield self._targets(ids[start:start + self.spec.batch_size], self._rng(block, number))
+
+    def _homologs_block(self, block: int) -> Iterator[Batch]:
+        order, bounds = self.homolog_layout(self._plan_epoch)
+        assert self.clusters is not None
+        store = self._open()
+        first = block * self.block_size
+        windows = range(first, min(first + self.block_size, len(bounds) - 1))
+        for number, start in enumerate(range(0, len(windows), self.spec.batch_size)):
+            rows = []
+            for window in windows[start:start + self.spec.batch_size]:
+                segments = []
+                for c in order[bounds[window]:bounds[window + 1]].tolist():
+                    rng = self._rng(int(self.clusters.keys[c].view(np.uint64)))  # the same for a cluster anywhere
+                    members = rng.permutation(self.clusters.of(c))
+                    offsets = self.record_offsets
+                    tokens = (store.read_tokens(self.split, int(offsets[m]), int(offsets[m + 1]))
+                              for m in members.tolist())
+                    segments.append(homolog_segment(tokens, int(self.segment_lengths[c]), self.alphabet.cls_idx,
+                                                    self.alphabet.eos_idx, self.spec.max_length,
+                                                    rng if self.train else None))
+                rows.append(np.concatenate(segments))
+            ids = np.full((len(rows), max(map(len, rows))), self.alphabet.pad_idx, dtype=np.int64)
+            for row, tokens in zip(ids, rows):
+                row[:len(tokens)] = tokens
+            yield self._targets(ids, self._rng(block, number))
 
     def _record_at(self, position: int) -> int:
         """The record whose stream span (residues and its <eos>) holds stream `position`: the last

@@ -8,6 +8,15 @@ The Performer paper's two protein settings:
   holds proteins of similar length and little padding.
 - concat: the split's proteins joined into one stream, each followed by <eos>, cut into
   non-overlapping windows of `max_length` tokens (the last one padded).
+- homologs: windows of whole clusters of homologs (a store built with clusters). Each cluster
+  contributes one segment per epoch, `<cls> m1 <eos> m2 <eos> ...`, its members in an order drawn from
+  (seed, epoch, cluster), each cropped to max_length - 2 residues, the segment cut at max_length
+  tokens; segments are packed whole into windows of max_length (first fit over a few open windows,
+  in a cluster order drawn per epoch). One segment per cluster and epoch is sampling by cluster (as ESM
+  and PoET do): a 400-member cluster gets one window's worth of members, not 400 proteins' worth.
+  Packing small clusters together instead of one cluster per window wastes far less to padding
+  (benchmarks/homolog_windows.py, windows of 4096 on the bundled subset: 0.6% of the tokens are
+  padding, against 86% with one cluster per window and 14% with plain next fit).
 
 A split is cut into blocks (consecutive records, or consecutive windows), the unit of reading and of
 sharding: every (DDP rank, DataLoader worker) pair gets whole blocks, balanced by their batch counts
@@ -16,6 +25,7 @@ sharding: every (DDP rank, DataLoader worker) pair gets whole blocks, balanced b
 from __future__ import annotations
 
 import heapq
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,9 +41,13 @@ __all__ = [
     "join_with_eos",
     "EpochPlan",
     "plan_epoch",
+    "Clusters",
+    "segment_lengths",
+    "pack_segments",
+    "homolog_segment",
 ]
 
-SAMPLINGS = ("single", "concat")
+SAMPLINGS = ("single", "concat", "homologs")
 CROPS = ("random", "start", "windows")
 
 
@@ -204,3 +218,83 @@ def _cap_ranks(load: np.ndarray, target: int) -> np.ndarray:
         for _ in range(int(quota[rank].sum()) - target):
             quota[rank, int(np.argmax(quota[rank]))] -= 1
     return quota
+
+
+@dataclass(frozen=True)
+class Clusters:
+    """A split's records grouped by cluster: cluster c holds records members[bounds[c]:bounds[c + 1]]
+    (in store order), and its key is keys[c] (the store's cluster key; clusters ordered by key)."""
+
+    members: np.ndarray  # int64 [n]
+    bounds: np.ndarray  # int64 [C + 1]
+    keys: np.ndarray  # int64 [C]
+
+    @classmethod
+    def from_keys(cls, record_keys: np.ndarray, min_members: int = 1) -> Clusters:
+        """Group records by their cluster keys (int64 [n]); clusters of fewer than min_members records are left out."""
+        order = np.argsort(record_keys, kind="stable")
+        ordered = record_keys[order]
+        starts = np.flatnonzero(np.concatenate([[True], ordered[1:] != ordered[:-1]])) if len(order) else order
+        bounds = np.append(starts, len(order)).astype(np.int64)
+        sizes = np.diff(bounds)
+        kept = np.flatnonzero(sizes >= min_members)
+        members = order[np.repeat(sizes >= min_members, sizes)]
+        return cls(members.astype(np.int64), np.concatenate([[0], np.cumsum(sizes[kept])]).astype(np.int64),
+                   ordered[starts[kept]] if len(kept) else ordered[:0])
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def of(self, c: int) -> np.ndarray:
+        return self.members[self.bounds[c]:self.bounds[c + 1]]
+
+
+def segment_lengths(clusters: Clusters, lengths: np.ndarray, max_length: int) -> np.ndarray:
+    """Tokens of each cluster's segment, int64 [C]: <cls>, then every member (cropped to max_length - 2
+    residues) and its <eos>, at most max_length. The length depends on the members, not their order."""
+    member_tokens = np.minimum(lengths[clusters.members], max_length - 2) + 1
+    totals = np.add.reduceat(member_tokens, clusters.bounds[:-1]) if len(clusters) else member_tokens[:0]
+    return np.minimum(totals + 1, max_length).astype(np.int64)
+
+
+def pack_segments(lengths: np.ndarray, max_length: int, open_windows: int = 16) -> np.ndarray:
+    """Window of each segment (token counts, in order), int64 [n]: first fit over the last
+    `open_windows` windows. A segment goes to the earliest open window with room for it, else opens a
+    new one; opening one more than `open_windows` closes the oldest. Windows are numbered in the order
+    they open; each holds at most max_length tokens. open_windows=1 is next fit; 16 cut the padding of
+    the bundled subset's windows from 22% to 3.6% at 1024 tokens and from 14% to 0.6% at 4096."""
+    window = np.empty(len(lengths), dtype=np.int64)
+    rooms: list[int] = []  # room left in the open windows, oldest first
+    first_open = 0  # number of the oldest open window
+    for i, length in enumerate(lengths.tolist()):
+        for j, room in enumerate(rooms):
+            if length <= room:
+                rooms[j] -= length
+                window[i] = first_open + j
+                break
+        else:
+            if len(rooms) == open_windows:
+                rooms.pop(0)
+                first_open += 1
+            rooms.append(max_length - length)
+            window[i] = first_open + len(rooms) - 1
+    return window
+
+
+def homolog_segment(members: Iterable[np.ndarray], length: int, cls_idx: int, eos_idx: int, max_length: int,
+                    rng: np.random.Generator | None) -> np.ndarray:
+    """One cluster's segment, int64 [length]: <cls> m1 <eos> m2 <eos> ... cut at `length` tokens.
+
+    members: residue tokens of the members in segment order (read lazily: those past the cut are not);
+    each is cropped to max_length - 2 residues, at a random place with `rng`, else at its start.
+    """
+    pieces = [np.array([cls_idx])]
+    filled = 1
+    for tokens in members:
+        if filled >= length:
+            break
+        take = min(len(tokens), max_length - 2)
+        start = int(rng.integers(0, len(tokens) - take + 1)) if rng is not None else 0
+        pieces += [tokens[start:start + take], np.array([eos_idx])]
+        filled += take + 1
+    return np.concatenate(pieces).astype(np.int64)[:length]

@@ -3,7 +3,8 @@
 A record's split is a pure function of its accession (and of the header, for the OOD regex):
     h = splitmix64_finalise(fnv1a_64(accession bytes)),  u = (h >> 11) / 2**53  in [0, 1)
     u < valid_fraction -> valid;  u < valid_fraction + test_fraction -> test;  else train
-and a record held out as out-of-distribution (accession in a list file, or header matching a regex)
+(with clusters given, the accession of the record's cluster representative is hashed instead: see
+clusters.py), and a record held out as out-of-distribution (accession in a list file, or header matching a regex)
 goes to `ood` whatever u is. The same accession therefore lands in the same split in every file,
 shard and run, and no accession is in two splits. The hash is written out here (not Python's
 `hash()`, which is salted per process; not a library's, whose version could change) and pinned by a
@@ -21,7 +22,8 @@ import numpy as np
 
 from protein_performer.data.errors import DataError
 
-__all__ = ["SPLITS", "SplitSpec", "SplitAssigner", "accession_hash", "accession_hashes", "hash_to_unit"]
+__all__ = ["SPLITS", "SplitSpec", "SplitAssigner", "accession_hash", "accession_hashes", "file_identity",
+           "hash_to_unit"]
 
 SPLITS = ("train", "valid", "test", "ood")  # the code of a split is its index here
 TRAIN, VALID, TEST, OOD = range(4)
@@ -81,12 +83,16 @@ class SplitSpec:
         these records form the `ood` split.
     ood_regex: a Python regular expression searched in each header line (without '>'), e.g.
         'OS=Homo sapiens' or 'Tax=Viruses'; matching records form the `ood` split too.
+    clusters: an MMseqs2 cluster TSV (representative TAB member, plain or .gz; see clusters.py): the
+        hash of a record's representative then decides its split instead of its accession's, so a
+        cluster never straddles splits (the OOD rules still apply record by record).
     """
 
     valid_fraction: float = 0.01
     test_fraction: float = 0.01
     ood_accessions: str | None = None
     ood_regex: str | None = None
+    clusters: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("valid_fraction", "test_fraction"):
@@ -103,15 +109,22 @@ class SplitSpec:
                 raise DataError(f"ood_regex {self.ood_regex!r} is not a valid regular expression: {error}") from None
         if self.ood_accessions is not None and not os.path.isfile(self.ood_accessions):
             raise DataError(f"{self.ood_accessions}: no such file (ood_accessions: one accession per line)")
+        if self.clusters is not None and not os.path.isfile(self.clusters):
+            raise DataError(f"{self.clusters}: no such file (clusters: an MMseqs2 TSV, representative TAB member)")
 
     def identity(self) -> dict[str, object]:
-        """What the assignment depends on, for cache keys: the list file by path, size and mtime."""
-        accessions = None
-        if self.ood_accessions is not None:
-            stat = os.stat(self.ood_accessions)
-            accessions = [os.path.realpath(self.ood_accessions), stat.st_size, stat.st_mtime_ns]
+        """What the assignment depends on, for cache keys: the files by path, size and mtime."""
         return {"valid_fraction": self.valid_fraction, "test_fraction": self.test_fraction,
-                "ood_accessions": accessions, "ood_regex": self.ood_regex}
+                "ood_accessions": file_identity(self.ood_accessions), "ood_regex": self.ood_regex,
+                "clusters": file_identity(self.clusters)}
+
+
+def file_identity(path: str | None) -> list[object] | None:
+    """(real path, size, mtime in ns) of a settings file, for cache keys and store attributes; None for None."""
+    if path is None:
+        return None
+    stat = os.stat(path)
+    return [os.path.realpath(path), stat.st_size, stat.st_mtime_ns]
 
 
 class SplitAssigner:

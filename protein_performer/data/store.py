@@ -6,8 +6,11 @@ Layout (format_version 2). One group per split in SPLITS (train, valid, test, oo
     accessions         uint8  [A_s]     accession bytes, concatenated
     accession_offsets  int64  [N_s + 1] accession j is accessions[accession_offsets[j]:...[j + 1]]
     token_counts       int64  [V]       how often each Alphabet token occurs in `tokens` (new in format 2)
+    clusters           int64  [N_s]     (built with clusters only) record j's cluster key: the hash of its
+                                        representative's accession (clusters.py); equal keys, one cluster
 and attributes: the group's `records` and `residues`; at the root the format, the Alphabet's tokens,
-the split settings, the inputs (path, size, mtime) and the summary (see StoreSummary).
+the split settings, the clusters file (path, size, mtime, or null) and how many records it named,
+the inputs (path, size, mtime) and the summary (see StoreSummary).
 
 Records keep their input order within a split. A split is contiguous on disk, so a data loader reads
 any range of its records with two slices, whatever the other splits hold. Datasets are chunked
@@ -142,6 +145,7 @@ class TokenStore:
         self.split_residues: dict[str, int] = {name: int(h5[name].attrs["residues"]) for name in SPLITS}
         self._split_starts = np.cumsum([0, *self.split_sizes.values()])
         self._token_counts: dict[str, np.ndarray] | None = None
+        self.has_clusters: bool = "clusters" in h5[SPLITS[0]]  # built with clusters: splits follow them
 
     def _h5(self) -> h5py.File:
         if self._file is None or self._pid != os.getpid():
@@ -269,6 +273,15 @@ class TokenStore:
     def offset(self, split: str, j: int) -> int:
         """offsets[j] of a split: where its record j starts in the split's tokens."""
         return int(self._dataset(split, "offsets")[j])
+
+    def clusters(self, split: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Cluster keys of records start..stop of a split, int64 [stop - start]: records with equal keys
+        are one cluster (a store built without clusters has none: see `has_clusters`)."""
+        if not self.has_clusters:
+            raise DataError(f"{self.path}: this token store was built without clusters; rebuild it with "
+                            "python -m protein_performer.preprocess ... clusters=<representative TAB member .tsv>")
+        stop = self.split_sizes[split] if stop is None else stop
+        return self._dataset(split, "clusters")[start:stop]
 
     def read_tokens(self, split: str, begin: int, end: int) -> np.ndarray:
         """Tokens begin..end of a split's concatenated residues, uint8 [end - begin]."""

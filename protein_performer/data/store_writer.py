@@ -28,6 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from protein_performer.data.alphabet import DIGITS, Alphabet
+from protein_performer.data.clusters import ClusterMap, gather, read_clusters
 from protein_performer.data.errors import DataError, FastaFormatError
 from protein_performer.data.fasta import (
     PathInput,
@@ -46,7 +47,7 @@ from protein_performer.data.fasta_chunks import (
     record_ranges,
 )
 from protein_performer.data.workers import default_workers, map_in_processes
-from protein_performer.data.splits import SPLITS, SplitAssigner, SplitSpec, accession_hashes
+from protein_performer.data.splits import SPLITS, SplitAssigner, SplitSpec, accession_hashes, file_identity
 from protein_performer.data.store import (
     COMPRESSIONS,
     FORMAT,
@@ -152,7 +153,7 @@ class _SplitWriter:
     """The datasets of one split: four appended as records come, `token_counts` written at the end."""
 
     def __init__(self, group: h5py.Group, compression: dict[str, Any], executor: ThreadPoolExecutor | None,
-                 vocab_size: int) -> None:
+                 vocab_size: int, clusters: bool = False) -> None:
         self.group = group
         self.token_counts = np.zeros(vocab_size, dtype=np.int64)
         compress = _deflate_huffman if compression.get("compression") == "gzip" else None
@@ -174,12 +175,18 @@ class _SplitWriter:
             **offset_options))
         self.offsets.append(np.zeros(1, dtype=np.int64))
         self.accession_offsets.append(np.zeros(1, dtype=np.int64))
+        # Each record's cluster key (its representative's accession hash, as int64), with clusters only.
+        self.clusters = _ChunkedAppender(group.create_dataset(
+            "clusters", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(_OFFSET_CHUNK,),
+            **compression)) if clusters else None
         self.records = 0
         self.residues = 0
         self.accession_bytes = 0
 
     def append(self, part: _SplitPart) -> None:
         tokens, lengths, accessions, accession_lengths = part.tokens, part.lengths, part.accessions, part.accession_lengths
+        if self.clusters is not None:
+            self.clusters.append(part.clusters)
         self.tokens.append(tokens)
         self.token_counts += part.token_counts
         self.offsets.append(self.residues + np.cumsum(lengths))
@@ -190,8 +197,9 @@ class _SplitWriter:
         self.accession_bytes += len(accessions)
 
     def close(self) -> None:
-        for appender in (self.tokens, self.offsets, self.accessions, self.accession_offsets):
-            appender.close()
+        for appender in (self.tokens, self.offsets, self.accessions, self.accession_offsets, self.clusters):
+            if appender is not None:
+                appender.close()
         self.group.create_dataset("token_counts", data=self.token_counts)
         self.group.attrs["records"] = self.records
         self.group.attrs["residues"] = self.residues
@@ -304,6 +312,7 @@ class _SplitPart(NamedTuple):
     accessions: np.ndarray  # uint8, concatenated
     accession_lengths: np.ndarray  # int64 [n]
     token_counts: np.ndarray  # int64 [vocabulary]: bincount of tokens
+    clusters: np.ndarray | None = None  # int64 [n] cluster keys, when clusters are given
 
 
 class _EncodedChunk(NamedTuple):
@@ -316,6 +325,7 @@ class _EncodedChunk(NamedTuple):
     codes: np.ndarray  # uint8 [n]: their split codes (SPLITS)
     unknown: int  # characters stored as <unk>
     skipped_empty: int  # records with an empty sequence, not stored
+    clustered: int = 0  # stored records the clusters file names
 
 
 class _ChunkEncoder:
@@ -326,9 +336,10 @@ class _ChunkEncoder:
     encoding are then all done where it runs.
     """
 
-    def __init__(self, alphabet: Alphabet, assigner: SplitAssigner) -> None:
+    def __init__(self, alphabet: Alphabet, assigner: SplitAssigner, clusters: ClusterMap | None = None) -> None:
         self.alphabet = alphabet
         self.assigner = assigner
+        self.clusters = clusters
 
     def __call__(self, chunk: FastaChunk | RecordRange | tuple[Path, bytes, int, int]) -> _EncodedChunk:
         if isinstance(chunk, RecordRange):
@@ -374,15 +385,22 @@ class _ChunkEncoder:
             titles = chunk.titles.split(b"\n")
             titles = [t for t, k in zip(titles, keep) if k] if not keep.all() else titles
         hashes = accession_hashes(chunk.titles, start, stop)
-        codes = self.assigner.assign(hashes, accessions, titles)
+        keys, clustered = hashes, 0  # what decides the split: the accession, or its cluster's representative
+        if self.clusters is not None:
+            keys, listed = self.clusters.keys(hashes)
+            clustered = int(np.count_nonzero(listed))
+        codes = self.assigner.assign(keys, accessions, titles)
         accession_lengths = stop - start
         parts = list(_split_parts(codes, np.frombuffer(encoded.tokens, dtype=np.uint8), lengths,
-                                  _gather(chunk.titles, start, accession_lengths), accession_lengths, len(self.alphabet)))
-        return _EncodedChunk(chunk.path, chunk.position, parts, hashes, codes.astype(np.uint8), encoded.unknown, skipped)
+                                  gather(chunk.titles, start, accession_lengths), accession_lengths, len(self.alphabet),
+                                  keys.view(np.int64) if self.clusters is not None else None))
+        return _EncodedChunk(chunk.path, chunk.position, parts, hashes, codes.astype(np.uint8), encoded.unknown, skipped,
+                             clustered)
 
 
 def _split_parts(codes: np.ndarray, tokens: np.ndarray, lengths: np.ndarray, accessions: np.ndarray,
-                 accession_lengths: np.ndarray, vocab_size: int) -> Iterator[_SplitPart]:
+                 accession_lengths: np.ndarray, vocab_size: int,
+                 clusters: np.ndarray | None = None) -> Iterator[_SplitPart]:
     """Regroup a chunk's records by split code, keeping their order within each split.
 
     Consecutive records of one split form a run; a chunk is mostly one long train run with a few
@@ -400,7 +418,8 @@ def _split_parts(codes: np.ndarray, tokens: np.ndarray, lengths: np.ndarray, acc
         split_tokens = np.concatenate([tokens[token_ends[a]:token_ends[b]] for a, b in runs])
         yield _SplitPart(SPLITS[code], split_tokens, lengths[rows],
                          np.concatenate([accessions[accession_ends[a]:accession_ends[b]] for a, b in runs]),
-                         accession_lengths[rows], np.bincount(split_tokens, minlength=vocab_size).astype(np.int64))
+                         accession_lengths[rows], np.bincount(split_tokens, minlength=vocab_size).astype(np.int64),
+                         None if clusters is None else clusters[rows])
 
 
 def _first_control_byte(text: bytes) -> int:
@@ -408,14 +427,6 @@ def _first_control_byte(text: bytes) -> int:
     codes = np.frombuffer(text, dtype=np.uint8)
     control = np.flatnonzero((codes < 9) | ((codes > 13) & (codes < 32)) | (codes == 127))
     return int(control[0]) if control.size else -1
-
-
-def _gather(text: bytes, start: np.ndarray, length: np.ndarray) -> np.ndarray:
-    """text[start[i]:start[i] + length[i]] for all i, concatenated, as uint8."""
-    data = np.frombuffer(text, dtype=np.uint8)
-    total = int(length.sum())
-    shift = np.repeat(start - (np.cumsum(length) - length), length)
-    return data[shift + np.arange(total)]
 
 
 def build_token_store(
@@ -443,7 +454,8 @@ def build_token_store(
     temporary left by a killed build (its process gone) is removed first, never reused.
 
     Args:
-        split: train/valid/test fractions and the OOD rules (SplitSpec() by default).
+        split: train/valid/test fractions, the OOD rules and the clusters file (SplitSpec() by default).
+            With clusters, splits follow clusters and every split gets a `clusters` dataset (clusters.py).
         compression: "scaleoffset" (HDF5's built-in integer packing: each chunk as value - min in the
             fewest bits, 5 per residue token: 63% of raw; the fastest to build), "gzip" (deflate,
             Huffman-only for residues, see _deflate_huffman: 53% of raw, ~15% slower to build), "lzf",
@@ -502,19 +514,24 @@ def build_token_store(
     temporary = output.with_name(f"{output.stem}.{_HOST}-{os.getpid()}-{secrets.token_hex(4)}{output.suffix}.tmp")
     gc_was_enabled = gc.isenabled()
     gc.disable()  # millions of short-lived parser tuples; cyclic GC would scan them and find nothing
-    encode = _ChunkEncoder(alphabet, assigner)
+    clusters = read_clusters(split.clusters) if split.clusters is not None else None
+    encode = _ChunkEncoder(alphabet, assigner, clusters)
     try:
         if background_reader:
             encoded = map_in_processes(encode, _blocks(paths, block_bytes), workers or default_workers())
         else:
             encoded = (encode(chunk) for path in paths for chunk in read_fasta_chunks(path, chunk_records))
         with closing(encoded):
-            duplicates = _write_store(temporary, encoded, len(alphabet), summary, options, compression_threads,
-                                      progress)
+            duplicates, clustered = _write_store(temporary, encoded, len(alphabet), summary, options,
+                                                 compression_threads, progress, clusters is not None)
         if summary.records == 0:
             names = ", ".join(map(str, paths[:3])) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
             raise DataError(f"{names}: no records with a non-empty sequence ({summary.skipped_empty:,} empty records "
                             "skipped); a FASTA record is a '>' header line followed by its residues")
+        if clusters is not None and clustered == 0:
+            raise DataError(f"{clusters.path}:1: names none of the {summary.records:,} accessions of {paths[0]}"
+                            f"{' and the other inputs' if len(paths) > 1 else ''}; is it the clusters file of "
+                            "these sequences (its ids must be their accessions or whole header words)?")
         duplicates.report(paths, summary.records, allow_duplicates)
         summary.seconds = time.perf_counter() - started
         with h5py.File(temporary, "a") as h5:
@@ -524,6 +541,8 @@ def build_token_store(
                 "alphabet": json.dumps(alphabet.tokens),
                 "inputs": json.dumps(identity),
                 "split_spec": json.dumps(split.identity()),
+                "clusters": json.dumps(file_identity(split.clusters)),
+                "clustered_records": clustered,
                 "hash": "fnv1a64 + splitmix64 finaliser of the accession bytes; u = (h >> 11) / 2**53",
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 **summary.to_attrs(),
@@ -601,9 +620,12 @@ def _blocks(paths: list[Path], block_bytes: int | None) -> Iterator[RecordRange 
 
 
 def _write_store(path: Path, encoded: Iterable[_EncodedChunk], vocab_size: int, summary: StoreSummary,
-                 compression: dict[str, Any], threads: int, progress: bool) -> _DuplicateCheck:
+                 compression: dict[str, Any], threads: int, progress: bool,
+                 with_clusters: bool = False) -> tuple[_DuplicateCheck, int]:
+    """Write the encoded chunks' records; (the duplicate check, records the clusters file named)."""
     statistics = _LengthStatistics()
     duplicates = _DuplicateCheck()
+    clustered = 0
     done_bytes = 0  # bytes of the files finished before the current one
     current: Path | None = None
     last_position = 0
@@ -612,7 +634,8 @@ def _write_store(path: Path, encoded: Iterable[_EncodedChunk], vocab_size: int, 
         with (h5py.File(path, "w") as h5,
               tqdm(total=summary.input_bytes, unit="B", unit_scale=True, unit_divisor=1000, desc="tokenising",
                    disable=not progress, smoothing=0.1) as bar):
-            writers = {name: _SplitWriter(h5.create_group(name), compression, executor, vocab_size) for name in SPLITS}
+            writers = {name: _SplitWriter(h5.create_group(name), compression, executor, vocab_size, with_clusters)
+                       for name in SPLITS}
             for chunk in encoded:
                 if chunk.path != current:
                     done_bytes += last_position
@@ -620,6 +643,7 @@ def _write_store(path: Path, encoded: Iterable[_EncodedChunk], vocab_size: int, 
                 duplicates.add(chunk.hashes, chunk.codes, {name: w.records for name, w in writers.items()})
                 summary.unknown += chunk.unknown
                 summary.skipped_empty += chunk.skipped_empty
+                clustered += chunk.clustered
                 for part in chunk.parts:
                     writers[part.split].append(part)
                     statistics.add(part.lengths)
@@ -640,4 +664,4 @@ def _write_store(path: Path, encoded: Iterable[_EncodedChunk], vocab_size: int, 
     finally:
         if executor is not None:
             executor.shutdown(cancel_futures=True)
-    return duplicates
+    return duplicates, clustered

@@ -66,3 +66,26 @@ def write_fasta():
 @pytest.fixture(scope="session")
 def sample_split() -> SplitSpec:
     return SAMPLE_SPLIT
+
+
+# The bundled Swiss-Prot subset and its MMseqs2 clusters (50% identity): real homologs for the cluster tests.
+SUBSET_SPLIT = dict(valid_fraction=0.05, test_fraction=0.05)
+
+
+@pytest.fixture(scope="session")
+def subset_fasta(data_dir: Path) -> Path:
+    return data_dir / "swissprot_subset.fasta.gz"
+
+
+@pytest.fixture(scope="session")
+def subset_clusters(data_dir: Path) -> Path:
+    return data_dir / "swissprot_subset.clusters50.tsv.gz"
+
+
+@pytest.fixture(scope="session")
+def clustered_store_path(subset_fasta: Path, subset_clusters: Path, tmp_path_factory) -> Path:
+    """The subset's token store built with its clusters (about a second)."""
+    path = tmp_path_factory.mktemp("clustered") / "subset.h5"
+    build_token_store(subset_fasta, path, split=SplitSpec(**SUBSET_SPLIT, clusters=str(subset_clusters)),
+                      progress=False)
+    return path

@@ -309,9 +309,9 @@ def test_flat_settings_are_dealt_to_the_typed_groups(sample_fasta, tmp_path):
     assert dict(flat.hparams) == dict(grouped.hparams)
     assert set(flat.hparams) == {
         "objective", "sampling", "max_length", "fasta", "store", "cache_dir", "tokens_per_batch", "batch_size",
-        "eval_crop", "valid_fraction", "test_fraction", "ood_accessions", "ood_regex", "num_workers", "pin_memory",
-        "seed", "mask_probability", "mask_fraction", "random_fraction", "block_records", "block_batches",
-        "compression", "background_reader", "build_timeout", "prepare_data_per_node"}
+        "eval_crop", "valid_fraction", "test_fraction", "ood_accessions", "ood_regex", "clusters", "num_workers",
+        "pin_memory", "seed", "mask_probability", "mask_fraction", "random_fraction", "block_records", "block_batches",
+        "min_cluster_members", "compression", "background_reader", "build_timeout", "prepare_data_per_node"}
     assert flat.hparams["seed"] == 7 and flat.hparams["max_length"] == 256
     with pytest.raises(DataError, match=r"unknown data setting\(s\) \['max_lenght'\]"):
         ProteinDataModule(max_lenght=256)
