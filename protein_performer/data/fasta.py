@@ -4,8 +4,7 @@
   parsed by Biopython's `SimpleFastaParser`: the friendly interface, for embedding a few thousand
   proteins and for the records' reference.
 - The fast path behind `build_token_store`, `read_fasta_chunks` (chunks of records as joined byte
-  strings, cut out of decompressed blocks with numpy) and its child-process form
-  `read_fasta_chunks_in_background`, lives in `fasta_chunks.py`, which builds on this module (never
+  strings, cut out of decompressed blocks with numpy), lives in `fasta_chunks.py`, which builds on this module (never
   the other way round); it gives exactly what SimpleFastaParser gives, and falls back to it for
   records with unusual whitespace. Both readers share this module's opener and its checks
   (`open_fasta`) and its inflater (`INFLATE`: ISA-L's when the `isal` package is installed, about
@@ -42,7 +41,6 @@ try:  # ISA-L inflates gzip about twice as fast as zlib (benchmarks/preprocess.p
 except ImportError:  # pragma: no cover - the standard library is the fallback
     GZIP, INFLATE = gzip, zlib  # type: ignore[misc]
 
-from protein_performer.data.alphabet import DIGITS
 from protein_performer.data.errors import DataError, FastaFormatError
 
 __all__ = [

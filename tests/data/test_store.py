@@ -13,7 +13,6 @@ import pytest
 from protein_performer.data import DataError, FastaFormatError, SplitSpec, TokenStore, build_token_store, read_fasta
 from protein_performer.data.splits import SPLITS, SplitAssigner, accession_hash
 from protein_performer.data import store_writer
-from protein_performer.data.store_writer import _ChunkEncoder
 
 
 def test_every_record_comes_back(sample_store, sample_records, alphabet, sample_split):
