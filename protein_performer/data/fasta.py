@@ -293,17 +293,19 @@ def digit_in_sequence_error(path: Path, record: int, offset: int, character: str
 # Readers.
 
 
-def read_fasta(inputs: PathInput | Sequence[PathInput]) -> Iterator[FastaRecord]:
+def read_fasta(inputs: PathInput | Sequence[PathInput], *, residues: bool = True) -> Iterator[FastaRecord]:
     """Every record of the input files (a path, a glob or a list), in order, empty sequences included.
 
     Raises FastaFormatError naming the file and line for: an empty file, binary content, text before
-    the first '>', a truncated gzip stream, a header without an identifier, a digit in a sequence.
+    the first '>', a truncated gzip stream, a header without an identifier, and (with `residues`, for
+    sequences of residues) a digit in a sequence. residues=False reads per-residue labels or masks
+    kept in FASTA form ('0111...').
     """
     for path in expand_inputs(inputs):
-        yield from _read_one(path)
+        yield from _read_one(path, residues)
 
 
-def _read_one(path: Path) -> Iterator[FastaRecord]:
+def _read_one(path: Path, residues: bool = True) -> Iterator[FastaRecord]:
     header_lines: deque[int] = deque()
 
     def numbered(handle: IO[str]) -> Iterator[str]:
@@ -329,7 +331,7 @@ def _read_one(path: Path) -> Iterator[FastaRecord]:
             if not accession:
                 raise FastaFormatError(f"{path}:{line}: header line has no identifier: '>{title}'")
             raw = sequence.encode("latin-1")
-            digit = _DIGIT.search(raw)
+            digit = _DIGIT.search(raw) if residues else None
             if digit is not None:
                 raise digit_in_sequence_error(path, count, digit.start(), sequence[digit.start()])
             control = CONTROL_BYTES.search(raw)
