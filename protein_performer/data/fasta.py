@@ -4,8 +4,7 @@
   parsed by Biopython's `SimpleFastaParser`: the friendly interface, for embedding a few thousand
   proteins and for the records' reference.
 - The fast path behind `build_token_store`, `read_fasta_chunks` (chunks of records as joined byte
-  strings, cut out of decompressed blocks with numpy) and its child-process form
-  `read_fasta_chunks_in_background`, lives in `fasta_chunks.py`, which builds on this module (never
+  strings, cut out of decompressed blocks with numpy), lives in `fasta_chunks.py`, which builds on this module (never
   the other way round); it gives exactly what SimpleFastaParser gives, and falls back to it for
   records with unusual whitespace. Both readers share this module's opener and its checks
   (`open_fasta`) and its inflater (`INFLATE`: ISA-L's when the `isal` package is installed, about
@@ -42,7 +41,6 @@ try:  # ISA-L inflates gzip about twice as fast as zlib (benchmarks/preprocess.p
 except ImportError:  # pragma: no cover - the standard library is the fallback
     GZIP, INFLATE = gzip, zlib  # type: ignore[misc]
 
-from protein_performer.data.alphabet import DIGITS
 from protein_performer.data.errors import DataError, FastaFormatError
 
 __all__ = [
@@ -295,17 +293,19 @@ def digit_in_sequence_error(path: Path, record: int, offset: int, character: str
 # Readers.
 
 
-def read_fasta(inputs: PathInput | Sequence[PathInput]) -> Iterator[FastaRecord]:
+def read_fasta(inputs: PathInput | Sequence[PathInput], *, residues: bool = True) -> Iterator[FastaRecord]:
     """Every record of the input files (a path, a glob or a list), in order, empty sequences included.
 
     Raises FastaFormatError naming the file and line for: an empty file, binary content, text before
-    the first '>', a truncated gzip stream, a header without an identifier, a digit in a sequence.
+    the first '>', a truncated gzip stream, a header without an identifier, and (with `residues`, for
+    sequences of residues) a digit in a sequence. residues=False reads per-residue labels or masks
+    kept in FASTA form ('0111...').
     """
     for path in expand_inputs(inputs):
-        yield from _read_one(path)
+        yield from _read_one(path, residues)
 
 
-def _read_one(path: Path) -> Iterator[FastaRecord]:
+def _read_one(path: Path, residues: bool = True) -> Iterator[FastaRecord]:
     header_lines: deque[int] = deque()
 
     def numbered(handle: IO[str]) -> Iterator[str]:
@@ -331,7 +331,7 @@ def _read_one(path: Path) -> Iterator[FastaRecord]:
             if not accession:
                 raise FastaFormatError(f"{path}:{line}: header line has no identifier: '>{title}'")
             raw = sequence.encode("latin-1")
-            digit = _DIGIT.search(raw)
+            digit = _DIGIT.search(raw) if residues else None
             if digit is not None:
                 raise digit_in_sequence_error(path, count, digit.start(), sequence[digit.start()])
             control = CONTROL_BYTES.search(raw)

@@ -2,26 +2,20 @@
 
     read_fasta_chunks(path)                  FastaChunks of a few thousand records as joined byte strings
     read_fasta_chunks_reference(path)        the same by Biopython's SimpleFastaParser (the reference)
-    read_fasta_chunks_in_background(paths)   read_fasta_chunks in a child process, overlapping the caller
+    record_blocks(path) / record_ranges(path)   blocks of whole records (inflated here) or byte ranges
+                                             of a plain file: what parallel workers parse (`chunk_of_block`)
 
 It must keep up with 100 GB of TrEMBL: a thread decompresses the file (ISA-L or zlib: both release the GIL) into
 blocks of whole records, and each chunk is cut out of its block with numpy and a few slices per
-record, with no str per line; `read_fasta_chunks_in_background` moves all of that into a child
-process that dies with its parent. Opening and the file's checks are fasta.py's (`open_fasta`,
+record, with no str per line; `build_token_store` runs that in worker processes (workers.py). Opening and the file's checks are fasta.py's (`open_fasta`,
 `check_fasta`), shared with `read_fasta`.
 """
 from __future__ import annotations
 
-import gc
 import io
-import multiprocessing
 import os
 import queue
-import signal
-import sys
 import threading
-import time
-import traceback
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice
@@ -31,7 +25,7 @@ from typing import IO, Any, NamedTuple
 import numpy as np
 from Bio.SeqIO.FastaIO import SimpleFastaParser
 
-from protein_performer.data.errors import DataError, FastaFormatError
+from protein_performer.data.errors import FastaFormatError
 from protein_performer.data.fasta import (
     GZIP_MAGIC,
     GZIP_STREAM_ERRORS,
@@ -41,8 +35,8 @@ from protein_performer.data.fasta import (
     truncated_gzip_error,
 )
 
-__all__ = ["FastaChunk", "chunk_of_block", "read_fasta_chunks", "read_fasta_chunks_reference",
-           "read_fasta_chunks_in_background", "RecordRange", "record_blocks", "record_ranges", "records_before"]
+__all__ = ["FastaChunk", "chunk_of_block", "read_fasta_chunks", "read_fasta_chunks_reference", "RecordRange",
+           "record_blocks", "record_ranges", "records_before"]
 
 
 @dataclass(frozen=True)
@@ -351,146 +345,6 @@ def _decompressed(raw: IO[bytes], path: Path) -> Iterator[bytes]:
             raise EOFError("compressed file ended before the end-of-stream marker was reached")
     except GZIP_STREAM_ERRORS as error:
         raise truncated_gzip_error(path, error) from None
-
-
-def _reader_main(paths: list[Path], chunk_records: int, connection: Any, parent_end: Any, parent: int) -> None:
-    """Child process: parse every file and send its chunks, then ("done",) or ("error", ...)."""
-    _die_with_parent(parent)
-    # The fork duplicated the parent's end of the pipe: closed here, the parent's death breaks the pipe
-    # (a send fails) instead of leaving this process blocked on a pipe it holds open itself.
-    parent_end.close()
-    gc.disable()  # the parser makes millions of short-lived tuples; cyclic GC finds nothing in them
-    try:
-        for path in paths:
-            for chunk in read_fasta_chunks(path, chunk_records):
-                connection.send(("chunk", chunk))
-        connection.send(("done",))
-    except DataError as error:
-        connection.send(("error", error))
-    except (BrokenPipeError, ConnectionResetError):
-        pass  # the parent is gone or stopped reading: nothing to report to
-    except BaseException:  # anything else is a bug: hand its traceback to the parent
-        connection.send(("crash", traceback.format_exc()))
-    finally:
-        connection.close()
-
-
-_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
-_PARENT_POLL_SECONDS = 0.5
-
-
-def _die_with_parent(parent: int) -> None:
-    """Make this (forked) process end when `parent` does, however it ends (SIGKILL and OOM kills included).
-
-    Signals first: the forked child inherited the parent's Python handlers (which would turn the
-    parent's terminate() into an exception here); SIGTERM gets its default action back and SIGINT
-    (Ctrl-C reaches the whole process group) is left to the parent, which stops this process itself.
-    Then Linux's PR_SET_PDEATHSIG delivers SIGKILL when the parent dies (strictly: when the thread
-    that forked it ends, which is the thread consuming the chunks); a thread polling the parent's pid
-    covers other systems and the moment before prctl took effect.
-    """
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if hasattr(signal, "pthread_sigmask"):  # blocked by the parent across the fork (_start_unsignalled)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _START_BLOCKED)
-    if sys.platform.startswith("linux"):
-        try:
-            import ctypes
-
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        except (OSError, AttributeError):
-            pass  # no prctl: the poll below still ends this process
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(_PARENT_POLL_SECONDS)
-        os._exit(1)
-
-    if os.getppid() != parent:  # the parent died before prctl was set
-        os._exit(1)
-    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
-
-
-_START_BLOCKED = {signal.SIGTERM, signal.SIGINT}
-
-
-def _start_unsignalled(process: Any) -> None:
-    """`process.start()` with SIGTERM and SIGINT blocked in this thread, so the child is born with them
-    blocked (the mask is inherited) until `_die_with_parent` has replaced the parent's handlers.
-    Otherwise a SIGTERM in the window between fork and that point runs the parent's handler inside the
-    child's at-fork hooks (an "Exception ignored" traceback on the shared stderr). Signals that arrive
-    meanwhile stay pending here and are handled once the mask is restored."""
-    if not hasattr(signal, "pthread_sigmask"):
-        process.start()
-        return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _START_BLOCKED)
-    try:
-        process.start()
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
-_CHUNKS_AHEAD = 8  # chunks the background reader may have parsed before the caller takes them
-
-
-def read_fasta_chunks_in_background(paths: Sequence[Path], chunk_records: int = 2048) -> Iterator[FastaChunk]:
-    """`read_fasta_chunks` over several files, parsed in a child process while the caller works.
-
-    Parsing (and gunzipping) is most of preprocessing; with it in its own process the caller's
-    encoding, compression and HDF5 writing overlap with it. A thread of the caller drains the pipe
-    into a queue of at most `_CHUNKS_AHEAD` chunks, so the child keeps parsing while the caller is
-    busy (a pipe alone holds 64 KiB: the child would wait for every chunk to be read), and memory
-    stays constant. Errors raised in the child (DataError) are raised again here.
-    """
-    methods = multiprocessing.get_all_start_methods()
-    # fork: the child needs nothing but this module and starts instantly; it never touches the
-    # parent's HDF5 or tqdm state, which is what makes forking unsafe elsewhere.
-    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-    receiver, sender = context.Pipe(duplex=False)
-    process = context.Process(target=_reader_main, args=(list(paths), chunk_records, sender, receiver, os.getpid()),
-                              name="fasta-reader", daemon=True)
-    _start_unsignalled(process)
-    sender.close()
-    messages: queue.Queue[tuple] = queue.Queue(maxsize=_CHUNKS_AHEAD)
-    stop = threading.Event()
-    drain = threading.Thread(target=_receive, args=(receiver, messages, stop), name="fasta-receiver", daemon=True)
-    drain.start()
-    try:
-        while True:
-            message = messages.get()
-            if message[0] == "chunk":
-                yield message[1]
-            elif message[0] == "done":
-                return
-            elif message[0] == "error":
-                raise message[1]
-            elif message[0] == "died":
-                process.join()
-                raise RuntimeError(f"the FASTA reader process died (exit code {process.exitcode})")
-            else:
-                raise RuntimeError(f"the FASTA reader process failed:\n{message[1]}")
-    finally:
-        stop.set()
-        if process.is_alive():
-            process.terminate()  # its end of the pipe closes: a pending recv returns
-        drain.join()
-        receiver.close()
-        process.join(timeout=5)
-        if process.is_alive():  # cannot happen with SIGTERM's default action; never hang on it
-            process.kill()
-            process.join()
-
-
-def _receive(receiver: Any, messages: queue.Queue, stop: threading.Event) -> None:
-    """Thread: move the child's messages into `messages` until its last one (or the caller stops)."""
-    while not stop.is_set():
-        try:
-            message = receiver.recv()
-        except (EOFError, OSError):
-            message = ("died",)
-        if not _put(messages, message, stop) or message[0] != "chunk":
-            return
 
 
 def _put(items: queue.Queue, item: Any, stop: threading.Event) -> bool:

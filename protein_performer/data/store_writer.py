@@ -1,9 +1,12 @@
 """Writing the HDF5 token store: FASTA chunks in, the layout of store.py out, in constant memory.
 
-`build_token_store` reads FASTA chunks (in a background process by default), encodes each chunk with
-the Alphabet, assigns splits from accession hashes, and appends each split's records to chunked,
-compressed datasets, deflating in a thread pool. It writes a temporary file beside the output and
-renames it when complete; `remove_stale_temporaries` cleans up after builds that were killed.
+`build_token_store` hands blocks of records to worker processes (workers.py): byte ranges of a plain
+file, which each worker reads itself, or blocks of a gzip stream inflated here in one stream. Each
+worker parses its block, encodes it with the Alphabet, assigns splits from accession hashes and counts
+tokens; this process takes the results back in input order and appends each split's records to
+chunked, compressed datasets, so the store is the same whatever the number of workers or the block
+size. It writes a temporary file beside the output and renames it when complete;
+`remove_stale_temporaries` cleans up after builds that were killed.
 """
 from __future__ import annotations
 
@@ -447,8 +450,9 @@ def build_token_store(
 ) -> StoreSummary:
     """Tokenise FASTA files (a path, a glob or a list; plain or gzip) into an HDF5 token store.
 
-    Streams in constant memory (a few chunks of `chunk_records` records and one HDF5 chunk per
-    dataset), so input size is bounded by disk, not RAM. The store is written under a temporary name
+    Streams in constant memory (2 blocks per worker in flight, one HDF5 chunk per dataset, and at
+    most _DUPLICATE_SAMPLE accession hashes for finding repeats), so input size is bounded by disk,
+    not RAM. The store is written under a temporary name
     in the output's directory and renamed when complete: an interrupted or failed run leaves nothing
     at `output`, and two concurrent builds of the same output each produce a complete file. A
     temporary left by a killed build (its process gone) is removed first, never reused.

@@ -7,7 +7,7 @@ Task i goes to worker i mod `workers` and results are taken back in the same rot
 come out in task order with no reordering buffer, and at most `workers * depth` tasks are in flight
 (memory is bounded by queue depth, never by input size). Workers are forked (they need nothing but
 what the parent already imported, and never touch its HDF5 or tqdm state) and die with their parent
-however it ends (SIGKILL and the OOM killer included: `fasta_chunks._die_with_parent`). A DataError
+however it ends (SIGKILL and the OOM killer included: `_die_with_parent`). A DataError
 raised in a worker is raised again in the parent as it is (one line naming the file and line); any
 other exception is a bug and arrives with the worker's traceback.
 """
@@ -17,7 +17,9 @@ import multiprocessing
 import os
 import queue
 import signal
+import sys
 import threading
+import time
 import traceback
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -25,12 +27,67 @@ from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from protein_performer.data.errors import DataError
-from protein_performer.data.fasta_chunks import _die_with_parent, _start_unsignalled
 
 __all__ = ["map_in_processes", "default_workers"]
 
 Task = TypeVar("Task")
 Result = TypeVar("Result")
+
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+_PARENT_POLL_SECONDS = 0.5
+
+
+def _die_with_parent(parent: int) -> None:
+    """Make this (forked) process end when `parent` does, however it ends (SIGKILL and OOM kills included).
+
+    Signals first: the forked child inherited the parent's Python handlers (which would turn the
+    parent's terminate() into an exception here); SIGTERM gets its default action back and SIGINT
+    (Ctrl-C reaches the whole process group) is left to the parent, which stops this process itself.
+    Then Linux's PR_SET_PDEATHSIG delivers SIGKILL when the parent dies (strictly: when the thread
+    that forked it ends, which is the thread consuming the chunks); a thread polling the parent's pid
+    covers other systems and the moment before prctl took effect.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):  # blocked by the parent across the fork (_start_unsignalled)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _START_BLOCKED)
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass  # no prctl: the poll below still ends this process
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(_PARENT_POLL_SECONDS)
+        os._exit(1)
+
+    if os.getppid() != parent:  # the parent died before prctl was set
+        os._exit(1)
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+_START_BLOCKED = {signal.SIGTERM, signal.SIGINT}
+
+
+def _start_unsignalled(process: Any) -> None:
+    """`process.start()` with SIGTERM and SIGINT blocked in this thread, so the child is born with them
+    blocked (the mask is inherited) until `_die_with_parent` has replaced the parent's handlers.
+    Otherwise a SIGTERM in the window between fork and that point runs the parent's handler inside the
+    child's at-fork hooks (an "Exception ignored" traceback on the shared stderr). Signals that arrive
+    meanwhile stay pending here and are handled once the mask is restored."""
+    if not hasattr(signal, "pthread_sigmask"):
+        process.start()
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _START_BLOCKED)
+    try:
+        process.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
 
 _MAX_DEFAULT_WORKERS = 8  # beyond this the parent (inflating, writing HDF5) is the bottleneck anyway
 _POLL_SECONDS = 0.5

@@ -165,7 +165,7 @@ def secondary_structure(directory: str | Path, limits: dict[str, int | None] | N
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: the FLIP secondary-structure files live in the "
                                     "repository's data/")
-        return {record.accession: record for record in read_fasta(path)}
+        return {record.accession: record for record in read_fasta(path, residues=False)}
 
     sequences, labels, masks = read("sequences"), read("labels"), read("mask")
     chains: dict[str, list[Chain]] = {split: [] for split in SPLITS}

@@ -144,3 +144,11 @@ def test_a_gzip_file_is_recognised_by_content_not_name(sample_fasta, tmp_path):
     plain_named_gz = tmp_path / "plain.fasta.gz"
     shutil.copy(sample_fasta, plain_named_gz)
     assert len(list(read_fasta(misnamed))) == len(list(read_fasta(plain_named_gz))) == 500
+
+
+def test_digits_are_refused_in_residues_but_read_in_label_files(data_dir):
+    mask = data_dir / "flip_ss_mask.fasta.gz"  # real per-residue masks in FASTA form: '0111...'
+    with pytest.raises(FastaFormatError, match=r"flip_ss_mask\.fasta\.gz:2: digit '0' in a sequence line"):
+        list(read_fasta(mask))
+    records = list(read_fasta(mask, residues=False))
+    assert len(records) > 100 and set("".join(r.sequence for r in records)) == {"0", "1"}

@@ -1,5 +1,5 @@
 """The fast chunk reader: the same records as Biopython on awkward files, gzip members, huge records,
-and in a background process (protein_performer.data.fasta_chunks)."""
+byte ranges (protein_performer.data.fasta_chunks); workers born with SIGTERM blocked."""
 from __future__ import annotations
 
 import gzip
@@ -8,8 +8,8 @@ import zlib
 import numpy as np
 import pytest
 
-from protein_performer.data import FastaFormatError, fasta_chunks, read_fasta_chunks
-from protein_performer.data.fasta_chunks import read_fasta_chunks_in_background, read_fasta_chunks_reference
+from protein_performer.data import fasta_chunks, read_fasta_chunks
+from protein_performer.data.fasta_chunks import read_fasta_chunks_reference
 
 
 @pytest.mark.parametrize("chunk_records", [1, 7, 4096])
@@ -112,18 +112,6 @@ def test_multi_member_and_zero_padded_gzip_read_as_one_file(inflate, sample_fast
     assert b"".join(c.sequences for c in chunks).decode() == "".join(r.sequence for r in sample_records)
 
 
-def test_background_reader_delivers_the_same_chunks_and_forwards_errors(sample_fasta, tmp_path):
-    foreground = list(read_fasta_chunks(sample_fasta, 100))
-    background = list(read_fasta_chunks_in_background([sample_fasta, sample_fasta], 100))
-    assert len(background) == 2 * len(foreground)
-    for a, b in zip(foreground * 2, background):
-        assert (a.titles, a.sequences, a.lengths.tolist()) == (b.titles, b.sequences, b.lengths.tolist())
-    bad = tmp_path / "bad.fasta"
-    bad.write_bytes(b"not fasta\n>x\nMKV\n")
-    with pytest.raises(FastaFormatError, match="bad.fasta:1: text before the first '>'"):
-        list(read_fasta_chunks_in_background([sample_fasta, bad], 100))
-
-
 def test_a_record_far_longer_than_a_block_is_read_whole(tmp_path, monkeypatch):
     monkeypatch.setattr(fasta_chunks, "_BLOCK_BYTES", 1 << 10)  # the 32 MB record spans 32,000 blocks
     rng = np.random.default_rng(0)
@@ -144,18 +132,18 @@ def _report_mask(connection) -> None:
 
 
 @pytest.mark.skipif(not hasattr(__import__("signal"), "pthread_sigmask"), reason="POSIX signal masks")
-def test_reader_child_is_born_with_sigterm_blocked_and_the_parent_mask_is_restored():
+def test_worker_is_born_with_sigterm_blocked_and_the_parent_mask_is_restored():
     """A SIGTERM between fork and the child's own handlers must not run the parent's handler there."""
     import multiprocessing
     import signal
 
-    from protein_performer.data import fasta_chunks
+    from protein_performer.data import workers
 
     context = multiprocessing.get_context("fork")
     receiver, sender = context.Pipe(duplex=False)
     before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
     process = context.Process(target=_report_mask, args=(sender,))
-    fasta_chunks._start_unsignalled(process)
+    workers._start_unsignalled(process)
     child_mask = receiver.recv()
     process.join(timeout=30)
     assert {signal.SIGTERM, signal.SIGINT} <= child_mask

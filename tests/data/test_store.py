@@ -14,7 +14,6 @@ from protein_performer.data import DataError, FastaFormatError, SplitSpec, Token
 from protein_performer.data.splits import SPLITS, SplitAssigner, accession_hash
 from protein_performer import errors
 from protein_performer.data import store_writer
-from protein_performer.data.store_writer import _ChunkEncoder
 
 
 def test_every_record_comes_back(sample_store, sample_records, alphabet, sample_split):
