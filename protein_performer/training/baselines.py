@@ -4,33 +4,55 @@ A protein LM has learned something only where it beats predictors that ignore th
 position. Two such predictors, scored on exactly the targets the model was scored on:
 - uniform: every one of the 20 standard amino acids equally likely (perplexity 20 on standard targets);
 - frequency: the training split's residue frequencies (plus <eos> for a causal LM, one per protein),
-  about 18 on Swiss-Prot. For MLM it is still a lower bar than it looks: 10% of masked positions show
-  the true residue, which a model may copy.
+  about 18 on Swiss-Prot.
+For MLM the honest comparison is on the positions shown as <mask> (target set `masked`): of all
+chosen positions 10% show the true residue, which a model may copy and these predictors cannot.
+`baselines_by_target_set` scores them on each target set the model's metrics use.
 """
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from torch import Tensor
 
-from protein_performer.data import IGNORE_INDEX, Alphabet, TokenStore
+from protein_performer.data import Alphabet, TokenStore
+from protein_performer.training.targets import target_masks
+
+log = logging.getLogger(__name__)
 
 STANDARD_AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"
-_READ_TOKENS = 1 << 24  # tokens per read when counting a split: bounded memory on any store size
+SAMPLE_TOKENS = 10_000_000  # a store without recorded token counts: count the split's first this many tokens
 
 
 def token_counts(store: TokenStore, split: str = "train", *, vocab_size: int, eos_idx: int | None = None) -> np.ndarray:
-    """int64 [vocab_size]: how often each token occurs in `split` (plus one `eos_idx` per record)."""
+    """int64 [vocab_size]: how often each token occurs in `split` (plus one `eos_idx` per record).
+
+    From the counts the store recorded when it was built (`store.token_counts`) where it has them;
+    otherwise from the split's first SAMPLE_TOKENS tokens and the records that begin among them (a
+    bounded sample, never a scan of a large split; a warning says so).
+    """
     counts = np.zeros(vocab_size, dtype=np.int64)
-    total = store.split_residues[split]
-    for begin in range(0, total, _READ_TOKENS):
-        counts += np.bincount(store.read_tokens(split, begin, min(begin + _READ_TOKENS, total)),
-                              minlength=vocab_size)[:vocab_size]
+    recorded = getattr(store, "token_counts", None)
+    if recorded is not None:
+        split_counts = np.asarray(recorded[split], dtype=np.int64)[:vocab_size]
+        counts[:len(split_counts)] = split_counts
+        records = store.split_sizes[split]
+    else:
+        total = store.split_residues[split]
+        end = min(total, SAMPLE_TOKENS)
+        if end < total:
+            log.warning("%s: the token store records no token counts; the baselines use the %s split's first %d "
+                        "of its %d tokens", getattr(store, "path", "token store"), split, end, total)
+        counts += np.bincount(store.read_tokens(split, 0, end), minlength=vocab_size)[:vocab_size]
+        records = store.split_sizes[split]
+        if end < total:  # the records that begin among the sampled tokens (at most `end` offsets read)
+            records = int(np.searchsorted(store.offsets(split, 0, min(records, end)), end, side="left"))
     if eos_idx is not None:
-        counts[eos_idx] += store.split_sizes[split]
+        counts[eos_idx] += records
     return counts
 
 
@@ -43,28 +65,44 @@ class Baselines:
     frequency: float  # training-split frequencies (add-one smoothed), on every target
     nonstandard: int  # targets outside the 20 (X, U, <eos>, ...): the uniform predictor skips them
 
-    def as_metrics(self, prefix: str) -> dict[str, float]:
-        return {f"{prefix}/baseline_uniform_perplexity": self.uniform,
-                f"{prefix}/baseline_frequency_perplexity": self.frequency}
+    def as_metrics(self, prefix: str, target_set: str = "all") -> dict[str, float]:
+        """`<prefix>/baseline_<predictor>_perplexity[_<target_set>]` (no suffix for `all`)."""
+        suffix = "" if target_set == "all" else f"_{target_set}"
+        return {f"{prefix}/baseline_uniform_perplexity{suffix}": self.uniform,
+                f"{prefix}/baseline_frequency_perplexity{suffix}": self.frequency}
 
 
-def context_free_baselines(batches: Iterable[Mapping[str, Tensor]], counts: np.ndarray,
-                           alphabet: Alphabet) -> Baselines:
-    """Score the uniform and frequency predictors on every label != IGNORE_INDEX of `batches`.
+def baselines_by_target_set(batches: Iterable[Mapping[str, Tensor]], counts: np.ndarray, alphabet: Alphabet,
+                            target_sets: Sequence[str] = ("all",), *, causal: bool = False) -> dict[str, Baselines]:
+    """Score the uniform and frequency predictors on each target set (training/targets.py) of `batches`.
 
     counts: token counts of the training split (`token_counts`), one entry per vocabulary token.
+    Returns {set name: Baselines} for the sets with at least one target; the first set must have one.
     """
     log_frequency = np.log(counts + 1.0) - math.log(float(counts.sum() + len(counts)))
     standard = np.zeros(len(counts), dtype=bool)
     standard[[alphabet.index(residue) for residue in STANDARD_AMINO_ACIDS]] = True
-    seen = np.zeros(len(counts), dtype=np.int64)  # how often each token is a scored target
+    seen = np.zeros((len(target_sets), len(counts)), dtype=np.int64)  # how often each token is a target of a set
     for batch in batches:
-        labels = batch["labels"].numpy().ravel()
-        seen += np.bincount(labels[labels != IGNORE_INDEX], minlength=len(counts))[:len(counts)]
-    targets = int(seen.sum())
-    if targets == 0:
+        labels = batch["labels"]
+        sets = target_masks(batch.get("input_ids"), labels, target_sets, causal=causal, alphabet=alphabet)
+        for row, chosen in zip(seen, sets, strict=True):
+            row += np.bincount(labels[chosen].numpy(), minlength=len(counts))[:len(counts)]
+    if seen[0].sum() == 0:
         raise ValueError("no scored targets: the split is empty")
-    frequency = math.exp(-float(seen @ log_frequency) / targets)
-    nonstandard = int(seen[~standard].sum())
-    uniform = float(len(STANDARD_AMINO_ACIDS)) if targets > nonstandard else math.nan
-    return Baselines(targets=targets, uniform=uniform, frequency=frequency, nonstandard=nonstandard)
+    results = {}
+    for name, row in zip(target_sets, seen, strict=True):
+        targets = int(row.sum())
+        if targets == 0:
+            continue
+        nonstandard = int(row[~standard].sum())
+        results[name] = Baselines(
+            targets=targets, frequency=math.exp(-float(row @ log_frequency) / targets), nonstandard=nonstandard,
+            uniform=float(len(STANDARD_AMINO_ACIDS)) if targets > nonstandard else math.nan)
+    return results
+
+
+def context_free_baselines(batches: Iterable[Mapping[str, Tensor]], counts: np.ndarray,
+                           alphabet: Alphabet) -> Baselines:
+    """Score the uniform and frequency predictors on every label != IGNORE_INDEX of `batches`."""
+    return baselines_by_target_set(batches, counts, alphabet)["all"]
