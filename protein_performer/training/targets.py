@@ -44,15 +44,16 @@ def member_index(tokens: Tensor, cls_id: int, eos_id: int) -> Tensor:
 def target_member_index(input_ids: Tensor, causal: bool, cls_id: int, eos_id: int) -> Tensor:
     """The member index (see member_index) of the token each position's label is.
 
-    Masked LM: a label is the original token at its own position. Causal LM: labels[:, i] is the token
-    at i + 1, whose member index follows from the tokens up to i (a <cls> at i starts a new cluster,
-    an <eos> at i closes a member).
+    Masked LM: a label is the original token at its own position. Causal LM: labels[..., i] is the
+    token at i + 1, so its member index is member_index's at i + 1; at the last position (whose next
+    token the window does not hold) it follows from the tokens up to i (an <eos> at i closes a member).
     """
     members = member_index(input_ids, cls_id, eos_id)
     if not causal:
         return members
-    following = members + (input_ids == eos_id).long()
-    return torch.where(input_ids == cls_id, torch.zeros_like(following), following)
+    last = members[..., -1:] + (input_ids[..., -1:] == eos_id).long()
+    last = torch.where(input_ids[..., -1:] == cls_id, torch.zeros_like(last), last)
+    return torch.cat([members[..., 1:], last], dim=-1)
 
 
 TargetSet = Callable[[Tensor, Tensor, Tensor | None, int], Tensor]
