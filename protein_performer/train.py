@@ -188,7 +188,8 @@ def final_report(metrics: Mapping[str, float], baselines: Mapping[str, Baselines
     target set; no_validation: why there is no validation perplexity (when there is none).
     """
     evaluations = "  ".join(f"{key} {value:.3f}" for key, value in sorted(metrics.items())
-                            if key.split("/")[0] not in ("train", "val") and key.split("/")[-1].startswith("perplexity"))
+                            if key.split("/")[0] not in ("train", "val")
+                            and key.split("/")[-1].startswith("perplexity"))
     if "val/perplexity" not in metrics:
         return f"no validation perplexity: {no_validation}" + (f"\n{evaluations}" if evaluations else "")
 
@@ -205,7 +206,8 @@ def final_report(metrics: Mapping[str, float], baselines: Mapping[str, Baselines
              + (f"; uniform guessing among the 20 amino acids {baselines[headline].uniform:.0f}"
                 if headline in baselines else "")]
     members = ("masked_first", "masked_later") if objective == "mlm" else ("first", "later")
-    lines += [f"  {_TARGET_SET_WORDS[name]}: {against(name)}" for name in members if f"val/perplexity_{name}" in metrics]
+    lines += [f"  {_TARGET_SET_WORDS[name]}: {against(name)}" for name in members
+              if f"val/perplexity_{name}" in metrics]
     if headline != "all":
         lines.append(f"  all scored targets (80/10/10: a tenth show a random residue, a tenth their own): "
                      f"{against('all')}")
