@@ -147,8 +147,12 @@ def _train(cfg: DictConfig, callbacks: Sequence[pl.Callback]) -> TrainResult:
         best_path = checkpointer.best_model_path or None
     if trainer.is_global_zero:
         baselines = validation_baselines(datamodule, alphabet, cfg.objective, module.target_sets)
-        for target_set, scored in (baselines or {}).items():
-            metrics.update(scored.as_metrics("val", target_set))
+        baseline_metrics = {key: value for target_set, scored in (baselines or {}).items()
+                            for key, value in scored.as_metrics("val", target_set).items()}
+        metrics.update(baseline_metrics)
+        for logger in trainer.loggers if baseline_metrics else ():  # beside the run's metrics (compare.py reads them)
+            logger.log_metrics(baseline_metrics, step=trainer.global_step)
+            logger.save()
         print(final_report(metrics, baselines or {}, cfg.objective, _empty_validation_reason(datamodule)
                            if "val/perplexity" not in metrics else ""))
         print(f"checkpoint: {last_path}" + (f"  (best by validation perplexity: {best_path})" if best_path else ""))
