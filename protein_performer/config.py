@@ -64,6 +64,10 @@ class AttentionKind:
     relative_bias: bool = False  # learns a relative-position bias (so it needs no other position signal)
     # True, False, or decided by the config: can a causal layer decode one token at a time?
     recurrent: bool | Callable[[PerformerConfig], bool] = False
+    # A causal layer reads no padding mask on right-padded batches: right padding lies in every real
+    # position's future, so outputs at real positions are those of the masked call, and the unmasked
+    # call is the faster one (softmax: SDPA's is_causal kernels, flash on GPUs, instead of a dense mask).
+    unmasked_right_padding: bool = False
     # Longest input the kind's parameters cover, from the config; None: any length.
     length_bound: Callable[[PerformerConfig], int | None] = lambda config: None
     # Values for the config fields left None (position: "rotary" unless the row says otherwise).
@@ -126,7 +130,7 @@ def _combiner_weights(layer, q, k, key_padding_mask):
 
 ATTENTION: dict[str, AttentionKind] = {row.name: row for row in (
     # Exact softmax attention (torch SDPA): the quadratic baseline every other kind is compared with.
-    AttentionKind("softmax", _softmax_attend, _softmax_weights),
+    AttentionKind("softmax", _softmax_attend, _softmax_weights, unmasked_right_padding=True),
     _favor_kind("favor", "softmax"),
     _favor_kind("favor_relu", "relu"),
     AttentionKind(

@@ -33,9 +33,16 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
-from protein_performer.checkpoint import check_resume, check_weights_fit, data_sampling_settings, read_checkpoint
+from protein_performer.checkpoint import (
+    check_resume,
+    check_weights_fit,
+    data_sampling_settings,
+    read_checkpoint,
+    record_evaluation,
+)
 from protein_performer.data import Alphabet, ProteinDataModule, TokenStore
 from protein_performer.errors import UserError, run_command
+from protein_performer.export import export_checkpoint
 from protein_performer.model import config_from_hydra
 from protein_performer.resources import conf_dir
 from protein_performer.runtime import configure_process, slow_bf16_warning
@@ -155,7 +162,28 @@ def _train(cfg: DictConfig, callbacks: Sequence[pl.Callback]) -> TrainResult:
             logger.save()
         print(final_report(metrics, baselines or {}, cfg.objective, _empty_validation_reason(datamodule)
                            if "val/perplexity" not in metrics else ""))
+
+
+        baselines = validation_baselines(datamodule, alphabet, cfg.objective)
+        if baselines is not None:
+            metrics.update(baselines.as_metrics("val"))
+        evaluations = "  ".join(f"{key} {value:.3f}" for key, value in sorted(metrics.items())
+                                if key.endswith("/perplexity") and key.split("/")[0] not in ("train", "val"))
+        if "val/perplexity" not in metrics:
+            print(f"no validation perplexity: {_empty_validation_reason(datamodule)}"
+                  + (f"\n{evaluations}" if evaluations else ""))
+        else:
+            print(f"final validation perplexity: {val_perplexity:.3f}" + (
+                f" on {baselines.targets:,} held-out {'masked residues' if cfg.objective == 'mlm' else 'targets'}; "
+                f"on the same targets the training split's amino-acid frequencies score {baselines.frequency:.3f}, "
+                f"uniform guessing among the 20 amino acids {baselines.uniform:.0f}" if baselines is not None else "")
+                + (f"\n{evaluations}" if evaluations else ""))
+        if last_path is not None:  # the final metrics go with the final weights: the model card reads them
+            record_evaluation(last_path, evaluation_record(datamodule, metrics, baselines))
         print(f"checkpoint: {last_path}" + (f"  (best by validation perplexity: {best_path})" if best_path else ""))
+        if cfg.get("export", False) and last_path is not None:
+            exported = export_checkpoint(last_path, Path(cfg.output_dir) / "model", overwrite=True)
+            print(f"exported model: {exported}  (ProteinPerformer.from_pretrained, or embed checkpoint=<it>)")
     return TrainResult(val_perplexity, last_path, best_path, metrics, trainer, module)
 
 
@@ -216,6 +244,19 @@ def final_report(metrics: Mapping[str, float], baselines: Mapping[str, Baselines
         lines.append(f"  all scored targets (80/10/10: a tenth show a random residue, a tenth their own): "
                      f"{against('all')}")
     return "\n".join(lines + ([evaluations] if evaluations else []))
+
+
+def evaluation_record(datamodule: pl.LightningDataModule, metrics: dict[str, float],
+                      baselines: Mapping[str, Baselines] | None) -> dict:
+    """checkpoint["evaluation"]: the final metrics (baselines included), scored targets (all, and per
+    target set) and split sizes."""
+    baselines = baselines or {}
+    record: dict = {"metrics": dict(metrics), "targets": baselines["all"].targets if "all" in baselines else None,
+                    "targets_by_set": {name: scored.targets for name, scored in baselines.items()}}
+    if isinstance(datamodule, ProteinDataModule) and datamodule.store_path is not None:
+        with TokenStore(datamodule.store_path) as store:
+            record["split_sizes"] = {split: int(count) for split, count in store.split_sizes.items()}
+    return record
 
 
 def _instantiate(config: DictConfig, **kwargs: object) -> object:

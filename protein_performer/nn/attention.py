@@ -113,7 +113,8 @@ class SelfAttention(nn.Module):
         if self.rpe_index is None:
             return ops.slice_rpe_bias(self.rpe_bias, length)  # (H, 2L-1)
         table = self.rpe_bias[:, self.rpe_index]  # (H, 2w + 1): far before, offsets -(w-1) .. w-1, far after
-        return ops.WindowedBias(band=table[:, 1:-1], far=table[:, [0, -1]])
+        # Columns 0 and 2w by a strided slice: a Python-list index would copy the list to the device.
+        return ops.WindowedBias(band=table[:, 1:-1], far=table[:, :: table.shape[1] - 1])
 
     def extra_repr(self) -> str:
         features = f", nb_features={self.projection.shape[0]}" if self.projection is not None else ""

@@ -11,6 +11,7 @@ chosen positions 10% show the true residue, which a model may copy and these pre
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -22,38 +23,50 @@ from torch import Tensor
 from protein_performer.data import Alphabet, TokenStore
 from protein_performer.training.targets import target_masks
 
+STANDARD_AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"
+# Tokens counted from a store that did not record its counts: the first ones of the split. Residue
+# frequencies settle long before that (Swiss-Prot's whole train split is ~2e8), and a TrEMBL-sized split
+# (~1e11) would otherwise be read end to end on rank 0 at the end of every run.
+SAMPLE_TOKENS = 10_000_000
+_READ_TOKENS = 1 << 22  # tokens per read: bounded memory
+
 log = logging.getLogger(__name__)
 
-STANDARD_AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"
-SAMPLE_TOKENS = 10_000_000  # a store without recorded token counts: count the split's first this many tokens
 
-
-def token_counts(store: TokenStore, split: str = "train", *, vocab_size: int, eos_idx: int | None = None) -> np.ndarray:
+def token_counts(store: TokenStore, split: str = "train", *, vocab_size: int, eos_idx: int | None = None,
+                 sample_tokens: int = SAMPLE_TOKENS) -> np.ndarray:
     """int64 [vocab_size]: how often each token occurs in `split` (plus one `eos_idx` per record).
 
-    From the counts the store recorded when it was built (`store.token_counts`) where it has them;
-    otherwise from the split's first SAMPLE_TOKENS tokens and the records that begin among them (a
-    bounded sample, never a scan of a large split; a warning says so).
+    Read from the counts the store recorded when it was built (`store.token_counts`), never by a scan of
+    the split. A store without them is sampled: its first `sample_tokens` tokens are counted (with <eos>
+    in proportion), which is the whole split for small stores; the log says so once.
     """
-    counts = np.zeros(vocab_size, dtype=np.int64)
     recorded = getattr(store, "token_counts", None)
+    recorded = recorded(split) if callable(recorded) else (recorded[split] if recorded is not None else None)
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    records = store.split_sizes[split]
     if recorded is not None:
-        split_counts = np.asarray(recorded[split], dtype=np.int64)[:vocab_size]
-        counts[:len(split_counts)] = split_counts
-        records = store.split_sizes[split]
+        recorded = np.asarray(recorded, dtype=np.int64)[:vocab_size]
+        counts[: len(recorded)] = recorded
     else:
         total = store.split_residues[split]
-        end = min(total, SAMPLE_TOKENS)
+        end = min(total, sample_tokens)
         if end < total:
-            log.warning("%s: the token store records no token counts; the baselines use the %s split's first %d "
-                        "of its %d tokens", getattr(store, "path", "token store"), split, end, total)
-        counts += np.bincount(store.read_tokens(split, 0, end), minlength=vocab_size)[:vocab_size]
-        records = store.split_sizes[split]
-        if end < total:  # the records that begin among the sampled tokens (at most `end` offsets read)
-            records = int(np.searchsorted(store.offsets(split, 0, min(records, end)), end, side="left"))
+            _say_once(f"{getattr(store, 'path', 'the token store')} records no token counts (built by an older "
+                      f"version): baseline frequencies come from the first {end:,} of the {split} split's "
+                      f"{total:,} tokens")
+            records = round(records * end / total)
+        for begin in range(0, end, _READ_TOKENS):
+            counts += np.bincount(store.read_tokens(split, begin, min(begin + _READ_TOKENS, end)),
+                                  minlength=vocab_size)[:vocab_size]
     if eos_idx is not None:
         counts[eos_idx] += records
     return counts
+
+
+@functools.cache
+def _say_once(message: str) -> None:
+    log.warning(message)
 
 
 @dataclass(frozen=True)

@@ -175,3 +175,17 @@ def test_summary_keeps_masked_only_metrics_and_baselines_where_logged():
     summary = compare.summarize(rows)
     assert summary["val_perplexity_masked"] == 17.0 and summary["val_baseline_frequency_perplexity_masked"] == 17.8
     assert "val_perplexity_masked_later" not in summary and "val_perplexity_masked" not in compare.summarize(rows[:0])
+
+
+def test_recorded_commands_hold_no_machine_paths(tmp_path):
+    command = compare.train_command(["data.fasta=/mnt/shared/uniref.fasta.gz",
+                                     f"data.cache_dir={compare.REPO / 'benchmarks/results/compare/cache'}",
+                                     "data.cache_dir=/elsewhere/wt-x/benchmarks/results/compare/cache",
+                                     "attention=favor"], compare.REPO / "benchmarks/results/compare/A/favor")
+    recorded = compare.portable_command(command)
+    assert recorded == ("python -m protein_performer.train 'data.fasta=<data>/uniref.fasta.gz' "
+                        "data.cache_dir=benchmarks/results/compare/cache "
+                        "data.cache_dir=benchmarks/results/compare/cache attention=favor "
+                        "hydra.run.dir=benchmarks/results/compare/A/favor")
+    committed = list((compare.REPO / "benchmarks" / "results").rglob("result.json"))
+    assert committed and not [p for p in committed if str(compare.REPO) in p.read_text() or '"/' in p.read_text()]

@@ -85,35 +85,36 @@ def test_baselines_by_target_set_score_each_set_on_its_own_targets(alphabet: Alp
     assert list(unmasked) == ["all"]
 
 
-def test_token_counts_come_from_the_store_record_or_a_bounded_sample(data_dir, tmp_path, alphabet: Alphabet,
-                                                                      monkeypatch, caplog):
-    path = tmp_path / "sample.h5"
-    build_token_store(data_dir / "uniprot_sample.fasta", path, split=SplitSpec(valid_fraction=0.2, test_fraction=0.2),
-                      progress=False)
-    with TokenStore(path) as store:
-        exact = token_counts(store, "train", vocab_size=len(alphabet), eos_idx=alphabet.eos_idx)
-        tokens = store.read_tokens("train", 0, store.split_residues["train"])
-        offsets = store.offsets("train")
+class LargeStore:
+    """A store's split of 1e11 tokens that records which token ranges are read."""
 
-    class Recorded:  # a store that recorded its per-split token counts when it was built
-        token_counts = {"train": np.arange(len(alphabet), dtype=np.int64)}
-        split_sizes = {"train": 7}
+    path = "trembl.h5"
+    split_sizes = {"train": 300_000_000}
+    split_residues = {"train": 100_000_000_000}
 
-    recorded = token_counts(Recorded(), "train", vocab_size=len(alphabet), eos_idx=alphabet.eos_idx)
-    expected = np.arange(len(alphabet))
-    expected[alphabet.eos_idx] += 7
-    np.testing.assert_array_equal(recorded, expected)
+    def __init__(self) -> None:
+        self.read: list[tuple[int, int]] = []
 
-    import protein_performer.training.baselines as baselines
+    def read_tokens(self, split: str, begin: int, end: int) -> np.ndarray:
+        self.read.append((begin, end))
+        return np.full(end - begin, 5, dtype=np.uint8)
 
-    limit = int(offsets[10]) + 5  # the first 10 records and 5 tokens of the 11th
-    monkeypatch.setattr(baselines, "SAMPLE_TOKENS", limit)
-    if hasattr(TokenStore, "token_counts"):
-        monkeypatch.delattr(TokenStore, "token_counts")
-    with caplog.at_level("WARNING"), TokenStore(path) as store:
-        sampled = token_counts(store, "train", vocab_size=len(alphabet), eos_idx=alphabet.eos_idx)
-    direct = np.bincount(tokens[:limit], minlength=len(alphabet))
-    direct[alphabet.eos_idx] += 11
-    np.testing.assert_array_equal(sampled, direct)
-    assert sampled.sum() < exact.sum()
-    assert "records no token counts" in caplog.text
+
+def test_a_store_without_recorded_counts_is_sampled_never_scanned(alphabet: Alphabet, caplog):
+    store = LargeStore()
+    counts = token_counts(store, "train", vocab_size=len(alphabet), eos_idx=alphabet.eos_idx, sample_tokens=1000)
+    assert store.read[0][0] == 0 and max(end for _, end in store.read) == 1000  # the first 1000 tokens only
+    assert counts[5] == 1000
+    assert counts[alphabet.eos_idx] == 3  # <eos> in proportion: 3e8 records per 1e11 tokens
+    assert "trembl.h5 records no token counts" in caplog.text
+
+
+def test_recorded_counts_are_used_without_reading_the_split(alphabet: Alphabet):
+    store = LargeStore()
+    recorded = np.arange(len(alphabet), dtype=np.int64)
+    store.token_counts = {"train": recorded}
+    counts = token_counts(store, "train", vocab_size=len(alphabet), eos_idx=alphabet.eos_idx)
+    assert not store.read
+    expected = recorded.copy()
+    expected[alphabet.eos_idx] += 300_000_000
+    np.testing.assert_array_equal(counts, expected)

@@ -123,7 +123,7 @@ def _weight_index(plan: _Plan, device: torch.device) -> Tensor:
     ``shift`` blocks away, the offset j - i = shift T + t' - t mapped to far before (0), the band
     (1 .. 2w - 1), far after (2w), or the zero entry 2w + 1 (causal, j > i)."""
     t = torch.arange(plan.block, device=device)
-    shifts = torch.tensor(list(plan.shifts), device=device)
+    shifts = torch.arange(plan.shifts.start, plan.shifts.stop, device=device)  # filled on the device: no copy
     delta = shifts[:, None, None] * plan.block + t[None, None, :] - t[None, :, None]
     index = (delta + plan.window).clamp(0, 2 * plan.window)
     if plan.causal:
