@@ -162,22 +162,6 @@ def _train(cfg: DictConfig, callbacks: Sequence[pl.Callback]) -> TrainResult:
             logger.save()
         print(final_report(metrics, baselines or {}, cfg.objective, _empty_validation_reason(datamodule)
                            if "val/perplexity" not in metrics else ""))
-
-
-        baselines = validation_baselines(datamodule, alphabet, cfg.objective)
-        if baselines is not None:
-            metrics.update(baselines.as_metrics("val"))
-        evaluations = "  ".join(f"{key} {value:.3f}" for key, value in sorted(metrics.items())
-                                if key.endswith("/perplexity") and key.split("/")[0] not in ("train", "val"))
-        if "val/perplexity" not in metrics:
-            print(f"no validation perplexity: {_empty_validation_reason(datamodule)}"
-                  + (f"\n{evaluations}" if evaluations else ""))
-        else:
-            print(f"final validation perplexity: {val_perplexity:.3f}" + (
-                f" on {baselines.targets:,} held-out {'masked residues' if cfg.objective == 'mlm' else 'targets'}; "
-                f"on the same targets the training split's amino-acid frequencies score {baselines.frequency:.3f}, "
-                f"uniform guessing among the 20 amino acids {baselines.uniform:.0f}" if baselines is not None else "")
-                + (f"\n{evaluations}" if evaluations else ""))
         if last_path is not None:  # the final metrics go with the final weights: the model card reads them
             record_evaluation(last_path, evaluation_record(datamodule, metrics, baselines))
         print(f"checkpoint: {last_path}" + (f"  (best by validation perplexity: {best_path})" if best_path else ""))
