@@ -68,7 +68,9 @@ class CountClosures(pl.Callback):
     ("favor", "mlm", []),
     ("softmax", "clm", []),  # padded batches: the causal path without a mask
     ("favor_rpe", "clm", ["attention.rpe_max_distance=16", "attention.rpe_exact_distance=4"]),  # windowed
-], ids=["favor", "softmax-causal", "favor_rpe-windowed"])
+    # issue 21's options: causal FAVOR++ (its running statistic is updated every step) and the exact band
+    ("favor", "clm", ["attention.features=oprf", "attention.coupling=simplex", "attention.exact_window=8"]),
+], ids=["favor", "softmax-causal", "favor_rpe-windowed", "favor-oprf-window-causal"])
 def test_training_steps_read_nothing_from_the_device(attention, objective, extra, store_cache, tmp_path):
     cfg = compose_config(tiny_overrides(store_cache, f"attention={attention}", f"objective={objective}", *extra,
                                         f"trainer.max_steps={STEPS}", f"trainer.val_check_interval={STEPS}",
