@@ -228,18 +228,32 @@ def read_metrics(run_dir: Path) -> list[dict[str, float]]:
 
 
 def summarize(rows: list[dict[str, float]]) -> dict[str, float]:
-    """Final validation and test metrics, median train throughput, training wall-clock, steps."""
+    """Final validation and test metrics, median train throughput, training wall-clock, steps.
+
+    Masked LM: `*_masked` score only the positions shown as <mask> (what the model must infer from
+    context); the plain figures score all targets of the 80/10/10 recipe. `val_baseline_frequency*`:
+    the training split's amino-acid frequencies on the same targets (logged at the end of the run).
+    """
     def last(key: str) -> float:
         values = [row[key] for row in rows if key in row]
         return values[-1] if values else math.nan
 
     rates = sorted(row["train/tokens_per_sec"] for row in rows if "train/tokens_per_sec" in row)
-    return {
+    summary = {
         "val_perplexity": last("val/perplexity"), "val_accuracy": last("val/accuracy"),
         "test_perplexity": last("test/perplexity"), "test_accuracy": last("test/accuracy"),
         "tokens_per_sec": rates[len(rates) // 2] if rates else math.nan,
         "train_seconds": last("val/elapsed_seconds"), "steps": last("step"),
     }
+    for key in ("val/perplexity_masked", "val/accuracy_masked", "test/perplexity_masked", "test/accuracy_masked",
+                "val/perplexity_masked_first", "val/perplexity_masked_later", "val/perplexity_first",
+                "val/perplexity_later", "val/baseline_frequency_perplexity", "val/baseline_frequency_perplexity_masked",
+                "val/baseline_frequency_perplexity_masked_first", "val/baseline_frequency_perplexity_masked_later",
+                "val/baseline_frequency_perplexity_first", "val/baseline_frequency_perplexity_later"):
+        value = last(key)
+        if not math.isnan(value):  # absent from runs before masked-only metrics: no key in result.json
+            summary[key.replace("/", "_")] = value
+    return summary
 
 
 def curve(rows: list[dict[str, float]]) -> dict[str, list[float]]:
@@ -315,21 +329,51 @@ def calibrate(setting: Setting, scale: Scale, overrides: list[str], out: Path) -
 
 # ---- tables and figures -------------------------------------------------------------------------------
 
+NOT_MEASURED = "all targets (80/10/10); masked-only not measured"
+
+
 def table(setting: Setting, results: list[dict]) -> str:
+    """One row per cell. Masked LM: the headline is the validation perplexity on the positions shown as
+    <mask>, beside the frequency baseline on the same targets and the reference cell's figure; cells
+    that finished before masked-only metrics existed say so. Then the all-target figures."""
     reference = next((r for r in results if r["kind"] == "softmax"), None)
     if setting.name == "D":
         reference = next((r for r in results if r["cell"] == "favor"), reference)
-    head = ("| cell | steps | val ppl | vs ref | val acc | test ppl | test acc | tokens/s | peak RSS MB | "
-            "train min |" + (" s/step (calibrated) |" if setting.equal_wall_clock else ""))
+    masked = setting.objective == "mlm"
+    nan = math.nan
+    head = ("| cell | steps | "
+            + ("val ppl masked-only | vs frequencies | vs ref (masked-only) | val acc masked-only | " if masked else
+               "val ppl | vs frequencies | ")
+            + ("val ppl all targets | vs ref (all targets) | val acc all targets | test ppl all targets | "
+               if masked else "vs ref | val acc | test ppl | ")
+            + "test acc | tokens/s | peak RSS MB | train min |"
+            + (" s/step (calibrated) |" if setting.equal_wall_clock else ""))
     lines = [f"### {setting.name}: {setting.title}", "", head,
              "|" + "|".join(["---"] + ["---:"] * (head.count("|") - 2)) + "|"]
+
+    def ratio(value: float, base: float) -> str:
+        return f"{value / base:.3f}" if math.isfinite(value) and math.isfinite(base) else ""
+
+    def number(value: float) -> str:
+        return f"{value:.3f}" if math.isfinite(value) else ""
+
     for r in results:
-        ratio = r["val_perplexity"] / reference["val_perplexity"] if reference else math.nan
-        row = (f"| {r['cell']} | {r['steps']:.0f} | {r['val_perplexity']:.3f} | {ratio:.3f} | {r['val_accuracy']:.3f} | "
+        all_ratio = ratio(r["val_perplexity"], reference["val_perplexity"] if reference else nan)
+        if masked:
+            value = r.get("val_perplexity_masked", nan)
+            measured = f"{value:.3f}" if math.isfinite(value) else NOT_MEASURED
+            headline = (f"{measured} | {ratio(value, r.get('val_baseline_frequency_perplexity_masked', nan))} | "
+                        f"{ratio(value, reference.get('val_perplexity_masked', nan) if reference else nan)} | "
+                        f"{number(r.get('val_accuracy_masked', nan))} | {r['val_perplexity']:.3f} | {all_ratio} | ")
+        else:
+            headline = (f"{r['val_perplexity']:.3f} | "
+                        f"{ratio(r['val_perplexity'], r.get('val_baseline_frequency_perplexity', nan))} | "
+                        f"{all_ratio} | ")
+        row = (f"| {r['cell']} | {r['steps']:.0f} | {headline}{r['val_accuracy']:.3f} | "
                f"{r['test_perplexity']:.3f} | {r['test_accuracy']:.3f} | {r['tokens_per_sec']:,.0f} | "
                f"{r['peak_rss_mb']:,.0f} | {r['train_seconds'] / 60:.1f} |")
         if setting.equal_wall_clock:
-            row += f" {r.get('seconds_per_step', math.nan):.3f} |"
+            row += f" {number(r.get('seconds_per_step', nan))} |"
         lines.append(row)
     return "\n".join(lines)
 

@@ -142,11 +142,12 @@ def _training_section(summary: Mapping[str, Any]) -> list[str]:
     if rows:
         lines += ["## Evaluation", "", "| perplexity on | value |", "|---|---:|"]
         lines += [f"| {label} | {value:.3f} |" for label, value in rows]
-        baselines = [(kind, metrics[f"val/baseline_{kind}_perplexity"]) for kind in _BASELINES
-                     if f"val/baseline_{kind}_perplexity" in metrics]
+        baselines = [(kind, where, metrics[f"val/baseline_{kind}_perplexity{suffix}"])
+                     for suffix, where in (("", "validation targets"), ("_masked", "validation `<mask>` positions"))
+                     for kind in _BASELINES if f"val/baseline_{kind}_perplexity{suffix}" in metrics]
         targets = summary.get("targets")
-        lines += [f"| {kind} baseline (ignores the sequence), on the validation targets | {value:.3f} |"
-                  for kind, value in baselines]
+        lines += [f"| {kind} baseline (ignores the sequence), on the {where} | {value:.3f} |"
+                  for kind, where, value in baselines]
         lines += ["", "The frequency baseline predicts the training split's amino-acid frequencies at every position; "
                   "it is scored on the same validation targets as the model"
                   + (f" ({targets:,} of them)" if targets else "") + ".", ""]

@@ -6,7 +6,8 @@ experiment). This file wires one run together: it applies the process settings (
 a warning when bf16 is asked of a CPU without bf16 arithmetic), instantiates the data, model and trainer,
 refuses a resume that does not match its checkpoint (protein_performer.checkpoint), calls fit, validates
 and saves the final weights when the last validation came before the last step, calls test, and prints
-the validation perplexity beside context-free baselines (protein_performer.training.baselines).
+the validation perplexity beside context-free baselines scored on the same targets
+(protein_performer.training.baselines; for MLM the headline scores only the positions shown as <mask>).
 `compose_config` builds the same config without a command line. Examples:
 
     python -m protein_performer.train model=small data=sample trainer=cpu        # the CPU demo
@@ -19,7 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,7 +47,7 @@ from protein_performer.export import export_checkpoint
 from protein_performer.model import config_from_hydra
 from protein_performer.resources import conf_dir
 from protein_performer.runtime import configure_process, slow_bf16_warning
-from protein_performer.training.baselines import Baselines, context_free_baselines, token_counts
+from protein_performer.training.baselines import Baselines, baselines_by_target_set, token_counts
 from protein_performer.training.callbacks import RunSettings
 from protein_performer.training.module import ProteinLM
 from protein_performer.training.quiet import silence_unhelpful_messages
@@ -97,11 +98,15 @@ def _train(cfg: DictConfig, callbacks: Sequence[pl.Callback]) -> TrainResult:
     check_training_split(datamodule)  # before loggers and checkpoints write anything
     alphabet = Alphabet()
     compile_model = bool(cfg.get("compile", False))
+    member_metrics = cfg.get("member_metrics")
+    if member_metrics is None:
+        member_metrics = cfg.data.get("sampling") == "homologs"
     try:
         model_config = config_from_hydra(cfg.model, cfg.attention, vocab_size=len(alphabet),
                                          pad_idx=alphabet.pad_idx, causal=cfg.objective == "clm")
         module = ProteinLM(model_config.to_dict(), cfg.objective, seed=cfg.seed, alphabet_tokens=alphabet.tokens,
                            length_multiple=COMPILE_LENGTH_MULTIPLE if compile_model else 1,
+                           member_metrics=bool(member_metrics),
                            **OmegaConf.to_container(cfg.optim, resolve=True))
     except (ValueError, TypeError) as error:  # a bad model, attention, objective or optim setting
         raise UserError(f"config: {error}") from None
@@ -152,21 +157,16 @@ def _train(cfg: DictConfig, callbacks: Sequence[pl.Callback]) -> TrainResult:
         last_path = checkpointer.last_model_path or None
         best_path = checkpointer.best_model_path or None
     if trainer.is_global_zero:
-        baselines = validation_baselines(datamodule, alphabet, cfg.objective)
-        if baselines is not None:
-            metrics.update(baselines.as_metrics("val"))
-        evaluations = "  ".join(f"{key} {value:.3f}" for key, value in sorted(metrics.items())
-                                if key.endswith("/perplexity") and key.split("/")[0] not in ("train", "val"))
-        if "val/perplexity" not in metrics:
-            print(f"no validation perplexity: {_empty_validation_reason(datamodule)}"
-                  + (f"\n{evaluations}" if evaluations else ""))
-        else:
-            print(f"final validation perplexity: {val_perplexity:.3f}" + (
-                f" on {baselines.targets:,} held-out {'masked residues' if cfg.objective == 'mlm' else 'targets'}; "
-                f"on the same targets the training split's amino-acid frequencies score {baselines.frequency:.3f}, "
-                f"uniform guessing among the 20 amino acids {baselines.uniform:.0f}" if baselines is not None else "")
-                + (f"\n{evaluations}" if evaluations else ""))
-        if last_path is not None and Path(last_path).is_file():  # the final metrics go with the final weights
+        baselines = validation_baselines(datamodule, alphabet, cfg.objective, module.target_sets)
+        baseline_metrics = {key: value for target_set, scored in (baselines or {}).items()
+                            for key, value in scored.as_metrics("val", target_set).items()}
+        metrics.update(baseline_metrics)
+        for logger in trainer.loggers if baseline_metrics else ():  # beside the run's metrics (compare.py reads them)
+            logger.log_metrics(baseline_metrics, step=trainer.global_step)
+            logger.save()
+        print(final_report(metrics, baselines or {}, cfg.objective, _empty_validation_reason(datamodule)
+                           if "val/perplexity" not in metrics else ""))
+        if last_path is not None and Path(last_path).is_file():  # the final metrics go with the final weights: the model card reads them
             record_evaluation(last_path, evaluation_record(datamodule, metrics, baselines))
         print(f"checkpoint: {last_path}" + (f"  (best by validation perplexity: {best_path})" if best_path else ""))
         if cfg.get("export", False) and last_path is not None:
@@ -194,24 +194,72 @@ def check_training_split(datamodule: pl.LightningDataModule) -> None:
                         "records with data.ood_regex")
 
 
-def validation_baselines(datamodule: pl.LightningDataModule, alphabet: Alphabet, objective: str) -> Baselines | None:
-    """Context-free baselines on the whole validation split (the targets val/perplexity scored), or
-    None for a data module that is not a ProteinDataModule or a split with nothing to score."""
+def validation_baselines(datamodule: pl.LightningDataModule, alphabet: Alphabet, objective: str,
+                         target_sets: Sequence[str] = ("all",)) -> dict[str, Baselines] | None:
+    """Context-free baselines on the whole validation split, on each target set the model's validation
+    metrics scored (protein_performer.training.targets), or None for a data module that is not a
+    ProteinDataModule or a split with nothing to score."""
     if not isinstance(datamodule, ProteinDataModule) or datamodule.store_path is None:
         return None
     with TokenStore(datamodule.store_path) as store:
         counts = token_counts(store, "train", vocab_size=len(alphabet),
                               eos_idx=alphabet.eos_idx if objective == "clm" else None)
     try:
-        return context_free_baselines(datamodule.dataloader("valid", rank=0, world_size=1), counts, alphabet)
+        return baselines_by_target_set(datamodule.dataloader("valid", rank=0, world_size=1), counts, alphabet,
+                                       target_sets, causal=objective == "clm")
     except ValueError:
         return None
 
 
+# How the final report names each target set (training/targets.py) and its members' sets.
+_TARGET_SET_WORDS = {"masked": "residues shown as <mask> (masked-only)", "all": "scored targets",
+                     "masked_first": "first members of their cluster", "masked_later": "later members",
+                     "first": "first members of their cluster", "later": "later members"}
+
+
+def final_report(metrics: Mapping[str, float], baselines: Mapping[str, Baselines], objective: str,
+                 no_validation: str = "") -> str:
+    """The end-of-run printout: the headline validation perplexity beside the frequency baseline on the
+    same targets (MLM: the positions shown as <mask>), first vs later members of homolog windows, the
+    all-target figure, then the test and ood evaluations.
+
+    metrics: the run's final metrics (val/perplexity, val/perplexity_masked, ...); baselines: by
+    target set; no_validation: why there is no validation perplexity (when there is none).
+    """
+    evaluations = "  ".join(f"{key} {value:.3f}" for key, value in sorted(metrics.items())
+                            if key.split("/")[0] not in ("train", "val")
+                            and key.split("/")[-1].startswith("perplexity"))
+    if "val/perplexity" not in metrics:
+        return f"no validation perplexity: {no_validation}" + (f"\n{evaluations}" if evaluations else "")
+
+    def against(target_set: str) -> str:
+        value = metrics["val/perplexity" + ("" if target_set == "all" else f"_{target_set}")]
+        baseline = baselines.get(target_set)
+        if baseline is None:
+            return f"{value:.3f}"
+        return (f"{value:.3f} on {baseline.targets:,} held-out targets; the training split's amino-acid frequencies "
+                f"{baseline.frequency:.3f} on the same targets (model / frequencies {value / baseline.frequency:.3f})")
+
+    headline = "masked" if "val/perplexity_masked" in metrics else "all"
+    lines = [f"final validation perplexity, {_TARGET_SET_WORDS[headline]}: {against(headline)}"
+             + (f"; uniform guessing among the 20 amino acids {baselines[headline].uniform:.0f}"
+                if headline in baselines else "")]
+    members = ("masked_first", "masked_later") if objective == "mlm" else ("first", "later")
+    lines += [f"  {_TARGET_SET_WORDS[name]}: {against(name)}" for name in members
+              if f"val/perplexity_{name}" in metrics]
+    if headline != "all":
+        lines.append(f"  all scored targets (80/10/10: a tenth show a random residue, a tenth their own): "
+                     f"{against('all')}")
+    return "\n".join(lines + ([evaluations] if evaluations else []))
+
+
 def evaluation_record(datamodule: pl.LightningDataModule, metrics: dict[str, float],
-                      baselines: Baselines | None) -> dict:
-    """checkpoint["evaluation"]: the final metrics (baselines included), scored targets and split sizes."""
-    record: dict = {"metrics": dict(metrics), "targets": None if baselines is None else baselines.targets}
+                      baselines: Mapping[str, Baselines] | None) -> dict:
+    """checkpoint["evaluation"]: the final metrics (baselines included), scored targets (all, and per
+    target set) and split sizes."""
+    baselines = baselines or {}
+    record: dict = {"metrics": dict(metrics), "targets": baselines["all"].targets if "all" in baselines else None,
+                    "targets_by_set": {name: scored.targets for name, scored in baselines.items()}}
     if isinstance(datamodule, ProteinDataModule) and datamodule.store_path is not None:
         with TokenStore(datamodule.store_path) as store:
             record["split_sizes"] = {split: int(count) for split, count in store.split_sizes.items()}

@@ -4,21 +4,24 @@ A protein LM has learned something only where it beats predictors that ignore th
 position. Two such predictors, scored on exactly the targets the model was scored on:
 - uniform: every one of the 20 standard amino acids equally likely (perplexity 20 on standard targets);
 - frequency: the training split's residue frequencies (plus <eos> for a causal LM, one per protein),
-  about 18 on Swiss-Prot. For MLM it is still a lower bar than it looks: 10% of masked positions show
-  the true residue, which a model may copy.
+  about 18 on Swiss-Prot.
+For MLM the honest comparison is on the positions shown as <mask> (target set `masked`): of all
+chosen positions 10% show the true residue, which a model may copy and these predictors cannot.
+`baselines_by_target_set` scores them on each target set the model's metrics use.
 """
 from __future__ import annotations
 
 import functools
 import logging
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from torch import Tensor
 
-from protein_performer.data import IGNORE_INDEX, Alphabet, TokenStore
+from protein_performer.data import Alphabet, TokenStore
+from protein_performer.training.targets import target_masks
 
 STANDARD_AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"
 # Tokens counted from a store that did not record its counts: the first ones of the split. Residue
@@ -75,28 +78,44 @@ class Baselines:
     frequency: float  # training-split frequencies (add-one smoothed), on every target
     nonstandard: int  # targets outside the 20 (X, U, <eos>, ...): the uniform predictor skips them
 
-    def as_metrics(self, prefix: str) -> dict[str, float]:
-        return {f"{prefix}/baseline_uniform_perplexity": self.uniform,
-                f"{prefix}/baseline_frequency_perplexity": self.frequency}
+    def as_metrics(self, prefix: str, target_set: str = "all") -> dict[str, float]:
+        """`<prefix>/baseline_<predictor>_perplexity[_<target_set>]` (no suffix for `all`)."""
+        suffix = "" if target_set == "all" else f"_{target_set}"
+        return {f"{prefix}/baseline_uniform_perplexity{suffix}": self.uniform,
+                f"{prefix}/baseline_frequency_perplexity{suffix}": self.frequency}
 
 
-def context_free_baselines(batches: Iterable[Mapping[str, Tensor]], counts: np.ndarray,
-                           alphabet: Alphabet) -> Baselines:
-    """Score the uniform and frequency predictors on every label != IGNORE_INDEX of `batches`.
+def baselines_by_target_set(batches: Iterable[Mapping[str, Tensor]], counts: np.ndarray, alphabet: Alphabet,
+                            target_sets: Sequence[str] = ("all",), *, causal: bool = False) -> dict[str, Baselines]:
+    """Score the uniform and frequency predictors on each target set (training/targets.py) of `batches`.
 
     counts: token counts of the training split (`token_counts`), one entry per vocabulary token.
+    Returns {set name: Baselines} for the sets with at least one target; the first set must have one.
     """
     log_frequency = np.log(counts + 1.0) - math.log(float(counts.sum() + len(counts)))
     standard = np.zeros(len(counts), dtype=bool)
     standard[[alphabet.index(residue) for residue in STANDARD_AMINO_ACIDS]] = True
-    seen = np.zeros(len(counts), dtype=np.int64)  # how often each token is a scored target
+    seen = np.zeros((len(target_sets), len(counts)), dtype=np.int64)  # how often each token is a target of a set
     for batch in batches:
-        labels = batch["labels"].numpy().ravel()
-        seen += np.bincount(labels[labels != IGNORE_INDEX], minlength=len(counts))[:len(counts)]
-    targets = int(seen.sum())
-    if targets == 0:
+        labels = batch["labels"]
+        sets = target_masks(batch.get("input_ids"), labels, target_sets, causal=causal, alphabet=alphabet)
+        for row, chosen in zip(seen, sets, strict=True):
+            row += np.bincount(labels[chosen].numpy(), minlength=len(counts))[:len(counts)]
+    if seen[0].sum() == 0:
         raise ValueError("no scored targets: the split is empty")
-    frequency = math.exp(-float(seen @ log_frequency) / targets)
-    nonstandard = int(seen[~standard].sum())
-    uniform = float(len(STANDARD_AMINO_ACIDS)) if targets > nonstandard else math.nan
-    return Baselines(targets=targets, uniform=uniform, frequency=frequency, nonstandard=nonstandard)
+    results = {}
+    for name, row in zip(target_sets, seen, strict=True):
+        targets = int(row.sum())
+        if targets == 0:
+            continue
+        nonstandard = int(row[~standard].sum())
+        results[name] = Baselines(
+            targets=targets, frequency=math.exp(-float(row @ log_frequency) / targets), nonstandard=nonstandard,
+            uniform=float(len(STANDARD_AMINO_ACIDS)) if targets > nonstandard else math.nan)
+    return results
+
+
+def context_free_baselines(batches: Iterable[Mapping[str, Tensor]], counts: np.ndarray,
+                           alphabet: Alphabet) -> Baselines:
+    """Score the uniform and frequency predictors on every label != IGNORE_INDEX of `batches`."""
+    return baselines_by_target_set(batches, counts, alphabet)["all"]

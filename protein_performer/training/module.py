@@ -21,30 +21,37 @@ from torch import Tensor, nn
 from torch.distributed.fsdp import FullyShardedDataParallel
 
 from protein_performer.config import ATTENTION
-from protein_performer.data import IGNORE_INDEX, OBJECTIVES
+from protein_performer.data import IGNORE_INDEX, OBJECTIVES, Alphabet
 from protein_performer.model import PerformerConfig, ProteinPerformer
 from protein_performer.training.loggers import CHECKPOINT_KEY as CSV_ROWS_KEY
 from protein_performer.training.loggers import ResumableCSVLogger
+from protein_performer.training.targets import target_masks, target_set_names
 
 DECAY_KINDS = ("linear", "cosine", "constant")
 
 
 class TokenMetrics(torchmetrics.Metric):
-    """Loss, accuracy and perplexity over every scored token of an epoch (summed across DDP ranks).
+    """Loss, accuracy and perplexity over the scored tokens of an epoch, per target set (summed across DDP ranks).
 
     Perplexity is exp of the token-weighted mean loss over the whole split, not a mean of per-batch
     perplexities, so it does not depend on how the split was cut into batches.
+    target_sets: names of the target sets (protein_performer.training.targets), the first being `all`;
+        updates carry one sum per set. Keys: loss, accuracy, perplexity for the first set;
+        perplexity_<set>, accuracy_<set> for the others.
     """
 
     full_state_update = False
 
-    def __init__(self) -> None:
+    def __init__(self, target_sets: Sequence[str] = ("all",)) -> None:
         super().__init__()
-        self.add_state("loss_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("correct", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("count", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self.target_sets = tuple(target_sets)
+        size = len(self.target_sets)
+        self.add_state("loss_sum", default=torch.zeros(size, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("correct", default=torch.zeros(size, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("count", default=torch.zeros(size, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, loss_sum: Tensor, correct: Tensor, count: Tensor) -> None:  # type: ignore[override]
+        """Sums of one batch: scalars (one target set) or [len(target_sets)]."""
         self.loss_sum += loss_sum.detach().double()
         self.correct += correct.detach()
         self.count += count.detach()
@@ -52,7 +59,14 @@ class TokenMetrics(torchmetrics.Metric):
     def compute(self) -> dict[str, Tensor]:  # type: ignore[override]
         count = self.count.clamp(min=1).double()
         loss = self.loss_sum / count
-        return {"loss": loss.float(), "accuracy": (self.correct / count).float(), "perplexity": loss.exp().float()}
+        accuracy = self.correct / count
+        values = {"loss": loss[0].float(), "accuracy": accuracy[0].float(), "perplexity": loss[0].exp().float()}
+        for i, name in enumerate(self.target_sets[1:], start=1):
+            # A set with no target in the split (no later member in a window, say) has no value.
+            empty = self.count[i] == 0
+            values[f"perplexity_{name}"] = torch.where(empty, math.nan, loss[i].exp()).float()
+            values[f"accuracy_{name}"] = torch.where(empty, math.nan, accuracy[i]).float()
+        return values
 
 
 class ProteinLM(pl.LightningModule):
@@ -68,7 +82,10 @@ class ProteinLM(pl.LightningModule):
     "all tokens" for CLM without any objective-specific code here.
 
     Logged: train/{loss,accuracy,perplexity} every step; {val,test,ood}/{loss,accuracy,perplexity}
-    per evaluation, and val/elapsed_seconds (wall-clock since training began, carried across resumes)
+    per evaluation over all scored targets, beside the same split's metrics on other target sets
+    (training/targets.py): for MLM {split}/{perplexity,accuracy}_masked (only the positions shown as
+    <mask>), and with member_metrics {split}/perplexity_masked_first, _masked_later (CLM: _first,
+    _later over all targets); and val/elapsed_seconds (wall-clock since training began, carried across resumes)
     so runs can be compared against time.
     """
 
@@ -88,6 +105,7 @@ class ProteinLM(pl.LightningModule):
         alphabet_tokens: Sequence[str] | None = None,
         eval_split_names: Sequence[str] = ("test", "ood"),
         length_multiple: int = 1,
+        member_metrics: bool = False,
     ) -> None:
         """model_config: PerformerConfig as a plain dict (PerformerConfig.to_dict()); stored in hparams.
 
@@ -102,6 +120,9 @@ class ProteinLM(pl.LightningModule):
         length_multiple: pad every batch's length up to a multiple of this (padding the model never
             sees and no label scores), so that a torch.compile'd model meets few distinct lengths and
             no partial FAVOR+ chunk; 1 = as the data comes. A run setting, not saved in hparams.
+        member_metrics: also evaluate targets in the first member of their cluster apart from those in
+            later members (homolog windows; protein_performer.training.targets). A run setting, not
+            saved in hparams.
         """
         super().__init__()
         if objective not in OBJECTIVES:
@@ -130,7 +151,9 @@ class ProteinLM(pl.LightningModule):
         # Decided here, on the unwrapped model: FSDP (use_orig_params) hands configure_optimizers every
         # parameter as a flat 1-D shard, whose shape no longer says whether it was a matrix.
         self.decayed_parameter_names = matrix_parameter_names(self)
-        self.eval_metrics = nn.ModuleDict({name: TokenMetrics() for name in ("val", *eval_split_names)})
+        self._alphabet = Alphabet()
+        self.target_sets = target_set_names(objective, member_metrics)
+        self.eval_metrics = nn.ModuleDict({name: TokenMetrics(self.target_sets) for name in ("val", *eval_split_names)})
         self.last_validated_step = -1  # global_step of the latest real (non-sanity) validation
         self._elapsed_before = 0.0  # wall-clock seconds of training before this process (from a checkpoint)
         self._fit_started: float | None = None
@@ -146,22 +169,36 @@ class ProteinLM(pl.LightningModule):
         """input_ids [batch, length] -> logits [batch, length, vocab_size]."""
         return self.model(input_ids, padding_mask).logits
 
-    def token_statistics(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        """(summed cross-entropy in nats, number of correct argmax predictions, number of scored tokens)."""
-        batch = pad_length_to_multiple(batch, self.length_multiple, self.config.pad_idx)
-        padding_mask = batch["padding_mask"]
+    def token_losses(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """(cross-entropy in nats [batch, length], 0 where unscored; argmax == label [batch, length]).
+
+        Over the batch as given (the length padding for torch.compile is cut off again)."""
+        length = batch["input_ids"].shape[1]
+        padded = pad_length_to_multiple(batch, self.length_multiple, self.config.pad_idx)
+        padding_mask = padded["padding_mask"]
         if self.config.causal and ATTENTION[self.config.attention].unmasked_right_padding:
             # The data module and pad_length_to_multiple pad on the right: a causal model's scored
             # positions never see the padding, and the padded positions' logits are never scored.
             padding_mask = None
-        logits = self(batch["input_ids"], padding_mask)
+        logits = self(padded["input_ids"], padding_mask)[:, :length]
         labels = batch["labels"]
         # bf16 autocast leaves logits in bf16; the log-softmax over the vocabulary wants fp32.
-        loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
-                                   reduction="sum")
-        scored = labels != IGNORE_INDEX
-        correct = ((logits.argmax(dim=-1) == labels) & scored).sum()
-        return loss_sum, correct, scored.sum()
+        losses = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
+                                 reduction="none").view_as(labels)
+        return losses, logits.argmax(dim=-1) == labels
+
+    def token_statistics(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """(summed cross-entropy in nats, number of correct argmax predictions, number of scored tokens)."""
+        losses, hits = self.token_losses(batch)
+        scored = batch["labels"] != IGNORE_INDEX
+        return losses.sum(), (hits & scored).sum(), scored.sum()
+
+    def target_set_statistics(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """token_statistics per evaluation target set (self.target_sets): three tensors [len(target_sets)]."""
+        losses, hits = self.token_losses(batch)
+        sets = target_masks(batch["input_ids"], batch["labels"], self.target_sets, causal=self.config.causal,
+                            alphabet=self._alphabet)  # [sets, batch, length]
+        return (losses.unsqueeze(0) * sets).sum((1, 2)), (hits.unsqueeze(0) & sets).sum((1, 2)), sets.sum((1, 2))
 
     # ---- training -------------------------------------------------------------------------------------
 
@@ -216,7 +253,7 @@ class ProteinLM(pl.LightningModule):
     # ---- evaluation -----------------------------------------------------------------------------------
 
     def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
-        self.eval_metrics["val"].update(*self.token_statistics(batch))
+        self.eval_metrics["val"].update(*self.target_set_statistics(batch))
 
     def on_validation_epoch_end(self) -> None:
         self._log_split("val")
@@ -232,7 +269,7 @@ class ProteinLM(pl.LightningModule):
         if dataloader_idx >= len(names):
             raise ValueError(f"test dataloader {dataloader_idx} has no name: the data module returned more test "
                              f"loaders than eval_split_names={list(names)}")
-        self.eval_metrics[names[dataloader_idx]].update(*self.token_statistics(batch))
+        self.eval_metrics[names[dataloader_idx]].update(*self.target_set_statistics(batch))
 
     def on_test_epoch_end(self) -> None:
         for name in self.hparams.eval_split_names:
@@ -244,6 +281,8 @@ class ProteinLM(pl.LightningModule):
         values = metric.compute()  # already reduced across ranks
         metric.reset()
         for key, value in values.items():
+            if torch.isnan(value):  # a target set with no target in this split: nothing to log
+                continue
             self.log(f"{name}/{key}", value, prog_bar=name == "val" and key == "perplexity",
                      add_dataloader_idx=False)
 

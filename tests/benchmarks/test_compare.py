@@ -150,6 +150,33 @@ def test_curve_table_lines_cells_up_by_step_with_running_cells_marked():
                          "| 600 |  | 14.750 |  |"]
 
 
+def test_table_headlines_masked_only_and_marks_cells_finished_before_it():
+    setting = compare.settings()["A"]
+    common = {"steps": 500.0, "val_accuracy": 0.2, "test_perplexity": 14.5, "test_accuracy": 0.2,
+              "tokens_per_sec": 1000.0, "peak_rss_mb": 900.0, "train_seconds": 600.0}
+    results = [{"cell": "softmax", "kind": "softmax", "val_perplexity": 14.4, "val_perplexity_masked": 17.0,
+                "val_accuracy_masked": 0.11, "val_baseline_frequency_perplexity_masked": 17.8, **common},
+               {"cell": "favor", "kind": "favor", "val_perplexity": 14.6, "val_perplexity_masked": 17.17,
+                "val_accuracy_masked": 0.1, "val_baseline_frequency_perplexity_masked": 17.8, **common},
+               {"cell": "combiner", "kind": "combiner", "val_perplexity": 14.8, **common}]  # an old result.json
+    lines = compare.table(setting, results).splitlines()
+    assert lines[2].startswith("| cell | steps | val ppl masked-only | vs frequencies | vs ref (masked-only) |")
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in lines[4:]}
+    assert rows["favor"][2:8] == ["17.170", f"{17.17 / 17.8:.3f}", "1.010", "0.100", "14.600", f"{14.6 / 14.4:.3f}"]
+    assert rows["combiner"][2:8] == [compare.NOT_MEASURED, "", "", "", "14.800", f"{14.8 / 14.4:.3f}"]
+    assert all(len(row) == len(rows["softmax"]) for row in rows.values())
+    assert "nan" not in "\n".join(lines)
+
+
+def test_summary_keeps_masked_only_metrics_and_baselines_where_logged():
+    rows = [{"step": 100.0, "val/perplexity": 15.0, "val/perplexity_masked": 17.5, "val/elapsed_seconds": 9.0},
+            {"step": 200.0, "val/perplexity": 14.0, "val/perplexity_masked": 17.0,
+             "val/baseline_frequency_perplexity_masked": 17.8}]
+    summary = compare.summarize(rows)
+    assert summary["val_perplexity_masked"] == 17.0 and summary["val_baseline_frequency_perplexity_masked"] == 17.8
+    assert "val_perplexity_masked_later" not in summary and "val_perplexity_masked" not in compare.summarize(rows[:0])
+
+
 def test_recorded_commands_hold_no_machine_paths(tmp_path):
     command = compare.train_command(["data.fasta=/mnt/shared/uniref.fasta.gz",
                                      f"data.cache_dir={compare.REPO / 'benchmarks/results/compare/cache'}",

@@ -8,7 +8,12 @@ import pytest
 import torch
 
 from protein_performer.data import IGNORE_INDEX, Alphabet, SplitSpec, TokenStore, build_token_store
-from protein_performer.training.baselines import STANDARD_AMINO_ACIDS, context_free_baselines, token_counts
+from protein_performer.training.baselines import (
+    STANDARD_AMINO_ACIDS,
+    baselines_by_target_set,
+    context_free_baselines,
+    token_counts,
+)
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +56,33 @@ def test_a_split_with_nothing_scored_is_refused(alphabet: Alphabet):
     empty = {"labels": torch.full((1, 4), IGNORE_INDEX)}
     with pytest.raises(ValueError, match="no scored targets"):
         context_free_baselines([empty], np.ones(len(alphabet), dtype=np.int64), alphabet)
+
+
+def test_baselines_by_target_set_score_each_set_on_its_own_targets(alphabet: Alphabet):
+    counts = np.zeros(len(alphabet), dtype=np.int64)
+    a, c = alphabet.index("A"), alphabet.index("C")
+    counts[a], counts[c] = 70, 29
+    cls, eos, mask = alphabet.cls_idx, alphabet.eos_idx, alphabet.mask_idx
+    # <cls> A C <eos> A C: targets at 1 (shown unchanged), 2 and 4 (shown as <mask>); 4 is in member 2.
+    inputs = torch.tensor([[cls, a, mask, eos, mask, c]])
+    labels = torch.tensor([[IGNORE_INDEX, a, c, IGNORE_INDEX, a, IGNORE_INDEX]])
+    results = baselines_by_target_set([{"input_ids": inputs, "labels": labels}], counts, alphabet,
+                                      ("all", "masked", "masked_first", "masked_later"))
+    total = counts.sum() + len(counts)
+    log_a, log_c = math.log(71 / total), math.log(30 / total)
+    assert {name: r.targets for name, r in results.items()} == {"all": 3, "masked": 2, "masked_first": 1,
+                                                                "masked_later": 1}
+    assert results["all"].frequency == pytest.approx(math.exp(-(2 * log_a + log_c) / 3), rel=1e-12)
+    assert results["masked"].frequency == pytest.approx(math.exp(-(log_a + log_c) / 2), rel=1e-12)
+    assert results["masked_first"].frequency == pytest.approx(total / 30, rel=1e-12)
+    assert results["masked_later"].frequency == pytest.approx(total / 71, rel=1e-12)
+    assert results["masked"].as_metrics("val", "masked") == {
+        "val/baseline_uniform_perplexity_masked": 20.0,
+        "val/baseline_frequency_perplexity_masked": results["masked"].frequency}
+    # A set without targets is left out; the first set must have some.
+    unmasked = baselines_by_target_set([{"input_ids": labels.clamp(min=0), "labels": labels}], counts, alphabet,
+                                       ("all", "masked"))
+    assert list(unmasked) == ["all"]
 
 
 class LargeStore:

@@ -27,14 +27,23 @@ def test_demo_run_reports_perplexity_beside_baselines_on_the_same_targets(tmp_pa
     assert cfg.data.fasta == "data/swissprot_subset.fasta.gz"
     result = train(cfg)
     printed = capsys.readouterr().out
-    line = next(line for line in printed.splitlines() if line.startswith("final validation perplexity"))
-    match = re.search(r"perplexity: ([\d.]+) on ([\d,]+) held-out masked residues; .* frequencies score ([\d.]+), "
-                      r"uniform guessing among the 20 amino acids 20", line)
-    assert match, line
-    assert float(match.group(1)) == pytest.approx(result.val_perplexity, abs=1e-3)
-    assert int(match.group(2).replace(",", "")) > 10_000  # ~2% of 18k proteins, 15% of their residues masked
+    lines = printed.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("final validation perplexity"))
+    number = r"([\d.]+) on ([\d,]+) held-out targets; the training split's amino-acid frequencies ([\d.]+) "
+    masked = re.search(r"masked-only\): " + number + r".*uniform guessing among the 20 amino acids 20$", lines[at])
+    assert masked, lines[at]
+    everything = next(line for line in lines[at + 1:] if line.startswith("  all scored targets"))
+    scored = re.search(number, everything)
+    assert scored, everything
+    assert float(scored.group(1)) == pytest.approx(result.val_perplexity, abs=1e-3)
+    assert float(masked.group(1)) == pytest.approx(result.metrics["val/perplexity_masked"], abs=1e-3)
+    # About 80% of the scored (15%) residues are shown as <mask>: ~2% of 18k proteins held out.
+    masked_targets, all_targets = (int(match.group(2).replace(",", "")) for match in (masked, scored))
+    assert all_targets > 10_000 and 0.75 < masked_targets / all_targets < 0.85
     # Swiss-Prot's amino-acid composition: well below uniform's 20, nowhere near a trained model.
-    assert 16.5 < float(match.group(3)) < 19.5
-    assert result.metrics["val/baseline_frequency_perplexity"] == pytest.approx(float(match.group(3)), abs=1e-3)
+    assert 16.5 < float(masked.group(3)) < 19.5 and 16.5 < float(scored.group(3)) < 19.5
+    assert result.metrics["val/baseline_frequency_perplexity"] == pytest.approx(float(scored.group(3)), abs=1e-3)
+    assert result.metrics["val/baseline_frequency_perplexity_masked"] == pytest.approx(float(masked.group(3)),
+                                                                                       abs=1e-3)
     # The test split ran after validation (as in make train) and is reported on the next line.
-    assert re.search(r"^test/perplexity [\d.]+$", printed, re.MULTILINE), printed
+    assert re.search(r"^test/perplexity [\d.]+  test/perplexity_masked [\d.]+$", printed, re.MULTILINE), printed

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from protein_performer.data import Alphabet, read_fasta
+from protein_performer.data import Alphabet, mask_for_mlm, read_fasta
 from protein_performer.model import PerformerConfig
 from protein_performer.training.module import (
     ProteinLM,
@@ -217,3 +217,76 @@ def test_adamw_is_fused_on_cuda_only():
     module._trainer = SimpleNamespace(estimated_stepping_batches=100)
     optimizer = module.configure_optimizers()["optimizer"]
     assert not optimizer.defaults["fused"]
+
+
+def _homolog_mlm_batch(data_dir) -> dict[str, torch.Tensor]:
+    """Two windows of real residues laid out as homolog windows (<cls> m1 <eos> m2 ...), MLM-masked
+    with the 80/10/10 recipe, so every target set has targets."""
+    alphabet = Alphabet()
+    sequences = [alphabet.encode(s)[:14] for s in _sequences(data_dir, 4)]
+    first = np.concatenate([[alphabet.cls_idx], sequences[0], [alphabet.eos_idx], sequences[1]])
+    second = np.concatenate([sequences[2][:5], [alphabet.eos_idx], [alphabet.cls_idx], sequences[3],
+                             [alphabet.eos_idx], sequences[0][:9]])
+    ids = np.full((2, max(len(first), len(second))), alphabet.pad_idx, dtype=np.int64)
+    ids[0, :len(first)], ids[1, :len(second)] = first, second
+    inputs, labels = mask_for_mlm(ids, alphabet, np.random.default_rng(3), probability=0.5)
+    inputs, labels = torch.from_numpy(inputs), torch.from_numpy(labels)
+    return {"input_ids": inputs, "labels": labels, "padding_mask": inputs == alphabet.pad_idx}
+
+
+def test_target_set_metrics_equal_a_hand_computation(data_dir):
+    torch.manual_seed(0)
+    module = ProteinLM(_module("mlm").config.to_dict(), "mlm", member_metrics=True).eval()
+    batch = _homolog_mlm_batch(data_dir)
+    inputs, labels = batch["input_ids"], batch["labels"]
+    with torch.no_grad():
+        loss_sums, correct, counts = module.target_set_statistics(batch)
+        logits = module(inputs, batch["padding_mask"])
+    alphabet = Alphabet()
+    # By hand: member of each position from the layout, one target at a time.
+    members = torch.zeros_like(inputs)
+    for row in range(inputs.shape[0]):
+        member = 0
+        for i, token in enumerate(inputs[row].tolist()):
+            member = 0 if token == alphabet.cls_idx else member
+            members[row, i] = member
+            member += token == alphabet.eos_idx
+    chosen = {"all": lambda b, i: True, "masked": lambda b, i: inputs[b, i] == alphabet.mask_idx,
+              "masked_first": lambda b, i: inputs[b, i] == alphabet.mask_idx and members[b, i] == 0,
+              "masked_later": lambda b, i: inputs[b, i] == alphabet.mask_idx and members[b, i] > 0}
+    assert module.target_sets == tuple(chosen)
+    for k, keep in enumerate(chosen.values()):
+        positions = [(b, i) for b, i in (labels != -100).nonzero().tolist() if keep(b, i)]
+        assert positions, "every set has targets in this batch"
+        nll = [-F.log_softmax(logits[b, i], dim=-1)[labels[b, i]] for b, i in positions]
+        assert counts[k] == len(positions)
+        torch.testing.assert_close(loss_sums[k], torch.stack(nll).sum())
+        assert correct[k] == sum(int(logits[b, i].argmax() == labels[b, i]) for b, i in positions)
+    # The all-target row is what training optimises.
+    for a, b in zip(module.token_statistics(batch), (loss_sums[0], correct[0], counts[0]), strict=True):
+        torch.testing.assert_close(a, b)
+    # Some targets show a residue (random or their own): the masked set is a strict subset.
+    assert counts[1] < counts[0] and counts[2] + counts[3] == counts[1]
+
+
+def test_target_set_aggregation_over_uneven_batches_is_exact():
+    metric = TokenMetrics(("all", "masked", "masked_first", "masked_later"))
+    # Batch one: 10 targets (8 masked: 5 first, 3 later); batch two: 2 targets (1 masked, later).
+    metric.update(torch.tensor([20.0, 16.0, 9.0, 7.0]), torch.tensor([4, 3, 2, 1]), torch.tensor([10, 8, 5, 3]))
+    metric.update(torch.tensor([6.0, 4.0, 0.0, 4.0]), torch.tensor([1, 0, 0, 0]), torch.tensor([2, 1, 0, 1]))
+    values = metric.compute()
+    torch.testing.assert_close(values["perplexity"], torch.tensor(math.exp(26.0 / 12)))
+    torch.testing.assert_close(values["perplexity_masked"], torch.tensor(math.exp(20.0 / 9)))
+    torch.testing.assert_close(values["accuracy_masked"], torch.tensor(3.0 / 9))
+    torch.testing.assert_close(values["perplexity_masked_first"], torch.tensor(math.exp(9.0 / 5)))
+    torch.testing.assert_close(values["perplexity_masked_later"], torch.tensor(math.exp(11.0 / 4)))
+    # Not a mean of the batches' perplexities:
+    assert values["perplexity_masked_later"] != pytest.approx((math.exp(7 / 3) + math.exp(4.0)) / 2, rel=1e-3)
+
+
+def test_a_target_set_without_targets_has_no_value():
+    metric = TokenMetrics(("all", "masked", "masked_first", "masked_later"))
+    metric.update(torch.tensor([3.0, 2.0, 2.0, 0.0]), torch.tensor([1, 1, 1, 0]), torch.tensor([2, 1, 1, 0]))
+    values = metric.compute()
+    assert math.isnan(values["perplexity_masked_later"]) and math.isnan(values["accuracy_masked_later"])
+    torch.testing.assert_close(values["perplexity_masked_first"], torch.tensor(math.exp(2.0)))

@@ -117,6 +117,15 @@ def test_run_logs_curves_throughput_and_evaluations(straight):
     assert len(norms) == STEPS and all(0 < norm < float("inf") for norm in norms)  # every step, before clipping
     for split in ("test", "ood"):
         assert 1 < straight.metrics[f"{split}/perplexity"] < 31
+        # Masked-only: the positions shown as <mask> alone, a subset of the targets, so another figure.
+        assert 1 < straight.metrics[f"{split}/perplexity_masked"] < 31
+        assert straight.metrics[f"{split}/perplexity_masked"] != straight.metrics[f"{split}/perplexity"]
+        assert 0 <= straight.metrics[f"{split}/accuracy_masked"] <= 1
+    assert all(row.get("val/perplexity_masked") for row in validations)
+    assert not any(key.endswith(("_first", "_later")) for key in straight.metrics)  # no homolog windows here
+    # The baselines on the same targets are logged beside the run's metrics (compare.py reads them).
+    baselines = [row for row in rows if row.get("val/baseline_frequency_perplexity_masked")]
+    assert len(baselines) == 1 and 15 < float(baselines[0]["val/baseline_frequency_perplexity_masked"]) < 21
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [f"best-step{STEPS:06d}.ckpt", "last.ckpt"]
     saved = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["run_settings"]  # for resume checks
     assert saved["model"]["attention"] == "favor" and saved["objective"] == "mlm" and saved["data"]["max_length"] == 64
@@ -132,6 +141,22 @@ def test_fast_dev_run(attention, objective, tmp_path, store_cache):
     assert result.module.model.config.causal == (objective == "clm")
     for key in ("train/loss", "val/perplexity", "test/perplexity"):
         assert torch.isfinite(torch.tensor(result.metrics[key])), key
+
+
+@pytest.mark.parametrize(("objective", "names"), [("mlm", ("masked_first", "masked_later")),
+                                                  ("clm", ("first", "later"))])
+def test_member_metrics_report_first_and_later_members_apart(objective, names, tmp_path, store_cache):
+    # Concatenated windows stand in for homolog windows: <eos>-joined proteins, members counted from
+    # the window start (no <cls>); windows longer than most proteins, so both sets have targets.
+    cfg = compose_config(tiny_overrides(store_cache, f"objective={objective}", "data.sampling=concat",
+                                        "data.max_length=512", "data.tokens_per_batch=2048", "member_metrics=true",
+                                        "+trainer.fast_dev_run=true", "logger=none"), tmp_path)
+    result = train(cfg)
+    for split in ("val", "test"):
+        for name in names:
+            assert 1 < result.metrics[f"{split}/perplexity_{name}"] < 40, (split, name)
+    assert 1 < result.metrics[f"val/baseline_frequency_perplexity_{names[1]}"] < 40
+    assert result.module.target_sets[-2:] == names
 
 
 def test_one_bf16_mixed_precision_step_on_cpu(tmp_path, store_cache):
