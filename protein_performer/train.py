@@ -91,6 +91,7 @@ def _train(cfg: DictConfig, callbacks: Sequence[pl.Callback]) -> TrainResult:
                                          pad_idx=alphabet.pad_idx, causal=cfg.objective == "clm")
         module = ProteinLM(model_config.to_dict(), cfg.objective, seed=cfg.seed, alphabet_tokens=alphabet.tokens,
                            length_multiple=COMPILE_LENGTH_MULTIPLE if compile_model else 1,
+                           log_attention_fidelity=cfg.get("log_attention_fidelity"),
                            **OmegaConf.to_container(cfg.optim, resolve=True))
     except (ValueError, TypeError) as error:  # a bad model, attention, objective or optim setting
         raise UserError(f"config: {error}") from None

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.distributed.fsdp import FullyShardedDataParallel
 
 from protein_performer.data import IGNORE_INDEX, OBJECTIVES
+from protein_performer.fidelity import attention_fidelity
 from protein_performer.model import PerformerConfig, ProteinPerformer
 from protein_performer.training.loggers import CHECKPOINT_KEY as CSV_ROWS_KEY
 from protein_performer.training.loggers import ResumableCSVLogger
@@ -87,6 +88,7 @@ class ProteinLM(pl.LightningModule):
         alphabet_tokens: Sequence[str] | None = None,
         eval_split_names: Sequence[str] = ("test", "ood"),
         length_multiple: int = 1,
+        log_attention_fidelity: bool | None = None,
     ) -> None:
         """model_config: PerformerConfig as a plain dict (PerformerConfig.to_dict()); stored in hparams.
 
@@ -101,6 +103,10 @@ class ProteinLM(pl.LightningModule):
         length_multiple: pad every batch's length up to a multiple of this (padding the model never
             sees and no label scores), so that a torch.compile'd model meets few distinct lengths and
             no partial FAVOR+ chunk; 1 = as the data comes. A run setting, not saved in hparams.
+        log_attention_fidelity: at each validation, measure the attention against exact softmax on the
+            first validation batch (`protein_performer.fidelity`) and log, per layer, the median over
+            heads of the relative output error (val/attn_error/layer_i) and of u_bar (val/u_bar/layer_i).
+            None: on for kinds with random features. A run setting, not saved in hparams.
         """
         super().__init__()
         if objective not in OBJECTIVES:
@@ -126,6 +132,8 @@ class ProteinLM(pl.LightningModule):
             raise ValueError(f"length_multiple must be >= 1, got {length_multiple}")
         self.length_multiple = length_multiple
         self.model = ProteinPerformer(config)
+        self.log_attention_fidelity = (config.attention_kind.random_features if log_attention_fidelity is None
+                                       else bool(log_attention_fidelity))
         # Decided here, on the unwrapped model: FSDP (use_orig_params) hands configure_optimizers every
         # parameter as a flat 1-D shard, whose shape no longer says whether it was a matrix.
         self.decayed_parameter_names = matrix_parameter_names(self)
@@ -213,6 +221,16 @@ class ProteinLM(pl.LightningModule):
 
     def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
         self.eval_metrics["val"].update(*self.token_statistics(batch))
+        if batch_idx == 0 and self.log_attention_fidelity and not self.trainer.sanity_checking:
+            self._log_attention_fidelity(batch)
+
+    def _log_attention_fidelity(self, batch: Mapping[str, Tensor]) -> None:
+        """Per layer, the attention's error against exact softmax and u_bar on this (MLM-masked) batch."""
+        report = attention_fidelity(self.model, batch["input_ids"], batch["padding_mask"], entropy=False)
+        per_layer = report.per_layer()
+        for metric, values in (("attn_error", per_layer["error"]), ("u_bar", per_layer["u_bar"])):
+            for layer, value in enumerate(values.float()):
+                self.log(f"val/{metric}/layer_{layer}", value, batch_size=1, sync_dist=True, add_dataloader_idx=False)
 
     def on_validation_epoch_end(self) -> None:
         self._log_split("val")
