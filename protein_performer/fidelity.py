@@ -19,21 +19,23 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from protein_performer import ops
 from protein_performer.config import PerformerConfig
 from protein_performer.model import ProteinPerformer, projection_seed
 from protein_performer.nn.attention import SelfAttention
+from protein_performer.ops.softmax.reference import allowed_keys
 
-__all__ = ["AttentionFidelity", "attention_fidelity", "captured_attention_inputs", "pair_norm_sums",
-           "variant_config"]
+__all__ = ["AttentionFidelity", "attention_fidelity", "captured_attention_inputs", "exact_attention",
+           "exact_attention_weights", "fidelity_of_records", "pair_norm_sums", "variant_config"]
 
 # The `step` argument of projection_seed for fresh draws: beyond any training run, so a fresh draw never
 # repeats a projection the model trained with.
@@ -83,7 +85,7 @@ class AttentionFidelity:
 
 @contextmanager
 def captured_attention_inputs(model: ProteinPerformer) -> Iterator[list[dict[str, Any]]]:
-    """Record, for every attention call during the block, {layer, q, k, v, key_padding_mask, output}.
+    """Record, for every attention call during the block, {layer, config, q, k, v, key_padding_mask, output}.
 
     q and k are as the layer's kind receives them (after rotary); output is the layer's own attention
     [batch, heads, length, head_dim]. The layers are restored on exit.
@@ -94,8 +96,8 @@ def captured_attention_inputs(model: ProteinPerformer) -> Iterator[list[dict[str
     def recorder(layer: SelfAttention):
         def attend(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
             output = SelfAttention.attend(layer, q, k, v, key_padding_mask)
-            records.append({"layer": layer, "q": q, "k": k, "v": v, "key_padding_mask": key_padding_mask,
-                            "output": output})
+            records.append({"layer": layer, "config": model.config, "q": q, "k": k, "v": v,
+                            "key_padding_mask": key_padding_mask, "output": output})
             return output
         return attend
 
@@ -120,7 +122,8 @@ def variant_config(config: PerformerConfig, nb_features: int | None = None,
 @torch.no_grad()
 def attention_fidelity(model: ProteinPerformer, input_ids: Tensor, padding_mask: Tensor | None = None, *,
                        nb_features: int | None = None, overrides: Mapping[str, Any] | None = None,
-                       seed: int | None = None, entropy: bool = True) -> AttentionFidelity:
+                       seed: int | None = None, entropy: bool = True,
+                       dtype: torch.dtype = torch.float64) -> AttentionFidelity:
     """Measure every layer and head of `model` on input_ids [batch, length] (see the module docstring).
 
     Runs one eager forward (in eval mode; the model's mode is restored) and records each layer's q, k, v.
@@ -131,11 +134,8 @@ def attention_fidelity(model: ProteinPerformer, input_ids: Tensor, padding_mask:
 
     padding_mask: bool [batch, length], True at padding; padded positions enter no statistic.
     entropy: also the exact attention's row entropy (materialises each protein's L x L matrix).
+    dtype: of the exact attention and the sums (float32 is enough for errors above ~1e-5).
     """
-    rebuilt_config = None
-    if nb_features is not None or overrides or seed is not None:
-        rebuilt_config = variant_config(model.config, nb_features, overrides)
-        seed = 0 if seed is None else seed
     was_training = model.training
     model.eval()
     try:
@@ -143,16 +143,25 @@ def attention_fidelity(model: ProteinPerformer, input_ids: Tensor, padding_mask:
             model.forward(input_ids, padding_mask)  # .forward: eager even when the model was compiled
     finally:
         model.train(was_training)
+    return fidelity_of_records(records, nb_features=nb_features, overrides=overrides, seed=seed, entropy=entropy,
+                               dtype=dtype)
+
+
+def fidelity_of_records(records: Sequence[Mapping[str, Any]], *, nb_features: int | None = None,
+                        overrides: Mapping[str, Any] | None = None, seed: int | None = None, entropy: bool = True,
+                        dtype: torch.dtype = torch.float64) -> AttentionFidelity:
+    """`attention_fidelity` of the attention calls recorded by `captured_attention_inputs` (one per layer)."""
+    variant = None
+    if nb_features is not None or overrides or seed is not None:
+        variant = variant_config(records[0]["config"], nb_features, overrides)
     layers = []
     for record in records:
         layer: SelfAttention = record["layer"]
         q, k, v, mask = record["q"], record["k"], record["v"], record["key_padding_mask"]
         estimate = record["output"]
-        if rebuilt_config is not None:
-            assert seed is not None
-            variant = rebuilt_layer(layer, rebuilt_config, seed)
-            estimate = variant.attend(q, k, v, mask)
-        layers.append(layer_fidelity(layer, q, k, v, mask, estimate, entropy=entropy))
+        if variant is not None:
+            estimate = rebuilt_layer(layer, variant, 0 if seed is None else seed).attend(q, k, v, mask)
+        layers.append(layer_fidelity(layer, q, k, v, mask, estimate, entropy=entropy, dtype=dtype))
     return AttentionFidelity(**{name: None if layers[0][name] is None else torch.stack([s[name] for s in layers])
                                 for name in layers[0]})
 
@@ -170,35 +179,46 @@ def rebuilt_layer(layer: SelfAttention, config: PerformerConfig, seed: int) -> S
 
 
 def layer_fidelity(layer: SelfAttention, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None,
-                   estimate: Tensor, *, entropy: bool = True) -> dict[str, Tensor | None]:
-    """One layer's sums (the fields of AttentionFidelity, each [heads]), from q, k, v [B, H, L, D] and the
-    estimate A_hat v [B, H, L, D]. Each protein is cut to its valid tokens and measured exactly in float64."""
+                   estimate: Tensor, *, entropy: bool = True,
+                   dtype: torch.dtype = torch.float64) -> dict[str, Tensor | None]:
+    """One layer's sums (the fields of AttentionFidelity, each [heads]) from q, k, v [B, H, L, D] and the
+    layer's estimate A_hat v [B, H, L, D], over valid queries and attended valid pairs."""
     batch, heads, length, dim = q.shape
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     valid = torch.ones(batch, length, dtype=torch.bool, device=q.device) if key_padding_mask is None \
         else ~key_padding_mask
-    full_bias = _full_relative_bias(layer, length)
-    zeros = torch.zeros(heads, dtype=torch.float64, device=q.device)
-    sums = {"error_sq": zeros.clone(), "exact_sq": zeros.clone(), "pair_sum": zeros.clone(),
-            "pairs": zeros.clone(), "entropy_sum": zeros.clone() if entropy else None, "queries": zeros.clone()}
+    queries = valid[:, None, :, None]  # (B, 1, L, 1)
+    bias = _full_relative_bias(layer, length, dtype)
+    exact = torch.where(queries, exact_attention(q, k, v, bias, causal=layer.causal, key_padding_mask=key_padding_mask), 0)
+    difference = torch.where(queries, estimate.to(dtype) - exact, 0)
     scale = dim ** -0.25
-    for b in range(batch):
-        positions = valid[b].nonzero().squeeze(1)  # (n,): the protein's tokens, in order
-        n = positions.numel()
-        if n == 0:
-            continue
-        qb, kb, vb = (t[b][:, positions].double() for t in (q, k, v))  # (H, n, D)
-        bias = None if full_bias is None else full_bias[:, positions[None, :] - positions[:, None] + length - 1]
-        weights = exact_attention_weights(qb, kb, bias, causal=layer.causal)  # (H, n, n)
-        exact = weights @ vb
-        sums["error_sq"] += (estimate[b][:, positions].double() - exact).square().sum(dim=(1, 2))
-        sums["exact_sq"] += exact.square().sum(dim=(1, 2))
-        pair_sum, pairs = pair_norm_sums(qb * scale, kb * scale, causal=layer.causal)
-        sums["pair_sum"] += pair_sum
-        sums["pairs"] += pairs
-        if entropy:
+    pair_sum, pairs = pair_norm_sums(q * scale, k * scale, valid[:, None, :].expand(batch, heads, length),
+                                     causal=layer.causal)
+    sums = {"error_sq": difference.square().sum(dim=(0, 2, 3)), "exact_sq": exact.square().sum(dim=(0, 2, 3)),
+            "pair_sum": pair_sum.sum(0), "pairs": pairs.sum(0), "entropy_sum": None,
+            "queries": valid.sum().to(dtype).expand(heads).clone()}
+    if entropy:
+        sums["entropy_sum"] = torch.zeros(heads, dtype=dtype, device=q.device)
+        for b in range(batch):  # one protein at a time, cut to its valid tokens: an [H, n, n] matrix
+            positions = valid[b].nonzero().squeeze(1)
+            protein_bias = None if bias is None else bias[:, _offsets(positions, length)]
+            weights = exact_attention_weights(q[b][:, positions], k[b][:, positions], protein_bias,
+                                              causal=layer.causal)
             sums["entropy_sum"] -= torch.special.xlogy(weights, weights).sum(dim=(1, 2))
-        sums["queries"] += n
     return sums
+
+
+def exact_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, *, causal: bool,
+                    key_padding_mask: Tensor | None) -> Tensor:
+    """softmax(q k^T / sqrt(d) + b_(j-i)) v over [B, H, L, D]; bias [H, 2L - 1] (entry (j - i) + L - 1) or None."""
+    if bias is None:
+        return ops.softmax_attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask)
+    length = q.shape[-2]
+    scores_bias = bias[:, _offsets(torch.arange(length, device=q.device), length)]  # (H, L, L)
+    allowed = allowed_keys(length, length, causal, key_padding_mask, q.device)
+    if allowed is not None:
+        scores_bias = scores_bias.masked_fill(~allowed, float("-inf"))  # (B | 1, H, L, L)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=scores_bias)
 
 
 def exact_attention_weights(q: Tensor, k: Tensor, bias: Tensor | None, *, causal: bool) -> Tensor:
@@ -212,28 +232,39 @@ def exact_attention_weights(q: Tensor, k: Tensor, bias: Tensor | None, *, causal
     return torch.softmax(scores, dim=-1)
 
 
-def pair_norm_sums(q: Tensor, k: Tensor, *, causal: bool) -> tuple[Tensor, Tensor]:
-    """(sum of ||q_i + k_j||^2 over the attended pairs, number of pairs) per head, in O(n D).
+def pair_norm_sums(q: Tensor, k: Tensor, valid: Tensor | None = None, *, causal: bool) -> tuple[Tensor, Tensor]:
+    """(sum of ||q_i + k_j||^2 over the attended valid pairs, number of those pairs), in O(n D).
 
-    q, k: [heads, n, D]. All pairs: n sum||q||^2 + n sum||k||^2 + 2 (sum q).(sum k). Causal (j <= i):
-    sum_i (i + 1)||q_i||^2 + C2_i + 2 q_i.C1_i with C1_i, C2_i the running sums of k_j and ||k_j||^2.
+    q, k: [..., n, D]; valid: bool [..., n] (None: all). Over all valid pairs the sum is
+    N sum||q||^2 + N sum||k||^2 + 2 (sum q).(sum k), N valid tokens; causal (j <= i) it is
+    sum_i (N_i ||q_i||^2 + C2_i + 2 q_i.C1_i), with N_i, C1_i, C2_i the running count, sum of k_j and of
+    ||k_j||^2 over the valid j <= i. Returns two tensors of shape [...].
     """
-    n = q.shape[-2]
-    q_sq, k_sq = q.square().sum(-1), k.square().sum(-1)  # (H, n)
+    if valid is None:
+        valid = torch.ones(q.shape[:-1], dtype=torch.bool, device=q.device)
+    weight = valid.to(q.dtype)
+    q, k = q * weight[..., None], k * weight[..., None]  # padding contributes nothing
+    q_sq, k_sq = q.square().sum(-1), k.square().sum(-1)  # (..., n)
     if not causal:
+        n = weight.sum(-1)
         total = n * q_sq.sum(-1) + n * k_sq.sum(-1) + 2 * (q.sum(-2) * k.sum(-2)).sum(-1)
-        return total, torch.full_like(total, float(n * n))
-    seen = torch.arange(1, n + 1, dtype=q.dtype, device=q.device)  # keys visible to query i
-    total = ((seen * q_sq).sum(-1) + k_sq.cumsum(-1).sum(-1)
+        return total, n * n
+    seen = weight.cumsum(-1)  # valid keys at or before each query
+    total = ((seen * q_sq).sum(-1) + (weight * k_sq.cumsum(-1)).sum(-1)
              + 2 * (q * k.cumsum(-2)).sum(dim=(-1, -2)))
-    return total, torch.full_like(total, float(n * (n + 1) // 2))
+    return total, (weight * seen).sum(-1)
 
 
-def _full_relative_bias(layer: SelfAttention, length: int) -> Tensor | None:
-    """The layer's relative bias over every offset, [heads, 2L - 1] float64 (None for kinds without one)."""
+def _offsets(positions: Tensor, length: int) -> Tensor:
+    """[n, n] index of b_(j-i) in a full bias [H, 2L - 1] for the tokens at `positions` (i rows, j columns)."""
+    return positions[None, :] - positions[:, None] + length - 1
+
+
+def _full_relative_bias(layer: SelfAttention, length: int, dtype: torch.dtype) -> Tensor | None:
+    """The layer's relative bias over every offset, [heads, 2L - 1] (None for kinds without one)."""
     if not layer.spec.relative_bias:
         return None
     bias = layer.relative_bias(length)
     if isinstance(bias, ops.WindowedBias):
         bias = ops.expand_windowed_bias(bias, length)
-    return bias.double()
+    return bias.to(dtype)

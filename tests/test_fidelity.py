@@ -111,14 +111,17 @@ def test_padding_is_invisible(kind, causal):
 @pytest.mark.parametrize("causal", [False, True], ids=["bidirectional", "causal"])
 def test_pair_norm_sums_equal_brute_force(causal):
     generator = torch.Generator().manual_seed(0)
-    q, k = torch.randn(2, 3, 13, 5, generator=generator, dtype=torch.float64).unbind(0)
-    total, pairs = pair_norm_sums(q, k, causal=causal)
-    norms = (q[:, :, None, :] + k[:, None, :, :]).square().sum(-1)  # (H, i, j)
-    attended = torch.ones(13, 13, dtype=torch.bool)
+    q, k = torch.randn(2, 2, 3, 13, 5, generator=generator, dtype=torch.float64).unbind(0)  # (B, H, n, D)
+    valid = torch.ones(2, 3, 13, dtype=torch.bool)
+    valid[1, :, 9:] = False  # padding at the end
+    valid[0, :, 4] = False  # and a gap
+    total, pairs = pair_norm_sums(q, k, valid, causal=causal)
+    norms = (q[..., :, None, :] + k[..., None, :, :]).square().sum(-1)  # (B, H, i, j)
+    attended = valid[..., :, None] & valid[..., None, :]
     if causal:
-        attended = attended.tril()
-    torch.testing.assert_close(total, (norms * attended).sum(dim=(1, 2)))
-    assert (pairs == attended.sum()).all()
+        attended = attended & torch.ones(13, 13, dtype=torch.bool).tril()
+    torch.testing.assert_close(total, (norms * attended).sum(dim=(-1, -2)))
+    torch.testing.assert_close(pairs, attended.sum(dim=(-1, -2)).double())
 
 
 def test_uniform_attention_has_entropy_log_n():

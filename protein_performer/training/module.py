@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.distributed.fsdp import FullyShardedDataParallel
 
 from protein_performer.data import IGNORE_INDEX, OBJECTIVES
-from protein_performer.fidelity import attention_fidelity
+from protein_performer.fidelity import attention_fidelity, captured_attention_inputs, fidelity_of_records
 from protein_performer.model import PerformerConfig, ProteinPerformer
 from protein_performer.training.loggers import CHECKPOINT_KEY as CSV_ROWS_KEY
 from protein_performer.training.loggers import ResumableCSVLogger
@@ -220,13 +220,24 @@ class ProteinLM(pl.LightningModule):
     # ---- evaluation -----------------------------------------------------------------------------------
 
     def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
-        self.eval_metrics["val"].update(*self.token_statistics(batch))
         if batch_idx == 0 and self.log_attention_fidelity and not self.trainer.sanity_checking:
-            self._log_attention_fidelity(batch)
+            self._validate_with_attention_fidelity(batch)
+            return
+        self.eval_metrics["val"].update(*self.token_statistics(batch))
 
-    def _log_attention_fidelity(self, batch: Mapping[str, Tensor]) -> None:
-        """Per layer, the attention's error against exact softmax and u_bar on this (MLM-masked) batch."""
-        report = attention_fidelity(self.model, batch["input_ids"], batch["padding_mask"], entropy=False)
+    def _validate_with_attention_fidelity(self, batch: Mapping[str, Tensor]) -> None:
+        """The batch's metrics, and per layer the attention's error against exact softmax and u_bar on it
+        (MLM-masked inputs, as validated), from the q, k, v of the validation forward itself."""
+        compiled = getattr(self.model, "_compiled_call_impl", None) is not None
+        if compiled:  # a compiled forward is not traced with recorders inside: one eager forward of its own
+            self.eval_metrics["val"].update(*self.token_statistics(batch))
+            report = attention_fidelity(self.model, batch["input_ids"], batch["padding_mask"], entropy=False,
+                                        dtype=torch.float32)
+        else:
+            with captured_attention_inputs(self.model) as records:
+                self.eval_metrics["val"].update(*self.token_statistics(batch))
+            with torch.no_grad():
+                report = fidelity_of_records(records, entropy=False, dtype=torch.float32)
         per_layer = report.per_layer()
         for metric, values in (("attn_error", per_layer["error"]), ("u_bar", per_layer["u_bar"])):
             for layer, value in enumerate(values.float()):
