@@ -262,7 +262,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                  "A validation of N batches pays the last column's ratio / N (the logging measures one batch)."]
 
     report = "\n\n".join(sections) + "\n"
-    print(report)
+    print(report, end="")
     if args.output:
         with open(args.output, "w") as handle:
             handle.write(report)
