@@ -160,3 +160,11 @@ def test_the_model_mode_is_restored():
     model = make_model("favor").train()
     attention_fidelity(model, *tokens(), entropy=False)
     assert model.training
+
+
+def test_a_compiled_model_is_measured_eagerly_alike():
+    model = make_model("favor")
+    ids, padding = tokens()
+    expected = attention_fidelity(model, ids, padding, entropy=False)
+    model.compile(backend="eager")
+    torch.testing.assert_close(attention_fidelity(model, ids, padding, entropy=False).error, expected.error)
