@@ -86,7 +86,10 @@ def held_out_proteins(fasta: str, checkpoint: str, split: str, count: int, max_l
     return chosen
 
 
-def batches(alphabet: Alphabet, sequences: Sequence[str], tokens_per_batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+Batch = tuple[torch.Tensor, torch.Tensor]  # input_ids [B, L], padding_mask [B, L]
+
+
+def batches(alphabet: Alphabet, sequences: Sequence[str], tokens_per_batch: int) -> list[Batch]:
     """(input_ids, padding_mask) batches of similar lengths, about tokens_per_batch tokens each."""
     encoded = sorted((alphabet.encode(s).astype(np.int64) for s in sequences), key=len)
     out, current = [], []
@@ -104,7 +107,8 @@ def batches(alphabet: Alphabet, sequences: Sequence[str], tokens_per_batch: int)
     return framed
 
 
-def masked(alphabet: Alphabet, data: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def masked(alphabet: Alphabet, data: list[Batch]) -> list[Batch]:
+    """The same batches MLM-masked (15%: 80% <mask>, 10% random, 10% kept), as validation sees them."""
     rng = np.random.default_rng(0)
     return [(torch.from_numpy(mask_for_mlm(ids.numpy(), alphabet, rng)[0]), padding) for ids, padding in data]
 
@@ -244,10 +248,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             start = time.perf_counter()
             report = plain_variant if not overrides else fresh_draws(model, data, args.draws, overrides=overrides)
             seconds = time.perf_counter() - start
-            rows.append([name, f"{overall(report.error):.4f}", f"{overall(report.error) / overall(plain_variant.error):.3f}",
+            error = overall(report.error)
+            rows.append([name, f"{error:.4f}", f"{error / overall(plain_variant.error):.3f}",
                          " / ".join(f"{e:.3f}" for e in report.per_layer()["error"]),
                          f"{seconds:.1f}" if overrides else "-"])
-        sections += [f"## By feature variant (m = {config.nb_features}, {args.draws} fresh draws pooled, the same seeds)",
+        sections += [f"## By feature variant (m = {config.nb_features}, {args.draws} fresh draws pooled, same seeds)",
                      table(["variant", "median error", "ratio to plain", "per layer", "measure time (s)"], rows)]
         if notes:
             sections.append("\n".join(notes))

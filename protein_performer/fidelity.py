@@ -35,7 +35,7 @@ from protein_performer.nn.attention import SelfAttention
 from protein_performer.ops.softmax.reference import allowed_keys
 
 __all__ = ["AttentionFidelity", "attention_fidelity", "captured_attention_inputs", "exact_attention",
-           "exact_attention_weights", "fidelity_of_records", "pair_norm_sums", "variant_config"]
+           "exact_attention_weights", "fidelity_of_records", "pair_norm_sums", "rebuilt_layer", "variant_config"]
 
 # The `step` argument of projection_seed for fresh draws: beyond any training run, so a fresh draw never
 # repeats a projection the model trained with.
@@ -189,7 +189,8 @@ def layer_fidelity(layer: SelfAttention, q: Tensor, k: Tensor, v: Tensor, key_pa
         else ~key_padding_mask
     queries = valid[:, None, :, None]  # (B, 1, L, 1)
     bias = _full_relative_bias(layer, length, dtype)
-    exact = torch.where(queries, exact_attention(q, k, v, bias, causal=layer.causal, key_padding_mask=key_padding_mask), 0)
+    exact = exact_attention(q, k, v, bias, causal=layer.causal, key_padding_mask=key_padding_mask)
+    exact = torch.where(queries, exact, 0)
     difference = torch.where(queries, estimate.to(dtype) - exact, 0)
     scale = dim ** -0.25
     pair_sum, pairs = pair_norm_sums(q * scale, k * scale, valid[:, None, :].expand(batch, heads, length),
