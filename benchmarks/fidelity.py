@@ -233,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                      table(["m", "median error", f"ratio to m={config.nb_features}", "per layer (median over heads)"],
                            rows)]
 
-        plain_variant = fresh_draws(model, data, args.draws)
+        plain_variant = baseline  # the same config and seeds
         rows, notes = [], []
         for name, overrides in VARIANTS:
             missing = unknown_keys(overrides)
