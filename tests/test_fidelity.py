@@ -168,3 +168,10 @@ def test_a_compiled_model_is_measured_eagerly_alike():
     expected = attention_fidelity(model, ids, padding, entropy=False)
     model.compile(backend="eager")
     torch.testing.assert_close(attention_fidelity(model, ids, padding, entropy=False).error, expected.error)
+
+
+def test_overrides_rebuild_each_layer_with_the_same_weights():
+    """A favor model measured with its attention swapped for exact softmax: the estimate is then exact."""
+    model = make_model("favor")
+    report = attention_fidelity(model, *tokens(), overrides={"attention": "softmax"}, entropy=False)
+    assert report.error.max() < 1e-5
