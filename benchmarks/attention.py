@@ -87,6 +87,37 @@ def _favor(causal: bool) -> Callable[[Shape], Attention]:
     return build
 
 
+def _favor_variant(causal: bool, oprf: bool, window: int) -> Callable[[Shape], Attention]:
+    """FAVOR+ with issue 21's options: FAVOR++ features (A from the batch's statistic bidirectionally, a
+    fixed per-head A causally, as a model's running estimate) and/or an exact band of ``window`` (0 = off)."""
+
+    def build(shape: Shape) -> Attention:
+        from protein_performer.ops import (
+            favor_attention,
+            favor_window_attention,
+            gaussian_orthogonal_random_matrix,
+            oprf_coefficient,
+            oprf_statistic,
+        )
+
+        projection = gaussian_orthogonal_random_matrix(
+            shape.nb_features, shape.head_dim, generator=torch.Generator().manual_seed(0)
+        )
+        fixed_a = oprf_coefficient(torch.full((shape.heads,), 4.0), shape.head_dim)
+
+        def attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            a = None
+            if oprf:
+                a = fixed_a if causal else oprf_coefficient(oprf_statistic(q, k), shape.head_dim)
+            if window:
+                return favor_window_attention(q, k, v, projection, window, causal=causal, oprf_a=a)
+            return favor_attention(q, k, v, projection, causal=causal, oprf_a=a)
+
+        return attention
+
+    return build
+
+
 def _sdpa(causal: bool) -> Callable[[Shape], Attention]:
     def build(shape: Shape) -> Attention:
         from protein_performer.ops import softmax_attention
@@ -177,6 +208,15 @@ METHODS += [
     Method("favor_rpe-full", causal=True, build=_favor_rpe(True, None), max_length=8192, skip_reason=_RPE_SKIP),
     Method("combiner", causal=True, build=_combiner(True, "fixed")),
     Method("combiner-axial", causal=True, build=_combiner(True, "axial")),
+]
+
+
+# Issue 21: FAVOR++ features and the exact local band (w = 64), each mode.
+METHODS += [
+    Method(name, causal=causal, build=_favor_variant(causal, oprf, window))
+    for causal in (False, True)
+    for name, oprf, window in (("favor-oprf", True, 0), ("favor-window64", False, 64),
+                               ("favor-oprf-window64", True, 64))
 ]
 
 

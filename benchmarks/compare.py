@@ -27,7 +27,7 @@ step x seconds per step. Logged wall-clock (val/elapsed_seconds) and tokens/s ar
 
 Results: <out>/<setting>/<cell>/ is each run's Hydra directory (metrics.csv, checkpoints, config);
 <out>/<setting>/<cell>/result.json marks a finished cell, which a rerun skips; a cell interrupted
-mid-run resumes from its last checkpoint (exactly: see README, resume). The tables print as Markdown
+mid-run resumes from its last checkpoint (exactly: see docs/errors.md, Resume). The tables print as Markdown
 and are also written to <out>/results.md, with one PNG per setting (validation perplexity against
 step and wall-clock) beside it.
 """
@@ -164,6 +164,33 @@ def train_command(overrides: Sequence[str], run_dir: Path) -> list[str]:
     return [sys.executable, "-m", "protein_performer.train", *overrides, f"hydra.run.dir={run_dir}"]
 
 
+def portable_path(value: str) -> str:
+    """A path as a reader of a committed result can use it: relative to the repository, or <data>/<name>.
+
+    Paths under any checkout's benchmarks/results/ (this repository's or another worktree's) keep their
+    part from benchmarks/results/ on; other files outside the repository (the FASTA) become <data>/<name>.
+    """
+    path = Path(value)
+    if not path.is_absolute():
+        return value
+    if path.is_relative_to(REPO):
+        return str(path.relative_to(REPO))
+    parts = path.parts
+    for i in range(len(parts) - 1):
+        if parts[i:i + 2] == ("benchmarks", "results"):
+            return str(Path(*parts[i:]))
+    return f"<data>/{path.name}"
+
+
+def portable_command(command: Sequence[str]) -> str:
+    """A training command line for result.json: `python -m ...` with every absolute path made portable."""
+    def argument(arg: str) -> str:
+        key, sep, value = arg.partition("=")
+        return f"{key}={portable_path(value)}" if sep else arg
+
+    return shlex.join(["python", *(argument(arg) for arg in command[1:])])
+
+
 def run_training(command: list[str], log: Path) -> tuple[int, float, float]:
     """Run one training subprocess (output to `log`): (exit code, wall seconds, peak RSS in MB)."""
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -241,7 +268,7 @@ def run_cell(cell: Cell, overrides: list[str], cell_dir: Path, extra: dict[str, 
         raise SystemExit(f"{cell.setting}/{cell.name} failed (exit {code}); see {cell_dir / 'train.log'}")
     rows = read_metrics(cell_dir)
     result = {"setting": cell.setting, "cell": cell.name, "kind": cell.kind,
-              "command": shlex.join(["python", *train_command(overrides, cell_dir)[1:]]),
+              "command": portable_command(train_command(overrides, cell_dir)),
               **summarize(rows), "peak_rss_mb": peak_mb, "process_seconds": seconds,
               "resumed": bool(resume), "threads": os.environ.get("OMP_NUM_THREADS", "default"),
               "curve": curve(rows), **(extra or {})}

@@ -36,7 +36,8 @@ ROLES = ("residue", "window", "last", "best", "window + best")  # the order of S
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoints", nargs="+", type=Path, help=".ckpt files or training run directories")
+    parser.add_argument("checkpoints", nargs="+", type=Path,
+                        help=".ckpt files, training run directories or exported model directories")
     parser.add_argument("--data", type=Path, default=REPO / "data", help="folder of flip_ss_*.fasta.gz")
     parser.add_argument("--fast", action="store_true", help="a few chains per split: checks the pipeline only")
     parser.add_argument("--untrained", action="store_true",

@@ -1,26 +1,29 @@
 """Preprocessing and loading throughput, as ratios measured in one run (other processes share the cores).
 
-    python benchmarks/preprocess.py [--megabytes 200] [--repeats 2]
+    python benchmarks/preprocess.py [--fasta real.fasta[.gz]] [--megabytes 200] [--repeats 2]
 
 1. FASTA -> token store, MB/s of (uncompressed) input, against Biopython merely iterating the same
-   file (`SeqIO.parse`, a SeqRecord per protein; through `gzip.open` for .gz). The input is the
-   bundled UniProt sample repeated to the size asked, once as in the sample (one line per sequence)
-   and once wrapped at 60 columns as UniProt distributes it, each as a plain file and gzipped (-6,
-   as UniProt's .fasta.gz downloads). Rows: the store's own parser and its Biopython reference
-   merely iterating, then whole builds with each store compression. Then the CPU seconds of the
-   default build by process (a load-independent view of what bounds it on 2 cores).
-2. Peak memory (RSS of the process and of its FASTA reader child) for two input sizes: streaming
+   file (`SeqIO.parse`, a SeqRecord per protein; through `gzip.open` for .gz). The input is --fasta
+   (real proteins, e.g. a UniProt download) or the bundled UniProt sample, repeated to the size asked
+   if it is smaller, once with one line per sequence and once wrapped at 60 columns as UniProt
+   distributes it, each as a plain file and gzipped (-6, as UniProt's .fasta.gz downloads). Rows:
+   builds with 1 and 2 worker processes (and 2 without compression).
+2. CPU seconds per stage of a build, measured one stage at a time in this process: read + inflate and
+   write are the parent's (serial), parse and encode the workers' (parallel). From them: the wall time
+   on N free cores is about max(parent, workers / (N - 1)), and the ratio to SeqIO on one core.
+3. Peak memory (VmHWM of the build's process, largest worker's maxrss) at a few input sizes: streaming
    means it does not grow with the input.
-3. Loading: token store -> masked batches on one core (main process, no workers), tokens/s.
-Each timing is the best of --repeats (the least disturbed by other processes).
+4. Loading: token store -> masked batches on one core (main process, no workers), tokens/s.
+Each timing is the best of --repeats (the least disturbed by other processes); the load average is
+printed beside each table, since on a shared machine wall-clock ratios move with it.
 """
 from __future__ import annotations
 
 import argparse
 import gzip
 import json
+import logging
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -32,17 +35,24 @@ from pathlib import Path
 from Bio import SeqIO
 from Bio.SeqIO.FastaIO import SimpleFastaParser
 
-from protein_performer.data import ProteinBatches, build_token_store
+from protein_performer.data import Alphabet, ProteinBatches, SplitSpec, build_token_store
 from protein_performer.data.dataset import BatchSpec
-from protein_performer.data.fasta_chunks import read_fasta_chunks, read_fasta_chunks_reference
+from protein_performer.data.fasta_chunks import chunk_of_block, record_blocks
+from protein_performer.data.splits import SplitAssigner
+from protein_performer.data.store import StoreSummary
+from protein_performer.data.store_writer import _ChunkEncoder, _write_store
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "data" / "uniprot_sample.fasta"
+SCALEOFFSET = {"scaleoffset": 0}  # the default compression's HDF5 options (as build_token_store sets them)
 
 
-def make_input(path: Path, megabytes: float, width: int | None) -> Path:
-    """The sample's records repeated to `megabytes`, sequences on one line or wrapped at `width`."""
-    records = list(SimpleFastaParser(SAMPLE.open()))
+def make_input(path: Path, source: Path, megabytes: float, width: int | None) -> Path:
+    """`source`'s records (held in memory: a file of up to a few hundred MB), repeated up to `megabytes`
+    if needed, sequences on one line or wrapped at `width`."""
+    opener = gzip.open if source.suffix == ".gz" else open
+    with opener(source, "rt") as handle:
+        records = list(SimpleFastaParser(handle))
     with open(path, "w") as out:
         written = 0
         while written < megabytes * 1e6:
@@ -51,6 +61,8 @@ def make_input(path: Path, megabytes: float, width: int | None) -> Path:
                 text = ">" + title + "\n" + "\n".join(lines) + "\n"
                 out.write(text)
                 written += len(text)
+                if written >= megabytes * 1e6:
+                    break
     return path
 
 
@@ -61,7 +73,11 @@ def header(*names: str) -> None:
 
 
 def row(*cells: object) -> None:
-    print("| " + " | ".join(str(c) for c in cells) + " |")
+    print("| " + " | ".join(str(c) for c in cells) + " |", flush=True)
+
+
+def load() -> str:
+    return "load average " + " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 def best_seconds(work: Callable[[], object], repeats: int) -> float:
@@ -80,68 +96,88 @@ def seqio_iterate(path: Path) -> int:
         return sum(1 for _ in SeqIO.parse(handle, "fasta"))
 
 
-def preprocessing_table(directory: Path, megabytes: float, repeats: int) -> None:
-    print(f"\n1. preprocessing {megabytes:.0f} MB of FASTA (best of {repeats}; MB/s of uncompressed input; "
-          "ratio to SeqIO.parse on the same file)")
-    header("input", "method", "MB/s", "vs SeqIO")
-    output = directory / "store.h5"
-    cpu_rows = []
+def build(path: Path, output: Path, **options: object) -> None:
+    # A repeated input repeats its accessions: allowed here, refused by default (they share one split).
+    build_token_store(path, output, overwrite=True, progress=False, allow_duplicates=True, **options)
+
+
+def inputs(directory: Path, source: Path, megabytes: float):
+    """(label, path, uncompressed MB) of each benchmark input, made on the way and removed after use."""
     for layout, width in (("one-line", None), ("wrapped-60", 60)):
-        plain = make_input(directory / f"{layout}.fasta", megabytes, width)
+        plain = make_input(directory / f"{layout}.fasta", source, megabytes, width)
         size = plain.stat().st_size / 1e6
         compressed = directory / f"{layout}.fasta.gz"
-        with open(plain, "rb") as source, gzip.open(compressed, "wb", compresslevel=6) as target:
-            shutil.copyfileobj(source, target, 1 << 20)  # gzip -6, as UniProt's downloads are made
-        for path, kind in ((plain, "plain"), (compressed, "gz")):
-            label = f"{layout}, {kind}"
-            cases: list[tuple[str, Callable[[], object]]] = [
-                ("Bio.SeqIO.parse, iterate only (baseline)", lambda p=path: seqio_iterate(p)),
-                ("read_fasta_chunks (the store's parser), iterate only",
-                 lambda p=path: sum(1 for _ in read_fasta_chunks(p))),
-                ("read_fasta_chunks_reference (SimpleFastaParser), iterate only",
-                 lambda p=path: sum(1 for _ in read_fasta_chunks_reference(p))),
-            ]
-            for name, options in [
-                ("store, default (scaleoffset), reader process", {}),
-                ("store, gzip (Huffman deflate), reader process", dict(compression="gzip")),
-                ("store, no compression, reader process", dict(compression="none")),
-                ("store, default, one process", dict(background_reader=False)),
-            ]:
-                cases.append((name, lambda o=options, p=path: build_token_store(p, output, overwrite=True,
-                                                                                   progress=False, **o)))
-            baseline = None
-            for name, work in cases:
-                rate = size / best_seconds(work, repeats)
-                baseline = baseline or rate
-                row(label, name, f"{rate:.1f}", f"{rate / baseline:.2f}x")
-            cpu_rows.append((label, size, cpu_budget(path, output)))
+        with open(plain, "rb") as read, gzip.open(compressed, "wb", compresslevel=6) as write:
+            shutil.copyfileobj(read, write, 1 << 20)  # gzip -6, as UniProt's downloads are made
+        yield f"{layout}, plain", plain, size
+        yield f"{layout}, gz", compressed, size
         plain.unlink()
         compressed.unlink()
+
+
+def preprocessing_table(directory: Path, source: Path, megabytes: float, repeats: int) -> list[tuple]:
+    print(f"\n1. preprocessing {megabytes:.0f} MB of FASTA from {source.name} (best of {repeats}; MB/s of "
+          f"uncompressed input; ratio to SeqIO.parse on the same file; {load()} at the start)")
+    header("input", "method", "MB/s", "vs SeqIO")
+    output = directory / "store.h5"
+    stages = []
+    for label, path, size in inputs(directory, source, megabytes):
+        cases: list[tuple[str, Callable[[], object]]] = [
+            ("Bio.SeqIO.parse, iterate only (baseline)", lambda p=path: seqio_iterate(p)),
+            ("store, 1 worker", lambda p=path: build(p, output, workers=1)),
+            ("store, 2 workers", lambda p=path: build(p, output, workers=2)),
+            ("store, 2 workers, no compression", lambda p=path: build(p, output, workers=2, compression="none")),
+        ]
+        baseline = None
+        for name, work in cases:
+            rate = size / best_seconds(work, repeats)
+            baseline = baseline or rate
+            row(label, name, f"{rate:.1f}", f"{rate / baseline:.2f}x")
+        stages.append((label, size, stage_seconds(path, directory / "stages.h5")))
     output.unlink(missing_ok=True)
-    print("\nCPU seconds of the default pipeline by who spends them (the reader process parses, and gunzips in"
-          "\na thread of its own; this process encodes and writes): on 2 cores the wall time is at least half the"
-          "\nsum; with a core free for each, it is the largest share:")
-    header("input", "SeqIO", "reader", "encode+write", "total", "MB/s if cores free", "vs SeqIO")
-    for label, size, (seqio, reader, main) in cpu_rows:
-        bound = max(reader, main)
-        row(label, f"{seqio:.2f}", f"{reader:.2f}", f"{main:.2f}", f"{reader + main:.2f}", f"{size / bound:.1f}",
-            f"{seqio / bound:.2f}x")
+    print(f"({load()} at the end)")
+    return stages
 
 
-def cpu_budget(path: Path, output: Path) -> tuple[float, float, float]:
-    """CPU seconds: SeqIO iterating; then, for one default build, the FASTA reader process and this
-    process (all its threads)."""
-    start = time.process_time()
+def stage_seconds(path: Path, output: Path) -> dict[str, float]:
+    """CPU seconds of SeqIO, and of each stage of a default build, one stage at a time in this process."""
+    clock = time.process_time
+    start = clock()
     seqio_iterate(path)
-    seqio = time.process_time() - start
-    process, children = time.process_time(), _children_cpu()
-    build_token_store(path, output, overwrite=True, progress=False)
-    return seqio, _children_cpu() - children, time.process_time() - process
+    seconds = {"SeqIO": clock() - start}
+    start = clock()
+    blocks = [(block, offset, position) for block, offset, position, _ in record_blocks(path)]
+    seconds["read+inflate"] = clock() - start
+    start = clock()
+    chunks = [chunk_of_block(path, *block) for block in blocks]
+    seconds["parse"] = clock() - start
+    del blocks
+    encode = _ChunkEncoder(Alphabet(), SplitAssigner(SplitSpec()))
+    start = clock()
+    encoded = [encode(chunk) for chunk in chunks]
+    seconds["encode"] = clock() - start
+    del chunks
+    start = clock()
+    _write_store(output, iter(encoded), len(Alphabet()), StoreSummary(), SCALEOFFSET, 0, False)
+    seconds["write"] = clock() - start
+    output.unlink()
+    return seconds
 
 
-def _children_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
+def stage_table(stages: list[tuple], cores: tuple[int, ...] = (2, 16)) -> None:
+    print("\n2. CPU seconds per stage (per 100 MB of uncompressed input) and what N free cores would give: the "
+          "parent\n   reads, inflates and writes (serial), N - 1 workers parse and encode; SeqIO runs on one core")
+    names = ["SeqIO", "read+inflate", "parse", "encode", "write"]
+    header("input", *names, *(f"{n} cores: MB/s, vs SeqIO" for n in cores))
+    for label, size, seconds in stages:
+        per = {name: seconds[name] * 100 / size for name in names}
+        parent = per["read+inflate"] + per["write"]
+        workers = per["parse"] + per["encode"]
+        estimates = []
+        for n in cores:
+            wall = max(parent, workers / (n - 1), (parent + workers) / n)
+            estimates.append(f"{100 / wall:.0f}, {per['SeqIO'] / wall:.2f}x")
+        row(label, *(f"{per[name]:.2f}" for name in names), *estimates)
 
 
 # VmHWM is the peak resident set of this program's own address space: unlike ru_maxrss it starts
@@ -149,32 +185,33 @@ def _children_cpu() -> float:
 MEMORY_PROBE = """
 import json, resource, sys
 from protein_performer.data import build_token_store
-build_token_store(sys.argv[1], sys.argv[2], overwrite=True, progress=False)
+import logging; logging.getLogger("protein_performer").setLevel(logging.ERROR)
+build_token_store(sys.argv[1], sys.argv[2], overwrite=True, progress=False, allow_duplicates=True, workers=2)
 status = dict(line.split(":", 1) for line in open("/proc/self/status"))
 print(json.dumps({"process": int(status["VmHWM"].split()[0]),
-                  "reader": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))
+                  "workers": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))
 """
 
 
-def memory_table(directory: Path, sizes: list[float]) -> None:
-    print("\n2. peak memory of preprocessing (resident set, MB): flat in the input size")
-    header("input MB", "process", "reader")
+def memory_table(directory: Path, source: Path, sizes: list[float]) -> None:
+    print(f"\n3. peak memory of preprocessing with 2 workers (resident set, MB): flat in the input size ({load()})")
+    header("input MB", "process", "largest worker")
     for megabytes in sizes:
-        path = make_input(directory / "memory.fasta", megabytes, 60)
+        path = make_input(directory / "memory.fasta", source, megabytes, 60)
         result = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(path), str(directory / "memory.h5")],
                                 capture_output=True, text=True, check=True)
         peak = json.loads(result.stdout.strip().splitlines()[-1])
-        row(f"{path.stat().st_size / 1e6:.0f}", f"{peak['process'] / 1024:.0f}", f"{peak['reader'] / 1024:.0f}")
+        row(f"{path.stat().st_size / 1e6:.0f}", f"{peak['process'] / 1024:.0f}", f"{peak['workers'] / 1024:.0f}")
         path.unlink()
         (directory / "memory.h5").unlink()
 
 
-def loading_table(directory: Path, megabytes: float, seconds: float) -> None:
-    path = make_input(directory / "loading.fasta", megabytes, None)
+def loading_table(directory: Path, source: Path, megabytes: float, seconds: float) -> None:
+    path = make_input(directory / "loading.fasta", source, megabytes, None)
     store = directory / "loading.h5"
-    build_token_store(path, store, overwrite=True, progress=False)
+    build(path, store)
     path.unlink()
-    print(f"\n3. loading from the token store on one core (MLM batches, ~{seconds:.0f} s each)")
+    print(f"\n4. loading from the token store on one core (MLM batches, ~{seconds:.0f} s each)")
     header("sampling", "tokens/s", "of which residues", "vs 2M/s")
     for label, spec in [
         ("single, crop 1024, 16k tokens/batch", BatchSpec(sampling="single", max_length=1024, tokens_per_batch=16384)),
@@ -195,18 +232,22 @@ def loading_table(directory: Path, megabytes: float, seconds: float) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--fasta", type=Path, default=SAMPLE, help="real FASTA (.gz too) to build the inputs from")
     parser.add_argument("--megabytes", type=float, default=200, help="input size for the throughput rows")
+    parser.add_argument("--memory-sizes", type=float, nargs="+", default=None,
+                        help="input sizes (MB) of the memory table (default: a quarter of --megabytes and all of it)")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=5, help="loading time per row")
     args = parser.parse_args()
-    print(f"protein_performer preprocessing benchmark: {os.cpu_count()} cores, load average "
-          f"{os.getloadavg()[0]:.1f} at the start")
+    logging.getLogger("protein_performer").setLevel(logging.ERROR)  # repeated inputs repeat accessions: kept
+    print(f"protein_performer preprocessing benchmark: {os.cpu_count()} cores, {load()} at the start")
     with tempfile.TemporaryDirectory(prefix="pp-bench-") as temporary:
         directory = Path(temporary)
-        preprocessing_table(directory, args.megabytes, args.repeats)
-        memory_table(directory, [args.megabytes / 4, args.megabytes])
-        loading_table(directory, args.megabytes / 4, args.seconds)
-    print(f"\nload average at the end: {os.getloadavg()[0]:.1f}")
+        stage_table(preprocessing_table(directory, args.fasta, args.megabytes, args.repeats))
+        memory_table(directory, args.fasta, args.memory_sizes or [args.megabytes / 4, args.megabytes])
+        if args.seconds > 0:
+            loading_table(directory, args.fasta, args.megabytes / 4, args.seconds)
+    print(f"\n{load()} at the end")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
     python notebooks/run_all.py outputs/<date>/<time>/checkpoints/last.ckpt        # all three, in place
     python notebooks/run_all.py <ckpt> notebooks/downstream.ipynb                  # just one
     python notebooks/run_all.py <ckpt> --fast --output-dir /tmp/nb                 # smoke run, repo untouched
+    python notebooks/run_all.py my-model                        # an exported model directory works the same
 
 The checkpoint reaches each notebook as the environment variable PP_CHECKPOINT (and --fast as
 PP_NOTEBOOK_FAST=1), read by its parameters cell; notebooks run from this folder, so they find the
@@ -43,7 +44,7 @@ def execute(notebook: Path, checkpoint: Path, *, fast: bool = False, timeout: in
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", type=Path, help="a .ckpt from training (or its run directory)")
+    parser.add_argument("checkpoint", type=Path, help="a .ckpt from training (or its run directory), or an exported model directory")
     parser.add_argument("notebooks", nargs="*", type=Path, help="notebooks to run (default: all three)")
     parser.add_argument("--fast", action="store_true", help="tiny subsets: a smoke run, not results")
     parser.add_argument("--output-dir", type=Path, help="write executed notebooks here instead of in place")

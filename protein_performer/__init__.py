@@ -1,7 +1,8 @@
 """protein-performer: long-context protein language models with FAVOR+ attention.
 
-    from protein_performer import load_model
-    model, alphabet = load_model("outputs/<date>/<time>/checkpoints/last.ckpt")
+    from protein_performer import ProteinPerformer, load_model
+    model, alphabet = load_model("outputs/<date>/<time>/checkpoints/last.ckpt")   # or an exported directory
+    model = ProteinPerformer.from_pretrained("my-model")                         # directory or Hub repository
 
 Public names are imported on first use, so `import protein_performer` stays cheap and a command such
 as `python -m protein_performer.preprocess` does not import the model or Lightning.

@@ -9,6 +9,7 @@ Every problem is a CheckpointError: the commands print it as one line and exit w
 from __future__ import annotations
 
 import math
+import os
 import pickle
 import zipfile
 from collections.abc import Mapping
@@ -23,8 +24,8 @@ from protein_performer.errors import UserError
 from protein_performer.model import PerformerConfig, ProteinPerformer
 
 __all__ = ["CheckpointError", "read_checkpoint", "load_model", "model_config_of", "check_resume",
-           "check_weights_fit", "data_sampling_settings", "setting_differences", "non_finite_tensors",
-           "MODEL_PREFIX"]
+           "check_weights_fit", "check_state_fits", "data_sampling_settings", "setting_differences",
+           "non_finite_tensors", "model_from_checkpoint", "record_evaluation", "MODEL_PREFIX"]
 
 MODEL_PREFIX = "model."  # ProteinLM holds the network as `self.model`
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since PyTorch 1.6
@@ -94,6 +95,23 @@ def model_config_of(path: Path, checkpoint: Mapping[str, Any]) -> PerformerConfi
                               f"(saved: {checkpoint.get('pytorch-lightning_version', '?')} Lightning)") from None
 
 
+def record_evaluation(path: str | Path, evaluation: Mapping[str, Any]) -> None:
+    """Add checkpoint["evaluation"] (final metrics, split sizes: what a model card reports) to a checkpoint file.
+
+    Rewritten under a temporary name and renamed, so the file is never half-written; everything else in
+    it (weights, optimizer and loop state) is kept as it was, so it resumes exactly as before.
+    """
+    path = Path(path)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    checkpoint["evaluation"] = dict(evaluation)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        torch.save(checkpoint, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def non_finite_tensors(state: Mapping[str, torch.Tensor]) -> list[str]:
     """Names of the floating-point tensors of `state` that hold NaN or infinite values."""
     return [name for name, tensor in state.items()
@@ -102,9 +120,10 @@ def non_finite_tensors(state: Mapping[str, torch.Tensor]) -> list[str]:
 
 def load_model(checkpoint_path: str | Path, map_location: str | torch.device = "cpu", *,
                allow_non_finite: bool = False) -> tuple[ProteinPerformer, Alphabet]:
-    """(model in eval mode, its Alphabet) from a checkpoint written by `protein_performer.train`.
+    """(model in eval mode, its Alphabet) from a checkpoint written by `protein_performer.train`, or an exported model.
 
-    checkpoint_path: a .ckpt file, or a training run directory (its checkpoints/last.ckpt is used).
+    checkpoint_path: a .ckpt file, a training run directory (its checkpoints/last.ckpt is used), or a
+    model directory written by save_pretrained / protein-performer-export (config.json + model.safetensors).
     map_location: device for the weights, as in torch.load.
     allow_non_finite: load weights holding NaN or inf (a diverged run) instead of refusing them.
     The architecture comes from the checkpoint's hyper_parameters["model_config"] (a plain dict of
@@ -112,7 +131,17 @@ def load_model(checkpoint_path: str | Path, map_location: str | torch.device = "
     outputs are those of the trained model, and eval mode never redraws them.
     Raises CheckpointError (see read_checkpoint), also for weights that do not fit the saved config.
     """
+    from protein_performer.pretrained import is_pretrained_dir, load_pretrained
+
+    if is_pretrained_dir(checkpoint_path):
+        return load_pretrained(checkpoint_path, map_location, allow_non_finite=allow_non_finite)
     path, checkpoint = read_checkpoint(checkpoint_path, map_location=map_location)
+    return model_from_checkpoint(path, checkpoint, map_location, allow_non_finite=allow_non_finite)
+
+
+def model_from_checkpoint(path: Path, checkpoint: Mapping[str, Any], map_location: str | torch.device = "cpu", *,
+                          allow_non_finite: bool = False) -> tuple[ProteinPerformer, Alphabet]:
+    """load_model's second half: the network of a checkpoint already read by read_checkpoint."""
     hparams = checkpoint["hyper_parameters"]
     config = model_config_of(path, checkpoint)
     alphabet = Alphabet()
@@ -130,12 +159,12 @@ def load_model(checkpoint_path: str | Path, map_location: str | torch.device = "
             raise CheckpointError(f"{path}: {len(bad)} weight tensor(s) hold NaN or infinite values (first: {bad[0]}); "
                                   "training had diverged when this was saved: use an earlier checkpoint")
     model = ProteinPerformer(config)
-    _check_state_fits(path, model.state_dict(), state, "the model config saved with it")
+    check_state_fits(path, model.state_dict(), state, "the model config saved with it")
     model.load_state_dict(state, strict=True)
     return model.to(map_location).eval(), alphabet
 
 
-def _check_state_fits(path: Path, expected: Mapping[str, torch.Tensor], saved: Mapping[str, torch.Tensor],
+def check_state_fits(path: Path, expected: Mapping[str, torch.Tensor], saved: Mapping[str, torch.Tensor],
                       against: str) -> None:
     """CheckpointError summarising missing, unexpected and mis-shaped weights (instead of one line each)."""
     missing = [key for key in expected if key not in saved]
@@ -155,7 +184,8 @@ def _resolve(path: Path) -> Path:
         for candidate in (path / "checkpoints" / "last.ckpt", path / "last.ckpt"):
             if candidate.is_file():
                 return candidate
-        raise CheckpointError(f"{path} is a directory without checkpoints/last.ckpt; pass a .ckpt file")
+        raise CheckpointError(f"{path} is a directory without checkpoints/last.ckpt or config.json; pass a .ckpt "
+                              "file, a training run directory or an exported model directory")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; training runs save theirs under "
                               "<run dir>/checkpoints/ (last.ckpt and best-step*.ckpt)")
@@ -250,4 +280,4 @@ def check_weights_fit(path: Path, checkpoint: Mapping[str, Any], module_state: M
     """CheckpointError if the checkpoint's weights cannot be loaded into this run's module."""
     against = "this run's model" + (f" ({'; '.join(d for d in differences if d.startswith('model.'))})"
                                     if any(d.startswith("model.") for d in differences) else "")
-    _check_state_fits(path, module_state, checkpoint["state_dict"], against)
+    check_state_fits(path, module_state, checkpoint["state_dict"], against)

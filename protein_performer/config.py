@@ -37,6 +37,9 @@ class AttentionLayer(Protocol):
     projection: Tensor | None  # [nb_features, head_dim] for kinds with random features
     combiner_block_size: int | None
     combiner_variant: str
+    exact_window: int  # favor: exact softmax weights for |i - j| < exact_window (0 = off)
+
+    def oprf_a(self, q: Tensor, k: Tensor, key_padding_mask: Tensor | None) -> Tensor | None: ...
 
     def relative_bias(self, length: int) -> Tensor | ops.WindowedBias: ...
 
@@ -64,12 +67,18 @@ class AttentionKind:
     relative_bias: bool = False  # learns a relative-position bias (so it needs no other position signal)
     # True, False, or decided by the config: can a causal layer decode one token at a time?
     recurrent: bool | Callable[[PerformerConfig], bool] = False
+    # A causal layer reads no padding mask on right-padded batches: right padding lies in every real
+    # position's future, so outputs at real positions are those of the masked call, and the unmasked
+    # call is the faster one (softmax: SDPA's is_causal kernels, flash on GPUs, instead of a dense mask).
+    unmasked_right_padding: bool = False
     # Longest input the kind's parameters cover, from the config; None: any length.
     length_bound: Callable[[PerformerConfig], int | None] = lambda config: None
     # Values for the config fields left None (position: "rotary" unless the row says otherwise).
     defaults: Mapping[str, Callable[[PerformerConfig], Any]] = field(default_factory=dict)
     # Fields absent from configs saved before they existed, and the value such a model was trained with.
     legacy_defaults: Mapping[str, Any] = field(default_factory=dict)
+    # Options of the random features this kind honours (others must keep their defaults, FEATURE_OPTIONS).
+    feature_options: frozenset[str] = frozenset()
 
     def is_recurrent(self, config: PerformerConfig) -> bool:
         return self.recurrent(config) if callable(self.recurrent) else self.recurrent
@@ -83,21 +92,33 @@ def _softmax_weights(layer, q, k, key_padding_mask):
     return ops.softmax_attention_weights(q, k, causal=layer.causal, key_padding_mask=key_padding_mask)
 
 
-def _favor_kind(name: str, kernel: ops.favor.Kernel) -> AttentionKind:
-    """FAVOR+ with the given feature kernel: random features, a constant-size causal state."""
+def _favor_kind(name: str, kernel: ops.favor.Kernel, options: frozenset[str]) -> AttentionKind:
+    """FAVOR+ with the given feature kernel: random features, a constant-size causal state. The softmax
+    kernel adds FAVOR++ features (layer.oprf_a) and an exact local band (layer.exact_window)."""
 
     def attend(layer, q, k, v, key_padding_mask):
+        oprf_a = layer.oprf_a(q, k, key_padding_mask)
+        if layer.exact_window:
+            return ops.favor_window_attention(q, k, v, layer.projection, layer.exact_window, causal=layer.causal,
+                                              key_padding_mask=key_padding_mask, oprf_a=oprf_a)
         return ops.favor_attention(q, k, v, layer.projection, causal=layer.causal, kernel=kernel,
-                                   key_padding_mask=key_padding_mask)
+                                   key_padding_mask=key_padding_mask, oprf_a=oprf_a)
 
     def weights(layer, q, k, key_padding_mask):
+        oprf_a = layer.oprf_a(q, k, key_padding_mask)
+        if layer.exact_window:
+            return ops.implied_window_attention(q, k, layer.projection, layer.exact_window, causal=layer.causal,
+                                                key_padding_mask=key_padding_mask, oprf_a=oprf_a)
         return ops.implied_attention(q, k, layer.projection, causal=layer.causal, kernel=kernel,
-                                     key_padding_mask=key_padding_mask)
+                                     key_padding_mask=key_padding_mask, oprf_a=oprf_a)
 
     def step(layer, q, k, v, position, state):
-        return ops.favor_causal_step(q, k, v, layer.projection, state, kernel=kernel)
+        oprf_a = layer.oprf_a(q[:, :, None], k[:, :, None], None)
+        if layer.exact_window:
+            return ops.favor_window_causal_step(q, k, v, layer.projection, layer.exact_window, state, oprf_a=oprf_a)
+        return ops.favor_causal_step(q, k, v, layer.projection, state, kernel=kernel, oprf_a=oprf_a)
 
-    return AttentionKind(name, attend, weights, step, random_features=True, recurrent=True)
+    return AttentionKind(name, attend, weights, step, random_features=True, recurrent=True, feature_options=options)
 
 
 def _rpe_attend(layer, q, k, v, key_padding_mask):
@@ -126,13 +147,13 @@ def _combiner_weights(layer, q, k, key_padding_mask):
 
 ATTENTION: dict[str, AttentionKind] = {row.name: row for row in (
     # Exact softmax attention (torch SDPA): the quadratic baseline every other kind is compared with.
-    AttentionKind("softmax", _softmax_attend, _softmax_weights),
-    _favor_kind("favor", "softmax"),
-    _favor_kind("favor_relu", "relu"),
+    AttentionKind("softmax", _softmax_attend, _softmax_weights, unmasked_right_padding=True),
+    _favor_kind("favor", "softmax", frozenset({"features", "coupling", "exact_window"})),
+    _favor_kind("favor_relu", "relu", frozenset({"coupling"})),
     AttentionKind(
         "favor_rpe", _rpe_attend, _rpe_weights, _rpe_step, random_features=True, relative_bias=True,
         # a windowed bias keeps the last w keys plus a far state; the free bias reaches every past offset
-        recurrent=lambda config: config.rpe_max_distance is not None,
+        recurrent=lambda config: config.rpe_max_distance is not None, feature_options=frozenset({"coupling"}),
         # the free bias has one value per offset up to max_length; the windowed one fits any length
         length_bound=lambda config: config.max_length if config.rpe_max_distance is None else None,
         defaults={"position": lambda config: "none"},  # positions come from the bias
@@ -145,6 +166,9 @@ ATTENTION: dict[str, AttentionKind] = {row.name: row for row in (
         defaults={"combiner_block_size": lambda config: default_block_size(config.max_length)},
     ),
 )}
+
+# The random-feature options and their defaults (today's FAVOR+); a kind honours those in its feature_options.
+FEATURE_OPTIONS: dict[str, Any] = {"features": "positive", "coupling": "orthogonal", "exact_window": 0}
 
 # Names that other code and DESIGN.md use, derived from the rows.
 ATTENTION_KINDS = tuple(ATTENTION)
@@ -188,6 +212,9 @@ class PerformerConfig:
     rpe_exact_distance: int = 32  # favor_rpe: one learned bias per offset |j - i| below this (then log buckets)
     rpe_max_distance: int | None = 128  # favor_rpe: window w, one bias per direction beyond; None: free bias
     #                                     over every offset up to max_length (the paper's form, FFT/dense)
+    features: str = "positive"  # favor: "positive" (FAVOR+) | "oprf" (FAVOR++, data-dependent, lower variance)
+    coupling: str = "orthogonal"  # random-feature directions: "orthogonal" blocks | "simplex" (lower variance)
+    exact_window: int = 0  # favor: exact softmax weights for |i - j| < w, FAVOR+ beyond, one normaliser; 0 = off
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "nb_features", "max_length"):
@@ -219,6 +246,17 @@ class PerformerConfig:
         _require(self.rpe_max_distance is None or self.rpe_exact_distance <= self.rpe_max_distance,
                  f"rpe_exact_distance={self.rpe_exact_distance} exceeds rpe_max_distance={self.rpe_max_distance}; "
                  "exact offsets must fit inside the window")
+        _require(self.features in ops.favor.FEATURE_MAPS,
+                 f"unknown features {self.features!r}; choose one of {ops.favor.FEATURE_MAPS}")
+        _require(self.coupling in ops.favor.COUPLINGS,
+                 f"unknown coupling {self.coupling!r}; choose one of {ops.favor.COUPLINGS}")
+        _require(_is_int(self.exact_window) and self.exact_window >= 0,
+                 f"exact_window must be a non-negative integer (0 = off), got {self.exact_window!r}")
+        for name, default in FEATURE_OPTIONS.items():
+            kinds = [kind for kind, row in ATTENTION.items() if name in row.feature_options]
+            _require(getattr(self, name) == default or name in self.attention_kind.feature_options,
+                     f"{name}={getattr(self, name)!r} is not available with attention={self.attention!r}, which "
+                     f"allows only {name}={default!r}; {name} is an option of attention in {kinds}")
         block_size = self.combiner_block_size
         _require(block_size is None or (_is_int(block_size) and block_size > 0),
                  f"combiner_block_size must be a positive integer or None, got {self.combiner_block_size!r}")
@@ -284,7 +322,8 @@ class PerformerConfig:
 # conf/attention/*.yaml holds `kind` plus these; conf/model/*.yaml holds every other field except the
 # three that come from the data and the objective (vocab_size, pad_idx, causal).
 ATTENTION_GROUP_FIELDS = ("nb_features", "feature_redraw_interval", "feature_seed",
-                          "combiner_block_size", "combiner_variant", "rpe_exact_distance", "rpe_max_distance")
+                          "combiner_block_size", "combiner_variant", "rpe_exact_distance", "rpe_max_distance",
+                          "features", "coupling", "exact_window")
 _CALLER_FIELDS = ("vocab_size", "pad_idx", "causal")
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -81,13 +82,20 @@ def describe_os_error(error: OSError) -> str:
 
 
 def make_output_directory(output: Path, error: type[UserError]) -> None:
-    """Create `output`'s parent directory if needed; `error` (one line naming it) when that cannot be done."""
+    """Create `output`'s parent directory if needed and check that files can be created in it; `error`
+    (one line naming the directory) when either cannot be done, before any work starts."""
     if output.parent.exists() and not output.parent.is_dir():
         raise error(f"{output.parent}: is a file, not a directory; choose another output")
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
     except OSError as failure:
         raise error(f"cannot create the output directory: {describe_os_error(failure)}") from None
+    try:  # really create a file: permission bits alone say nothing for root or on a read-only mount
+        with tempfile.TemporaryFile(dir=output.parent):
+            pass
+    except OSError as failure:
+        reason = failure.strerror or type(failure).__name__
+        raise error(f"{output.parent}: cannot write in this directory ({reason}); choose another output") from None
 
 
 def _fail(command: str, message: str, status: int = USER_ERROR_STATUS) -> NoReturn:

@@ -24,6 +24,7 @@ from protein_performer.config import (  # re-exported: the config lived here bef
     config_from_hydra,
 )
 from protein_performer.nn import Block
+from protein_performer.pretrained import PretrainedMixin
 
 __all__ = ["ATTENTION_GROUP_FIELDS", "COMBINER_VARIANTS", "POSITION_KINDS", "DecodingState", "PerformerConfig",
            "PerformerOutput", "ProteinPerformer", "config_from_hydra", "count_parameters", "projection_seed"]
@@ -52,8 +53,11 @@ class DecodingState:
     layers: list[Any]
 
 
-class ProteinPerformer(nn.Module):
-    """Token embedding (+ learned positions) -> n_layers pre-LN blocks -> LayerNorm -> LM head."""
+class ProteinPerformer(nn.Module, PretrainedMixin):
+    """Token embedding (+ learned positions) -> n_layers pre-LN blocks -> LayerNorm -> LM head.
+
+    save_pretrained(dir) / from_pretrained(dir or Hub id) / push_to_hub(repo id): see protein_performer.pretrained.
+    """
 
     def __init__(self, config: PerformerConfig) -> None:
         super().__init__()

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from protein_performer.data.fasta import DataError
 from protein_performer.data.splits import SplitSpec
-from protein_performer.data.store import build_token_store
+from protein_performer.data.store_writer import build_token_store
 from protein_performer.errors import run_command
 from protein_performer.resources import conf_dir
 
@@ -33,7 +33,8 @@ def preprocess(cfg: DictConfig) -> None:
                       ood_accessions=cfg.ood_accessions, ood_regex=cfg.ood_regex)
     summary = build_token_store(inputs, cfg.output, split=split, compression=cfg.compression,
                                 compression_threads=cfg.compression_threads, chunk_records=cfg.chunk_records,
-                                background_reader=cfg.background_reader, overwrite=cfg.overwrite,
+                                background_reader=cfg.background_reader, workers=cfg.workers,
+                                block_bytes=cfg.block_bytes, allow_duplicates=cfg.allow_duplicates, overwrite=cfg.overwrite,
                                 any_suffix=cfg.any_suffix, progress=cfg.progress)
     print(f"wrote {cfg.output}\n{summary.format()}")
 

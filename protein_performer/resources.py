@@ -11,6 +11,7 @@ Only this module knows where those files are:
     conf_dir()                  the directory Hydra composes every command's config from
     bundled_data_dir()          the demo FASTA files the data configs name
     resolve_data_path(path)     a data path from a config or the command line, as a file to open
+    config_choices()            the groups and options `--help` lists (a leading _ marks a base, not a choice)
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import glob
 import os
 from pathlib import Path
 
-__all__ = ["BUNDLED_DATA_FILES", "bundled_data_dir", "conf_dir", "resolve_data_path"]
+__all__ = ["BUNDLED_DATA_FILES", "bundled_data_dir", "conf_dir", "config_choices", "resolve_data_path"]
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 # The data/ files a wheel carries: those the shipped configs name (data=sample, data=swissprot).
@@ -66,3 +67,27 @@ def resolve_data_path(path: str) -> str:
         except FileNotFoundError:
             return path
     return path
+
+
+def config_choices() -> str:
+    """'group: option, option' lines for conf/'s groups, as train --help lists them.
+
+    Hydra's own list ($APP_CONFIG_GROUPS) also shows the shared bases (data/_base, experiment/_paper),
+    which are not choices; conf/train.yaml's help template calls this instead (resolver pp_config_choices).
+    """
+    root = conf_dir()
+    lines = []
+    for group in sorted(path for path in root.iterdir() if path.is_dir()):
+        options = sorted(path.stem for path in group.glob("*.yaml") if not path.stem.startswith("_"))
+        if options:
+            lines.append(f"{group.name}: {', '.join(options)}")
+    return "\n".join(lines)
+
+
+def _register_resolvers() -> None:
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver("pp_config_choices", config_choices, replace=True)
+
+
+_register_resolvers()

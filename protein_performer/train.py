@@ -32,15 +32,24 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
-from protein_performer.checkpoint import check_resume, check_weights_fit, data_sampling_settings, read_checkpoint
+from protein_performer.checkpoint import (
+    check_resume,
+    check_weights_fit,
+    data_sampling_settings,
+    read_checkpoint,
+    record_evaluation,
+)
 from protein_performer.data import Alphabet, ProteinDataModule, TokenStore
+from protein_performer.data.errors import DataError
 from protein_performer.errors import UserError, run_command
+from protein_performer.export import export_checkpoint
 from protein_performer.model import config_from_hydra
 from protein_performer.resources import conf_dir
 from protein_performer.runtime import configure_process, slow_bf16_warning
 from protein_performer.training.baselines import Baselines, context_free_baselines, token_counts
 from protein_performer.training.callbacks import RunSettings
 from protein_performer.training.module import ProteinLM
+from protein_performer.training.quiet import silence_unhelpful_messages
 
 log = logging.getLogger(__name__)
 # compile=true pads batch lengths to multiples of FAVOR+'s causal chunk: no partial chunk, few shapes.
@@ -82,8 +91,10 @@ def _train(cfg: DictConfig, callbacks: Sequence[pl.Callback]) -> TrainResult:
         rank_zero_only(log.warning)(slow_bf16)
     configure_process(cfg.trainer.get("accelerator", "auto"), keep_freed=cfg.get("keep_freed_memory", True),
                       float32_matmul_precision=cfg.get("float32_matmul_precision", "high"))
+    silence_unhelpful_messages()
     pl.seed_everything(cfg.seed, workers=True)
     datamodule: pl.LightningDataModule = _instantiate(cfg.data)
+    check_training_split(datamodule)  # before loggers and checkpoints write anything
     alphabet = Alphabet()
     compile_model = bool(cfg.get("compile", False))
     try:
@@ -156,8 +167,32 @@ def _train(cfg: DictConfig, callbacks: Sequence[pl.Callback]) -> TrainResult:
                 f"on the same targets the training split's amino-acid frequencies score {baselines.frequency:.3f}, "
                 f"uniform guessing among the 20 amino acids {baselines.uniform:.0f}" if baselines is not None else "")
                 + (f"\n{evaluations}" if evaluations else ""))
+        if last_path is not None and Path(last_path).is_file():  # the final metrics go with the final weights
+            record_evaluation(last_path, evaluation_record(datamodule, metrics, baselines))
         print(f"checkpoint: {last_path}" + (f"  (best by validation perplexity: {best_path})" if best_path else ""))
+        if cfg.get("export", False) and last_path is not None:
+            exported = export_checkpoint(last_path, Path(cfg.output_dir) / "model", overwrite=True)
+            print(f"exported model: {exported}  (ProteinPerformer.from_pretrained, or embed checkpoint=<it>)")
     return TrainResult(val_perplexity, last_path, best_path, metrics, trainer, module)
+
+
+def check_training_split(datamodule: pl.LightningDataModule) -> None:
+    """DataError naming the store and its split sizes when its training split is empty.
+
+    Global rank 0 builds (or finds) the store now, as Lightning's prepare_data would a moment later;
+    other ranks meet the same store in setup.
+    """
+    if not isinstance(datamodule, ProteinDataModule) or rank_zero_only.rank != 0:
+        return
+    datamodule.prepare_data()
+    assert datamodule.store_path is not None
+    with TokenStore(datamodule.store_path) as store:
+        sizes = dict(store.split_sizes)
+    if sizes.get("train", 0) == 0:
+        counts = ", ".join(f"{split} {count:,}" for split, count in sizes.items())
+        raise DataError(f"{datamodule.store_path}: the training split is empty ({counts} records); nothing to train "
+                        "on. Give it more records, or lower data.valid_fraction / data.test_fraction, or match fewer "
+                        "records with data.ood_regex")
 
 
 def validation_baselines(datamodule: pl.LightningDataModule, alphabet: Alphabet, objective: str) -> Baselines | None:
@@ -172,6 +207,16 @@ def validation_baselines(datamodule: pl.LightningDataModule, alphabet: Alphabet,
         return context_free_baselines(datamodule.dataloader("valid", rank=0, world_size=1), counts, alphabet)
     except ValueError:
         return None
+
+
+def evaluation_record(datamodule: pl.LightningDataModule, metrics: dict[str, float],
+                      baselines: Baselines | None) -> dict:
+    """checkpoint["evaluation"]: the final metrics (baselines included), scored targets and split sizes."""
+    record: dict = {"metrics": dict(metrics), "targets": None if baselines is None else baselines.targets}
+    if isinstance(datamodule, ProteinDataModule) and datamodule.store_path is not None:
+        with TokenStore(datamodule.store_path) as store:
+            record["split_sizes"] = {split: int(count) for split, count in store.split_sizes.items()}
+    return record
 
 
 def _instantiate(config: DictConfig, **kwargs: object) -> object:

@@ -18,7 +18,7 @@ GROUPS = ("data", "model", "attention", "trainer", "logger", "callbacks", "exper
 # Trainer presets that need GPUs: checked by composition and by building their strategy only.
 GPU_TRAINERS = ("gpu", "ddp", "fsdp")
 # Trainer presets whose strategy is an object built from the config, and the class it must be.
-GPU_STRATEGIES = {"fsdp": pl.strategies.FSDPStrategy}
+GPU_STRATEGIES = {"ddp": pl.strategies.DDPStrategy, "fsdp": pl.strategies.FSDPStrategy}
 
 
 def _options(group: str) -> list[str]:
@@ -118,7 +118,7 @@ def test_comparison_runs_differ_in_attention_only_and_share_a_wandb_group(tmp_pa
 
 def test_distributed_presets(tmp_path):
     ddp = _compose(tmp_path, "trainer=ddp", "trainer.devices=8", "trainer.num_nodes=4").trainer
-    assert (ddp.strategy, ddp.devices, ddp.num_nodes) == ("ddp", 8, 4)
+    assert (ddp.strategy._target_, ddp.devices, ddp.num_nodes) == ("pytorch_lightning.strategies.DDPStrategy", 8, 4)
 
     trainer = hydra.utils.instantiate(_compose(tmp_path, "trainer=ddp_cpu").trainer, logger=False)
     assert isinstance(trainer.strategy, pl.strategies.DDPStrategy)

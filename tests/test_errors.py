@@ -144,3 +144,19 @@ def test_embed_errors_are_one_line_with_status_2(tmp_path, trained_checkpoint):
     errors = run_cases("embed", cases, tmp_path)
     assert all("weights_only=False" not in line for line in errors.values())
     assert not (tmp_path / "out.h5").exists() and not (tmp_path / "out.h5.partial").exists()
+
+
+def test_export_errors_are_one_line_with_status_2(tmp_path, trained_checkpoint):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "a-file").write_text("")
+    (tmp_path / "empty.ckpt").write_bytes(b"")
+    cases = [
+        Case("no-keys", [], r"checkpoint and output must be given"),
+        Case("missing-checkpoint", ["checkpoint=nope.ckpt", "output=m"], r"checkpoint nope\.ckpt does not exist"),
+        Case("empty-checkpoint", ["checkpoint=empty.ckpt", "output=m"], r"empty\.ckpt: empty file"),
+        Case("output-exists", [f"checkpoint={trained_checkpoint}", "output=taken"], r"taken: already exists"),
+        Case("output-under-a-file", [f"checkpoint={trained_checkpoint}", "output=a-file/m"],
+             r"a-file: is a file, not a directory"),
+    ]
+    run_cases("export", cases, tmp_path)
+    assert not (tmp_path / "m").exists() and not list((tmp_path / "taken").iterdir())

@@ -19,7 +19,7 @@ from protein_performer.resources import BUNDLED_DATA_FILES
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # What a build needs from the repository (a copy is built, so no build/ or .egg-info lands in the clone).
 BUILD_INPUTS = ("pyproject.toml", "setup.py", "README.md", "conf", "data", "protein_performer")
-COMMANDS = ("train", "preprocess", "embed")
+COMMANDS = ("train", "preprocess", "embed", "export")
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +97,9 @@ def test_installed_commands_run_from_any_directory(installed, tmp_path):
         if command == "train":
             assert job.data.fasta == "data/uniprot_sample.fasta" and job.attention.kind == "favor"
             assert "attention: combiner, favor, favor_relu, favor_rpe, softmax" in help_text
-        else:
-            assert OmegaConf.is_missing(job, "input") and OmegaConf.is_missing(job, "output")
+        else:  # preprocess and embed read input=, export reads checkpoint=; all write output=
+            assert OmegaConf.is_missing(job, "checkpoint" if command == "export" else "input")
+            assert OmegaConf.is_missing(job, "output")
     # Overrides reach the composed config as they do with python -m.
     job = OmegaConf.create(_run(installed, work, str(installed / "bin" / "protein-performer-train"), "--cfg", "job",
                                 "experiment=demo", "attention=softmax").stdout)

@@ -75,8 +75,9 @@ def wait_until(condition, timeout: float, what: str) -> None:
         time.sleep(0.02)
 
 
-def start_and_catch_mid_build(command: list[str], temporaries: Path, cwd: Path) -> tuple[subprocess.Popen, set[int]]:
-    """Start `command`; return it once its temporary store exists and its reader child runs."""
+def start_and_catch_mid_build(command: list[str], temporaries: Path, cwd: Path,
+                              at_least: int = 1) -> tuple[subprocess.Popen, set[int]]:
+    """Start `command`; return it once its temporary store exists and `at_least` children run."""
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
     process = subprocess.Popen([sys.executable, *command], cwd=cwd, env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
@@ -87,7 +88,7 @@ def start_and_catch_mid_build(command: list[str], temporaries: Path, cwd: Path) 
         if process.poll() is not None:
             raise AssertionError(f"finished before it could be killed mid-build:\n{process.communicate()[1][-3000:]}")
         kids = children(process.pid)
-        return bool(kids) and any(temporaries.glob("*.tmp"))
+        return len(kids) >= at_least and any(temporaries.glob("*.tmp"))
 
     try:
         wait_until(building, 120, "the build to start")
@@ -116,20 +117,20 @@ def kill_and_check(process: subprocess.Popen, kids: set[int], signum: int) -> st
 def test_killed_preprocess_leaves_no_process_and_no_temporary(big_fasta, tmp_path, signum):
     out = tmp_path / "out"
     command = ["-m", "protein_performer.preprocess", f"input={big_fasta}", f"output={out / 'store.h5'}",
-               f"hydra.run.dir={tmp_path / 'run'}", "progress=false"]
-    process, kids = start_and_catch_mid_build(command, out, tmp_path)
+               f"hydra.run.dir={tmp_path / 'run'}", "progress=false", "workers=2", "block_bytes=1048576"]
+    process, kids = start_and_catch_mid_build(command, out, tmp_path, at_least=2)  # both workers run
     kill_and_check(process, kids, signum)
     assert not (out / "store.h5").exists()
     if signum == signal.SIGTERM:
         assert not list(out.glob("*.tmp")), "SIGTERM must remove the temporary store at once"
     else:
         assert list(out.glob("*.tmp")), "SIGKILL leaves a temporary (nothing runs); the next run removes it"
-    # The next run (a small input, the same output) removes the stale temporary and never reuses it.
+    # The next run in that directory (a small input, another store) removes the stale temporary.
     again = subprocess.run([sys.executable, "-m", "protein_performer.preprocess", f"input={SAMPLE}",
-                            f"output={out / 'store.h5'}", f"hydra.run.dir={tmp_path / 'run2'}", "progress=false"],
+                            f"output={out / 'other.h5'}", f"hydra.run.dir={tmp_path / 'run2'}", "progress=false"],
                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0, again.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["store.h5"]
+    assert sorted(p.name for p in out.iterdir()) == ["other.h5"]
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])

@@ -11,7 +11,7 @@ from protein_performer.resources import BUNDLED_DATA_FILES, bundled_data_dir, co
 
 
 def test_conf_dir_holds_the_three_commands_configs():
-    assert {"train.yaml", "preprocess.yaml", "embed.yaml"} <= {path.name for path in conf_dir().glob("*.yaml")}
+    assert {"train.yaml", "preprocess.yaml", "embed.yaml", "export.yaml"} <= {path.name for path in conf_dir().glob("*.yaml")}
 
 
 def test_every_data_file_a_shipped_config_names_is_bundled():

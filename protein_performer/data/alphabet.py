@@ -17,11 +17,14 @@ SPECIAL_TOKENS = ("<cls>", "<pad>", "<eos>", "<unk>", "<mask>")
 
 # Lookup-table codes that are not token ids (token ids are < 32).
 DROP_CODE = 0xFF  # gap characters '-' '.' and whitespace: removed
-INVALID_CODE = 0xFE  # control bytes (NUL, ...): binary data, never part of a protein
+INVALID_CODE = 0xFE  # control bytes (NUL, ...) and digits: never part of a protein (files with them are refused)
 STOP_CODE = 0xFD  # '*': removed at the end of a sequence, <unk> inside it
 _GAP_CHARACTERS = b"-."
 _WHITESPACE = b" \t\r\n\x0b\x0c"
 _CONTROL_BYTES = bytes(b for b in range(32) if b not in _WHITESPACE) + b"\x7f"
+# Digits in sequence lines mean a numbered or tabular file, not residues: as <unk> they would shift
+# every later residue's position (per-residue embeddings, labels), so the FASTA readers refuse them.
+DIGITS = b"0123456789"
 
 
 @dataclass(frozen=True)
@@ -31,7 +34,7 @@ class EncodedSequences:
     tokens: bytes  # token ids of all sequences, concatenated
     lengths: np.ndarray  # int64 [n]: tokens per sequence after stops and gaps were removed
     unknown: int  # characters that became <unk>
-    invalid_at: int  # offset in the input of the first control byte (binary data), or -1
+    invalid_at: int  # offset in the input of the first control byte (binary data) or digit, or -1
 
 
 class Alphabet:
@@ -70,7 +73,7 @@ class Alphabet:
         for letter in STANDARD_AMINO_ACIDS + EXTRA_RESIDUES:
             table[ord(letter)] = table[ord(letter.lower())] = self._index[letter]
         table[list(_GAP_CHARACTERS + _WHITESPACE)] = DROP_CODE
-        table[list(_CONTROL_BYTES)] = INVALID_CODE
+        table[list(_CONTROL_BYTES + DIGITS)] = INVALID_CODE
         table[ord("*")] = STOP_CODE
         table.flags.writeable = False
         self.table = table
@@ -111,8 +114,8 @@ class Alphabet:
     def encode_concatenated(self, raw: bytes, lengths: np.ndarray) -> EncodedSequences:
         """Encode n sequences given as one byte string, lengths[i] bytes each (the store's fast path).
 
-        Control bytes are not decoded: `invalid_at` reports the first one and the caller decides
-        (the preprocessor stops with an error naming the record).
+        Control bytes and digits are not decoded: `invalid_at` reports the first one and the caller
+        decides (the preprocessor stops with an error naming the file and line).
         """
         coded = raw.translate(self._translation)
         invalid_at = coded.find(INVALID_CODE)

@@ -5,20 +5,23 @@
   proteins and for the records' reference.
 - The fast path behind `build_token_store`, `read_fasta_chunks` (chunks of records as joined byte
   strings, cut out of decompressed blocks with numpy) and its child-process form
-  `read_fasta_chunks_in_background`, lives in `fasta_chunks.py`; it gives exactly what
-  SimpleFastaParser gives, and falls back to it for records with unusual whitespace. Both readers
-  share this module's opener and its checks (`open_fasta`).
+  `read_fasta_chunks_in_background`, lives in `fasta_chunks.py`, which builds on this module (never
+  the other way round); it gives exactly what SimpleFastaParser gives, and falls back to it for
+  records with unusual whitespace. Both readers share this module's opener and its checks
+  (`open_fasta`) and its inflater (`INFLATE`: ISA-L's when the `isal` package is installed, about
+  2x zlib's speed; the standard library's zlib otherwise).
 
 Accessions, the stable key of a record (splits hash it):
-- UniProtKB `>db|ACCESSION|ENTRY_NAME description OS=... OX=... GN=... PE=... SV=...` -> ACCESSION
-- UniRef `>UniRef50_Q6GZX4 description n=1 Tax=... TaxID=... RepID=...` -> UniRef50_Q6GZX4
-- anything else: the first word of the header (`>1es5-A` -> 1es5-A)
+- UniProtKB `>sp|ACCESSION|ENTRY_NAME description OS=...` (or `tr|`) -> ACCESSION
+- UniRef `>UniRef50_Q6GZX4 description n=1 Tax=... TaxID=... RepID=...` -> UniRef50_Q6GZX4, and
+  `>UniRef50|Q6GZX4|...` -> Q6GZX4 (the `db|ACC|NAME` rule holds for the tags in UNIPROT_TAGS only)
+- anything else: the first word of the header (`>1es5-A` -> 1es5-A, `>cath|4_1_0|102mA00/0-153` ->
+  cath|4_1_0|102mA00/0-153: another database's `|` fields are not UniProt's)
 """
 from __future__ import annotations
 
 import glob
 import gzip
-import importlib
 import io
 import os
 import re
@@ -28,35 +31,33 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO
 
 import numpy as np
 from Bio.SeqIO.FastaIO import SimpleFastaParser
 
+try:  # ISA-L inflates gzip about twice as fast as zlib (benchmarks/preprocess.py); optional
+    from isal import igzip as GZIP
+    from isal import isal_zlib as INFLATE
+except ImportError:  # pragma: no cover - the standard library is the fallback
+    GZIP, INFLATE = gzip, zlib  # type: ignore[misc]
+
+from protein_performer.data.alphabet import DIGITS
 from protein_performer.data.errors import DataError, FastaFormatError
 
 __all__ = [
     "DataError",
     "FastaFormatError",
     "FastaRecord",
-    "FastaChunk",
     "expand_inputs",
     "parse_accession",
     "accession_spans",
     "check_fasta",
     "open_fasta",
     "read_fasta",
-    "read_fasta_chunks",
-    "read_fasta_chunks_reference",
-    "read_fasta_chunks_in_background",
     "header_line_of_record",
     "truncated_gzip_error",
 ]
-
-# The chunk reader's names, importable from here as before (fasta_chunks imports this module, so
-# they are looked up on first use rather than imported at the top).
-_CHUNK_NAMES = frozenset({"FastaChunk", "read_fasta_chunks", "read_fasta_chunks_reference",
-                          "read_fasta_chunks_in_background"})
 
 PathInput = str | os.PathLike[str]
 GZIP_MAGIC = b"\x1f\x8b"
@@ -65,8 +66,13 @@ _READ_BUFFER = 1 << 20
 # Control bytes that never occur in text (whitespace excluded): their presence means binary input.
 CONTROL_BYTES = re.compile(rb"[\x00-\x08\x0e-\x1f\x7f]")
 _GLOB_CHARACTERS = re.compile(r"[*?\[]")
+_DIGIT = re.compile(rb"[0-9]")
 # What a damaged gzip stream raises while it is being read.
-GZIP_STREAM_ERRORS = (EOFError, zlib.error, gzip.BadGzipFile)
+GZIP_STREAM_ERRORS = tuple(dict.fromkeys((EOFError, zlib.error, gzip.BadGzipFile, INFLATE.error, GZIP.BadGzipFile)))
+# The first `|` fields under which the second field is the accession (UniProtKB, and UniRef written
+# with bars); a UniRef tag is "UniRef" plus a number ("UniRef50").
+UNIPROT_TAGS = (b"sp", b"tr")
+UNIREF_PREFIX = b"UniRef"
 
 
 @dataclass(frozen=True)
@@ -115,10 +121,14 @@ def parse_accession(title: str) -> str:
         return ""
     word = words[0]
     if "|" in word:
-        field = word.split("|")[1]
-        if field:
+        tag, field = word.split("|")[:2]
+        if field and _is_uniprot_tag(tag.encode("latin-1")):
             return field
     return word
+
+
+def _is_uniprot_tag(tag: bytes) -> bool:
+    return tag in UNIPROT_TAGS or (tag.startswith(UNIREF_PREFIX) and tag[len(UNIREF_PREFIX):].isdigit())
 
 
 def accession_spans(titles: bytes, count: int) -> tuple[np.ndarray, np.ndarray]:
@@ -144,6 +154,15 @@ def accession_spans(titles: bytes, count: int) -> tuple[np.ndarray, np.ndarray]:
     in_word = first_pipe < word_end
     field_stop = np.minimum(second_pipe, word_end)
     use_field = in_word & (field_stop > first_pipe + 1)  # an empty field falls back to the word
+    # The field counts only under a UniProt tag: sp and tr compared as byte pairs, UniRef<n> one by one.
+    tag_length = np.where(in_word, first_pipe - line_start, 0)
+    first_byte = text[np.minimum(line_start, end - 1)] if end else np.zeros(count, dtype=np.uint8)
+    second_byte = text[np.minimum(line_start + 1, end - 1)] if end else first_byte
+    sp_or_tr = (tag_length == 2) & (((first_byte == ord("s")) & (second_byte == ord("p")))
+                                    | ((first_byte == ord("t")) & (second_byte == ord("r"))))
+    for i in np.flatnonzero(use_field & ~sp_or_tr & (tag_length > len(UNIREF_PREFIX)) & (first_byte == ord("U"))):
+        sp_or_tr[i] = _is_uniprot_tag(titles[line_start[i]:first_pipe[i]])
+    use_field &= sp_or_tr
     start = np.where(use_field, first_pipe + 1, line_start)
     stop = np.where(use_field, field_stop, word_end)
     # A header with leading blanks ('> P12345 ...') is rare: parse those few lines the slow way.
@@ -178,7 +197,7 @@ def open_fasta(path: Path) -> Iterator[tuple[IO[str], IO[bytes]]]:
     with raw:
         compressed = raw.read(2) == GZIP_MAGIC
         raw.seek(0)
-        stream: IO[bytes] = gzip.GzipFile(fileobj=raw, mode="rb") if compressed else raw
+        stream: IO[bytes] = GZIP.GzipFile(fileobj=raw, mode="rb") if compressed else raw
         buffered = io.BufferedReader(stream, _READ_BUFFER)  # type: ignore[arg-type]
         try:
             head = buffered.peek(_HEAD_BYTES)[:_HEAD_BYTES]
@@ -228,6 +247,7 @@ def truncated_gzip_error(path: Path, error: BaseException) -> FastaFormatError:
 def _lines_before_failure(path: Path) -> int:
     """Number of the line the readable part of a damaged gzip stream ends in (error path only)."""
     lines = 1
+    # zlib's reader, not ISA-L's: it hands out every byte it could inflate before the damage
     with open(path, "rb") as raw, gzip.GzipFile(fileobj=raw) as stream:
         try:
             while block := stream.read1(1 << 16):
@@ -249,6 +269,28 @@ def header_line_of_record(path: Path, record: int) -> int:
     raise ValueError(f"{path} has no record number {record}")
 
 
+def sequence_line_of_residue(path: Path, record: int, offset: int) -> int:
+    """1-based line holding character `offset` (whitespace not counted) of the sequence of record
+    number `record` (0-based) in `path` (error path only)."""
+    header = header_line_of_record(path, record)
+    with open_fasta(path) as (text, _):
+        seen = 0
+        for number, line in enumerate(text, start=1):
+            if number <= header:
+                continue
+            seen += len("".join(line.split()))
+            if seen > offset or line.startswith(">"):
+                return number
+    return header
+
+
+def digit_in_sequence_error(path: Path, record: int, offset: int, character: str) -> FastaFormatError:
+    """The error for a digit in the sequence of record `record` (0-based), `offset` characters in."""
+    line = sequence_line_of_residue(path, record, offset)
+    return FastaFormatError(f"{path}:{line}: digit {character!r} in a sequence line; residues are letters "
+                            "(a numbered or tabular file? strip position numbers first)")
+
+
 # ----------------------------------------------------------------------------------------------------
 # Readers.
 
@@ -257,7 +299,7 @@ def read_fasta(inputs: PathInput | Sequence[PathInput]) -> Iterator[FastaRecord]
     """Every record of the input files (a path, a glob or a list), in order, empty sequences included.
 
     Raises FastaFormatError naming the file and line for: an empty file, binary content, text before
-    the first '>', a truncated gzip stream, a header without an identifier.
+    the first '>', a truncated gzip stream, a header without an identifier, a digit in a sequence.
     """
     for path in expand_inputs(inputs):
         yield from _read_one(path)
@@ -288,7 +330,11 @@ def _read_one(path: Path) -> Iterator[FastaRecord]:
             accession = parse_accession(title)
             if not accession:
                 raise FastaFormatError(f"{path}:{line}: header line has no identifier: '>{title}'")
-            control = CONTROL_BYTES.search(sequence.encode("latin-1"))
+            raw = sequence.encode("latin-1")
+            digit = _DIGIT.search(raw)
+            if digit is not None:
+                raise digit_in_sequence_error(path, count, digit.start(), sequence[digit.start()])
+            control = CONTROL_BYTES.search(raw)
             if control is not None:
                 raise FastaFormatError(f"{path}: binary data in the sequence of the record at line {line} "
                                        f"(byte 0x{ord(sequence[control.start()]):02x}); expected FASTA text")
@@ -297,8 +343,3 @@ def _read_one(path: Path) -> Iterator[FastaRecord]:
     if count == 0:
         raise FastaFormatError(f"{path}: no FASTA records")
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _CHUNK_NAMES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module("protein_performer.data.fasta_chunks"), name)

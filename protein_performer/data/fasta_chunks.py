@@ -4,7 +4,7 @@
     read_fasta_chunks_reference(path)        the same by Biopython's SimpleFastaParser (the reference)
     read_fasta_chunks_in_background(paths)   read_fasta_chunks in a child process, overlapping the caller
 
-It must keep up with 100 GB of TrEMBL: a thread decompresses the file (zlib releases the GIL) into
+It must keep up with 100 GB of TrEMBL: a thread decompresses the file (ISA-L or zlib: both release the GIL) into
 blocks of whole records, and each chunk is cut out of its block with numpy and a few slices per
 record, with no str per line; `read_fasta_chunks_in_background` moves all of that into a child
 process that dies with its parent. Opening and the file's checks are fasta.py's (`open_fasta`,
@@ -22,7 +22,6 @@ import sys
 import threading
 import time
 import traceback
-import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice
@@ -36,12 +35,14 @@ from protein_performer.data.errors import DataError, FastaFormatError
 from protein_performer.data.fasta import (
     GZIP_MAGIC,
     GZIP_STREAM_ERRORS,
+    INFLATE,
     check_fasta,
     open_fasta,
     truncated_gzip_error,
 )
 
-__all__ = ["FastaChunk", "read_fasta_chunks", "read_fasta_chunks_reference", "read_fasta_chunks_in_background"]
+__all__ = ["FastaChunk", "chunk_of_block", "read_fasta_chunks", "read_fasta_chunks_reference",
+           "read_fasta_chunks_in_background", "RecordRange", "record_blocks", "record_ranges", "records_before"]
 
 
 @dataclass(frozen=True)
@@ -53,14 +54,30 @@ class FastaChunk:
     """
 
     path: Path
-    first_record: int  # index of the chunk's first record in its file (0-based)
+    first_record: int  # index of the chunk's first record in its file (0-based; see block_offset)
     titles: bytes
     sequences: bytes
     lengths: np.ndarray  # int64 [n]
     position: int  # bytes of the (possibly compressed) file consumed so far: progress, not exact
+    # -1, or: first_record counts from the block of records starting at this (decompressed) byte of
+    # the file. A parallel worker knows its block, not how many records came before it; that count
+    # is needed only to name a line in an error, so only then is it found (`record_number`).
+    block_offset: int = -1
 
     def __len__(self) -> int:
         return len(self.lengths)
+
+    def record_number(self, i: int) -> int:
+        """Index in its file (0-based) of the chunk's record i (error path: may read the file)."""
+        before = 0 if self.block_offset < 0 else records_before(self.path, self.block_offset)
+        return before + self.first_record + i
+
+
+def chunk_of_block(path: Path, text: bytes, offset: int, position: int) -> FastaChunk:
+    """All records of one block of whole records (`record_blocks`) as one FastaChunk, numbered
+    from the block (`block_offset=offset`): what a parallel worker parses."""
+    records = _RecordSpans.of(text)
+    return FastaChunk(path, 0, *records.cut(text, 0, len(records)), position, block_offset=offset)
 
 
 def read_fasta_chunks(path: Path, chunk_records: int = 2048) -> Iterator[FastaChunk]:
@@ -81,7 +98,7 @@ def read_fasta_chunks(path: Path, chunk_records: int = 2048) -> Iterator[FastaCh
         raise ValueError(f"chunk_records must be >= 1, got {chunk_records}")
     first = 0
     carry = b""  # records of the previous block that did not fill a chunk
-    for block, position, last in _record_blocks(path):
+    for block, _, position, last in record_blocks(path):
         text = carry + block if carry else block
         records = _RecordSpans.of(text)
         count = len(records)
@@ -176,22 +193,27 @@ class _RecordSpans(NamedTuple):
 _BLOCK_BYTES = 4 << 20  # decompressed bytes per block of records (a block grows to hold a longer record)
 
 
-def _record_blocks(path: Path) -> Iterator[tuple[bytes, int, bool]]:
-    """(block, raw file position, is last) over the decompressed file: each block is whole records
-    (it starts with a header line and ends where the next one starts); text before the first
-    header (blank lines: the opener's check allows nothing else) is dropped."""
+def record_blocks(path: Path, block_bytes: int | None = None) -> Iterator[tuple[bytes, int, int, bool]]:
+    """(block, its decompressed offset in the file, raw file position, is last) over the decompressed
+    file: each block is whole records (it starts with a header line and ends where the next one
+    starts) of about `block_bytes` (default _BLOCK_BYTES); text before the first header (blank lines:
+    the opener's check allows nothing else) is dropped."""
     check_fasta(path)
+    block_bytes = block_bytes or _BLOCK_BYTES
     pieces: list[bytes] = []  # decompressed bytes not yet handed out, joined only when a block is due
     size = 0
-    due = _BLOCK_BYTES  # doubles while one record outgrows it, so a huge record is copied O(1) times
+    due = block_bytes  # doubles while one record outgrows it, so a huge record is copied O(1) times
+    offset = 0  # decompressed offset of pieces[0]
     started = False
     with open(path, "rb") as raw:
         for data in _in_thread(_decompressed(raw, path)):
             if not started:
                 first = data.find(b">")
                 if first < 0:
+                    offset += len(data)
                     continue
                 data, started = data[first:], True
+                offset += first
             pieces.append(data)
             size += len(data)
             if size < due:
@@ -201,10 +223,65 @@ def _record_blocks(path: Path) -> Iterator[tuple[bytes, int, bool]]:
             if cut <= 0:  # one record longer than a block: keep reading until it ends
                 pieces, due = [pending], 2 * size
                 continue
-            yield pending[:cut + 1], raw.tell(), False
+            yield pending[:cut + 1], offset, raw.tell(), False
+            offset += cut + 1
             rest = pending[cut + 1:]
-            pieces, size, due = [rest], len(rest), _BLOCK_BYTES
-        yield b"".join(pieces), raw.tell(), True
+            pieces, size, due = [rest], len(rest), block_bytes
+        yield b"".join(pieces), offset, raw.tell(), True
+
+
+class RecordRange(NamedTuple):
+    """The records of a plain (uncompressed) file whose header starts in bytes [start, stop): what a
+    parallel worker reads for itself, so the parent never touches the bytes. `origin` is the file's
+    first '>' (only blank lines may come before it). Ranges that tile [origin, size) hold every
+    record exactly once, and the records of range k are those record_blocks would give there."""
+
+    path: Path
+    start: int
+    stop: int
+    origin: int
+
+    def read(self) -> tuple[bytes, int]:
+        """(the range's records as one block of whole records, the file offset of that block)."""
+        with open(self.path, "rb") as raw:
+            begin = self.start if self.start == self.origin else self.start - 1  # to see the line break before start
+            raw.seek(begin)
+            data = raw.read(self.stop - begin)
+            first = 0 if self.start == self.origin else data.find(b"\n>") + 1
+            if first == 0 and self.start != self.origin:  # no record starts here: it is all one longer record
+                return b"", self.stop
+            pieces, last = [data[first:]], data[-1:]
+            while more := raw.read(_READ_BYTES):  # the last record runs on to the next header
+                cut = (last + more).find(b"\n>")
+                if cut >= 0:
+                    pieces.append(more[:cut])
+                    break
+                pieces.append(more)
+                last = more[-1:]
+        return b"".join(pieces), begin + first
+
+
+def record_ranges(path: Path, range_bytes: int | None = None) -> Iterator[RecordRange] | None:
+    """RecordRanges of about `range_bytes` (default _BLOCK_BYTES) tiling a plain file; None for gzip."""
+    check_fasta(path)
+    with open(path, "rb") as raw:
+        head = raw.read(1 << 16)
+        size = os.fstat(raw.fileno()).st_size
+    if head[:2] == GZIP_MAGIC:
+        return None
+    origin = head.find(b">")
+    step = range_bytes or _BLOCK_BYTES
+    return (RecordRange(path, start, min(start + step, size), origin) for start in range(origin, size, step))
+
+
+def records_before(path: Path, offset: int) -> int:
+    """How many records start before decompressed byte `offset` of `path` (error path only)."""
+    count = 0
+    for block, start, _, _ in record_blocks(path):
+        if start >= offset:
+            break
+        count += len(_RecordSpans.of(block[:offset - start]))
+    return count
 
 
 def _in_thread(items: Iterator[bytes], ahead: int = 4) -> Iterator[bytes]:
@@ -255,7 +332,7 @@ def _decompressed(raw: IO[bytes], path: Path) -> Iterator[bytes]:
         while data := raw.read(_READ_BYTES):
             yield data
         return
-    inflater, fed = zlib.decompressobj(31), False
+    inflater, fed = INFLATE.decompressobj(31), False
     try:
         while data := raw.read(_READ_BYTES):
             while data:
@@ -269,7 +346,7 @@ def _decompressed(raw: IO[bytes], path: Path) -> Iterator[bytes]:
                 data = inflater.unconsumed_tail
                 if inflater.eof:  # end of a member: the rest may start another
                     data = inflater.unused_data + data
-                    inflater, fed = zlib.decompressobj(31), False
+                    inflater, fed = INFLATE.decompressobj(31), False
         if fed:
             raise EOFError("compressed file ended before the end-of-stream marker was reached")
     except GZIP_STREAM_ERRORS as error:

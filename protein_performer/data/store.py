@@ -1,10 +1,11 @@
 """The HDF5 token store: FASTA in, tokens grouped by split out, written in constant memory.
 
-Layout (format_version 1). One group per split in SPLITS (train, valid, test, ood), each with
+Layout (format_version 2). One group per split in SPLITS (train, valid, test, ood), each with
     tokens             uint8  [T_s]     residues of all the split's records, concatenated (no specials)
     offsets            int64  [N_s + 1] record j is tokens[offsets[j]:offsets[j + 1]]; offsets[0] = 0
     accessions         uint8  [A_s]     accession bytes, concatenated
     accession_offsets  int64  [N_s + 1] accession j is accessions[accession_offsets[j]:...[j + 1]]
+    token_counts       int64  [V]       how often each Alphabet token occurs in `tokens` (new in format 2)
 and attributes: the group's `records` and `residues`; at the root the format, the Alphabet's tokens,
 the split settings, the inputs (path, size, mtime) and the summary (see StoreSummary).
 
@@ -14,13 +15,13 @@ any range of its records with two slices, whatever the other splits hold. Datase
 strings, which are several times slower to write and to read in bulk.
 
 `TokenStore` reads a store: a global index runs over train, then valid, test and ood. The writer,
-`build_token_store` (streaming FASTA chunks into the layout in constant memory), is store_writer.py;
-its names are importable from here too.
+`build_token_store` (streaming FASTA chunks into the layout in constant memory), is store_writer.py,
+which builds on this module (never the other way round).
 """
 from __future__ import annotations
 
-import importlib
 import json
+import logging
 import os
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -35,16 +36,17 @@ from protein_performer.data.errors import DataError
 from protein_performer.data.fasta import PathInput
 from protein_performer.data.splits import SPLITS
 
-__all__ = ["TokenStore", "StoreSummary", "build_token_store", "input_identity", "remove_stale_temporaries",
-           "FORMAT_VERSION", "COMPRESSIONS", "HDF5_SUFFIXES"]
+__all__ = ["TokenStore", "StoreSummary", "input_identity", "FORMAT_VERSION", "COMPRESSIONS", "HDF5_SUFFIXES"]
 
 FORMAT = "protein_performer.token_store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # written by this version
+READABLE_VERSIONS = (1, 2)  # 1: no token_counts (counted from a bounded sample on request)
+_SAMPLE_WINDOWS = 64  # an old store's token counts: this many evenly spaced windows of a split...
+_SAMPLE_WINDOW_TOKENS = 1 << 16  # ... of this many tokens each (4 Mi tokens at most, read in well under a second)
+
+log = logging.getLogger(__name__)
 COMPRESSIONS = ("scaleoffset", "gzip", "lzf", "none")
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf", ".he5")  # output names accepted without any_suffix=True
-# The writer's names, importable from here as before (store_writer imports this module, so they are
-# looked up on first use rather than imported at the top).
-_WRITER_NAMES = frozenset({"build_token_store", "remove_stale_temporaries"})
 
 
 @dataclass
@@ -129,15 +131,17 @@ class TokenStore:
         if h5.attrs.get("format") != FORMAT:
             raise DataError(f"{self.path}: not a protein_performer token store")
         version = int(h5.attrs.get("format_version", -1))
-        if version != FORMAT_VERSION:
-            raise DataError(f"{self.path}: token store format {version}, this version reads {FORMAT_VERSION}; "
-                            "rebuild it with python -m protein_performer.preprocess")
+        if version not in READABLE_VERSIONS:
+            raise DataError(f"{self.path}: token store format {version}, this version reads "
+                            f"{' and '.join(map(str, READABLE_VERSIONS))}; rebuild it with python -m protein_performer.preprocess")
+        self.format_version = version
         tokens = json.loads(h5.attrs["alphabet"])
         if tokens != Alphabet().tokens:
             raise DataError(f"{self.path}: built with a different alphabet ({' '.join(tokens)}); rebuild it")
         self.split_sizes: dict[str, int] = {name: int(h5[name]["offsets"].shape[0]) - 1 for name in SPLITS}
         self.split_residues: dict[str, int] = {name: int(h5[name].attrs["residues"]) for name in SPLITS}
         self._split_starts = np.cumsum([0, *self.split_sizes.values()])
+        self._token_counts: dict[str, np.ndarray] | None = None
 
     def _h5(self) -> h5py.File:
         if self._file is None or self._pid != os.getpid():
@@ -189,6 +193,41 @@ class TokenStore:
         """Root attributes (format, alphabet, inputs, split_spec, summary_*...)."""
         return dict(self._h5().attrs)
 
+    def record_counts(self) -> dict[str, int]:
+        """Records per split ({'train': n, 'valid': ..., 'test': ..., 'ood': ...}), recorded at build time."""
+        return dict(self.split_sizes)
+
+    @property
+    def token_counts(self) -> dict[str, np.ndarray]:
+        """Per split, int64 [len(Alphabet())]: how often each token occurs in the split's residues.
+
+        Recorded when the store was built (format 2), so reading them costs nothing. A format-1 store
+        has none: its counts are estimated from a bounded sample of each split (`_SAMPLE_WINDOWS`
+        evenly spaced windows, scaled to the split's residues) and a warning says so, once.
+        """
+        if self._token_counts is None:
+            h5 = self._h5()
+            if all("token_counts" in h5[name] for name in SPLITS):
+                self._token_counts = {name: h5[name]["token_counts"][:].astype(np.int64) for name in SPLITS}
+            else:
+                log.warning("%s: a format-%d token store records no token counts; estimating them from a sample of "
+                            "at most %d tokens per split (rebuild the store for exact counts)", self.path,
+                            self.format_version, _SAMPLE_WINDOWS * _SAMPLE_WINDOW_TOKENS)
+                self._token_counts = {name: self._sampled_token_counts(name) for name in SPLITS}
+        return self._token_counts
+
+    def _sampled_token_counts(self, split: str) -> np.ndarray:
+        """Token counts of a split estimated from evenly spaced windows, scaled to its residues (exact if small)."""
+        vocab = len(Alphabet())
+        total = self.split_residues[split]
+        if total <= _SAMPLE_WINDOWS * _SAMPLE_WINDOW_TOKENS:
+            return np.bincount(self.read_tokens(split, 0, total), minlength=vocab)[:vocab].astype(np.int64)
+        starts = np.linspace(0, total - _SAMPLE_WINDOW_TOKENS, _SAMPLE_WINDOWS).astype(np.int64)
+        sample = np.zeros(vocab, dtype=np.int64)
+        for start in starts.tolist():
+            sample += np.bincount(self.read_tokens(split, start, start + _SAMPLE_WINDOW_TOKENS), minlength=vocab)[:vocab]
+        return np.rint(sample * (total / sample.sum())).astype(np.int64)
+
     def locate(self, i: int) -> tuple[str, int]:
         """(split name, index within the split) of global index i."""
         if not -len(self) <= i < len(self):
@@ -235,8 +274,3 @@ class TokenStore:
         """Tokens begin..end of a split's concatenated residues, uint8 [end - begin]."""
         return self._dataset(split, "tokens")[begin:end]
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _WRITER_NAMES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module("protein_performer.data.store_writer"), name)

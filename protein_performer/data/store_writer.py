@@ -8,7 +8,6 @@ renames it when complete; `remove_stale_temporaries` cleans up after builds that
 from __future__ import annotations
 
 import gc
-import glob
 import json
 import logging
 import os
@@ -28,10 +27,25 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
-from protein_performer.data.alphabet import Alphabet
+from protein_performer.data.alphabet import DIGITS, Alphabet
 from protein_performer.data.errors import DataError, FastaFormatError
-from protein_performer.data.fasta import PathInput, accession_spans, check_fasta, expand_inputs, header_line_of_record
-from protein_performer.data.fasta_chunks import FastaChunk, read_fasta_chunks, read_fasta_chunks_in_background
+from protein_performer.data.fasta import (
+    PathInput,
+    accession_spans,
+    check_fasta,
+    digit_in_sequence_error,
+    expand_inputs,
+    header_line_of_record,
+)
+from protein_performer.data.fasta_chunks import (
+    FastaChunk,
+    RecordRange,
+    chunk_of_block,
+    read_fasta_chunks,
+    record_blocks,
+    record_ranges,
+)
+from protein_performer.data.workers import default_workers, map_in_processes
 from protein_performer.data.splits import SPLITS, SplitAssigner, SplitSpec, accession_hashes
 from protein_performer.data.store import (
     COMPRESSIONS,
@@ -43,7 +57,7 @@ from protein_performer.data.store import (
 )
 from protein_performer.errors import describe_os_error, make_output_directory
 
-__all__ = ["build_token_store", "remove_stale_temporaries"]
+__all__ = ["build_token_store", "remove_stale_temporaries", "DUPLICATE_LIMIT"]
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +65,8 @@ _TOKEN_CHUNK = 1 << 18  # elements per HDF5 chunk: 256 KiB of tokens, a few hund
 _OFFSET_CHUNK = 1 << 15  # 256 KiB of int64 offsets
 _HISTOGRAM_CAP = 1 << 17  # exact length statistics up to 131,072 residues (UniProt's longest: 74,488)
 _QUANTILES = {"p10": 0.10, "p50": 0.50, "p90": 0.90, "p99": 0.99}
+DUPLICATE_LIMIT = 0.01  # repeated accessions refused above this fraction of the records (allow_duplicates)
+_DUPLICATE_SAMPLE = 1 << 20  # records whose accession hash is kept for finding repeats (~17 MB); a hash sample beyond
 
 
 def _deflate_huffman(data: bytes) -> bytes:
@@ -133,10 +149,12 @@ def _done(value: bytes) -> Future[bytes]:
 
 
 class _SplitWriter:
-    """The four datasets of one split."""
+    """The datasets of one split: four appended as records come, `token_counts` written at the end."""
 
-    def __init__(self, group: h5py.Group, compression: dict[str, Any], executor: ThreadPoolExecutor | None) -> None:
+    def __init__(self, group: h5py.Group, compression: dict[str, Any], executor: ThreadPoolExecutor | None,
+                 vocab_size: int) -> None:
         self.group = group
+        self.token_counts = np.zeros(vocab_size, dtype=np.int64)
         compress = _deflate_huffman if compression.get("compression") == "gzip" else None
         self.tokens = _ChunkedAppender(group.create_dataset(
             "tokens", shape=(0,), maxshape=(None,), dtype=np.uint8, chunks=(_TOKEN_CHUNK,), **compression),
@@ -160,9 +178,10 @@ class _SplitWriter:
         self.residues = 0
         self.accession_bytes = 0
 
-    def append(self, tokens: np.ndarray, lengths: np.ndarray, accessions: np.ndarray,
-               accession_lengths: np.ndarray) -> None:
+    def append(self, part: _SplitPart) -> None:
+        tokens, lengths, accessions, accession_lengths = part.tokens, part.lengths, part.accessions, part.accession_lengths
         self.tokens.append(tokens)
+        self.token_counts += part.token_counts
         self.offsets.append(self.residues + np.cumsum(lengths))
         self.accessions.append(accessions)
         self.accession_offsets.append(self.accession_bytes + np.cumsum(accession_lengths))
@@ -173,6 +192,7 @@ class _SplitWriter:
     def close(self) -> None:
         for appender in (self.tokens, self.offsets, self.accessions, self.accession_offsets):
             appender.close()
+        self.group.create_dataset("token_counts", data=self.token_counts)
         self.group.attrs["records"] = self.records
         self.group.attrs["residues"] = self.residues
 
@@ -205,6 +225,76 @@ class _LengthStatistics:
         summary.longer_than_1024 = int(self.histogram[1025:].sum())
 
 
+class _DuplicateCheck:
+    """Accessions that repeat, found in bounded memory.
+
+    Keeps the accession hash, split and index of every record whose hash has its low `shift` bits
+    zero: all records while there are at most _DUPLICATE_SAMPLE, then a 1/2**shift sample that halves
+    whenever it fills. Repeats of an accession share its hash, so they are sampled together and the
+    count of repeats among the sample, times 2**shift, estimates the whole (exact when shift is 0).
+    """
+
+    def __init__(self) -> None:
+        self.shift = 0
+        self.hashes: list[np.ndarray] = []
+        self.codes: list[np.ndarray] = []
+        self.index: list[np.ndarray] = []
+        self.size = 0
+        self.repeats = 0  # records whose accession was seen before (estimated when sampled)
+        self.examples: list[tuple[str, int]] = []  # (accession, how often it occurs), first ones in input order
+
+    def add(self, hashes: np.ndarray, codes: np.ndarray, split_records: dict[str, int]) -> None:
+        keep = (hashes & np.uint64((1 << self.shift) - 1)) == 0
+        if not keep.any():
+            return
+        index = np.empty(len(hashes), dtype=np.int64)
+        for code in np.unique(codes).tolist():
+            rows = codes == code
+            index[rows] = split_records[SPLITS[code]] + np.arange(int(np.count_nonzero(rows)))
+        self.hashes.append(hashes[keep])
+        self.codes.append(codes[keep])
+        self.index.append(index[keep])
+        self.size += int(np.count_nonzero(keep))
+        while self.size > _DUPLICATE_SAMPLE:
+            self.shift += 1
+            hashes, codes, index = self._joined()
+            keep = (hashes & np.uint64((1 << self.shift) - 1)) == 0
+            self.hashes, self.codes, self.index = [hashes[keep]], [codes[keep]], [index[keep]]
+            self.size = int(np.count_nonzero(keep))
+
+    def _joined(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if not self.hashes:
+            return np.zeros(0, np.uint64), np.zeros(0, np.uint8), np.zeros(0, np.int64)
+        return np.concatenate(self.hashes), np.concatenate(self.codes), np.concatenate(self.index)
+
+    def find(self, h5: h5py.File, examples: int = 3) -> None:
+        """Count the repeats and read a few repeated accessions back from the (complete) store."""
+        hashes, codes, index = self._joined()
+        unique, first, counts = np.unique(hashes, return_index=True, return_counts=True)
+        repeated = counts > 1
+        self.repeats = int((counts[repeated] - 1).sum()) << self.shift
+        order = np.argsort(first[repeated])[:examples]
+        for row, count in zip(first[repeated][order].tolist(), counts[repeated][order].tolist()):
+            group = h5[SPLITS[int(codes[row])]]
+            begin, end = group["accession_offsets"][index[row]:index[row] + 2]
+            self.examples.append((group["accessions"][begin:end].tobytes().decode("latin-1"), count))
+
+    def report(self, paths: list[Path], records: int, allow: bool) -> None:
+        """One line on the repeats: a warning, or a DataError above DUPLICATE_LIMIT unless allowed."""
+        if not self.repeats:
+            return
+        names = ", ".join(map(str, paths[:3])) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
+        shown = ", ".join(f"{accession} x{count:,}" for accession, count in self.examples)
+        sampled = f", estimated from a 1/{1 << self.shift} sample" if self.shift else ""
+        message = (f"{names}: {self.repeats:,} of {records:,} records ({self.repeats / records:.1%}{sampled}) repeat "
+                   f"an accession seen before (e.g. {shown})")
+        if self.repeats > DUPLICATE_LIMIT * records and not allow:
+            raise DataError(f"{message}; the accession (see protein_performer/data/fasta.py) decides a record's split, "
+                            "so these would pile into one split. Give each record its own identifier as the header's "
+                            "first word, or pass allow_duplicates=true to keep them")
+        log.warning("%s; kept", message)
+
+
 class _SplitPart(NamedTuple):
     """The records of one chunk that belong to one split, ready to append."""
 
@@ -213,56 +303,86 @@ class _SplitPart(NamedTuple):
     lengths: np.ndarray  # int64 [n]
     accessions: np.ndarray  # uint8, concatenated
     accession_lengths: np.ndarray  # int64 [n]
+    token_counts: np.ndarray  # int64 [vocabulary]: bincount of tokens
+
+
+class _EncodedChunk(NamedTuple):
+    """What encoding a FastaChunk gives the writer (computed in a worker process when there are some)."""
+
+    path: Path
+    position: int  # progress through the raw file
+    parts: list[_SplitPart]  # one per split present
+    hashes: np.ndarray  # uint64 [n]: accession hashes of the stored records, in order
+    codes: np.ndarray  # uint8 [n]: their split codes (SPLITS)
+    unknown: int  # characters stored as <unk>
+    skipped_empty: int  # records with an empty sequence, not stored
 
 
 class _ChunkEncoder:
-    """FastaChunk -> one _SplitPart per split present, for the records worth storing."""
+    """FastaChunk -> _EncodedChunk: one _SplitPart per split present, for the records worth storing.
+
+    Also called on a block of records (path, text, decompressed offset, raw position) or a
+    RecordRange of a plain file, as the parallel workers are: reading a plain file, parsing and
+    encoding are then all done where it runs.
+    """
 
     def __init__(self, alphabet: Alphabet, assigner: SplitAssigner) -> None:
         self.alphabet = alphabet
         self.assigner = assigner
 
-    def __call__(self, chunk: FastaChunk, summary: StoreSummary) -> Iterator[_SplitPart]:
+    def __call__(self, chunk: FastaChunk | RecordRange | tuple[Path, bytes, int, int]) -> _EncodedChunk:
+        if isinstance(chunk, RecordRange):
+            text, offset = chunk.read()
+            chunk = chunk_of_block(chunk.path, text, offset, chunk.stop)
+        elif not isinstance(chunk, FastaChunk):
+            chunk = chunk_of_block(*chunk)
+        if not len(chunk):
+            return _EncodedChunk(chunk.path, chunk.position, [], np.zeros(0, np.uint64), np.zeros(0, np.uint8), 0, 0)
         encoded = self.alphabet.encode_concatenated(chunk.sequences, chunk.lengths)
         if encoded.invalid_at >= 0:
-            record = int(np.searchsorted(np.cumsum(chunk.lengths), encoded.invalid_at, side="right"))
-            line = header_line_of_record(chunk.path, chunk.first_record + record)
+            ends = np.cumsum(chunk.lengths)
+            record = int(np.searchsorted(ends, encoded.invalid_at, side="right"))
             byte = chunk.sequences[encoded.invalid_at]
+            if byte in DIGITS:
+                within = encoded.invalid_at - int(ends[record] - chunk.lengths[record])
+                raise digit_in_sequence_error(chunk.path, chunk.record_number(record), within, chr(byte))
+            line = header_line_of_record(chunk.path, chunk.record_number(record))
             raise FastaFormatError(f"{chunk.path}:{line}: binary data (byte 0x{byte:02x}) in the sequence of this "
                                    "record; expected FASTA text")
         control = _first_control_byte(chunk.titles)
         if control >= 0:
             record = chunk.titles.count(b"\n", 0, control)
-            line = header_line_of_record(chunk.path, chunk.first_record + record)
+            line = header_line_of_record(chunk.path, chunk.record_number(record))
             raise FastaFormatError(f"{chunk.path}:{line}: binary data (byte 0x{chunk.titles[control]:02x}) in this "
                                    "header line; expected FASTA text")
         start, stop = accession_spans(chunk.titles, len(chunk))
         empty_accession = np.flatnonzero(stop == start)
         if empty_accession.size:
-            line = header_line_of_record(chunk.path, chunk.first_record + int(empty_accession[0]))
+            line = header_line_of_record(chunk.path, chunk.record_number(int(empty_accession[0])))
             raise FastaFormatError(f"{chunk.path}:{line}: header line has no identifier")
         lengths = encoded.lengths
-        summary.unknown += encoded.unknown
         keep = lengths > 0
-        if not keep.all():
-            summary.skipped_empty += int(np.count_nonzero(~keep))
+        skipped = int(np.count_nonzero(~keep))
+        if skipped:
             start, stop, lengths = start[keep], stop[keep], lengths[keep]
         if not len(lengths):
-            return
+            return _EncodedChunk(chunk.path, chunk.position, [], np.zeros(0, np.uint64), np.zeros(0, np.uint8),
+                                 encoded.unknown, skipped)
         accessions = [chunk.titles[a:b] for a, b in zip(start, stop)] if self.assigner.ood_accessions else None
         titles = None
         if self.assigner.ood_regex is not None:
             titles = chunk.titles.split(b"\n")
             titles = [t for t, k in zip(titles, keep) if k] if not keep.all() else titles
-        codes = self.assigner.assign(accession_hashes(chunk.titles, start, stop), accessions, titles)
-
+        hashes = accession_hashes(chunk.titles, start, stop)
+        codes = self.assigner.assign(hashes, accessions, titles)
         accession_lengths = stop - start
-        yield from _split_parts(codes, np.frombuffer(encoded.tokens, dtype=np.uint8), lengths,
-                                _gather(chunk.titles, start, accession_lengths), accession_lengths)
+        parts = list(_split_parts(codes, np.frombuffer(encoded.tokens, dtype=np.uint8), lengths,
+                                  _gather(chunk.titles, start, accession_lengths), accession_lengths, len(self.alphabet)))
+        return _EncodedChunk(chunk.path, chunk.position, parts, hashes, codes.astype(np.uint8), encoded.unknown, skipped)
 
 
 def _split_parts(codes: np.ndarray, tokens: np.ndarray, lengths: np.ndarray, accessions: np.ndarray,
-                 accession_lengths: np.ndarray) -> Iterator[_SplitPart]:
+                 accession_lengths: np.ndarray, vocab_size: int) -> Iterator[_SplitPart]:
     """Regroup a chunk's records by split code, keeping their order within each split.
 
     Consecutive records of one split form a run; a chunk is mostly one long train run with a few
@@ -277,11 +397,10 @@ def _split_parts(codes: np.ndarray, tokens: np.ndarray, lengths: np.ndarray, acc
         of_split = codes[run_starts] == code
         runs = list(zip(run_starts[of_split].tolist(), run_stops[of_split].tolist()))
         rows = codes == code
-        yield _SplitPart(SPLITS[code],
-                         np.concatenate([tokens[token_ends[a]:token_ends[b]] for a, b in runs]),
-                         lengths[rows],
+        split_tokens = np.concatenate([tokens[token_ends[a]:token_ends[b]] for a, b in runs])
+        yield _SplitPart(SPLITS[code], split_tokens, lengths[rows],
                          np.concatenate([accessions[accession_ends[a]:accession_ends[b]] for a, b in runs]),
-                         accession_lengths[rows])
+                         accession_lengths[rows], np.bincount(split_tokens, minlength=vocab_size).astype(np.int64))
 
 
 def _first_control_byte(text: bytes) -> int:
@@ -308,6 +427,9 @@ def build_token_store(
     compression_threads: int = 2,
     chunk_records: int = 2048,
     background_reader: bool = True,
+    workers: int | None = None,
+    block_bytes: int | None = None,
+    allow_duplicates: bool = False,
     overwrite: bool = False,
     any_suffix: bool = False,
     progress: bool = True,
@@ -327,7 +449,15 @@ def build_token_store(
             Huffman-only for residues, see _deflate_huffman: 53% of raw, ~15% slower to build), "lzf",
             "none". All are lossless and decoded by any HDF5 reader.
         compression_threads: threads deflating residue chunks for "gzip" (0: in the calling thread).
-        background_reader: parse FASTA in a child process so parsing and encoding overlap.
+        background_reader: parse and encode in `workers` child processes while this one inflates
+            and writes; False: everything in this process (no children), in chunks of `chunk_records`.
+        workers: processes parsing and encoding blocks of records (None: `default_workers()`, the
+            cores available up to 8). The store's contents do not depend on it.
+        block_bytes: decompressed bytes per block handed to a worker (None: 4 MiB). Neither does
+            this change the store's contents; memory is about 2 * workers * block_bytes * 3.
+        allow_duplicates: keep records whose accession repeats one already seen even when more
+            than DUPLICATE_LIMIT of the records do (the same accession means the same split, so
+            many repeats mean lopsided splits: most likely headers parsed the wrong way).
         overwrite: replace an existing `output` (otherwise that is an error). An output that is one of
             the inputs is refused whatever this says.
         any_suffix: accept an output name without an HDF5 suffix (HDF5_SUFFIXES); by default such a
@@ -353,9 +483,7 @@ def build_token_store(
                         f"{'/'.join(HDF5_SUFFIXES)}; name it e.g. '{output.stem}.h5', or pass any_suffix=true")
     if output.exists() and not overwrite:
         raise DataError(f"{output}: already exists; pass overwrite=true to replace it")
-    make_output_directory(output, DataError)
-    if not os.access(output.parent, os.W_OK):
-        raise DataError(f"{output.parent}: no permission to write in this directory; choose another output")
+    make_output_directory(output, DataError)  # also checks that it can write there
     remove_stale_temporaries(output)
     for path in paths:  # fail now on file 40 of 40, not after hours of parsing the first 39
         check_fasta(path)
@@ -374,14 +502,20 @@ def build_token_store(
     temporary = output.with_name(f"{output.stem}.{_HOST}-{os.getpid()}-{secrets.token_hex(4)}{output.suffix}.tmp")
     gc_was_enabled = gc.isenabled()
     gc.disable()  # millions of short-lived parser tuples; cyclic GC would scan them and find nothing
+    encode = _ChunkEncoder(alphabet, assigner)
     try:
-        with closing(_chunks(paths, chunk_records, background_reader)) as chunks:
-            _write_store(temporary, chunks, _ChunkEncoder(alphabet, assigner), summary, options, compression_threads,
-                         progress)
+        if background_reader:
+            encoded = map_in_processes(encode, _blocks(paths, block_bytes), workers or default_workers())
+        else:
+            encoded = (encode(chunk) for path in paths for chunk in read_fasta_chunks(path, chunk_records))
+        with closing(encoded):
+            duplicates = _write_store(temporary, encoded, len(alphabet), summary, options, compression_threads,
+                                      progress)
         if summary.records == 0:
             names = ", ".join(map(str, paths[:3])) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
             raise DataError(f"{names}: no records with a non-empty sequence ({summary.skipped_empty:,} empty records "
                             "skipped); a FASTA record is a '>' header line followed by its residues")
+        duplicates.report(paths, summary.records, allow_duplicates)
         summary.seconds = time.perf_counter() - started
         with h5py.File(temporary, "a") as h5:
             h5.attrs.update({
@@ -411,19 +545,25 @@ _HOST = socket.gethostname().replace("/", "_")
 
 
 def remove_stale_temporaries(output: PathInput) -> list[Path]:
-    """Delete the temporaries of `output` that builds killed on this host left behind; return them.
+    """Delete the temporaries that builds killed on this host left in `output`'s directory; return them.
 
-    A temporary is <stem>.<host>-<pid>-<token><suffix>.tmp. It is stale when <host> is this machine
-    and process <pid> no longer runs (SIGKILL and the OOM killer leave no chance to clean up). A
-    temporary of a running build, or of another host sharing the file system, is left alone.
+    A temporary is <stem>.<host>-<pid>-<token><suffix>.tmp (the pid of the build that writes it). It
+    is stale when <host> is this machine and process <pid> no longer runs (SIGKILL and the OOM killer
+    leave no chance to clean up), whichever store it was for: a cache directory does not keep a dead
+    build's 600 MB until that same store is built again. A temporary of a running build, or of
+    another host sharing the file system, is left alone; so is `output`'s own older form without a host.
     """
     output = Path(output)
-    pattern = re.compile(rf"{re.escape(output.stem)}\.(?:(?P<host>.+)-)?(?P<pid>\d+)-[0-9a-f]{{8}}"
-                         rf"{re.escape(output.suffix)}\.tmp")
+    token = r"-(?P<pid>\d+)-[0-9a-f]{8}"
+    own = re.compile(rf"{re.escape(output.stem)}\.(?:(?P<host>.+)-)?(?P<pid>\d+)-[0-9a-f]{{8}}"
+                     rf"{re.escape(output.suffix)}\.tmp")
+    any_store = re.compile(rf".+\.{re.escape(_HOST)}{token}\.[^.]+\.tmp")
     removed = []
-    for candidate in output.parent.glob(f"{glob.escape(output.stem)}.*{glob.escape(output.suffix)}.tmp"):
-        match = pattern.fullmatch(candidate.name)
-        if match is None or match["host"] not in (None, _HOST) or _running(int(match["pid"])):
+    for candidate in output.parent.glob("*.tmp"):
+        match = own.fullmatch(candidate.name)
+        if match is None or match["host"] not in (None, _HOST):
+            match = any_store.fullmatch(candidate.name)
+        if match is None or _running(int(match["pid"])):
             continue
         candidate.unlink(missing_ok=True)
         removed.append(candidate)
@@ -448,17 +588,22 @@ def _running(pid: int) -> bool:
         return True
 
 
-def _chunks(paths: list[Path], chunk_records: int, background: bool) -> Iterator[FastaChunk]:
-    if background:
-        yield from read_fasta_chunks_in_background(paths, chunk_records)
-    else:
-        for path in paths:
-            yield from read_fasta_chunks(path, chunk_records)
+def _blocks(paths: list[Path], block_bytes: int | None) -> Iterator[RecordRange | tuple[Path, bytes, int, int]]:
+    """The workers' tasks: byte ranges of a plain file (each worker reads its own), or, from a gzip
+    stream (decompressed here, in one stream), (path, block of whole records, its offset, raw position)."""
+    for path in paths:
+        ranges = record_ranges(path, block_bytes)
+        if ranges is not None:
+            yield from ranges
+            continue
+        for block, offset, position, _ in record_blocks(path, block_bytes):
+            yield path, block, offset, position
 
 
-def _write_store(path: Path, chunks: Iterable[FastaChunk], encode: _ChunkEncoder, summary: StoreSummary,
-                 compression: dict[str, Any], threads: int, progress: bool) -> None:
+def _write_store(path: Path, encoded: Iterable[_EncodedChunk], vocab_size: int, summary: StoreSummary,
+                 compression: dict[str, Any], threads: int, progress: bool) -> _DuplicateCheck:
     statistics = _LengthStatistics()
+    duplicates = _DuplicateCheck()
     done_bytes = 0  # bytes of the files finished before the current one
     current: Path | None = None
     last_position = 0
@@ -467,13 +612,16 @@ def _write_store(path: Path, chunks: Iterable[FastaChunk], encode: _ChunkEncoder
         with (h5py.File(path, "w") as h5,
               tqdm(total=summary.input_bytes, unit="B", unit_scale=True, unit_divisor=1000, desc="tokenising",
                    disable=not progress, smoothing=0.1) as bar):
-            writers = {name: _SplitWriter(h5.create_group(name), compression, executor) for name in SPLITS}
-            for chunk in chunks:
+            writers = {name: _SplitWriter(h5.create_group(name), compression, executor, vocab_size) for name in SPLITS}
+            for chunk in encoded:
                 if chunk.path != current:
                     done_bytes += last_position
                     current, last_position = chunk.path, 0
-                for part in encode(chunk, summary):
-                    writers[part.split].append(part.tokens, part.lengths, part.accessions, part.accession_lengths)
+                duplicates.add(chunk.hashes, chunk.codes, {name: w.records for name, w in writers.items()})
+                summary.unknown += chunk.unknown
+                summary.skipped_empty += chunk.skipped_empty
+                for part in chunk.parts:
+                    writers[part.split].append(part)
                     statistics.add(part.lengths)
                 bar.update(max(done_bytes + chunk.position - bar.n, 0))
                 last_position = chunk.position
@@ -488,6 +636,8 @@ def _write_store(path: Path, chunks: Iterable[FastaChunk], encode: _ChunkEncoder
             summary.records = sum(summary.split_records.values())
             summary.residues = sum(summary.split_residues.values())
             statistics.fill(summary)
+            duplicates.find(h5)
     finally:
         if executor is not None:
             executor.shutdown(cancel_futures=True)
+    return duplicates

@@ -24,11 +24,15 @@ from protein_performer.config import (  # the kind tuples are re-exported: they 
 )
 from protein_performer.nn.rotary import RotaryEmbedding
 
-__all__ = ["ATTENTION_KINDS", "RANDOM_FEATURE_KINDS", "RECURRENT_KINDS", "RPE_BUCKETS_PER_OCTAVE", "SelfAttention",
+__all__ = ["ATTENTION_KINDS", "OPRF_MOMENTUM", "RANDOM_FEATURE_KINDS", "RECURRENT_KINDS", "RPE_BUCKETS_PER_OCTAVE",
+           "SelfAttention",
            "relative_buckets"]
 
 # Log-spaced buckets of the windowed favor_rpe bias between rpe_exact_distance and rpe_max_distance.
 RPE_BUCKETS_PER_OCTAVE = 4
+# Causal FAVOR++'s running statistic: the plain mean of the first 1 / (1 - momentum) training batches,
+# then an exponential moving average with this momentum (it follows the sharpening of attention).
+OPRF_MOMENTUM = 0.99
 
 
 def relative_buckets(exact_distance: int, max_distance: int) -> Tensor:
@@ -77,6 +81,9 @@ class SelfAttention(nn.Module):
         self.head_dim = config.d_model // config.n_heads
         self.combiner_block_size = config.combiner_block_size
         self.combiner_variant = config.combiner_variant
+        self.features = config.features
+        self.coupling = config.coupling
+        self.exact_window = config.exact_window
 
         self.qkv = nn.Linear(config.d_model, 3 * config.d_model)
         self.out_proj = nn.Linear(config.d_model, config.d_model)
@@ -86,6 +93,13 @@ class SelfAttention(nn.Module):
         # Filled by redraw_projection (the model draws all layers at construction).
         projection = torch.zeros(config.nb_features, self.head_dim) if self.spec.random_features else None
         self.register_buffer("projection", projection, persistent=True)
+        # Causal FAVOR++: the statistic u of every head, a running mean of training batches (an EMA after
+        # OPRF_MOMENTUM's horizon), fixed in eval: a batch statistic would let future tokens in.
+        if config.features == "oprf" and config.causal:
+            self.register_buffer("oprf_u", torch.zeros(config.n_heads), persistent=True)
+            self.register_buffer("oprf_updates", torch.zeros((), dtype=torch.long), persistent=True)
+        else:
+            self.oprf_u = self.oprf_updates = None
         # favor_rpe's b_(j-i), zero = plain FAVOR+ at initialisation. Windowed (rpe_max_distance = w): a
         # table [heads, columns] read through rpe_index (relative_buckets), the same size at any length.
         # Full (rpe_max_distance None): b for offsets -(max_length-1) .. max_length-1, cut to the centre
@@ -113,7 +127,8 @@ class SelfAttention(nn.Module):
         if self.rpe_index is None:
             return ops.slice_rpe_bias(self.rpe_bias, length)  # (H, 2L-1)
         table = self.rpe_bias[:, self.rpe_index]  # (H, 2w + 1): far before, offsets -(w-1) .. w-1, far after
-        return ops.WindowedBias(band=table[:, 1:-1], far=table[:, [0, -1]])
+        # Columns 0 and 2w by a strided slice: a Python-list index would copy the list to the device.
+        return ops.WindowedBias(band=table[:, 1:-1], far=table[:, :: table.shape[1] - 1])
 
     def extra_repr(self) -> str:
         features = f", nb_features={self.projection.shape[0]}" if self.projection is not None else ""
@@ -129,8 +144,35 @@ class SelfAttention(nn.Module):
         if self.projection is None:
             return
         fresh = ops.gaussian_orthogonal_random_matrix(
-            self.projection.shape[0], self.head_dim, generator=generator, dtype=torch.float64)
+            self.projection.shape[0], self.head_dim, coupling=self.coupling, generator=generator, dtype=torch.float64)
         self.projection.copy_(fresh)
+
+    def oprf_a(self, q: Tensor, k: Tensor, key_padding_mask: Tensor | None = None) -> Tensor | None:
+        """FAVOR++'s coefficient A for this input (None with positive features): [batch, heads] from the
+        valid tokens bidirectionally, [heads] from the running statistic causally."""
+        if self.features != "oprf":
+            return None
+        if self.oprf_u is not None:
+            return ops.oprf_coefficient(self.oprf_u, self.head_dim)
+        return ops.oprf_coefficient(ops.oprf_statistic(q, k, key_padding_mask), self.head_dim)
+
+    @torch.no_grad()
+    def update_oprf_statistic(self, q: Tensor, k: Tensor, key_padding_mask: Tensor | None) -> None:
+        """Fold this training batch's per-head u into the running statistic (after the forward used the old
+        one). Rows without a valid token are skipped; under DDP the batch means are averaged over ranks
+        first, so every rank holds the same statistic."""
+        u = ops.oprf_statistic(q, k, key_padding_mask).float()  # (B, H)
+        valid = torch.ones(u.shape[0], device=u.device) if key_padding_mask is None else (
+            (~key_padding_mask).any(dim=1).float())
+        sums = torch.cat([(u * valid[:, None]).sum(dim=0), valid.sum()[None]])  # (H + 1)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(sums)
+        # no branch on a device value: a training step never waits on the host
+        seen = sums[-1] > 0
+        batch_u = sums[:-1] / sums[-1].clamp(min=1.0)
+        rate = torch.clamp(1.0 / (self.oprf_updates + 1).float(), min=1.0 - OPRF_MOMENTUM) * seen
+        self.oprf_u.add_(rate * (batch_u.to(self.oprf_u) - self.oprf_u))
+        self.oprf_updates.add_(seen.long())
 
     def project_qkv(self, x: Tensor, offset: int = 0) -> tuple[Tensor, Tensor, Tensor]:
         """x [batch, length, d_model] -> q, k, v, each [batch, heads, length, head_dim].
@@ -149,7 +191,10 @@ class SelfAttention(nn.Module):
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
         """Attention output [batch, heads, length, head_dim] of this layer's kind."""
-        return self.spec.attend(self, q, k, v, key_padding_mask)
+        out = self.spec.attend(self, q, k, v, key_padding_mask)
+        if self.training and self.oprf_u is not None:
+            self.update_oprf_statistic(q, k, key_padding_mask)
+        return out
 
     def attention_weights(self, q: Tensor, k: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
         """The [batch, heads, length, length] matrix A that `attend` applies: attend(q, k, v) = A @ v."""

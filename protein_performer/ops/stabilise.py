@@ -67,9 +67,10 @@ def safe_divide(numerator: Tensor, denominator: Tensor) -> Tensor:
 
 
 def key_gradient(grad_k_aug: Tensor, k_scaled: Tensor) -> Tensor:
-    """dL/dk from dL/d[k', |k'|^2/2] (the augmented key the softmax features project), k' = k D^-1/4."""
+    """dL/dk from dL/d[k', |k'|^2/2] (the augmented key the softmax features project), k' = k D^-1/4.
+    Columns after D + 1 (FAVOR++'s constant column) carry no gradient to k."""
     D = k_scaled.shape[-1]
-    return torch.addcmul(grad_k_aug[..., :D], k_scaled, grad_k_aug[..., D:]).mul_(D**-0.25)
+    return torch.addcmul(grad_k_aug[..., :D], k_scaled, grad_k_aug[..., D : D + 1]).mul_(D**-0.25)
 
 
 def zero_at_padding(key_padding_mask: Tensor | None, *grads: Tensor) -> None:

@@ -9,6 +9,8 @@ position. Two such predictors, scored on exactly the targets the model was score
 """
 from __future__ import annotations
 
+import functools
+import logging
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -19,19 +21,49 @@ from torch import Tensor
 from protein_performer.data import IGNORE_INDEX, Alphabet, TokenStore
 
 STANDARD_AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"
-_READ_TOKENS = 1 << 24  # tokens per read when counting a split: bounded memory on any store size
+# Tokens counted from a store that did not record its counts: the first ones of the split. Residue
+# frequencies settle long before that (Swiss-Prot's whole train split is ~2e8), and a TrEMBL-sized split
+# (~1e11) would otherwise be read end to end on rank 0 at the end of every run.
+SAMPLE_TOKENS = 10_000_000
+_READ_TOKENS = 1 << 22  # tokens per read: bounded memory
+
+log = logging.getLogger(__name__)
 
 
-def token_counts(store: TokenStore, split: str = "train", *, vocab_size: int, eos_idx: int | None = None) -> np.ndarray:
-    """int64 [vocab_size]: how often each token occurs in `split` (plus one `eos_idx` per record)."""
+def token_counts(store: TokenStore, split: str = "train", *, vocab_size: int, eos_idx: int | None = None,
+                 sample_tokens: int = SAMPLE_TOKENS) -> np.ndarray:
+    """int64 [vocab_size]: how often each token occurs in `split` (plus one `eos_idx` per record).
+
+    Read from the counts the store recorded when it was built (`store.token_counts`), never by a scan of
+    the split. A store without them is sampled: its first `sample_tokens` tokens are counted (with <eos>
+    in proportion), which is the whole split for small stores; the log says so once.
+    """
+    recorded = getattr(store, "token_counts", None)
+    recorded = recorded(split) if callable(recorded) else (recorded[split] if recorded is not None else None)
     counts = np.zeros(vocab_size, dtype=np.int64)
-    total = store.split_residues[split]
-    for begin in range(0, total, _READ_TOKENS):
-        counts += np.bincount(store.read_tokens(split, begin, min(begin + _READ_TOKENS, total)),
-                              minlength=vocab_size)[:vocab_size]
+    records = store.split_sizes[split]
+    if recorded is not None:
+        recorded = np.asarray(recorded, dtype=np.int64)[:vocab_size]
+        counts[: len(recorded)] = recorded
+    else:
+        total = store.split_residues[split]
+        end = min(total, sample_tokens)
+        if end < total:
+            _say_once(f"{getattr(store, 'path', 'the token store')} records no token counts (built by an older "
+                      f"version): baseline frequencies come from the first {end:,} of the {split} split's "
+                      f"{total:,} tokens")
+            records = round(records * end / total)
+        for begin in range(0, end, _READ_TOKENS):
+            counts += np.bincount(store.read_tokens(split, begin, min(begin + _READ_TOKENS, end)),
+                                  minlength=vocab_size)[:vocab_size]
     if eos_idx is not None:
-        counts[eos_idx] += store.split_sizes[split]
+        counts[eos_idx] += records
     return counts
+
+
+@functools.cache
+def _say_once(message: str) -> None:
+    log.warning(message)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import time
+import warnings
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,36 @@ class Checkpoint(ModelCheckpoint):
     feature redraw, or any plateau) then leaves an older last.ckpt, and a run killed afterwards resumes
     from the last improvement and trains those steps again: the benchmark's 2,000-step favor_rpe run lost
     400 steps that way. Here a resumable last.ckpt always holds the latest validated step.
+
+    Two more differences, both for a resumed run (ckpt_path=):
+    - resumed into another run directory, the checkpoint's record of best and last checkpoints (files of
+      that other run, scored on its validations) is dropped: this run's best checkpoint is its own;
+    - resumed into its own directory, Lightning's "Checkpoint directory ... exists and is not empty"
+      warning is not shown (that is the point of resuming there); a fresh run into a used directory
+      still gets it.
     """
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # Whether the run resumes is known only once the checkpoint is restored (after setup), so the
+        # warning waits for on_fit_start.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            super().setup(trainer, pl_module, stage)
+        self._used_directory: warnings.WarningMessage | None = None
+        for warning in caught:
+            if "exists and is not empty" in str(warning.message):
+                self._used_directory = warning
+            else:
+                warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        warning = getattr(self, "_used_directory", None)
+        if warning is not None and trainer.ckpt_path is None:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("dirpath", self.dirpath) == self.dirpath:
+            super().load_state_dict(state_dict)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_validation_end(trainer, pl_module)  # top-k, and last.ckpt if that saved anything
@@ -86,7 +116,9 @@ class Throughput(pl.Callback):
     excluded), so it is the rate a user waits on; shown on the progress bar. Under DDP the rank's own
     rate is multiplied by the world size (ranks see equally sized batches; no collective per step).
     Token counts stay on the batch's device: nothing here waits for the GPU; the value is read only
-    when the progress bar refreshes or a logger writes (every log_every_n_steps).
+    when the progress bar refreshes or a logger writes (every log_every_n_steps). It also counts the
+    run's tokens seen (all ranks), saved as checkpoint["tokens_seen"] and restored on resume (for the
+    model card of an exported model).
     """
 
     def __init__(self, window: int = 20) -> None:
@@ -94,7 +126,8 @@ class Throughput(pl.Callback):
             raise ValueError(f"Throughput window must be >= 1 batch, got {window}")
         # (time at the end of a batch, tokens in it); the first entry marks the window's start.
         self._marks: deque[tuple[float, int | Tensor]] = deque(maxlen=window + 1)
-        self._latest: float | Tensor | None = None
+        self._latest: Tensor | None = None
+        self._seen: int | Tensor | None = 0  # this rank's non-padding training tokens (None: unknown)
 
     @property
     def tokens_per_sec(self) -> float | None:
@@ -110,17 +143,29 @@ class Throughput(pl.Callback):
                            batch: Any, batch_idx: int) -> None:
         if not self._marks:
             return
-        padding = batch["padding_mask"]
-        tokens = batch["input_ids"].numel() if padding is None else (~padding).sum()  # a device tensor: no sync
+        ids, padding = batch["input_ids"], batch["padding_mask"]
+        # a device tensor either way (filled there, not copied from the host): no sync, no transfer
+        tokens = ids.new_full((), ids.numel()) if padding is None else (~padding).sum()
         self._marks.append((time.perf_counter(), tokens))
+        if self._seen is not None:
+            self._seen = self._seen + tokens
         tokens = sum(count for _, count in list(self._marks)[1:])
         seconds = self._marks[-1][0] - self._marks[0][0]
-        self._latest = tokens * trainer.world_size / max(seconds, 1e-9)
-        value = self._latest if isinstance(self._latest, Tensor) else torch.tensor(self._latest)
-        pl_module.log("train/tokens_per_sec", value.float(), prog_bar=True)
+        self._latest = (tokens * trainer.world_size / max(seconds, 1e-9)).float()
+        pl_module.log("train/tokens_per_sec", self._latest, prog_bar=True)
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._marks.clear()  # a window never spans a validation
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        # None: resumed from a checkpoint that did not count them, so the total is unknown
+        checkpoint["tokens_seen"] = None if self._seen is None else int(self._seen) * trainer.world_size
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("tokens_seen")
+        self._seen = None if saved is None else saved // max(trainer.world_size, 1)
 
 
 class TrainingDiverged(UserError):
@@ -128,15 +173,24 @@ class TrainingDiverged(UserError):
 
 
 class DivergenceGuard(pl.Callback):
-    """Stop training at the first non-finite loss or gradient; never let non-finite weights be saved.
+    """Stop training after a non-finite loss or gradient without ever applying or saving non-finite weights,
+    and without waiting on the device at every step.
 
-    Before every optimizer step it computes the gradient norm (one fused norm over all gradients,
-    before clipping), logs it as train/grad_norm, and raises TrainingDiverged, naming the step, if it
-    or the step's loss is NaN or infinite: the update is not applied, so the weights stay those of
-    the last good step, and no checkpoint is written on the way out. Under DDP the gradients are
-    already averaged, so every rank sees the same norm and stops at the same step; under FSDP the
-    shards' norms are summed across ranks first (one small all-reduce per step). As a last line,
-    any checkpoint about to be written with a non-finite tensor is refused.
+    Before every optimizer step it computes the gradient norm on the device (one fused norm over all
+    gradients, before clipping) and logs it as train/grad_norm. A step whose norm or loss is NaN or
+    infinite is skipped on the device by a fused optimizer (AdamW on CUDA: its found_inf flag, as the
+    fp16 gradient scaler uses it); any other optimizer gets zeroed gradients instead, so its update stays
+    finite (AdamW then moves the weights by momentum and weight decay alone). The first such step is
+    recorded on the device and read back only where a read costs nothing extra: at logging steps (every
+    log_every_n_steps), before any checkpoint is written, and at the end of training. There the guard
+    raises TrainingDiverged, naming the step: training stops at most log_every_n_steps steps later, and
+    no checkpoint is written from the non-finite step on, so the checkpoints on disk hold the weights of
+    finite steps.
+
+    Under DDP the gradients are already averaged, so every rank sees the same norm and stops at the same
+    step; under FSDP the shards' squared norms are summed over the ranks that hold distinct shards (the
+    node's shard group under HYBRID_SHARD). As a last line, a checkpoint about to be written with a
+    non-finite tensor is refused, on every rank alike.
 
     With fp16 mixed precision, the gradient scaler skips steps with inf gradients by design while it
     lowers its scale: `max_skipped_steps` consecutive non-finite steps are tolerated there (and only
@@ -147,9 +201,19 @@ class DivergenceGuard(pl.Callback):
         if max_skipped_steps < 0:
             raise ValueError(f"DivergenceGuard max_skipped_steps must be >= 0, got {max_skipped_steps}")
         self.max_skipped_steps = max_skipped_steps
-        self.grad_norm: float | None = None  # the latest value
+        self._norm: Tensor | None = None  # the latest gradient norm (on the device)
         self._loss: Tensor | None = None
-        self._skipped = 0
+        # On the device: consecutive non-finite steps, and the first diverged step (-1: none) with its
+        # loss and gradient norm.
+        self._skipped: Tensor | None = None
+        self._diverged_step: Tensor | None = None
+        self._diverged_values: Tensor | None = None
+        self._checked_step = -1
+
+    @property
+    def grad_norm(self) -> float | None:
+        """The latest gradient norm (reading it waits for the device)."""
+        return None if self._norm is None else float(self._norm)
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
         self._loss = loss.detach()
@@ -161,33 +225,76 @@ class DivergenceGuard(pl.Callback):
             return
         norm = _total_norm(grads)
         if isinstance(trainer.strategy, FSDPStrategy):  # each rank holds a shard of the gradients
-            norm = trainer.strategy.reduce(norm.square(), reduce_op="sum").sqrt()
-        self.grad_norm = float(norm)  # one device sync per step
-        loss = float(self._loss) if self._loss is not None and trainer.world_size == 1 else 0.0
-        if math.isfinite(self.grad_norm) and math.isfinite(loss):
-            self._skipped = 0
-            pl_module.log("train/grad_norm", norm, batch_size=1)
-            return
+            norm = _sum_over_shards(norm.square(), trainer.strategy).sqrt()
+        self._norm = norm
+        finite = torch.isfinite(norm)
+        # Under DDP ranks' losses differ; a non-finite one makes every rank's averaged gradients non-finite.
+        loss = self._loss if self._loss is not None and trainer.world_size == 1 else None
+        if loss is not None:
+            finite = finite & torch.isfinite(loss)
+        pl_module.log("train/grad_norm", norm, batch_size=1)
         scaler = getattr(trainer.precision_plugin, "scaler", None)
-        self._skipped += 1
-        if scaler is not None and self._skipped <= self.max_skipped_steps:
-            return  # the scaler skips this step and lowers its scale
-        step = trainer.global_step + 1  # the optimizer step being taken (global_step counts finished ones)
-        what = f"loss {float(self._loss):.4g}, " if self._loss is not None else ""
+        if scaler is None:  # (the fp16 scaler skips non-finite steps itself)
+            for grad in grads:
+                grad.masked_fill_(~finite, 0.0)
+            if optimizer.defaults.get("fused"):
+                # GradScaler's mechanism: a fused optimizer skips its whole update (state and step count
+                # included) on the device when found_inf is 1.
+                optimizer.found_inf = (~finite).float()
+        if self._skipped is None:
+            self._skipped = torch.zeros((), dtype=torch.long, device=norm.device)
+            self._diverged_step = torch.full((), -1, dtype=torch.long, device=norm.device)
+            self._diverged_values = torch.full((2,), math.nan, dtype=torch.float32, device=norm.device)
+        self._skipped = torch.where(finite, 0, self._skipped + 1)
+        allowed = self.max_skipped_steps if scaler is not None else 0
+        first = (self._skipped > allowed) & (self._diverged_step < 0)
+        # global_step counts finished steps: the step being taken is the next one
+        self._diverged_step = torch.where(first, trainer.global_step + 1, self._diverged_step)
+        values = torch.stack([norm.float(), (loss if loss is not None else norm).float()])
+        self._diverged_values = torch.where(first, values, self._diverged_values)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
+                           batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        # once per logging step (several batches end at one step under gradient accumulation)
+        if trainer.log_every_n_steps > 0 and step % trainer.log_every_n_steps == 0 and step != self._checked_step:
+            self._checked_step = step
+            self.check(trainer)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.check(trainer)
+
+    def check(self, trainer: pl.Trainer) -> None:
+        """Raise TrainingDiverged if a step has diverged (one read from the device)."""
+        if self._diverged_step is None or self._diverged_values is None:
+            return
+        step = int(self._diverged_step)
+        if step < 0:
+            return
+        norm, loss = self._diverged_values.tolist()
+        what = f"loss {loss:.4g}, " if self._loss is not None and trainer.world_size == 1 else ""
         last = getattr(trainer.checkpoint_callback, "last_model_path", "") or ""
         saved = (f"the last checkpoint ({last}) holds the weights of an earlier, finite step" if last
                  else "no checkpoint had been saved yet")
-        raise TrainingDiverged(f"training diverged at step {step}: {what}gradient norm {self.grad_norm:.4g}; stopped "
-                               f"before applying this step ({saved}). Lower optim.lr, raise optim.warmup_steps or "
-                               "clip gradients (trainer.gradient_clip_val)")
+        raise TrainingDiverged(f"training diverged at step {step}: {what}gradient norm {norm:.4g}; stopped at step "
+                               f"{trainer.global_step} without applying a non-finite update or saving a checkpoint "
+                               f"since ({saved}). Lower optim.lr, raise optim.warmup_steps or clip gradients "
+                               "(trainer.gradient_clip_val)")
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
+        self.check(trainer)  # the same verdict on every rank (it follows the ranks' common gradient norm)
         bad = [name for name, tensor in checkpoint.get("state_dict", {}).items()
                if torch.is_tensor(tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
-        if bad:
+        count = len(bad)
+        if trainer.world_size > 1:
+            # Decided together: under FSDP only rank 0 holds the gathered state dict, and a refusal on rank 0
+            # alone would leave the others waiting at the save barrier until the collective timeout.
+            count = int(trainer.strategy.reduce(torch.tensor(count, device=pl_module.device), reduce_op="sum"))
+        if count:
+            first = f", first: {bad[0]}" if bad else " on rank 0"
             raise TrainingDiverged(f"step {trainer.global_step}: refusing to save a checkpoint with non-finite weights "
-                                   f"({len(bad)} tensor(s), first: {bad[0]}); the checkpoints on disk are unchanged")
+                                   f"({count} tensor(s){first}); the checkpoints on disk are unchanged")
 
 
 class RunSettings(pl.Callback):
@@ -232,6 +339,15 @@ def _total_norm(grads: list[Tensor]) -> Tensor:
     if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6: fused per device and dtype
         return torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+
+
+def _sum_over_shards(value: Tensor, strategy: FSDPStrategy) -> Tensor:
+    """`value` summed over the ranks holding distinct gradient shards: FSDP's shard group, which is the
+    whole world except under HYBRID_SHARD (the node; nodes hold replicas, and summing them too would
+    inflate a norm by sqrt(nodes)). An all-reduce on the device: nothing waits for it on the host."""
+    group = getattr(strategy.model, "process_group", None)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.SUM, group=group)
+    return value
 
 
 def _digest(tensors: list[Tensor]) -> str:

@@ -21,6 +21,7 @@ from typing import Any
 
 from lightning_fabric.loggers.logger import rank_zero_experiment
 from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.loggers import WandbLogger as LightningWandbLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.utilities import rank_zero_only
 
@@ -127,3 +128,16 @@ class ResumableCSVLogger(CSVLogger):
     def resume(self, rows: int | None, step: int) -> None:
         """Cut metrics.csv to a checkpoint's `rows` (None: by `step`); rows=0 starts the file afresh."""
         self.experiment.resume(rows, step)
+
+
+class WandbLogger(LightningWandbLogger):
+    """Lightning's WandbLogger, minus the `anonymous=None` it always hands wandb.init.
+
+    wandb (0.19 and later) answers any `anonymous` value, None included, with "The anonymous setting has
+    no effect and will be removed"; a run that never asked for it should not see that warning.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self._wandb_init.get("anonymous") is None:
+            self._wandb_init.pop("anonymous", None)

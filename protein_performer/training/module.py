@@ -20,6 +20,7 @@ import torchmetrics
 from torch import Tensor, nn
 from torch.distributed.fsdp import FullyShardedDataParallel
 
+from protein_performer.config import ATTENTION
 from protein_performer.data import IGNORE_INDEX, OBJECTIVES
 from protein_performer.fidelity import attention_fidelity, captured_attention_inputs, fidelity_of_records
 from protein_performer.model import PerformerConfig, ProteinPerformer
@@ -95,8 +96,8 @@ class ProteinLM(pl.LightningModule):
         Optimiser: AdamW (weight decay decoupled from the adaptive update, Loshchilov & Hutter) with
         lr, betas, eps, weight_decay; the LR rises linearly from 0 over warmup_steps, then follows
         `decay` down to min_lr_ratio * lr at the trainer's last step.
-        seed: dropout is re-seeded at every optimizer step from (seed, step, rank), which makes a
-            resumed run continue the exact trajectory of an uninterrupted one.
+        seed: dropout is re-seeded at every training batch from (seed, step, rank, micro-batch), which
+            makes a resumed run continue the exact trajectory of an uninterrupted one (`dropout_seed`).
         alphabet_tokens: the Alphabet's token list, saved so load_model can check that it still matches.
         eval_split_names: the metric prefix of each test dataloader, in the order the data module
             returns them.
@@ -156,7 +157,12 @@ class ProteinLM(pl.LightningModule):
     def token_statistics(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """(summed cross-entropy in nats, number of correct argmax predictions, number of scored tokens)."""
         batch = pad_length_to_multiple(batch, self.length_multiple, self.config.pad_idx)
-        logits = self(batch["input_ids"], batch["padding_mask"])
+        padding_mask = batch["padding_mask"]
+        if self.config.causal and ATTENTION[self.config.attention].unmasked_right_padding:
+            # The data module and pad_length_to_multiple pad on the right: a causal model's scored
+            # positions never see the padding, and the padded positions' logits are never scored.
+            padding_mask = None
+        logits = self(batch["input_ids"], padding_mask)
         labels = batch["labels"]
         # bf16 autocast leaves logits in bf16; the log-softmax over the vocabulary wants fp32.
         loss_sum = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE_INDEX,
@@ -178,11 +184,8 @@ class ProteinLM(pl.LightningModule):
                 logger.resume(0 if rows is None else (None if rows < 0 else rows), self.global_step)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        # Dropout draws from the global torch RNG. Seeding it per optimizer step (and rank, so ranks drop
-        # different units) makes the masks a function of (seed, step, rank) alone, not of how many random
-        # numbers were drawn before: a run resumed from a checkpoint sees the masks an uninterrupted run saw.
-        step_seed = np.random.SeedSequence([self.hparams.seed, self.global_step, self.global_rank])
-        torch.manual_seed(int(step_seed.generate_state(1, dtype=np.uint64)[0] >> np.uint64(1)))
+        torch.manual_seed(dropout_seed(self.hparams.seed, self.global_step, self.global_rank,
+                                       batch_idx % self.trainer.accumulate_grad_batches))
 
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
         loss_sum, correct, count = self.token_statistics(batch)
@@ -197,7 +200,8 @@ class ProteinLM(pl.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         groups = parameter_groups(self, hp.weight_decay, decayed=self.decayed_parameter_names)
-        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps)
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps,
+                                      fused=use_fused_adamw([p for group in groups for p in group["params"]]))
         total = self.trainer.estimated_stepping_batches  # inf when neither max_steps nor max_epochs is set
         schedule = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_factor(step, hp.warmup_steps, total, hp.decay, hp.min_lr_ratio))
@@ -293,6 +297,19 @@ class ProteinLM(pl.LightningModule):
         self._resumed_log_rows = int(checkpoint.get(CSV_ROWS_KEY, -1))
 
 
+def dropout_seed(seed: int, step: int, rank: int, micro_batch: int = 0) -> int:
+    """The torch seed of a training batch: a function of (seed, optimizer step, rank, micro-batch) alone.
+
+    Dropout draws from the global torch RNG. Seeding it per batch makes the masks independent of how many
+    random numbers were drawn before, so a run resumed from a checkpoint sees the masks an uninterrupted
+    run saw; the rank makes ranks drop different units, and the micro-batch index (its place in a gradient
+    accumulation window) makes the micro-batches of one optimizer step drop different units too. Micro-batch
+    0 keeps the seeds of runs without accumulation as they always were.
+    """
+    entropy = [seed, step, rank] + ([micro_batch] if micro_batch else [])
+    return int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0] >> np.uint64(1))
+
+
 def pad_length_to_multiple(batch: Mapping[str, Tensor | None], multiple: int, pad_idx: int) -> Mapping[str, Any]:
     """The batch with its length padded up to a multiple of `multiple` (pad tokens, masked, unscored).
 
@@ -345,6 +362,13 @@ def parameter_groups(module: nn.Module, weight_decay: float,
         if parameter.requires_grad:
             (decay if original_parameter_name(name) in decayed else no_decay).append(parameter)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def use_fused_adamw(parameters: Sequence[Tensor]) -> bool:
+    """Whether AdamW should run fused: one kernel per step on CUDA instead of a foreach loop of them. Only
+    when every parameter is on a CUDA device; on the CPU the default implementation stays (its results,
+    and so the CPU runs' reproducibility, unchanged)."""
+    return bool(parameters) and all(parameter.device.type == "cuda" for parameter in parameters)
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: float, decay: str, min_ratio: float) -> float:

@@ -148,3 +148,17 @@ def test_curve_table_lines_cells_up_by_step_with_running_cells_marked():
     assert lines[2] == "| step | softmax | favor | favor_rpe (running) |"
     assert lines[4:] == ["| 200 | 15.200 | 15.090 | 15.196 |", "| 400 | 15.000 | 14.820 |  |",
                          "| 600 |  | 14.750 |  |"]
+
+
+def test_recorded_commands_hold_no_machine_paths(tmp_path):
+    command = compare.train_command(["data.fasta=/mnt/shared/uniref.fasta.gz",
+                                     f"data.cache_dir={compare.REPO / 'benchmarks/results/compare/cache'}",
+                                     "data.cache_dir=/elsewhere/wt-x/benchmarks/results/compare/cache",
+                                     "attention=favor"], compare.REPO / "benchmarks/results/compare/A/favor")
+    recorded = compare.portable_command(command)
+    assert recorded == ("python -m protein_performer.train 'data.fasta=<data>/uniref.fasta.gz' "
+                        "data.cache_dir=benchmarks/results/compare/cache "
+                        "data.cache_dir=benchmarks/results/compare/cache attention=favor "
+                        "hydra.run.dir=benchmarks/results/compare/A/favor")
+    committed = list((compare.REPO / "benchmarks" / "results").rglob("result.json"))
+    assert committed and not [p for p in committed if str(compare.REPO) in p.read_text() or '"/' in p.read_text()]

@@ -83,7 +83,8 @@ def test_encoding_rules(alphabet, text, expected, unknown):
 
 def test_encoding_many_sequences_at_once_equals_one_at_a_time(alphabet, sample_records):
     rng = np.random.default_rng(1)
-    sequences = [corrupt(r.sequence, rng).replace("\x00", "?") for r in sample_records[:100]] + ["", "--", "A*"]
+    sequences = [corrupt(r.sequence, rng).replace("\x00", "?").replace("1", "?")
+                 for r in sample_records[:100]] + ["", "--", "A*"]
     raw = "".join(sequences).encode("latin-1", errors="replace")
     lengths = np.array([len(s.encode("latin-1", errors="replace")) for s in sequences])
     encoded = alphabet.encode_concatenated(raw, lengths)
@@ -95,6 +96,8 @@ def test_encoding_many_sequences_at_once_equals_one_at_a_time(alphabet, sample_r
     # Binary data is reported (where it is), not decoded: the preprocessor turns it into an error.
     binary = alphabet.encode_concatenated(raw + b"MK\x00V", np.append(lengths, 4))
     assert binary.invalid_at == len(raw) + 2
+    digit = alphabet.encode_concatenated(raw + b"MKV12", np.append(lengths, 5))  # digits too: never residues
+    assert digit.invalid_at == len(raw) + 3
 
 
 def test_decode_rejects_ids_outside_the_vocabulary(alphabet):

@@ -34,7 +34,12 @@ def test_sample_records_keys_lines_and_sequences(sample_fasta, sample_records):
     ("sp||ENTRY empty accession field", "sp||ENTRY"),
     ("gi|", "gi|"),
     ("", ""),
-], ids=["swissprot", "trembl", "uniref", "pdb-chain", "tab", "leading-blank", "empty-field", "trailing-pipe", "empty"])
+    ("cath|4_1_0|102mA00/0-153", "cath|4_1_0|102mA00/0-153"),
+    ("UniRef90|Q6GZX4|x", "Q6GZX4"),
+    ("UniRefX|Q6GZX4|x", "UniRefX|Q6GZX4|x"),
+    ("gi|12345|ref|NP_000509.1| hemoglobin", "gi|12345|ref|NP_000509.1|"),
+], ids=["swissprot", "trembl", "uniref", "pdb-chain", "tab", "leading-blank", "empty-field", "trailing-pipe", "empty",
+        "cath-domain", "uniref-bars", "not-uniref", "ncbi-gi"])
 def test_parse_accession(title, accession):
     assert parse_accession(title) == accession
 
@@ -45,7 +50,8 @@ def test_vectorised_accessions_equal_the_reference(sample_records):
     titles += [f"UniRef50_{r.accession} {r.description.split(' ', 1)[1]} n=1 TaxID=1 RepID={r.accession}"
                for r in sample_records[:50]]
     titles += [r.description.split("|")[2] for r in sample_records[:50]]
-    titles += [" P12345 x", "sp||ENTRY y", "gi|", "a|b|c|d", "|x|", "plain\tword", "x"]
+    titles += [" P12345 x", "sp||ENTRY y", "gi|", "a|b|c|d", "|x|", "plain\tword", "x", "tr|A1|B", "s|A|B",
+               "spx|A|B", "UniRef100|Q1|y", "UniRef|Q1|y", "cath|4_1_0|102mA00/0-153", "cath|4_1_0|103lA00/1-160"]
     blob = "\n".join(titles).encode("latin-1")
     start, stop = accession_spans(blob, len(titles))
     assert [blob[a:b].decode() for a, b in zip(start, stop)] == [parse_accession(t) for t in titles]

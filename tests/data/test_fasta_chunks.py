@@ -3,6 +3,7 @@ and in a background process (protein_performer.data.fasta_chunks)."""
 from __future__ import annotations
 
 import gzip
+import zlib
 
 import numpy as np
 import pytest
@@ -72,7 +73,36 @@ def test_fast_chunks_equal_biopython_on_awkward_files(sample_records, tmp_path, 
             assert a.lengths.tolist() == b.lengths.tolist() and a.lengths.dtype == np.int64
 
 
-def test_multi_member_and_zero_padded_gzip_read_as_one_file(sample_fasta, sample_records, tmp_path):
+@pytest.mark.parametrize("range_bytes", [1, 37, 4096])
+@pytest.mark.parametrize("seed", [0, 2, 4, 5])
+def test_byte_ranges_of_a_plain_file_hold_each_record_once(sample_records, tmp_path, seed, range_bytes):
+    """What parallel workers read for themselves: ranges as small as a byte, cut anywhere in a record
+    (CRLF lines, blank lines, a header at the end, leading blank lines), give the reference's records."""
+    path = tmp_path / "awkward.fasta"
+    path.write_bytes(_awkward_fasta(sample_records[:60], seed))
+    chunks = []
+    for part in fasta_chunks.record_ranges(path, range_bytes):
+        text, offset = part.read()
+        if text:
+            chunks.append(fasta_chunks.chunk_of_block(path, text, offset, part.stop))
+            assert fasta_chunks.records_before(path, offset) == sum(len(c) for c in chunks[:-1])
+    reference = list(read_fasta_chunks_reference(path, 4096))
+    for field in ("titles", "sequences"):
+        joiner = b"\n" if field == "titles" else b""
+        assert joiner.join(getattr(c, field) for c in chunks if len(c)) == joiner.join(getattr(c, field) for c in reference)
+    assert np.concatenate([c.lengths for c in chunks]).tolist() == np.concatenate([c.lengths for c in reference]).tolist()
+    compressed = tmp_path / "awkward.fasta.gz"
+    compressed.write_bytes(gzip.compress(path.read_bytes()))
+    assert fasta_chunks.record_ranges(compressed, 10) is None  # a gzip stream is inflated in one place
+
+
+@pytest.mark.parametrize("inflate", ["isal", "zlib"])
+def test_multi_member_and_zero_padded_gzip_read_as_one_file(inflate, sample_fasta, sample_records, tmp_path,
+                                                            monkeypatch):
+    if inflate == "zlib":  # the standard library's fallback, as without the isal package
+        monkeypatch.setattr(fasta_chunks, "INFLATE", zlib)
+    else:
+        assert fasta_chunks.INFLATE.__name__.startswith("isal"), "the isal package is a dependency"
     data = sample_fasta.read_bytes()
     cut = data.index(b"\n>", len(data) // 3) + 1
     path = tmp_path / "members.fasta.gz"  # as bgzip or `cat a.gz b.gz` make them

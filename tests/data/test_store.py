@@ -10,8 +10,9 @@ import h5py
 import numpy as np
 import pytest
 
-from protein_performer.data import DataError, FastaFormatError, SplitSpec, TokenStore, build_token_store
+from protein_performer.data import DataError, FastaFormatError, SplitSpec, TokenStore, build_token_store, read_fasta
 from protein_performer.data.splits import SPLITS, SplitAssigner, accession_hash
+from protein_performer import errors
 from protein_performer.data import store_writer
 from protein_performer.data.store_writer import _ChunkEncoder
 
@@ -50,7 +51,55 @@ def test_summary_is_printed_and_stored(sample_store, sample_records):
     text = summary.format()
     assert "500" in text and "4,291" in text and "ood" in text
     attrs = sample_store.attrs
-    assert attrs["format_version"] == 1 and "OS=Homo sapiens" in attrs["split_spec"]
+    assert attrs["format_version"] == 2 and "OS=Homo sapiens" in attrs["split_spec"]
+
+
+def test_token_and_record_counts_are_recorded_per_split(sample_store, sample_records, alphabet):
+    counts = sample_store.token_counts
+    assert set(counts) == set(SPLITS)
+    for split in SPLITS:
+        tokens = sample_store.read_tokens(split, 0, sample_store.split_residues[split])
+        expected = np.bincount(tokens, minlength=len(alphabet))
+        assert counts[split].dtype == np.int64 and counts[split].shape == (len(alphabet),)
+        np.testing.assert_array_equal(counts[split], expected)
+    assert sum(c.sum() for c in counts.values()) == sum(len(r.sequence) for r in sample_records)
+    records = sample_store.record_counts()
+    assert records == {split: len(sample_store.accessions(split)) for split in SPLITS}
+    assert sum(records.values()) == 500 and records["ood"] == 8
+
+
+def _as_format_1(source, path):
+    """A copy of a store as this project wrote it before format 2: no token_counts datasets."""
+    path.write_bytes(source.read_bytes())
+    with h5py.File(path, "a") as h5:
+        h5.attrs["format_version"] = 1
+        for split in SPLITS:
+            del h5[split]["token_counts"]
+    return path
+
+
+def test_a_format_1_store_estimates_its_token_counts_from_a_sample_and_says_so_once(sample_store_path, sample_store,
+                                                                                   tmp_path, caplog, monkeypatch):
+    from protein_performer.data import store as store_module
+
+    old = _as_format_1(sample_store_path, tmp_path / "old.h5")
+    with TokenStore(old) as store, caplog.at_level("WARNING"):
+        exact = store.token_counts  # the sample store is small: the "sample" is the whole split
+        again = store.token_counts
+        assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1
+        assert "format-1" in caplog.records[0].message and "sample" in caplog.records[0].message
+    for split in SPLITS:
+        np.testing.assert_array_equal(exact[split], sample_store.token_counts[split])
+        assert again[split] is exact[split]
+    monkeypatch.setattr(store_module, "_SAMPLE_WINDOWS", 8)
+    monkeypatch.setattr(store_module, "_SAMPLE_WINDOW_TOKENS", 512)
+    with TokenStore(old) as store:
+        sampled = store.token_counts["train"]
+    truth = sample_store.token_counts["train"]
+    assert abs(int(sampled.sum()) - int(truth.sum())) <= len(truth)  # scaled to the split's residues
+    assert not np.array_equal(sampled, truth)  # 4 Ki of ~150 Ki tokens: an estimate...
+    share, true_share = sampled / sampled.sum(), truth / truth.sum()
+    assert np.abs(share - true_share).max() < 0.02  # ...close to the real frequencies
 
 
 @pytest.mark.parametrize("options", [
@@ -78,7 +127,7 @@ def test_store_is_chunked_compressed_and_readable_by_plain_h5py(compression, fil
     # writer deflates those itself, Huffman only, in threads, and hands them to HDF5 precompressed).
     (tmp_path / "x3.fasta").write_bytes(sample_fasta.read_bytes() * 3)
     build_token_store(tmp_path / "x3.fasta", tmp_path / "x3.h5", split=SplitSpec(0.0, 0.0), progress=False,
-                      compression=compression)
+                      compression=compression, allow_duplicates=True)
     expected = np.concatenate([alphabet.encode(r.sequence) for r in sample_records] * 3)
     with h5py.File(tmp_path / "x3.h5") as h5:
         tokens = h5["train/tokens"]
@@ -129,19 +178,21 @@ def test_binary_data_midway_names_the_line_and_leaves_no_output(background_reade
     assert leftovers(tmp_path) == []
 
 
-def test_an_interrupted_build_leaves_no_output(sample_fasta, tmp_path, monkeypatch):
+@pytest.mark.parametrize("workers", [0, 2], ids=["in-process", "2-workers"])
+def test_an_interrupted_build_leaves_no_output(workers, sample_fasta, tmp_path, monkeypatch):
     calls = []
 
-    def interrupt(self, chunk, summary):
-        calls.append(chunk)
+    def interrupt(self, part):
+        calls.append(part)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return original(self, chunk, summary)
+        return original(self, part)
 
-    original = _ChunkEncoder.__call__
-    monkeypatch.setattr(_ChunkEncoder, "__call__", interrupt)
+    original = store_writer._SplitWriter.append
+    monkeypatch.setattr(store_writer._SplitWriter, "append", interrupt)
     with pytest.raises(KeyboardInterrupt):
-        build_token_store(sample_fasta, tmp_path / "out.h5", chunk_records=50, progress=False)
+        build_token_store(sample_fasta, tmp_path / "out.h5", chunk_records=50, block_bytes=4096,
+                          background_reader=workers > 0, workers=workers or None, progress=False)
     assert leftovers(tmp_path) == []
 
 
@@ -164,11 +215,13 @@ def test_stale_temporaries_of_killed_builds_are_removed_never_reused(sample_fast
     old_style = tmp_path / f"out.{dead_pid}-89abcdef.h5.tmp"  # before host names were part of the name
     running = tmp_path / f"out.{host}-{os.getpid()}-00000000.h5.tmp"  # a build still in progress
     elsewhere = tmp_path / f"out.another-host-{dead_pid}-11111111.h5.tmp"  # another machine's, on a shared disk
-    unrelated = tmp_path / f"other.{host}-{dead_pid}-22222222.h5.tmp"
-    for path in (stale, old_style, running, elsewhere, unrelated):
+    other_store = tmp_path / f"other.{host}-{dead_pid}-22222222.h5.tmp"  # a cache's other store: removed too
+    other_running = tmp_path / f"other.{host}-{os.getpid()}-33333333.h5.tmp"
+    not_ours = tmp_path / "notes.tmp"
+    for path in (stale, old_style, running, elsewhere, other_store, other_running, not_ours):
         path.write_bytes(b"half a store")
     build_token_store(sample_fasta, tmp_path / "out.h5", progress=False)
-    assert leftovers(tmp_path) == sorted([p.name for p in (running, elsewhere, unrelated)] + ["out.h5"])
+    assert leftovers(tmp_path) == sorted([p.name for p in (running, elsewhere, other_running, not_ours)] + ["out.h5"])
     assert len(TokenStore(tmp_path / "out.h5")) == 500
 
 
@@ -185,9 +238,12 @@ def test_output_that_is_an_input_or_not_hdf5_is_refused(sample_fasta, tmp_path):
 
 
 def test_unwritable_output_directory_is_one_clear_error(sample_fasta, tmp_path, monkeypatch):
-    # (The suite may run as root, for whom no directory is read-only: the permission answer is faked.)
-    monkeypatch.setattr(store_writer.os, "access", lambda path, mode: False)
-    with pytest.raises(DataError, match=rf"{tmp_path}: no permission to write in this directory"):
+    # (The suite may run as root, for whom no directory is read-only: the file system's answer is faked.)
+    def refuse(**kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(errors.tempfile, "TemporaryFile", refuse)
+    with pytest.raises(DataError, match=rf"{tmp_path}: cannot write in this directory \(Permission denied\)"):
         build_token_store(sample_fasta, tmp_path / "out.h5", progress=False)
     assert leftovers(tmp_path) == []
 
@@ -209,3 +265,43 @@ def test_a_store_pickles_without_its_file_handle(sample_store):
     assert copy.locate(-1) == ("ood", 7) and copy.split(0) == "train"
     with pytest.raises(IndexError):
         copy.locate(500)
+
+
+def test_a_store_of_an_unknown_format_is_refused_in_one_line(sample_store_path, tmp_path):
+    path = tmp_path / "future.h5"
+    path.write_bytes(sample_store_path.read_bytes())
+    with h5py.File(path, "a") as h5:
+        h5.attrs["format_version"] = 3
+    with pytest.raises(DataError, match=r"future\.h5: token store format 3, this version reads 1 and 2; rebuild"):
+        TokenStore(path)
+
+
+@pytest.mark.parametrize("newline", ["\n", "\r\n"], ids=["LF", "CRLF"])
+@pytest.mark.parametrize("reader", ["background", "foreground", "read_fasta"])
+def test_a_digit_in_a_sequence_line_names_that_line(reader, newline, sample_records, tmp_path, write_fasta):
+    records = [(r.description, r.sequence) for r in sample_records[:300]]
+    path = write_fasta(tmp_path / "numbered.fasta", records, width=60, newline=newline)
+    lines = path.read_bytes().split(newline.encode())
+    header = next(i for i, line in enumerate(lines) if line.startswith(b">" + records[250][0][:30].encode()))
+    target = header + 3  # the third sequence line of record 250 (0-based line index)
+    assert not lines[target].startswith(b">")
+    lines[target] = lines[target][:17] + b"7" + lines[target][17:]
+    path.write_bytes(newline.encode().join(lines))
+    message = rf"numbered\.fasta:{target + 1}: digit '7' in a sequence line"
+    with pytest.raises(FastaFormatError, match=message):
+        if reader == "read_fasta":
+            list(read_fasta(path))
+        else:
+            build_token_store(path, tmp_path / "out.h5", chunk_records=64, background_reader=reader == "background",
+                              progress=False)
+    assert leftovers(tmp_path) == []
+
+
+def test_stops_gaps_and_lowercase_are_kept_as_before(sample_records, tmp_path, write_fasta, alphabet):
+    sequence = sample_records[0].sequence
+    odd = sequence[:5].lower() + "-." + sequence[5:20] + "*" + sequence[20:] + "*"
+    path = write_fasta(tmp_path / "odd.fasta", [("odd1", odd), (sample_records[1].description, sample_records[1].sequence)])
+    build_token_store(path, tmp_path / "odd.h5", split=SplitSpec(0.0, 0.0), progress=False)
+    with TokenStore(tmp_path / "odd.h5") as store:
+        np.testing.assert_array_equal(store.tokens(0), alphabet.encode(odd))
+        assert store.summary.unknown == 1  # the inner '*'

@@ -31,9 +31,9 @@ def random_qkv(batch: int, heads: int, length: int, dim: int, *, seed: int = 0, 
 
 
 def random_projection(nb_features: int, dim: int, *, seed: int = 1, dtype: torch.dtype = F64,
-                      orthogonal: bool = True) -> Tensor:
-    return ops.gaussian_orthogonal_random_matrix(nb_features, dim, orthogonal=orthogonal, generator=generator(seed),
-                                                 dtype=dtype)
+                      orthogonal: bool = True, coupling: str = "orthogonal") -> Tensor:
+    return ops.gaussian_orthogonal_random_matrix(nb_features, dim, orthogonal=orthogonal, coupling=coupling,
+                                                 generator=generator(seed), dtype=dtype)
 
 
 def padding(length: int, valid: list[int]) -> Tensor:
@@ -75,6 +75,43 @@ def _favor(kernel: str) -> OpCase:
                                                             key_padding_mask=mask) @ v)
 
 
+_simplex_projection = random_projection(FEATURES, DIM, seed=11, coupling="simplex")
+_fixed_oprf_a = torch.tensor([-0.05, -0.12], dtype=F64)  # causal FAVOR++: A fixed (a running estimate in a model)
+
+
+def oprf_a_for(q: Tensor, k: Tensor, causal: bool, mask: Tensor | None) -> Tensor:
+    """FAVOR++'s A as a model uses it: from the valid tokens of each (batch, head) bidirectionally, fixed
+    per head causally (no statistic may see the future)."""
+    if causal:
+        return _fixed_oprf_a
+    return ops.oprf_coefficient(ops.oprf_statistic(q, k, mask), q.shape[-1])
+
+
+def _favor_variant(name: str, projection: Tensor, oprf: bool) -> OpCase:
+    def a(q, k, causal, mask):
+        return oprf_a_for(q, k, causal, mask) if oprf else None
+
+    return OpCase(
+        f"favor-{name}", "favor",
+        lambda q, k, v, causal, mask: ops.favor_attention(q, k, v, projection, causal=causal, key_padding_mask=mask,
+                                                          chunk_size=8, oprf_a=a(q, k, causal, mask)),
+        lambda q, k, v, causal, mask: ops.implied_attention(q, k, projection, causal=causal, key_padding_mask=mask,
+                                                            oprf_a=a(q, k, causal, mask)) @ v)
+
+
+def _window_variant(name: str, window: int, oprf: bool) -> OpCase:
+    def a(q, k, causal, mask):
+        return oprf_a_for(q, k, causal, mask) if oprf else None
+
+    return OpCase(
+        f"favor-{name}", "favor",
+        lambda q, k, v, causal, mask: ops.favor_window_attention(
+            q, k, v, _projection, window, causal=causal, key_padding_mask=mask, block_size=4,
+            oprf_a=a(q, k, causal, mask)),
+        lambda q, k, v, causal, mask: ops.implied_window_attention(
+            q, k, _projection, window, causal=causal, key_padding_mask=mask, oprf_a=a(q, k, causal, mask)) @ v)
+
+
 def _rpe_full(toeplitz: str) -> OpCase:
     def bias(q: Tensor) -> Tensor:
         return ops.slice_rpe_bias(_full_bias, q.shape[2])
@@ -104,6 +141,12 @@ OPS = [
                                                                        key_padding_mask=mask) @ v),
     _favor("softmax"),
     _favor("relu"),
+    _favor_variant("oprf", _projection, oprf=True),
+    _favor_variant("simplex", _simplex_projection, oprf=False),
+    _favor_variant("oprf-simplex", _simplex_projection, oprf=True),
+    _window_variant("exact_window", WINDOW, oprf=False),
+    _window_variant("exact_window-1", 1, oprf=False),
+    _window_variant("exact_window-oprf", WINDOW, oprf=True),
     OpCase("favor_rpe-window", "favor_rpe",
            lambda q, k, v, causal, mask: ops.favor_rpe_attention(q, k, v, _projection, _windowed, causal=causal,
                                                                  key_padding_mask=mask, block_size=4),

@@ -51,3 +51,38 @@ def test_a_split_with_nothing_scored_is_refused(alphabet: Alphabet):
     empty = {"labels": torch.full((1, 4), IGNORE_INDEX)}
     with pytest.raises(ValueError, match="no scored targets"):
         context_free_baselines([empty], np.ones(len(alphabet), dtype=np.int64), alphabet)
+
+
+class LargeStore:
+    """A store's split of 1e11 tokens that records which token ranges are read."""
+
+    path = "trembl.h5"
+    split_sizes = {"train": 300_000_000}
+    split_residues = {"train": 100_000_000_000}
+
+    def __init__(self) -> None:
+        self.read: list[tuple[int, int]] = []
+
+    def read_tokens(self, split: str, begin: int, end: int) -> np.ndarray:
+        self.read.append((begin, end))
+        return np.full(end - begin, 5, dtype=np.uint8)
+
+
+def test_a_store_without_recorded_counts_is_sampled_never_scanned(alphabet: Alphabet, caplog):
+    store = LargeStore()
+    counts = token_counts(store, "train", vocab_size=len(alphabet), eos_idx=alphabet.eos_idx, sample_tokens=1000)
+    assert store.read[0][0] == 0 and max(end for _, end in store.read) == 1000  # the first 1000 tokens only
+    assert counts[5] == 1000
+    assert counts[alphabet.eos_idx] == 3  # <eos> in proportion: 3e8 records per 1e11 tokens
+    assert "trembl.h5 records no token counts" in caplog.text
+
+
+def test_recorded_counts_are_used_without_reading_the_split(alphabet: Alphabet):
+    store = LargeStore()
+    recorded = np.arange(len(alphabet), dtype=np.int64)
+    store.token_counts = {"train": recorded}
+    counts = token_counts(store, "train", vocab_size=len(alphabet), eos_idx=alphabet.eos_idx)
+    assert not store.read
+    expected = recorded.copy()
+    expected[alphabet.eos_idx] += 300_000_000
+    np.testing.assert_array_equal(counts, expected)

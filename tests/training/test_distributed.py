@@ -8,6 +8,7 @@ import math
 import hydra
 import pytest
 import pytorch_lightning as pl
+import torch
 from omegaconf import OmegaConf
 
 from protein_performer.training import ProteinLM
@@ -26,6 +27,7 @@ def test_ddp_trains_on_different_batches_evaluates_uneven_splits_and_matches_one
     ood.write_text(SAMPLE.read_text().split("|")[1] + "\n")  # the sample's first protein alone
     run_dir = tmp_path / "run"
     run_cli([*tiny_overrides(store_cache, trainer="ddp_cpu"), "objective=clm", "trainer.max_steps=3",
+             "attention.feature_redraw_interval=2",  # a redraw at step 2, with buffers never broadcast
              "trainer.val_check_interval=3", "trainer.limit_val_batches=1.0", "trainer.limit_test_batches=1.0",
              f"data.ood_accessions={ood}", "data.ood_regex=null", "logger=csv", "test=true",
              f"hydra.run.dir={run_dir}",
@@ -38,10 +40,14 @@ def test_ddp_trains_on_different_batches_evaluates_uneven_splits_and_matches_one
     assert [len(r["batches"]) for r in ranks] == [3, 3]
     assert not set(ranks[0]["batches"]) & set(ranks[1]["batches"]), "both ranks trained on the same batch"
     # Gradients are all-reduced and the FAVOR+ projections redrawn from (seed, step): every parameter
-    # and buffer agrees across replicas after training.
+    # and buffer agrees across replicas after training, although DDP does not broadcast buffers.
     assert ranks[0]["parameters"] == ranks[1]["parameters"]
     last = run_dir / "checkpoints" / "last.ckpt"
     assert last.is_file()
+    trained = ProteinLM.load_from_checkpoint(last).model
+    redrawn = {name: buffer.clone() for name, buffer in trained.named_buffers() if name.endswith("projection")}
+    trained.redraw_projections(2)
+    assert redrawn and all(torch.equal(buffer, dict(trained.named_buffers())[name]) for name, buffer in redrawn.items())
 
     logged: dict[str, float] = {}
     for row in csv.DictReader((run_dir / "metrics.csv").open()):
@@ -55,3 +61,14 @@ def test_ddp_trains_on_different_batches_evaluates_uneven_splits_and_matches_one
     metrics = alone.validate(ProteinLM.load_from_checkpoint(last), datamodule=datamodule, verbose=False)[0]
     assert logged["val/perplexity"] == pytest.approx(metrics["val/perplexity"], rel=1e-5)
     assert logged["val/loss"] == pytest.approx(metrics["val/loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("trainer", ["ddp", "ddp_cpu"])
+def test_ddp_neither_broadcasts_buffers_nor_copies_gradients_out_of_buckets(trainer, tmp_path):
+    from pytorch_lightning.strategies import DDPStrategy
+
+    from protein_performer.train import compose_config
+
+    strategy = hydra.utils.instantiate(compose_config([f"trainer={trainer}"], tmp_path).trainer.strategy)
+    assert isinstance(strategy, DDPStrategy)
+    assert strategy._ddp_kwargs == {"broadcast_buffers": False, "gradient_as_bucket_view": True}

@@ -47,3 +47,23 @@ def test_resumed_run_continues_from_the_latest_validation(tmp_path):
     assert step_of(tmp_path / "last.ckpt") == 8
     assert resumed.best_model_path == str(tmp_path / "best-step000002.ckpt")  # the best survives the resume
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best-step000002.ckpt", "last.ckpt"]
+
+
+def test_resumed_into_another_directory_the_best_checkpoint_is_this_runs_own(tmp_path):
+    fit(tmp_path / "old", max_steps=4)
+    resumed = fit(tmp_path / "new", max_steps=8, ckpt_path=tmp_path / "old" / "last.ckpt")
+    # The old run's best (step 2, scored by its own validations) is not this run's: its first validation
+    # after the resume (step 6) is.
+    assert resumed.best_model_path == str(tmp_path / "new" / "best-step000006.ckpt")
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["best-step000006.ckpt", "last.ckpt"]
+    nothing_left = fit(tmp_path / "newer", max_steps=8, ckpt_path=tmp_path / "new" / "last.ckpt")
+    assert nothing_left.best_model_path == ""  # no validation in this run: no best, rather than another run's
+
+
+def test_resuming_into_its_own_directory_does_not_warn_that_it_is_not_empty(tmp_path, recwarn):
+    fit(tmp_path, max_steps=4)
+    recwarn.clear()
+    fit(tmp_path, max_steps=6, ckpt_path=tmp_path / "last.ckpt")
+    assert not [w for w in recwarn if "exists and is not empty" in str(w.message)]
+    fit(tmp_path, max_steps=2)  # a fresh run into a used directory still hears about it
+    assert [w for w in recwarn if "exists and is not empty" in str(w.message)]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -10,7 +11,14 @@ import torch.nn.functional as F
 
 from protein_performer.data import Alphabet, read_fasta
 from protein_performer.model import PerformerConfig
-from protein_performer.training.module import ProteinLM, TokenMetrics, lr_factor, parameter_groups
+from protein_performer.training.module import (
+    ProteinLM,
+    TokenMetrics,
+    dropout_seed,
+    lr_factor,
+    parameter_groups,
+    use_fused_adamw,
+)
 
 
 def _sequences(data_dir, count: int) -> list[str]:
@@ -113,7 +121,8 @@ def test_learning_rate_stays_at_peak_without_a_known_end_or_with_constant_decay(
 @pytest.mark.parametrize("objective", ["mlm", "clm"])
 def test_softmax_gets_no_mask_for_an_unpadded_batch(objective, data_dir, tmp_path, monkeypatch):
     """SDPA leaves its flash and memory-efficient kernels for any mask, all-False included: a batch of
-    the data module with nothing padded must reach the op without one (and a padded batch with one)."""
+    the data module with nothing padded must reach the op without one (and a padded batch with one, unless
+    the model is causal: its right padding needs none)."""
     from protein_performer import ops
     from protein_performer.data import ProteinDataModule
 
@@ -141,4 +150,70 @@ def test_softmax_gets_no_mask_for_an_unpadded_batch(objective, data_dir, tmp_pat
     batch = next(b for b in single.train_dataloader() if (b["input_ids"] == Alphabet().pad_idx).any())
     module.token_statistics(batch)
     assert len(received) == module.config.n_layers
-    assert all(torch.equal(mask, batch["padding_mask"]) for mask in received)
+    if objective == "clm":  # right padding is in a causal model's future: no mask (SDPA's causal kernel)
+        assert received == [None] * module.config.n_layers
+    else:
+        assert all(torch.equal(mask, batch["padding_mask"]) for mask in received)
+
+
+def test_causal_softmax_runs_sdpa_causal_kernel_without_a_mask_on_right_padding(data_dir, monkeypatch):
+    module = _module("clm", attention="softmax").eval()
+    batch = _batch(data_dir, "clm")
+    assert batch["padding_mask"].any()
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs.get("attn_mask"), kwargs.get("is_causal", False)))
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    loss_sum, correct, count = module.token_statistics(batch)
+    assert calls and all(mask is None and causal for mask, causal in calls)
+    monkeypatch.undo()
+    # the same figures as the masked forward at every scored (real) position
+    logits = module(batch["input_ids"], batch["padding_mask"])
+    scored = batch["labels"] != -100
+    expected = F.cross_entropy(logits[scored], batch["labels"][scored], reduction="sum")
+    torch.testing.assert_close(loss_sum, expected)
+    assert int(correct) == int((logits.argmax(-1) == batch["labels"])[scored].sum())
+    assert int(count) == int(scored.sum())
+
+
+def test_bidirectional_softmax_keeps_its_padding_mask(data_dir, monkeypatch):
+    module = _module("mlm", attention="softmax").eval()
+    masks = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda *a, **k: masks.append(k.get("attn_mask")) or sdpa(*a, **k))
+    module.token_statistics(_batch(data_dir, "mlm"))
+    assert masks and all(mask is not None for mask in masks)
+
+
+def test_dropout_differs_between_micro_batches_of_one_accumulation_window():
+    module = _module("mlm")
+    seeds = {}
+    for step, batch_idx in [(3, 0), (3, 1), (3, 2), (4, 4), (4, 5)]:
+        module._trainer = SimpleNamespace(global_step=step, global_rank=0, accumulate_grad_batches=4)
+        module.on_train_batch_start({}, batch_idx)
+        seeds[step, batch_idx] = torch.initial_seed()
+    assert len(set(seeds.values())) == len(seeds)  # every micro-batch its own masks
+    module._trainer = SimpleNamespace(global_step=3, global_rank=0, accumulate_grad_batches=4)
+    module.on_train_batch_start({}, 1)
+    assert torch.initial_seed() == seeds[3, 1]  # a function of (seed, step, rank, micro-batch): resumable
+    module._trainer = SimpleNamespace(global_step=3, global_rank=1, accumulate_grad_batches=4)
+    module.on_train_batch_start({}, 1)
+    assert torch.initial_seed() != seeds[3, 1]  # ranks drop different units
+    # without accumulation, the seeds of earlier versions (older checkpoints resume exactly)
+    assert dropout_seed(0, 3, 0) == dropout_seed(0, 3, 0, micro_batch=0) == seeds[3, 0]
+
+
+def test_adamw_is_fused_on_cuda_only():
+    cpu = [torch.zeros(2, requires_grad=True)]
+    assert not use_fused_adamw(cpu) and not use_fused_adamw([])
+    assert use_fused_adamw([SimpleNamespace(device=torch.device("cuda", 0))] * 2)
+    assert not use_fused_adamw([SimpleNamespace(device=torch.device("cuda", 0)), *cpu])
+    module = _module("mlm")
+    module._trainer = SimpleNamespace(estimated_stepping_batches=100)
+    optimizer = module.configure_optimizers()["optimizer"]
+    assert not optimizer.defaults["fused"]

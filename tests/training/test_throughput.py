@@ -38,3 +38,29 @@ def test_throughput_counts_real_tokens_of_every_rank():
     seconds = callback._marks[-1][0] - callback._marks[0][0]
     assert callback.tokens_per_sec == float(logged[-1][1]) > 0
     assert abs(callback.tokens_per_sec - (13 + 16) * 2 / seconds) < 1e-3 * callback.tokens_per_sec
+
+
+def test_tokens_seen_are_saved_for_all_ranks_and_restored_on_resume():
+    padded = torch.zeros(2, 8, dtype=torch.bool)
+    padded[1, 5:] = True  # 13 real tokens
+    batch = {"input_ids": torch.zeros(2, 8, dtype=torch.long), "padding_mask": padded}
+    trainer = SimpleNamespace(world_size=2)
+    callback = Throughput()
+    _run(callback, [batch, batch])
+    saved: dict = {}
+    callback.on_save_checkpoint(trainer, None, saved)
+    assert saved["tokens_seen"] == 2 * 13 * 2  # two batches of 13 on each of 2 ranks
+
+    resumed = Throughput()
+    resumed.on_load_checkpoint(trainer, None, saved)
+    _run(resumed, [batch])
+    again: dict = {}
+    resumed.on_save_checkpoint(trainer, None, again)
+    assert again["tokens_seen"] == 3 * 13 * 2
+
+    unknown = Throughput()  # resumed from a checkpoint written before tokens were counted
+    unknown.on_load_checkpoint(trainer, None, {})
+    _run(unknown, [batch])
+    later: dict = {}
+    unknown.on_save_checkpoint(trainer, None, later)
+    assert later["tokens_seen"] is None

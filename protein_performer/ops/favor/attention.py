@@ -23,7 +23,13 @@ import torch
 from torch import Tensor
 
 from protein_performer.ops._checks import compute_dtype
-from protein_performer.ops.favor.features import RELU_EPS, Kernel, check_favor, inplace_softmax_features
+from protein_performer.ops.favor.features import (
+    RELU_EPS,
+    Kernel,
+    check_favor,
+    inplace_softmax_features,
+    oprf_input_scale,
+)
 from protein_performer.ops.favor.linear import DEFAULT_CHUNK_SIZE, linear_backward, linear_forward
 from protein_performer.ops.favor.reference import favor_attention_reference
 from protein_performer.ops.stabilise import key_gradient, zero_at_padding
@@ -65,9 +71,9 @@ class _SoftmaxFavor(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, projection, key_padding_mask, causal: bool, chunk_size: int) -> Tensor:
+    def forward(ctx, q, k, v, projection, key_padding_mask, causal: bool, chunk_size: int, oprf_a) -> Tensor:
         query, key, offset, k_scaled, w_query, w_key = inplace_softmax_features(
-            q, k, projection, key_padding_mask, running=causal)
+            q, k, projection, key_padding_mask, running=causal, oprf_a=oprf_a)
         out, saved = linear_forward(query, key, v, offset, causal, chunk_size)
         ctx.save_for_backward(query, key, k_scaled, w_query, w_key, key_padding_mask, *saved)
         ctx.causal = causal
@@ -86,7 +92,7 @@ class _SoftmaxFavor(torch.autograd.Function):
         grad_k_aug = grad_key.mul_(key) @ w_key.T  # [dL W, -sum_m dL]
         grad_k = key_gradient(grad_k_aug, k_scaled)
         zero_at_padding(key_padding_mask, grad_q, grad_k, grad_v)
-        return grad_q, grad_k, grad_v, None, None, None, None
+        return grad_q, grad_k, grad_v, None, None, None, None, None
 
 
 def _relu_features(q: Tensor, k: Tensor, projection: Tensor, key_padding_mask: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -109,6 +115,7 @@ def favor_attention(
     kernel: Kernel = "softmax",
     key_padding_mask: Tensor | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    oprf_a: Tensor | None = None,
 ) -> Tensor:
     """FAVOR+ attention: D^-1 phi(Q) (phi(K)^T V) with D = diag(phi(Q) phi(K)^T 1).
 
@@ -121,21 +128,27 @@ def favor_attention(
         key_padding_mask: bool [batch, length], True at padded keys. Padded positions are also
             dropped as queries: their output rows (and their gradients) are zero.
         chunk_size: block length of the causal path (any length L works, not only multiples).
+        oprf_a: FAVOR++ (OPRF) features with this coefficient A, [batch, heads] or [heads], e.g.
+            ``oprf_coefficient(oprf_statistic(q, k, mask), head_dim)``; a constant of the estimator (no
+            gradient). None: FAVOR+'s positive features. Softmax kernel only.
 
     Returns:
         [batch, heads, length, head_dim] in v's dtype; equals ``implied_attention(q, k, projection) @ v``.
     """
-    check_favor("favor_attention", q, k, v, projection, kernel, key_padding_mask)
+    check_favor("favor_attention", q, k, v, projection, kernel, key_padding_mask, oprf_a)
     if chunk_size < 1:
         raise ValueError(f"favor_attention: chunk_size must be >= 1, got {chunk_size}.")
     if kernel == "softmax" and projection.requires_grad and torch.is_grad_enabled():
         return favor_attention_reference(
-            q, k, v, projection, causal=causal, kernel=kernel, key_padding_mask=key_padding_mask, chunk_size=chunk_size
-        )
+            q, k, v, projection, causal=causal, kernel=kernel, key_padding_mask=key_padding_mask, chunk_size=chunk_size,
+            oprf_a=oprf_a)
     with torch.autocast(device_type=q.device.type, enabled=False):
         dtype = compute_dtype(q)
         L = q.shape[2]
         qc, kc, vc, w = q.to(dtype), k.to(dtype), v.to(dtype), projection.to(dtype)
+        if oprf_a is not None:
+            oprf_a = oprf_a.detach().to(dtype)
+            qc, kc = qc * oprf_input_scale(oprf_a), kc * oprf_input_scale(oprf_a)
         if key_padding_mask is not None:
             vc = vc.masked_fill(key_padding_mask[:, None, :, None], 0.0)
         chunk_size = min(chunk_size, max(L, 1))  # a short sequence is one chunk, not a padded one
@@ -146,7 +159,7 @@ def favor_attention(
             if key_padding_mask is not None:
                 key_padding_mask = torch.nn.functional.pad(key_padding_mask, (0, tail), value=True)
         if kernel == "softmax":
-            out = _SoftmaxFavor.apply(qc, kc, vc, w.detach(), key_padding_mask, causal, chunk_size)
+            out = _SoftmaxFavor.apply(qc, kc, vc, w.detach(), key_padding_mask, causal, chunk_size, oprf_a)
         else:
             query, key = _relu_features(qc, kc, w, key_padding_mask)
             out = _LinearAttention.apply(query, key, vc, causal, chunk_size)

@@ -75,11 +75,13 @@ def favor_attention_reference(
     kernel: Kernel = "softmax",
     key_padding_mask: Tensor | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    oprf_a: Tensor | None = None,
 ) -> Tensor:
     """:func:`~protein_performer.ops.favor_attention` in plain autograd (its reference; same contract)."""
-    check_favor("favor_attention", q, k, v, projection, kernel, key_padding_mask)
+    check_favor("favor_attention", q, k, v, projection, kernel, key_padding_mask, oprf_a)
     with torch.autocast(device_type=q.device.type, enabled=False):
-        f = favor_features(q, k, v, projection, kernel, causal, key_padding_mask)
+        oprf_a = None if oprf_a is None else oprf_a.detach()
+        f = favor_features(q, k, v, projection, kernel, causal, key_padding_mask, oprf_a)
         out = causal_reference(f, chunk_size) if causal else bidirectional_reference(f)
     return out.to(v.dtype)
 
@@ -92,8 +94,10 @@ def implied_attention(
     causal: bool = False,
     kernel: Kernel = "softmax",
     key_padding_mask: Tensor | None = None,
+    oprf_a: Tensor | None = None,
 ) -> Tensor:
-    """The row-normalised [L, L] matrix that FAVOR+ applies to V, materialised (O(L^2) memory).
+    """The row-normalised [L, L] matrix that FAVOR+ (FAVOR++ with ``oprf_a``) applies to V, materialised
+    (O(L^2) memory).
 
     For attention maps of short sequences and as the dense reference of :func:`favor_attention`.
 
@@ -101,9 +105,10 @@ def implied_attention(
         [batch, heads, length, length], float32 (float64 for float64 input); rows sum to 1 (or are zero
         where a query sees no key).
     """
-    check_favor("implied_attention", q, k, None, projection, kernel, key_padding_mask)
+    check_favor("implied_attention", q, k, None, projection, kernel, key_padding_mask, oprf_a)
     with torch.autocast(device_type=q.device.type, enabled=False):
-        f = favor_features(q, k, None, projection, kernel, causal, key_padding_mask)
+        oprf_a = None if oprf_a is None else oprf_a.detach()
+        f = favor_features(q, k, None, projection, kernel, causal, key_padding_mask, oprf_a)
         scores = f.query @ f.key.transpose(-1, -2)  # (B, H, L, L)
         if causal:
             scores = scores.tril()

@@ -123,7 +123,7 @@ def _weight_index(plan: _Plan, device: torch.device) -> Tensor:
     ``shift`` blocks away, the offset j - i = shift T + t' - t mapped to far before (0), the band
     (1 .. 2w - 1), far after (2w), or the zero entry 2w + 1 (causal, j > i)."""
     t = torch.arange(plan.block, device=device)
-    shifts = torch.tensor(list(plan.shifts), device=device)
+    shifts = torch.arange(plan.shifts.start, plan.shifts.stop, device=device)  # filled on the device: no copy
     delta = shifts[:, None, None] * plan.block + t[None, None, :] - t[None, :, None]
     index = (delta + plan.window).clamp(0, 2 * plan.window)
     if plan.causal:
@@ -166,12 +166,12 @@ class _WindowedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, w: Tensor, c: Tensor, projection: Tensor,
-                key_padding_mask: Tensor | None, causal: bool, block: int) -> Tensor:
+                key_padding_mask: Tensor | None, causal: bool, block: int, oprf_a: Tensor | None) -> Tensor:
         B, H, length, _ = q.shape
         rows = B * H
         plan = _plan(length, block, (c.shape[1] - 1) // 2, causal)
         query, key, key_offset, k_scaled, w_query, w_key = inplace_softmax_features(q, k, projection,
-                                                                                    key_padding_mask, causal)
+                                                                                    key_padding_mask, causal, oprf_a)
         qb = _to_blocks(query.view(rows, length, -1), block, 0, 0)  # (n, R, T, m)
         kb = _to_blocks(key.view(rows, length, -1), block, plan.r, plan.after)  # (r + n + after, R, T, m)
         del query, key
@@ -210,7 +210,7 @@ class _WindowedAttention(torch.autograd.Function):
         grad_k = key_gradient(grad_k_aug, k_scaled)
         zero_at_padding(key_padding_mask, grad_q, grad_k)
         grad_w = _from_blocks(grad_wb[r : r + n], length).view(*shape, -1)
-        return grad_q, grad_k, grad_w, grad_c, None, None, None, None
+        return grad_q, grad_k, grad_w, grad_c, None, None, None, None, None
 
 
 def _block_offsets(key_offset: Tensor, plan: _Plan) -> tuple[Tensor, Tensor, Tensor]:
@@ -438,6 +438,8 @@ def _far_backward(qb, kb, wb, c, offsets, far_states, plan: _Plan, grad, grad_c)
 
 
 def windowed_attention_product(q: Tensor, k: Tensor, w: Tensor, c: Tensor, projection: Tensor,
-                               key_padding_mask: Tensor | None, causal: bool, block_size: int) -> Tensor:
-    """See :class:`_WindowedAttention`: [B * H, L, E], differentiable in q, k, w and c."""
-    return _WindowedAttention.apply(q, k, w, c, projection.detach(), key_padding_mask, causal, block_size)
+                               key_padding_mask: Tensor | None, causal: bool, block_size: int,
+                               oprf_a: Tensor | None = None) -> Tensor:
+    """See :class:`_WindowedAttention`: [B * H, L, E], differentiable in q, k, w and c. With FAVOR++'s
+    ``oprf_a`` (A, detached), q and k must arrive multiplied by ``oprf_input_scale(oprf_a)``."""
+    return _WindowedAttention.apply(q, k, w, c, projection.detach(), key_padding_mask, causal, block_size, oprf_a)

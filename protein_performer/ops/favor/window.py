@@ -1,0 +1,261 @@
+"""FAVOR+ with an exact local band (``exact_window`` w): exact softmax weights near the diagonal, the
+random-feature estimate beyond, one shared normaliser (Scatterbrain's sparse + low-rank split, Chen et
+al. 2021, with a band as the sparse support: contacts and secondary structure are local).
+
+    weight_ij = exp(q_i . k_j / sqrt(d))     for |i - j| < w        (causal: and j <= i)
+    weight_ij = phi(q_i) . phi(k_j)          for |i - j| >= w       (FAVOR+, or FAVOR++ with ``oprf_a``)
+    out_i = sum_j weight_ij v_j / sum_j weight_ij
+
+Fast path, O(L (w d + (w + T) m + m d)):
+- far part: the windowed favor_rpe product (`ops.rpe.window`) with relative weights 1 beyond the window
+  and 0 inside it: lagged prefix/suffix FAVOR+ states plus the far entries of the neighbour blocks, every
+  term nonnegative (nothing is subtracted, so no cancellation), hand-written backward;
+- band: blocks of T queries against the key blocks within w - 1 of them, exact logits [T, (2r + 1) T]
+  masked to the band (plain autograd on block tensors).
+The two halves live on different scales: the far product is relative to its stabilisers (query row max
+c_i, key offset o_i: shared bidirectionally, the running M_i causally). Per query, the far part's log
+scale is sigma_i = c_i + o_i - |q'_i|^2 / 2 + (d / 2) log(1 - 4A) - log m (only |q'_i|^2 / 2 carries a
+gradient: the rest are stabilisers, which cancel inside the product); both halves are divided by
+exp(mu_i), mu_i = max(sigma_i, max of the band logits), so every factor is <= 1. Causal queries read no
+statistic of a later position (the band logits of later keys are masked before the max).
+
+Reference: :func:`implied_window_attention`, the dense [L, L] matrix. Decoding:
+:func:`favor_window_causal_step` (the last w - 1 keys plus the far FAVOR+ state).
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from protein_performer.ops._checks import compute_dtype
+from protein_performer.ops.favor.features import (
+    check_favor,
+    oprf_input_scale,
+    softmax_kernel_features,
+    softmax_logits,
+)
+from protein_performer.ops.favor.recurrent import FavorState, absorb_key
+from protein_performer.ops.rpe.window import _from_blocks, _to_blocks, default_block_size, windowed_attention_product
+from protein_performer.ops.stabilise import masked, running_max, safe_divide, shared_key_offset
+
+__all__ = ["WindowState", "favor_window_attention", "favor_window_causal_step", "implied_window_attention"]
+
+
+def _check_window(where: str, window: int, block_size: int | None) -> None:
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        raise ValueError(f"{where}: window (exact_window) must be a positive integer, got {window!r}.")
+    if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
+        raise ValueError(f"{where}: block_size must be a positive integer or None, got {block_size!r}.")
+
+
+def _log_far_scale(q: Tensor, k: Tensor, projection: Tensor, key_padding_mask: Tensor | None, causal: bool,
+                   oprf_a: Tensor | None) -> Tensor:
+    """sigma [B, H, L]: log of the factor taking the stabilised far product to the kernel's scale (module
+    docstring). q, k zero at padding, in the compute dtype."""
+    D = q.shape[-1]
+    m = projection.shape[0]
+    q_scaled, k_scaled = q * D**-0.25, k * D**-0.25
+    with torch.no_grad():  # the stabilisers: they cancel inside the product
+        b = 1.0 if oprf_a is None else oprf_input_scale(oprf_a)
+        query_max = ((q_scaled * b) @ projection.T).amax(dim=-1)
+        key_logits = (k_scaled * b) @ projection.T - 0.5 * k_scaled.square().sum(dim=-1, keepdim=True)
+        constant = -math.log(m)
+        if oprf_a is not None:
+            a = oprf_a[..., None, None]
+            key_logits = key_logits + 2 * a * projection.square().sum(dim=-1)
+            constant = constant + 0.5 * D * torch.log(1 - 4 * oprf_a)[..., None]
+        if causal:
+            key_offset = running_max(masked(key_logits, key_padding_mask, -math.inf).amax(dim=-1))
+        else:
+            key_offset = shared_key_offset(key_logits, key_padding_mask)[..., None]
+        stabilisers = query_max + key_offset + constant
+    return stabilisers - 0.5 * q_scaled.square().sum(dim=-1)
+
+
+def _band_mask(block: int, shifts: range, window: int, causal: bool, device: torch.device) -> Tensor:
+    """bool [T, S T]: query t of a block may read key t' of the block ``shift`` away (|j - i| < w, j <= i)."""
+    t = torch.arange(block, device=device)
+    shift = torch.arange(shifts.start, shifts.stop, device=device)  # filled on the device: no host copy
+    delta = (shift[:, None, None] * block + t[None, None, :] - t[None, :, None]).transpose(0, 1)  # (T, S, T)
+    allowed = delta.abs() < window
+    if causal:
+        allowed &= delta <= 0
+    return allowed.reshape(block, -1)
+
+
+def _neighbours(x: Tensor, shifts: range, r: int, n: int) -> Tensor:
+    """Key blocks [r + n + r, R, T, F] -> for each query block the blocks at ``shifts``, [n, R, S T, F]."""
+    stacked = torch.stack([x[r + s : r + s + n] for s in shifts], dim=2)  # (n, R, S, T, F)
+    return stacked.flatten(2, 3)
+
+
+def favor_window_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    projection: Tensor,
+    window: int,
+    *,
+    causal: bool = False,
+    key_padding_mask: Tensor | None = None,
+    oprf_a: Tensor | None = None,
+    block_size: int | None = None,
+) -> Tensor:
+    """Softmax attention exact for |i - j| < ``window``, estimated by FAVOR+ beyond (module docstring).
+
+    Args:
+        q, k, v: [batch, heads, length, head_dim] (q, k unscaled).
+        projection: [nb_features, head_dim] (no gradient: a redrawn buffer).
+        window: w >= 1; offsets |j - i| < w get exact weights (w = 1: the diagonal only).
+        causal: query i reads keys j <= i only.
+        key_padding_mask: bool [batch, length], True at padding; padded queries get zero rows.
+        oprf_a: FAVOR++'s A ([batch, heads] or [heads], detached) for the far part; None: FAVOR+.
+        block_size: queries per block of the band (default: the window, clamped to [16, 128]).
+
+    Returns:
+        [batch, heads, length, head_dim] in v's dtype; equals ``implied_window_attention(...) @ v``.
+    """
+    check_favor("favor_window_attention", q, k, v, projection, "softmax", key_padding_mask, oprf_a)
+    _check_window("favor_window_attention", window, block_size)
+    B, H, L, D = v.shape
+    block = default_block_size(window) if block_size is None else block_size
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        dtype = compute_dtype(q)
+        projection = projection.detach().to(dtype)
+        oprf_a = None if oprf_a is None else oprf_a.detach().to(dtype)
+        # Zeroed at padding first, so junk there reaches no output and no gradient (0 * NaN would).
+        q, k, v = (masked(x.to(dtype), key_padding_mask) for x in (q, k, v))
+        w = torch.cat([v, v.new_ones(B, H, L, 1)], dim=-1)  # (B, H, L, D + 1): the denominator rides along
+        sigma = _log_far_scale(q, k, projection, key_padding_mask, causal, oprf_a)  # (B, H, L)
+
+        # far part: relative weights 1 beyond the window (both directions), 0 inside it
+        ones = torch.ones(H, 1, dtype=dtype, device=q.device)  # filled on the device (no host copy)
+        c = torch.cat([ones, ones.new_zeros(H, 2 * window - 1), ones * (not causal)], dim=1)  # (H, 2w + 1)
+        scale = 1.0 if oprf_a is None else oprf_input_scale(oprf_a)
+        far = windowed_attention_product(q * scale, k * scale, w, c, projection, key_padding_mask, causal, block,
+                                         oprf_a)  # (R, L, D + 1)
+
+        # band: exact logits of each query block against the key blocks within w - 1 of it
+        rows = B * H
+        n = -(-L // block)
+        r = min(-(-(window - 1) // block), n - 1)
+        shifts = range(-r, 1 if causal else r + 1)
+        after = 0 if causal else r
+        d_scale = D**-0.25
+        qb = _to_blocks((q * d_scale).reshape(rows, L, D), block, 0, 0)  # (n, R, T, D)
+        keys = _neighbours(_to_blocks((k * d_scale).reshape(rows, L, D), block, r, after), shifts, r, n)
+        values = _neighbours(_to_blocks(w.reshape(rows, L, D + 1), block, r, after), shifts, r, n)
+        valid = torch.ones(B, L, dtype=dtype, device=q.device) if key_padding_mask is None else (
+            (~key_padding_mask).to(dtype))
+        valid = _to_blocks(valid[:, None, :, None].expand(B, H, L, 1).reshape(rows, L, 1), block, r, after)
+        valid = _neighbours(valid, shifts, r, n)[..., 0]  # (n, R, S T): 0 at padding and off the sequence
+        allowed = _band_mask(block, shifts, window, causal, q.device) & (valid[:, :, None, :] > 0)
+        logits = (qb @ keys.transpose(-1, -2)).masked_fill(~allowed, -math.inf)  # (n, R, T, S T)
+        sigma_b = _to_blocks(sigma.reshape(rows, L, 1), block, 0, 0)  # (n, R, T, 1)
+        mu = torch.maximum(sigma_b, logits.amax(dim=-1, keepdim=True)).detach()
+        total = torch.exp(logits - mu) @ values + _to_blocks(far, block, 0, 0) * torch.exp(sigma_b - mu)
+        out = safe_divide(total[..., :D], total[..., D])  # (n, R, T, D)
+        out = masked(_from_blocks(out, L).view(B, H, L, D), key_padding_mask)
+    return out.to(v.dtype)
+
+
+def implied_window_attention(
+    q: Tensor,
+    k: Tensor,
+    projection: Tensor,
+    window: int,
+    *,
+    causal: bool = False,
+    key_padding_mask: Tensor | None = None,
+    oprf_a: Tensor | None = None,
+) -> Tensor:
+    """The row-normalised [B, H, L, L] matrix :func:`favor_window_attention` applies to v: exact
+    exp(q.k / sqrt(d)) weights on the band, the feature estimate phi(q).phi(k) elsewhere (its reference,
+    and its attention maps). Padded keys have zero weight, padded queries zero rows."""
+    check_favor("implied_window_attention", q, k, None, projection, "softmax", key_padding_mask, oprf_a)
+    _check_window("implied_window_attention", window, None)
+    with torch.autocast(device_type=q.device.type, enabled=False):
+        dtype = compute_dtype(q)
+        q, k = masked(q.to(dtype), key_padding_mask), masked(k.to(dtype), key_padding_mask)
+        projection = projection.detach().to(dtype)
+        oprf_a = None if oprf_a is None else oprf_a.detach().to(dtype)
+        L = q.shape[2]
+        # true features phi = exp(logits) / sqrt(m), each side kept relative to a detached max
+        query_logits = softmax_logits(q, projection, oprf_a)
+        key_logits = softmax_logits(k, projection, oprf_a)
+        query_max = query_logits.amax(dim=-1).detach()
+        key_max = shared_key_offset(key_logits, key_padding_mask)
+        far = torch.exp(query_logits - query_max[..., None]) @ masked(
+            torch.exp(key_logits - key_max[..., None, None]), key_padding_mask).transpose(-1, -2)
+        sigma = query_max + key_max[..., None] - math.log(projection.shape[0])  # far_ij = far * exp(sigma_i)
+        exact = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+        i = torch.arange(L, device=q.device)
+        allowed = torch.ones(L, L, dtype=torch.bool, device=q.device)
+        if causal:
+            allowed = allowed.tril()
+        allowed = allowed[None, None] if key_padding_mask is None else allowed & ~key_padding_mask[:, None, None, :]
+        band = (i[:, None] - i[None, :]).abs() < window
+        exact = exact.masked_fill(~(band & allowed), -math.inf)
+        mu = torch.maximum(sigma, exact.amax(dim=-1)).detach()[..., None]
+        weights = torch.where(band, torch.exp(exact - mu), far * torch.exp(sigma[..., None] - mu))
+        weights = weights * allowed
+        denominator = weights.sum(dim=-1, keepdim=True)
+        weights = weights / torch.where(denominator > 0, denominator, torch.ones_like(denominator))
+        return masked(weights, key_padding_mask)
+
+
+class WindowState(NamedTuple):
+    """Causal exact-window attention after t tokens: the last (up to) w - 1 raw keys [B, H, <= w - 1, D]
+    and values, and the FAVOR+ state of the keys before them (``far``, :class:`FavorState`)."""
+
+    keys: Tensor
+    values: Tensor
+    far: FavorState
+
+
+def favor_window_causal_step(
+    q_t: Tensor,
+    k_t: Tensor,
+    v_t: Tensor,
+    projection: Tensor,
+    window: int,
+    state: WindowState | None = None,
+    *,
+    oprf_a: Tensor | None = None,
+) -> tuple[Tensor, WindowState]:
+    """One token of causal :func:`favor_window_attention`: q_t, k_t, v_t [batch, heads, head_dim] at position
+    t, the state of the tokens before (None at t = 0) -> (out_t [batch, heads, head_dim], new state).
+    Feeding a sequence token by token reproduces the parallel causal forward."""
+    check_favor("favor_window_causal_step", q_t[:, :, None], k_t[:, :, None], v_t[:, :, None], projection, "softmax",
+                None, oprf_a)
+    _check_window("favor_window_causal_step", window, None)
+    with torch.autocast(device_type=q_t.device.type, enabled=False):
+        dtype = compute_dtype(q_t)
+        q, k, v, w = q_t.to(dtype), k_t.to(dtype), v_t.to(dtype), projection.detach().to(dtype)
+        a = None if oprf_a is None else oprf_a.detach().to(dtype)
+        B, H, D = v.shape
+        m = w.shape[0]
+        if state is None:
+            far = FavorState(v.new_zeros(B, H, m, D), v.new_zeros(B, H, m), v.new_full((B, H), -math.inf))
+            state = WindowState(k.new_zeros(B, H, 0, D), v.new_zeros(B, H, 0, D), far)
+        keys, values, far = state
+        band_keys = torch.cat([keys, k[:, :, None]], dim=2)  # (B, H, <= w, D)
+        band_values = torch.cat([values, v[:, :, None]], dim=2)
+        exact = (band_keys @ q[..., None]).squeeze(-1) / math.sqrt(D)  # (B, H, <= w)
+        query = softmax_kernel_features(q[:, :, None], w, is_query=True, oprf_a=a)[:, :, 0]  # (B, H, m), max 1
+        query_max = softmax_logits(q[:, :, None], w, a)[:, :, 0].amax(dim=-1)
+        sigma = query_max + far.offset - math.log(m)  # -inf before any far key
+        mu = torch.maximum(sigma, exact.amax(dim=-1))
+        far_scale = torch.exp(sigma - mu)
+        weights = torch.exp(exact - mu[..., None])
+        numerator = (weights[..., None, :] @ band_values).squeeze(-2) + far_scale[..., None] * (
+            query[..., None, :] @ far.kv).squeeze(-2)
+        denominator = weights.sum(dim=-1) + far_scale * (query * far.k_sum).sum(dim=-1)
+        out = safe_divide(numerator, denominator)
+        if band_keys.shape[2] == window:  # the oldest key leaves the band for the far state
+            far = absorb_key(far, softmax_logits(band_keys[:, :, :1], w, a)[:, :, 0], band_values[:, :, 0])
+            band_keys, band_values = band_keys[:, :, 1:], band_values[:, :, 1:]
+    return out.to(v_t.dtype), WindowState(band_keys, band_values, far)
