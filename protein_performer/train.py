@@ -107,6 +107,7 @@ def _train(cfg: DictConfig, callbacks: Sequence[pl.Callback]) -> TrainResult:
         module = ProteinLM(model_config.to_dict(), cfg.objective, seed=cfg.seed, alphabet_tokens=alphabet.tokens,
                            length_multiple=COMPILE_LENGTH_MULTIPLE if compile_model else 1,
                            member_metrics=bool(member_metrics),
+                           log_attention_fidelity=cfg.get("log_attention_fidelity"),
                            **OmegaConf.to_container(cfg.optim, resolve=True))
     except (ValueError, TypeError) as error:  # a bad model, attention, objective or optim setting
         raise UserError(f"config: {error}") from None

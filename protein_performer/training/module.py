@@ -22,6 +22,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel
 
 from protein_performer.config import ATTENTION
 from protein_performer.data import IGNORE_INDEX, OBJECTIVES, Alphabet
+from protein_performer.fidelity import attention_fidelity, captured_attention_inputs, fidelity_of_records
 from protein_performer.model import PerformerConfig, ProteinPerformer
 from protein_performer.training.loggers import CHECKPOINT_KEY as CSV_ROWS_KEY
 from protein_performer.training.loggers import ResumableCSVLogger
@@ -106,6 +107,7 @@ class ProteinLM(pl.LightningModule):
         eval_split_names: Sequence[str] = ("test", "ood"),
         length_multiple: int = 1,
         member_metrics: bool = False,
+        log_attention_fidelity: bool | None = None,
     ) -> None:
         """model_config: PerformerConfig as a plain dict (PerformerConfig.to_dict()); stored in hparams.
 
@@ -123,6 +125,10 @@ class ProteinLM(pl.LightningModule):
         member_metrics: also evaluate targets in the first member of their cluster apart from those in
             later members (homolog windows; protein_performer.training.targets). A run setting, not
             saved in hparams.
+        log_attention_fidelity: at each validation, measure the attention against exact softmax on the
+            first validation batch (`protein_performer.fidelity`) and log, per layer, the median over
+            heads of the relative output error (val/attn_error/layer_i) and of u_bar (val/u_bar/layer_i).
+            None: on for kinds with random features. A run setting, not saved in hparams.
         """
         super().__init__()
         if objective not in OBJECTIVES:
@@ -148,6 +154,8 @@ class ProteinLM(pl.LightningModule):
             raise ValueError(f"length_multiple must be >= 1, got {length_multiple}")
         self.length_multiple = length_multiple
         self.model = ProteinPerformer(config)
+        self.log_attention_fidelity = (config.attention_kind.random_features if log_attention_fidelity is None
+                                       else bool(log_attention_fidelity))
         # Decided here, on the unwrapped model: FSDP (use_orig_params) hands configure_optimizers every
         # parameter as a flat 1-D shard, whose shape no longer says whether it was a matrix.
         self.decayed_parameter_names = matrix_parameter_names(self)
@@ -253,7 +261,28 @@ class ProteinLM(pl.LightningModule):
     # ---- evaluation -----------------------------------------------------------------------------------
 
     def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
+        if batch_idx == 0 and self.log_attention_fidelity and not self.trainer.sanity_checking:
+            self._validate_with_attention_fidelity(batch)
+            return
         self.eval_metrics["val"].update(*self.target_set_statistics(batch))
+
+    def _validate_with_attention_fidelity(self, batch: Mapping[str, Tensor]) -> None:
+        """The batch's metrics, and per layer the attention's error against exact softmax and u_bar on it
+        (MLM-masked inputs, as validated), from the q, k, v of the validation forward itself."""
+        compiled = getattr(self.model, "_compiled_call_impl", None) is not None
+        if compiled:  # a compiled forward is not traced with recorders inside: one eager forward of its own
+            self.eval_metrics["val"].update(*self.token_statistics(batch))
+            report = attention_fidelity(self.model, batch["input_ids"], batch["padding_mask"], entropy=False,
+                                        dtype=torch.float32)
+        else:
+            with captured_attention_inputs(self.model) as records:
+                self.eval_metrics["val"].update(*self.token_statistics(batch))
+            with torch.no_grad():
+                report = fidelity_of_records(records, entropy=False, dtype=torch.float32)
+        per_layer = report.per_layer()
+        for metric, values in (("attn_error", per_layer["error"]), ("u_bar", per_layer["u_bar"])):
+            for layer, value in enumerate(values.float()):
+                self.log(f"val/{metric}/layer_{layer}", value, batch_size=1, sync_dist=True, add_dataloader_idx=False)
 
     def on_validation_epoch_end(self) -> None:
         self._log_split("val")
