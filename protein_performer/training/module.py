@@ -271,12 +271,12 @@ class ProteinLM(pl.LightningModule):
         (MLM-masked inputs, as validated), from the q, k, v of the validation forward itself."""
         compiled = getattr(self.model, "_compiled_call_impl", None) is not None
         if compiled:  # a compiled forward is not traced with recorders inside: one eager forward of its own
-            self.eval_metrics["val"].update(*self.token_statistics(batch))
+            self.eval_metrics["val"].update(*self.target_set_statistics(batch))
             report = attention_fidelity(self.model, batch["input_ids"], batch["padding_mask"], entropy=False,
                                         dtype=torch.float32)
         else:
             with captured_attention_inputs(self.model) as records:
-                self.eval_metrics["val"].update(*self.token_statistics(batch))
+                self.eval_metrics["val"].update(*self.target_set_statistics(batch))
             with torch.no_grad():
                 report = fidelity_of_records(records, entropy=False, dtype=torch.float32)
         per_layer = report.per_layer()
