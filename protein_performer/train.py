@@ -40,9 +40,20 @@ from protein_performer.resources import conf_dir
 from protein_performer.runtime import configure_process, slow_bf16_warning
 from protein_performer.training.baselines import Baselines, context_free_baselines, token_counts
 from protein_performer.training.callbacks import RunSettings
+from protein_performer.training.interrupts import (
+    SafePoints,
+    SlurmRequeue,
+    disable_lightning_requeue,
+    latest_preemption_checkpoint,
+    requeue_signal,
+    run_dir,
+    slurm_job_id,
+)
 from protein_performer.training.module import ProteinLM
 
 log = logging.getLogger(__name__)
+# hydra.run.dir: outputs/slurm-<job id> in a SLURM batch job (a requeued job resumes there), else the time.
+OmegaConf.register_new_resolver("run_dir", run_dir, replace=True)
 # compile=true pads batch lengths to multiples of FAVOR+'s causal chunk: no partial chunk, few shapes.
 COMPILE_LENGTH_MULTIPLE = 64
 # ckpt_path values Lightning resolves itself (in the new run's own checkpoint directory): not checked here.
@@ -96,8 +107,16 @@ def _train(cfg: DictConfig, callbacks: Sequence[pl.Callback]) -> TrainResult:
         raise UserError(f"config: {error}") from None
     run_settings = {"model": model_config.to_dict(), "objective": cfg.objective, "seed": cfg.seed,
                     "data": data_sampling_settings(datamodule.hparams)}
-    if cfg.ckpt_path is not None and cfg.ckpt_path not in LIGHTNING_CKPT_NAMES:
-        path, checkpoint = read_checkpoint(cfg.ckpt_path)
+    job_id = slurm_job_id()
+    requeue = requeue_signal(cfg.get("slurm_requeue", "SIGUSR1")) if job_id is not None else None
+    ckpt_path = cfg.ckpt_path
+    if ckpt_path is None and job_id is not None:  # a requeued SLURM job: resume from its preemption checkpoint
+        saved = latest_preemption_checkpoint(cfg.output_dir)
+        ckpt_path = str(saved) if saved is not None else None
+        if saved is not None:
+            rank_zero_only(print)(f"SLURM job {job_id}: resuming from {saved}")
+    if ckpt_path is not None and ckpt_path not in LIGHTNING_CKPT_NAMES:
+        path, checkpoint = read_checkpoint(ckpt_path)
         differences = check_resume(path, checkpoint, run_settings, strict=cfg.get("resume_check", True))
         check_weights_fit(path, checkpoint, module.state_dict(), differences)
         del checkpoint
@@ -108,8 +127,12 @@ def _train(cfg: DictConfig, callbacks: Sequence[pl.Callback]) -> TrainResult:
     configured = [hydra.utils.instantiate(c) for c in cfg.callbacks.values() if c is not None]
     if not loggers:  # logger=none: nothing to record learning rates into (Lightning would refuse to run)
         configured = [c for c in configured if not isinstance(c, LearningRateMonitor)]
-    trainer: pl.Trainer = _instantiate(cfg.trainer, callbacks=[*configured, RunSettings(run_settings), *callbacks],
-                                       logger=loggers or False)
+    interrupts: list[pl.Callback] = [SafePoints()]
+    if requeue is not None:
+        interrupts.append(SlurmRequeue(requeue, job_id))
+    trainer: pl.Trainer = _instantiate(cfg.trainer, callbacks=[*configured, RunSettings(run_settings), *interrupts,
+                                                               *callbacks], logger=loggers or False)
+    disable_lightning_requeue(trainer)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     for logger in trainer.loggers:
         logger.log_hyperparams({"config": resolved, "parameters": module.model.num_parameters()})
@@ -119,7 +142,7 @@ def _train(cfg: DictConfig, callbacks: Sequence[pl.Callback]) -> TrainResult:
               f"parameters, {model_config.n_layers} layers, d_model {model_config.d_model}; "
               f"outputs in {cfg.output_dir}")
     # weights_only: checked loadable that way above; a checkpoint never runs code.
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
 
     checkpointer = trainer.checkpoint_callback
     if module.last_validated_step != trainer.global_step:

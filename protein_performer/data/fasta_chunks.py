@@ -40,6 +40,7 @@ from protein_performer.data.fasta import (
     open_fasta,
     truncated_gzip_error,
 )
+from protein_performer.errors import raise_if_interrupted
 
 __all__ = ["FastaChunk", "read_fasta_chunks", "read_fasta_chunks_reference", "read_fasta_chunks_in_background"]
 
@@ -381,7 +382,7 @@ def read_fasta_chunks_in_background(paths: Sequence[Path], chunk_records: int = 
     drain.start()
     try:
         while True:
-            message = messages.get()
+            message = _get(messages)
             if message[0] == "chunk":
                 yield message[1]
             elif message[0] == "done":
@@ -403,6 +404,19 @@ def read_fasta_chunks_in_background(paths: Sequence[Path], chunk_records: int = 
         if process.is_alive():  # cannot happen with SIGTERM's default action; never hang on it
             process.kill()
             process.join()
+
+
+_SIGNAL_POLL_SECONDS = 0.1
+
+
+def _get(items: queue.Queue) -> Any:
+    """The next item of `items`, waiting for it at a safe point: a SIGTERM or Ctrl-C meanwhile is raised."""
+    while True:
+        raise_if_interrupted()
+        try:
+            return items.get(timeout=_SIGNAL_POLL_SECONDS)
+        except queue.Empty:
+            continue
 
 
 def _receive(receiver: Any, messages: queue.Queue, stop: threading.Event) -> None:

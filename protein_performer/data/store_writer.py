@@ -41,7 +41,7 @@ from protein_performer.data.store import (
     StoreSummary,
     input_identity,
 )
-from protein_performer.errors import describe_os_error, make_output_directory
+from protein_performer.errors import describe_os_error, make_output_directory, raise_if_interrupted
 
 __all__ = ["build_token_store", "remove_stale_temporaries"]
 
@@ -394,6 +394,7 @@ def build_token_store(
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 **summary.to_attrs(),
             })
+        raise_if_interrupted()  # the last safe point: after it the store is complete and in place
         os.replace(temporary, output)
     except OSError as error:  # disk full, permissions, a file system gone away: name the file
         temporary.unlink(missing_ok=True)
@@ -469,6 +470,7 @@ def _write_store(path: Path, chunks: Iterable[FastaChunk], encode: _ChunkEncoder
                    disable=not progress, smoothing=0.1) as bar):
             writers = {name: _SplitWriter(h5.create_group(name), compression, executor) for name in SPLITS}
             for chunk in chunks:
+                raise_if_interrupted()  # a SIGTERM or Ctrl-C stops the build here (errors.py says why here)
                 if chunk.path != current:
                     done_bytes += last_position
                     current, last_position = chunk.path, 0
