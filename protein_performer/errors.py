@@ -21,6 +21,7 @@ A second Ctrl-C raises at once, for code stuck where no safe point is reached.
 """
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import sys
@@ -31,7 +32,7 @@ from pathlib import Path
 from typing import NoReturn, TypeVar
 
 __all__ = ["UserError", "Interrupted", "USER_ERROR_STATUS", "run_command", "signals_unwind", "describe_os_error",
-           "raise_if_interrupted", "received_signal", "record_signal"]
+           "raise_if_interrupted", "received_signal", "record_signal", "records_signals"]
 
 T = TypeVar("T")
 USER_ERROR_STATUS = 2
@@ -112,6 +113,23 @@ def signals_unwind() -> Iterator[None]:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         _received.clear()  # handled: safe points outside the block (a later run in this process) see nothing
+
+
+def records_signals(command: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    """Decorate a command's entry point (outside @hydra.main) so that SIGTERM and SIGINT are recorded from
+    its first moment, while Hydra composes the config and sets up the run directory, not only once
+    `run_command` runs; a signal that arrives after `run_command` has returned still ends the command
+    with its one line and status."""
+    def decorate(main: Callable[..., T]) -> Callable[..., T]:
+        @functools.wraps(main)
+        def wrapper(*args: object, **kwargs: object) -> T:
+            with signals_unwind():
+                result = main(*args, **kwargs)
+                if _received:
+                    _fail_interrupted(command, "")
+                return result
+        return wrapper
+    return decorate
 
 
 def describe_os_error(error: OSError) -> str:

@@ -34,7 +34,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from protein_performer.checkpoint import check_resume, check_weights_fit, data_sampling_settings, read_checkpoint
 from protein_performer.data import Alphabet, ProteinDataModule, TokenStore
-from protein_performer.errors import UserError, run_command
+from protein_performer.errors import UserError, records_signals, run_command
 from protein_performer.model import config_from_hydra
 from protein_performer.resources import conf_dir
 from protein_performer.runtime import configure_process, slow_bf16_warning
@@ -235,6 +235,7 @@ def compose_config(overrides: Sequence[str] = (), output_dir: str | Path | None 
     return cfg
 
 
+@records_signals("train")
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="train")
 def main(cfg: DictConfig) -> float:
     """Hydra entry point; returns the final validation perplexity (for sweepers that minimise it).
