@@ -151,8 +151,21 @@ def make_output_directory(output: Path, error: type[UserError]) -> None:
         raise error(f"cannot create the output directory: {describe_os_error(failure)}") from None
 
 
+def _close_progress_bars() -> None:
+    """Close the progress bars still open (Lightning's, tqdm's), so that their final lines come out now,
+    before the error line, and not after it when they are collected at exit."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        try:
+            bar.close()
+        except Exception:  # a bar whose stream is gone: nothing to print
+            pass
+    sys.stdout.flush()
+
+
 def _fail(command: str, message: str, status: int = USER_ERROR_STATUS) -> NoReturn:
     line = " ".join(message.split())  # one line, whatever the message's layout
+    _close_progress_bars()  # the error line is the last thing the user sees
     print(f"{command}: error: {line}", file=sys.stderr, flush=True)
     sys.exit(status)
 

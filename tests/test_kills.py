@@ -201,8 +201,8 @@ for line in sys.stdin:
     module, argv, out, err = json.loads(line)
     pid = os.fork()
     if pid == 0:
-        os.dup2(os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 1)
-        os.dup2(os.open(err, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), 2)
+        os.dup2(os.open(out, os.O_WRONLY | os.O_CREAT | os.O_APPEND), 1)  # out may be err: as a terminal shows them
+        os.dup2(os.open(err, os.O_WRONLY | os.O_CREAT | os.O_APPEND), 2)
         sys.argv = [module, *argv]
         code = 0
         try:
@@ -311,3 +311,4 @@ def test_sigterm_at_any_moment_of_train_ends_it_cleanly(big_fasta, tmp_path):
     for moment, run in sigterm_at_random_moments("protein_performer.train", argv, tmp_path, window=3.0, seed=2):
         cache = run / "cache"
         assert not (cache.exists() and list(cache.glob("*.tmp"))), (moment, list(cache.iterdir()))
+
