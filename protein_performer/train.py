@@ -32,7 +32,13 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from pytorch_lightning.callbacks import LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
-from protein_performer.checkpoint import check_resume, check_weights_fit, data_sampling_settings, read_checkpoint
+from protein_performer.checkpoint import (
+    check_resume,
+    check_weights_fit,
+    data_sampling_settings,
+    read_checkpoint,
+    run_layout,
+)
 from protein_performer.data import Alphabet, ProteinDataModule, TokenStore
 from protein_performer.errors import UserError, records_signals, run_command
 from protein_performer.model import config_from_hydra
@@ -109,17 +115,6 @@ def _train(cfg: DictConfig, callbacks: Sequence[pl.Callback]) -> TrainResult:
                     "data": data_sampling_settings(datamodule.hparams)}
     job_id = slurm_job_id()
     requeue = requeue_signal(cfg.get("slurm_requeue", "SIGUSR1")) if job_id is not None else None
-    ckpt_path = cfg.ckpt_path
-    if ckpt_path is None and job_id is not None:  # a requeued SLURM job: resume from its preemption checkpoint
-        saved = latest_preemption_checkpoint(cfg.output_dir)
-        ckpt_path = str(saved) if saved is not None else None
-        if saved is not None:
-            rank_zero_only(print)(f"SLURM job {job_id}: resuming from {saved}")
-    if ckpt_path is not None and ckpt_path not in LIGHTNING_CKPT_NAMES:
-        path, checkpoint = read_checkpoint(ckpt_path)
-        differences = check_resume(path, checkpoint, run_settings, strict=cfg.get("resume_check", True))
-        check_weights_fit(path, checkpoint, module.state_dict(), differences)
-        del checkpoint
     if compile_model:  # in place: parameter names (and so checkpoints) stay those of the plain model
         module.model.compile(backend=cfg.get("compile_backend", "inductor"))
 
@@ -133,6 +128,19 @@ def _train(cfg: DictConfig, callbacks: Sequence[pl.Callback]) -> TrainResult:
     trainer: pl.Trainer = _instantiate(cfg.trainer, callbacks=[*configured, RunSettings(run_settings), *interrupts,
                                                                *callbacks], logger=loggers or False)
     disable_lightning_requeue(trainer)
+    workers = datamodule.hparams.get("num_workers", 0) if isinstance(datamodule, ProteinDataModule) else 0
+    run_settings["layout"] = run_layout(trainer.world_size, workers)  # RunSettings saves this same dict
+    ckpt_path = cfg.ckpt_path
+    if ckpt_path is None and job_id is not None:  # a requeued SLURM job: resume from its preemption checkpoint
+        saved = latest_preemption_checkpoint(cfg.output_dir)
+        ckpt_path = str(saved) if saved is not None else None
+        if saved is not None:
+            rank_zero_only(print)(f"SLURM job {job_id}: resuming from {saved}")
+    if ckpt_path is not None and ckpt_path not in LIGHTNING_CKPT_NAMES:
+        path, checkpoint = read_checkpoint(ckpt_path)
+        differences = check_resume(path, checkpoint, run_settings, strict=cfg.get("resume_check", True))
+        check_weights_fit(path, checkpoint, module.state_dict(), differences)
+        del checkpoint
     resolved = OmegaConf.to_container(cfg, resolve=True)
     for logger in trainer.loggers:
         logger.log_hyperparams({"config": resolved, "parameters": module.model.num_parameters()})

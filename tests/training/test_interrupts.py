@@ -10,6 +10,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
+from protein_performer.checkpoint import CheckpointError, check_resume
 from protein_performer.errors import run_command
 from protein_performer.train import compose_config, train
 from protein_performer.training.interrupts import latest_preemption_checkpoint, requeue_signal, run_dir, slurm_job_id
@@ -119,3 +120,29 @@ def test_signal_mid_step_ends_the_run_at_the_next_safe_point(signum, tmp_path, s
     assert stopped.value.code == 128 + signum
     assert capsys.readouterr().err.strip().splitlines()[-1] == f"train: error: interrupted by {signal.Signals(signum).name}"
     assert seen == [0, 1, 2]  # the signal came after the third step: no step began after it
+
+
+def test_resume_under_another_layout_is_refused_naming_both(tmp_path, store_cache):
+    first = train(_config(tmp_path / "first", store_cache, "trainer.max_steps=4", "trainer.val_check_interval=2"))
+    saved = torch.load(first.checkpoint, weights_only=True)
+    assert saved["run_settings"]["layout"] == {"world_size": 1, "workers": 0}
+
+    with pytest.raises(CheckpointError) as refused:
+        train(_config(tmp_path / "second", store_cache, "trainer.max_steps=6", f"ckpt_path={first.checkpoint}",
+                      "data.num_workers=1"))
+    message = str(refused.value)
+    assert "\n" not in message
+    assert "1 rank(s) x 0 data loader worker(s)" in message and "1 rank(s) x 1 data loader worker(s)" in message
+    assert "resume_check=false" in message
+
+    # Another world size (a checkpoint from 2 ranks, as DDP would save it) is refused the same way.
+    two_ranks = {**saved, "run_settings": {**saved["run_settings"], "layout": {"world_size": 2, "workers": 0}}}
+    with pytest.raises(CheckpointError, match=r"2 rank\(s\) x 0 .* this run has 1 rank\(s\) x 0"):
+        check_resume(Path(first.checkpoint), two_ranks, {**saved["run_settings"]})
+    differences = check_resume(Path(first.checkpoint), two_ranks, {**saved["run_settings"]}, strict=False)
+    assert differences == ["layout.world_size: 2 -> 1"]
+
+    # resume_check=false continues (approximately: the batch plan differs).
+    resumed = train(_config(tmp_path / "third", store_cache, "trainer.max_steps=6", f"ckpt_path={first.checkpoint}",
+                            "data.num_workers=1", "resume_check=false"))
+    assert resumed.trainer.global_step == 6
