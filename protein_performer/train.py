@@ -101,6 +101,11 @@ def _train(cfg: DictConfig, callbacks: Sequence[pl.Callback]) -> TrainResult:
                       float32_matmul_precision=cfg.get("float32_matmul_precision", "high"))
     pl.seed_everything(cfg.seed, workers=True)
     datamodule: pl.LightningDataModule = _instantiate(cfg.data)
+    if isinstance(datamodule, ProteinDataModule):
+        # Build (or wait for) the token-store cache now, before the Trainer creates its process group:
+        # inside fit it would run between collectives whose timeout (30 min) a TrEMBL-sized build outlasts,
+        # killing every rank. Each node's local rank 0 builds; the others wait up to data.build_timeout.
+        datamodule.setup()
     alphabet = Alphabet()
     compile_model = bool(cfg.get("compile", False))
     try:

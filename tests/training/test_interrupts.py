@@ -146,3 +146,21 @@ def test_resume_under_another_layout_is_refused_naming_both(tmp_path, store_cach
     resumed = train(_config(tmp_path / "third", store_cache, "trainer.max_steps=6", f"ckpt_path={first.checkpoint}",
                             "data.num_workers=1", "resume_check=false"))
     assert resumed.trainer.global_step == 6
+
+
+def test_the_token_store_is_built_before_fit_starts_its_collectives(tmp_path, monkeypatch):
+    """Inside fit, a long build runs between the ranks' collectives and their timeout kills every rank."""
+    import inspect
+
+    from protein_performer.data import datamodule as datamodule_module
+
+    building_inside: list[bool] = []
+    build = datamodule_module.build_token_store
+
+    def recording_build(*args, **kwargs):
+        building_inside.append(any(frame.function == "fit" for frame in inspect.stack()))
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(datamodule_module, "build_token_store", recording_build)
+    train(_config(tmp_path / "run", tmp_path / "fresh-cache", "trainer.max_steps=1"))
+    assert building_inside == [False]
