@@ -27,8 +27,8 @@ from tqdm import tqdm
 from protein_performer import __version__
 from protein_performer.data import Alphabet, budget_batches, frame
 from protein_performer.embedding.results import Embeddings, offsets_of
-from protein_performer.errors import raise_if_interrupted
 from protein_performer.embedding.settings import EmbedError, EmbedSettings, ResolvedSettings, length_limit
+from protein_performer.errors import raise_if_interrupted
 
 __all__ = ["embed", "check_records", "forward_batch", "plan_batches", "windows", "has_gaps", "warn_gaps",
            "Progress"]
