@@ -24,7 +24,7 @@ from protein_performer.errors import UserError
 from protein_performer.model import PerformerConfig, ProteinPerformer
 
 __all__ = ["CheckpointError", "read_checkpoint", "load_model", "model_config_of", "check_resume",
-           "check_weights_fit", "check_state_fits", "data_sampling_settings", "setting_differences",
+           "check_weights_fit", "check_state_fits", "data_sampling_settings", "run_layout", "setting_differences",
            "non_finite_tensors", "model_from_checkpoint", "record_evaluation", "MODEL_PREFIX"]
 
 MODEL_PREFIX = "model."  # ProteinLM holds the network as `self.model`
@@ -222,7 +222,8 @@ def setting_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) ->
 
 
 # ProteinDataModule arguments that say where the data is and how fast it is read, not what is sampled:
-# a resumed run may change them (another machine, another cache directory, more workers).
+# a resumed run may change them (another machine, another cache directory). num_workers is one, but the
+# epoch's batch plan is cut by ranks x workers, so it is also part of the run's layout (run_layout).
 DATA_LOCATION_KEYS = frozenset({"fasta", "clusters", "store", "cache_dir", "num_workers", "pin_memory", "compression",
                                 "background_reader", "build_timeout", "prepare_data_per_node"})
 
@@ -231,6 +232,15 @@ def data_sampling_settings(datamodule_hparams: Mapping[str, Any]) -> dict[str, A
     """The data module's arguments that decide which batches a run sees (all but DATA_LOCATION_KEYS)."""
     return {key: OmegaConf.to_container(value) if isinstance(value, (DictConfig, ListConfig)) else value
             for key, value in datamodule_hparams.items() if key not in DATA_LOCATION_KEYS and not key.startswith("_")}
+
+
+def run_layout(world_size: int, workers: int) -> dict[str, int]:
+    """How a run's data is divided (run_settings["layout"]): the epoch's batch plan depends on both."""
+    return {"world_size": int(world_size), "workers": int(workers)}
+
+
+def _describe_layout(layout: Mapping[str, Any]) -> str:
+    return f"{layout.get('world_size')} rank(s) x {layout.get('workers')} data loader worker(s) per rank"
 
 
 def saved_run_settings(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
@@ -250,7 +260,8 @@ def check_resume(path: Path, checkpoint: Mapping[str, Any], run_settings: Mappin
                  strict: bool = True) -> list[str]:
     """Refuse to resume from a checkpoint of another run; return the differences (empty if none).
 
-    run_settings: {"model": PerformerConfig dict, "objective": ..., "seed": ..., "data": sampling settings}.
+    run_settings: {"model": PerformerConfig dict, "objective": ..., "seed": ..., "data": sampling settings,
+        "layout": run_layout(...)}; a different layout (world size, workers) is refused in its own message.
     Only the keys the checkpoint knows are compared (a checkpoint from before `run_settings` has model,
     objective and seed only). strict=False (resume_check=false) lets a different run continue from the
     checkpoint as long as the weights fit the new model.
@@ -262,6 +273,7 @@ def check_resume(path: Path, checkpoint: Mapping[str, Any], run_settings: Mappin
             saved["model"] = PerformerConfig.from_dict(dict(saved["model"])).to_dict()
         except (TypeError, ValueError):
             pass  # not a valid config today: compared as saved, so every difference is listed
+    saved_layout = saved.pop("layout", None)
     current = {key: value for key, value in run_settings.items() if key in saved}
     if isinstance(saved.get("data"), Mapping) and isinstance(current.get("data"), Mapping):
         # A data argument the checkpoint does not name did not exist in the version that wrote it.
@@ -272,6 +284,15 @@ def check_resume(path: Path, checkpoint: Mapping[str, Any], run_settings: Mappin
         raise CheckpointError(f"ckpt_path={path} was trained with other settings, so resuming would not continue that "
                               f"run: {shown} (checkpoint -> this run). Resume with the checkpoint's settings, or pass "
                               "resume_check=false to continue from its weights anyway")
+    layout = run_settings.get("layout")
+    if isinstance(saved_layout, Mapping) and isinstance(layout, Mapping) and setting_differences(saved_layout, layout):
+        if strict:
+            raise CheckpointError(
+                f"ckpt_path={path} was saved by a run of {_describe_layout(saved_layout)}; this run has "
+                f"{_describe_layout(layout)}. The epoch's batches are divided by both, so the resumed run would skip "
+                "the wrong batches (data dropped or repeated). Resume with the same trainer.devices x trainer.num_nodes "
+                "and data.num_workers, or pass resume_check=false to continue approximately")
+        differences += [f"layout.{d}" for d in setting_differences(saved_layout, layout)]
     return differences
 
 

@@ -28,7 +28,7 @@ from protein_performer.embedding import (
     embed_fasta,
     load_embeddings,
 )
-from protein_performer.errors import run_command
+from protein_performer.errors import records_signals, run_command
 from protein_performer.resources import conf_dir
 from protein_performer.runtime import keep_freed_memory, slow_bf16_warning
 
@@ -93,6 +93,7 @@ def run_cli(cfg: DictConfig) -> int:
     return 0
 
 
+@records_signals("embed")
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="embed")
 def main(cfg: DictConfig) -> None:
     """``python -m protein_performer.embed checkpoint=... input=... output=...`` (see conf/embed.yaml)."""

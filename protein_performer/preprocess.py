@@ -12,6 +12,8 @@ naming the file and line, exit status 2, and no output file. SIGTERM or Ctrl-C: 
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import hydra
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
@@ -19,7 +21,7 @@ from protein_performer.data.fasta import DataError
 from protein_performer.data.splits import SplitSpec
 from protein_performer.data.store import TokenStore
 from protein_performer.data.store_writer import build_token_store
-from protein_performer.errors import run_command
+from protein_performer.errors import records_signals, run_command
 from protein_performer.resources import conf_dir
 
 
@@ -46,9 +48,14 @@ def preprocess(cfg: DictConfig) -> None:
               f"{summary.records - clustered:,} are singletons. Splits follow the clusters.")
 
 
+@records_signals("preprocess")
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="preprocess")
 def main(cfg: DictConfig) -> None:
-    run_command("preprocess", lambda: preprocess(cfg), interrupted_note="nothing was written")
+    def note() -> str:  # the signal came before the store's rename, or (rarely) just after it
+        output = None if OmegaConf.is_missing(cfg, "output") else Path(str(cfg.output))
+        return f"{output} was complete and is kept" if output is not None and output.exists() else "nothing was written"
+
+    run_command("preprocess", lambda: preprocess(cfg), interrupted_note=note)
 
 
 if __name__ == "__main__":

@@ -39,20 +39,32 @@ from protein_performer.checkpoint import (
     data_sampling_settings,
     read_checkpoint,
     record_evaluation,
+    run_layout,
 )
 from protein_performer.data import Alphabet, ProteinDataModule, TokenStore
 from protein_performer.data.errors import DataError
-from protein_performer.errors import UserError, run_command
+from protein_performer.errors import UserError, records_signals, run_command
 from protein_performer.export import export_checkpoint
 from protein_performer.model import config_from_hydra
 from protein_performer.resources import conf_dir
 from protein_performer.runtime import configure_process, slow_bf16_warning
 from protein_performer.training.baselines import Baselines, baselines_by_target_set, token_counts
 from protein_performer.training.callbacks import RunSettings
+from protein_performer.training.interrupts import (
+    SafePoints,
+    SlurmRequeue,
+    disable_lightning_requeue,
+    latest_preemption_checkpoint,
+    requeue_signal,
+    run_dir,
+    slurm_job_id,
+)
 from protein_performer.training.module import ProteinLM
 from protein_performer.training.quiet import silence_unhelpful_messages
 
 log = logging.getLogger(__name__)
+# hydra.run.dir: outputs/slurm-<job id> in a SLURM batch job (a requeued job resumes there), else the time.
+OmegaConf.register_new_resolver("run_dir", run_dir, replace=True)
 # compile=true pads batch lengths to multiples of FAVOR+'s causal chunk: no partial chunk, few shapes.
 COMPILE_LENGTH_MULTIPLE = 64
 # ckpt_path values Lightning resolves itself (in the new run's own checkpoint directory): not checked here.
@@ -95,6 +107,11 @@ def _train(cfg: DictConfig, callbacks: Sequence[pl.Callback]) -> TrainResult:
     silence_unhelpful_messages()
     pl.seed_everything(cfg.seed, workers=True)
     datamodule: pl.LightningDataModule = _instantiate(cfg.data)
+    if isinstance(datamodule, ProteinDataModule):
+        # Build (or wait for) the token-store cache now, before the Trainer creates its process group:
+        # inside fit it would run between collectives whose timeout (30 min) a TrEMBL-sized build outlasts,
+        # killing every rank. Each node's local rank 0 builds; the others wait up to data.build_timeout.
+        datamodule.setup()
     check_training_split(datamodule)  # before loggers and checkpoints write anything
     alphabet = Alphabet()
     compile_model = bool(cfg.get("compile", False))
@@ -113,11 +130,8 @@ def _train(cfg: DictConfig, callbacks: Sequence[pl.Callback]) -> TrainResult:
         raise UserError(f"config: {error}") from None
     run_settings = {"model": model_config.to_dict(), "objective": cfg.objective, "seed": cfg.seed,
                     "data": data_sampling_settings(datamodule.hparams)}
-    if cfg.ckpt_path is not None and cfg.ckpt_path not in LIGHTNING_CKPT_NAMES:
-        path, checkpoint = read_checkpoint(cfg.ckpt_path)
-        differences = check_resume(path, checkpoint, run_settings, strict=cfg.get("resume_check", True))
-        check_weights_fit(path, checkpoint, module.state_dict(), differences)
-        del checkpoint
+    job_id = slurm_job_id()
+    requeue = requeue_signal(cfg.get("slurm_requeue", "SIGUSR1")) if job_id is not None else None
     if compile_model:  # in place: parameter names (and so checkpoints) stay those of the plain model
         module.model.compile(backend=cfg.get("compile_backend", "inductor"))
 
@@ -125,8 +139,25 @@ def _train(cfg: DictConfig, callbacks: Sequence[pl.Callback]) -> TrainResult:
     configured = [hydra.utils.instantiate(c) for c in cfg.callbacks.values() if c is not None]
     if not loggers:  # logger=none: nothing to record learning rates into (Lightning would refuse to run)
         configured = [c for c in configured if not isinstance(c, LearningRateMonitor)]
-    trainer: pl.Trainer = _instantiate(cfg.trainer, callbacks=[*configured, RunSettings(run_settings), *callbacks],
-                                       logger=loggers or False)
+    interrupts: list[pl.Callback] = [SafePoints()]
+    if requeue is not None:
+        interrupts.append(SlurmRequeue(requeue, job_id))
+    trainer: pl.Trainer = _instantiate(cfg.trainer, callbacks=[*configured, RunSettings(run_settings), *interrupts,
+                                                               *callbacks], logger=loggers or False)
+    disable_lightning_requeue(trainer)
+    workers = datamodule.hparams.get("num_workers", 0) if isinstance(datamodule, ProteinDataModule) else 0
+    run_settings["layout"] = run_layout(trainer.world_size, workers)  # RunSettings saves this same dict
+    ckpt_path = cfg.ckpt_path
+    if ckpt_path is None and job_id is not None:  # a requeued SLURM job: resume from its preemption checkpoint
+        saved = latest_preemption_checkpoint(cfg.output_dir)
+        ckpt_path = str(saved) if saved is not None else None
+        if saved is not None:
+            rank_zero_only(print)(f"SLURM job {job_id}: resuming from {saved}")
+    if ckpt_path is not None and ckpt_path not in LIGHTNING_CKPT_NAMES:
+        path, checkpoint = read_checkpoint(ckpt_path)
+        differences = check_resume(path, checkpoint, run_settings, strict=cfg.get("resume_check", True))
+        check_weights_fit(path, checkpoint, module.state_dict(), differences)
+        del checkpoint
     resolved = OmegaConf.to_container(cfg, resolve=True)
     for logger in trainer.loggers:
         logger.log_hyperparams({"config": resolved, "parameters": module.model.num_parameters()})
@@ -136,7 +167,7 @@ def _train(cfg: DictConfig, callbacks: Sequence[pl.Callback]) -> TrainResult:
               f"parameters, {model_config.n_layers} layers, d_model {model_config.d_model}; "
               f"outputs in {cfg.output_dir}")
     # weights_only: checked loadable that way above; a checkpoint never runs code.
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
 
     checkpointer = trainer.checkpoint_callback
     if module.last_validated_step != trainer.global_step:
@@ -306,6 +337,7 @@ def compose_config(overrides: Sequence[str] = (), output_dir: str | Path | None 
     return cfg
 
 
+@records_signals("train")
 @hydra.main(version_base="1.3", config_path=str(conf_dir()), config_name="train")
 def main(cfg: DictConfig) -> float:
     """Hydra entry point; returns the final validation perplexity (for sweepers that minimise it).

@@ -6,6 +6,7 @@ mid-way; polling, not sleeps, finds that moment). Linux only: processes are foun
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -179,3 +180,136 @@ def test_sigterm_ends_embed_with_one_line_keeping_its_resumable_partial_file(big
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("embed: error: interrupted by SIGTERM") and "out.h5.partial" in last
     assert partial.exists() and not (tmp_path / "out.h5").exists()
+
+
+
+MOMENTS = 20  # SIGTERMs at random moments, per command
+AT_ONCE = 4  # commands running at the same time (2 cores: more only slows each one down)
+
+# Imports the commands once, then forks each run from that state: a run is the real command in its own
+# process (its own signal handlers, children and exit status), without paying ~6 s of CPU for imports
+# twenty times. Protocol on stdin/stdout: a JSON [module, argv, stdout file, stderr file] -> the run's
+# pid; "wait <pid>" -> its exit status (negative: killed by that signal, as subprocess reports it).
+FORK_SERVER = r"""
+import importlib, json, os, sys, traceback
+modules = {name: importlib.import_module(name) for name in sys.argv[1:]}
+print("ready", flush=True)
+for line in sys.stdin:
+    if line.startswith("wait "):
+        _, status = os.waitpid(int(line.split()[1]), 0)
+        print(os.waitstatus_to_exitcode(status), flush=True)
+        continue
+    module, argv, out, err = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+        os.dup2(os.open(out, os.O_WRONLY | os.O_CREAT | os.O_APPEND), 1)  # out may be err: as a terminal shows them
+        os.dup2(os.open(err, os.O_WRONLY | os.O_CREAT | os.O_APPEND), 2)
+        sys.argv = [module, *argv]
+        code = 0
+        try:
+            modules[module].main()
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else 1
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    print(pid, flush=True)
+"""
+
+
+class ForkServer:
+    def __init__(self, *modules: str) -> None:
+        env = {**os.environ, "WANDB_MODE": "offline", "PYTHONWARNINGS": "ignore"}
+        self.process = subprocess.Popen([sys.executable, "-c", FORK_SERVER, *modules], env=env, text=True,
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert self.process.stdout.readline().strip() == "ready"
+
+    def _ask(self, line: str) -> int:
+        self.process.stdin.write(line + "\n")
+        self.process.stdin.flush()
+        return int(self.process.stdout.readline())
+
+    def start(self, module: str, argv: list[str], out: Path, err: Path) -> int:
+        return self._ask(json.dumps([module, argv, str(out), str(err)]))
+
+    def wait(self, pid: int) -> int:
+        return self._ask(f"wait {pid}")
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=60)
+
+
+def sigterm_at_random_moments(module: str, argv: list[str], tmp_path: Path, window: float,
+                              seed: int) -> list[tuple[float, Path]]:
+    """Run the command `module` `argv` (`{run}` in it: a fresh directory per run) MOMENTS times, each
+    sent SIGTERM at a uniformly random moment within `window` seconds of its start, AT_ONCE at a time.
+    Asserts for each: status 143, the one-line message last, no trace of an exception, no child left.
+    Returns (moment, run directory) of each; a run that finished before its moment is replaced by
+    another, so MOMENTS of them were really interrupted."""
+    rng = np.random.default_rng(seed)
+    server = ForkServer(module)
+    done: list[tuple[float, Path]] = []
+    finished_first = index = 0
+    try:
+        while len(done) < MOMENTS:
+            batch = []
+            for _ in range(min(AT_ONCE, MOMENTS - len(done))):
+                run = tmp_path / f"run{index}"
+                index += 1
+                run.mkdir()
+                moment = float(rng.uniform(0, window))
+                pid = server.start(module, [part.replace("{run}", str(run)) for part in argv], run / "stdout.txt", run / "stderr.txt")
+                batch.append((pid, run, moment, time.monotonic() + moment))
+            kids: dict[int, set[int]] = {}
+            for pid, run, moment, at in sorted(batch, key=lambda item: item[3]):
+                time.sleep(max(at - time.monotonic(), 0))
+                kids[pid] = children(pid)
+                os.kill(pid, signal.SIGTERM)
+            for pid, run, moment, _ in batch:
+                status = server.wait(pid)
+                stderr = (run / "stderr.txt").read_text()
+                if status == 0:  # finished before its moment came: try another moment
+                    finished_first += 1
+                    assert finished_first <= MOMENTS, f"the window ({window} s) is much longer than the command"
+                    continue
+                wait_until(lambda: not any(alive(kid) for kid in kids[pid]), 10, f"children {sorted(kids[pid])} to end")
+                where = f"SIGTERM {moment:.2f} s into {run}:\n{stderr[-3000:]}"
+                assert status == 128 + signal.SIGTERM, where
+                assert "Traceback" not in stderr and "Exception ignored" not in stderr, where
+                assert ": error: interrupted by SIGTERM" in stderr.strip().splitlines()[-1], where
+                done.append((moment, run))
+    finally:
+        server.close()
+    return done
+
+
+def test_sigterm_at_any_moment_of_preprocess_ends_it_cleanly(big_fasta, tmp_path):
+    fasta = tmp_path / "mid.fasta"
+    with open(big_fasta, "rb") as source:
+        fasta.write_bytes(source.read(RECORDS // 4 * (LENGTH + 10)))  # about a quarter second of building
+    argv = [f"input={fasta}", "output={run}/store/store.h5", "hydra.run.dir={run}", "progress=false",
+            "chunk_records=512"]
+    for moment, run in sigterm_at_random_moments("protein_performer.preprocess", argv, tmp_path, window=1.0, seed=1):
+        left = sorted(p.name for p in (run / "store").iterdir()) if (run / "store").exists() else []
+        note = (run / "stderr.txt").read_text().strip().splitlines()[-1]
+        assert left == [] and note.endswith("nothing was written") or left == ["store.h5"] and "kept" in note, \
+            (moment, left, note)
+
+
+def test_sigterm_at_any_moment_of_train_ends_it_cleanly(big_fasta, tmp_path):
+    fasta = tmp_path / "mid.fasta"
+    with open(big_fasta, "rb") as source:
+        fasta.write_bytes(source.read(RECORDS // 10 * (LENGTH + 10)))
+    argv = ["model=tiny", "trainer=cpu", "logger=none", f"data.fasta={fasta}", "data.cache_dir={run}/cache",
+            "data.max_length=64", "data.tokens_per_batch=512", "data.num_workers=0", "trainer.max_steps=20",
+            "trainer.val_check_interval=10", "trainer.limit_val_batches=2", "+trainer.limit_test_batches=2",
+            "trainer.num_sanity_val_steps=0", "test=false", "callbacks.progress_bar.refresh_rate=0",
+            "hydra.run.dir={run}"]
+    for moment, run in sigterm_at_random_moments("protein_performer.train", argv, tmp_path, window=3.0, seed=2):
+        cache = run / "cache"
+        assert not (cache.exists() and list(cache.glob("*.tmp"))), (moment, list(cache.iterdir()))
+

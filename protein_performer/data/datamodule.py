@@ -267,7 +267,8 @@ class ProteinDataModule(pl.LightningDataModule):
     def _local_rank(self) -> int:
         if self.trainer is not None:
             return self.trainer.local_rank
-        return int(os.environ.get("LOCAL_RANK", 0))
+        # torchrun sets LOCAL_RANK, srun SLURM_LOCALID; a plain command (Lightning launches the others) is 0.
+        return int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
 
     def _rank_and_world(self) -> tuple[int, int]:
         if self.trainer is not None:

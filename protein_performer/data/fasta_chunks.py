@@ -34,6 +34,7 @@ from protein_performer.data.fasta import (
     open_fasta,
     truncated_gzip_error,
 )
+from protein_performer.errors import raise_if_interrupted
 
 __all__ = ["FastaChunk", "chunk_of_block", "read_fasta_chunks", "read_fasta_chunks_reference", "RecordRange",
            "record_blocks", "record_ranges", "records_before"]

@@ -59,7 +59,7 @@ from protein_performer.data.store import (
     StoreSummary,
     input_identity,
 )
-from protein_performer.errors import describe_os_error, make_output_directory
+from protein_performer.errors import describe_os_error, make_output_directory, raise_if_interrupted
 
 __all__ = ["build_token_store", "remove_stale_temporaries", "DUPLICATE_LIMIT"]
 
@@ -551,6 +551,7 @@ def build_token_store(
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 **summary.to_attrs(),
             })
+        raise_if_interrupted()  # the last safe point: after it the store is complete and in place
         os.replace(temporary, output)
     except OSError as error:  # disk full, permissions, a file system gone away: name the file
         temporary.unlink(missing_ok=True)
@@ -641,6 +642,7 @@ def _write_store(path: Path, encoded: Iterable[_EncodedChunk], vocab_size: int, 
             writers = {name: _SplitWriter(h5.create_group(name), compression, executor, vocab_size, with_clusters)
                        for name in SPLITS}
             for chunk in encoded:
+                raise_if_interrupted()  # a SIGTERM or Ctrl-C stops the build here (errors.py says why here)
                 if chunk.path != current:
                     done_bytes += last_position
                     current, last_position = chunk.path, 0

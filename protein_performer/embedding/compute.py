@@ -28,6 +28,7 @@ from protein_performer import __version__
 from protein_performer.data import Alphabet, budget_batches, frame
 from protein_performer.embedding.results import Embeddings, offsets_of
 from protein_performer.embedding.settings import EmbedError, EmbedSettings, ResolvedSettings, length_limit
+from protein_performer.errors import raise_if_interrupted
 
 __all__ = ["embed", "check_records", "forward_batch", "plan_batches", "windows", "has_gaps", "warn_gaps",
            "Progress"]
@@ -69,7 +70,9 @@ def forward_batch(model: nn.Module, alphabet: Alphabet, proteins: Sequence[np.nd
 
     Returns one {kind: {layer: float32 array}} per protein: mean and cls are [D], per_residue is
     [length, D]. Windows of one protein are averaged per residue, and their <cls> vectors averaged.
+    A safe point for SIGTERM and Ctrl-C (protein_performer.errors).
     """
+    raise_if_interrupted()
     starts: list[int] = []  # per row: its first residue in the flat `tokens` below
     takes: list[int] = []
     spans: list[list[tuple[int, int, int]]] = []  # per protein: (row, start, end) of each window
