@@ -45,7 +45,7 @@ def test_help_lists_choices_not_bases_and_only_train_lists_groups(tmp_path):
         out, err = process.communicate(timeout=300)
         assert process.returncode == 0, err
         texts[command] = out
-    assert "data: sample, swissprot" in texts["train"] and "experiment: bid, concat, demo, uni" in texts["train"]
+    assert "data: sample, swissprot, swissprot_homologs" in texts["train"] and "experiment: bid, concat, demo, homologs, uni" in texts["train"]
     assert "_base" not in texts["train"] and "_paper" not in texts["train"]
     for command in ("preprocess", "embed", "export"):
         assert f"{command} is powered by Hydra" in texts[command] and "output: ???" in texts[command]
