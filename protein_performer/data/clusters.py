@@ -20,7 +20,6 @@ The lookup holds 16 bytes per member (two sorted uint64 arrays), not Python stri
 """
 from __future__ import annotations
 
-import gzip
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,13 +27,12 @@ from pathlib import Path
 import numpy as np
 
 from protein_performer.data.errors import DataError
-from protein_performer.data.fasta import GZIP_STREAM_ERRORS, accession_spans
+from protein_performer.data.fasta import GZIP, GZIP_MAGIC, GZIP_STREAM_ERRORS, accession_spans
 from protein_performer.data.splits import accession_hashes
 
 __all__ = ["ClusterMap", "read_clusters", "gather"]
 
 _BLOCK = 1 << 24  # bytes parsed at a time (whole lines)
-_GZIP_MAGIC = b"\x1f\x8b"
 
 
 def gather(text: bytes, start: np.ndarray, length: np.ndarray) -> np.ndarray:
@@ -99,9 +97,9 @@ def _blocks(path: Path):
     except OSError as error:
         raise DataError(f"{path}: cannot open the clusters file ({error.strerror})") from None
     with raw:
-        compressed = raw.read(2) == _GZIP_MAGIC
+        compressed = raw.read(2) == GZIP_MAGIC
         raw.seek(0)
-        stream = gzip.GzipFile(fileobj=raw, mode="rb") if compressed else raw
+        stream = GZIP.GzipFile(fileobj=raw, mode="rb") if compressed else raw
         rest = b""
         try:
             while data := stream.read(_BLOCK):
