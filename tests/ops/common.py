@@ -106,7 +106,7 @@ def _window_variant(name: str, window: int, oprf: bool) -> OpCase:
     return OpCase(
         f"favor-{name}", "favor",
         lambda q, k, v, causal, mask: ops.favor_window_attention(
-            q, k, v, _projection, window, causal=causal, key_padding_mask=mask, block_size=4,
+            q, k, v, _projection, window, causal=causal, key_padding_mask=mask,
             oprf_a=a(q, k, causal, mask)),
         lambda q, k, v, causal, mask: ops.implied_window_attention(
             q, k, _projection, window, causal=causal, key_padding_mask=mask, oprf_a=a(q, k, causal, mask)) @ v)
@@ -130,7 +130,7 @@ def _combiner(variant: str) -> OpCase:
         f"combiner-{variant}", "combiner",
         lambda q, k, v, causal, mask: ops.combiner_attention(q, k, v, causal=causal, block_size=4, variant=variant,
                                                              key_padding_mask=mask),
-        lambda q, k, v, causal, mask: ops.combiner_attention_weights(q, k, causal=causal, block_size=4,
+        lambda q, k, v, causal, mask: ops.combiner_attention_weights(q, k, causal=causal,
                                                                      variant=variant, key_padding_mask=mask) @ v)
 
 
