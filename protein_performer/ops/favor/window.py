@@ -102,6 +102,62 @@ def exact_support(length: int, window: int, causal: bool, device: torch.device) 
     return allowed.tril() if causal else allowed
 
 
+def _causal_far(q: Tensor, k: Tensor, w: Tensor, projection: Tensor, key_padding_mask: Tensor | None,
+                oprf_a: Tensor | None, block: int) -> tuple[Tensor, Tensor]:
+    """Causal far terms in blocks of ``block`` [n, R, T, E] (keys of blocks <= b - 2, relative to the
+    stabilisers) and their log scale sigma [n, R, T, 1]: the windowed product's lagged prefix states with
+    one neighbour block (window T + 1: r = 1, c = 1 before), its band skipped."""
+    B, H, L, _ = q.shape
+    sigma = _log_far_scale(q, k, projection, key_padding_mask, True, oprf_a)  # (B, H, L)
+    ones = torch.ones(H, 1, dtype=q.dtype, device=q.device)  # filled on the device (no host copy)
+    c = torch.cat([ones, ones.new_zeros(H, 2 * block + 2)], dim=1)
+    scale = 1.0 if oprf_a is None else oprf_input_scale(oprf_a)
+    far = windowed_attention_product(q * scale, k * scale, w, c, projection, key_padding_mask, True, block, oprf_a,
+                                     band=False)  # (R, L, E)
+    return _to_blocks(far, block, 0, 0), _to_blocks(sigma.reshape(B * H, L, 1), block, 0, 0)
+
+
+def _all_but_neighbours(x: Tensor) -> Tensor:
+    """out_b = sum_c x_c - x_(b-1) - x_b - x_(b+1) over the blocks of x [n, ...] (a symmetric map)."""
+    out = x.sum(dim=0, keepdim=True) - x
+    out[1:] -= x[:-1]
+    out[:-1] -= x[1:]
+    return out
+
+
+class _AllButNeighbours(torch.autograd.Function):
+    """:func:`_all_but_neighbours`, differentiated by itself (the map is symmetric), without the zero
+    fills of slice backward passes."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return _all_but_neighbours(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return _all_but_neighbours(grad)
+
+
+def _bidirectional_far(q: Tensor, k: Tensor, w: Tensor, projection: Tensor, key_padding_mask: Tensor | None,
+                       oprf_a: Tensor | None, block: int) -> tuple[Tensor, Tensor]:
+    """Bidirectional far terms in blocks [n, R, T, E] and their log scale [n, R, T, 1]: query block b
+    reads the FAVOR+ state of all keys minus those of key blocks b - 1, b, b + 1 (per-block states
+    S_c = phi(K_c)^T W_c; the total's features, relative to the shared key offset, are all positive, so
+    the difference is the sum over the far blocks up to rounding). Plain autograd."""
+    B, H, L, _ = q.shape
+    rows = B * H
+    query_logits = softmax_logits(q, projection, oprf_a)  # (B, H, L, m)
+    key_logits = softmax_logits(k, projection, oprf_a)
+    query_max = query_logits.amax(dim=-1, keepdim=True).detach()
+    key_offset = shared_key_offset(key_logits, key_padding_mask)  # (B, H), detached
+    sigma = query_max + key_offset[..., None, None] - math.log(projection.shape[0])  # (B, H, L, 1)
+    query = _to_blocks(torch.exp(query_logits - query_max).reshape(rows, L, -1), block, 0, 0)  # (n, R, T, m)
+    key = masked(torch.exp(key_logits - key_offset[..., None, None]), key_padding_mask)
+    key = _to_blocks(key.reshape(rows, L, -1), block, 0, 0)
+    states = key.transpose(-1, -2) @ _to_blocks(w.reshape(rows, L, -1), block, 0, 0)  # (n, R, m, E)
+    return query @ _AllButNeighbours.apply(states), _to_blocks(sigma.reshape(rows, L, 1), block, 0, 0)
+
+
 def favor_window_attention(
     q: Tensor,
     k: Tensor,
@@ -138,15 +194,8 @@ def favor_window_attention(
         # Zeroed at padding first, so junk there reaches no output and no gradient (0 * NaN would).
         q, k, v = (masked(x.to(dtype), key_padding_mask) for x in (q, k, v))
         w = torch.cat([v, v.new_ones(B, H, L, 1)], dim=-1)  # (B, H, L, D + 1): the denominator rides along
-        sigma = _log_far_scale(q, k, projection, key_padding_mask, causal, oprf_a)  # (B, H, L)
-
-        # far part: the lagged FAVOR states of the key blocks two or more blocks away (the windowed
-        # product's far terms with one neighbour block each side, c = 1 there, its band skipped)
-        ones = torch.ones(H, 1, dtype=dtype, device=q.device)  # filled on the device (no host copy)
-        c = torch.cat([ones, ones.new_zeros(H, 2 * block + 1), ones * (not causal)], dim=1)  # window T + 1: r = 1
-        scale = 1.0 if oprf_a is None else oprf_input_scale(oprf_a)
-        far = windowed_attention_product(q * scale, k * scale, w, c, projection, key_padding_mask, causal, block,
-                                         oprf_a, band=False)  # (R, L, D + 1)
+        far_part = _causal_far if causal else _bidirectional_far
+        far, sigma_b = far_part(q, k, w, projection, key_padding_mask, oprf_a, block)  # (n, R, T, D + 1), (n, R, T, 1)
 
         # exact part: each query block against its neighbour key blocks
         rows = B * H
@@ -164,9 +213,8 @@ def favor_window_attention(
         valid = _neighbours(valid, shifts, r, n)[..., 0]  # (n, R, S T): 0 at padding and off the sequence
         allowed = _band_mask(block, shifts, causal, q.device) & (valid[:, :, None, :] > 0)
         logits = (qb @ keys.transpose(-1, -2)).masked_fill(~allowed, -math.inf)  # (n, R, T, S T)
-        sigma_b = _to_blocks(sigma.reshape(rows, L, 1), block, 0, 0)  # (n, R, T, 1)
         mu = torch.maximum(sigma_b, logits.amax(dim=-1, keepdim=True)).detach()
-        total = torch.exp(logits - mu) @ values + _to_blocks(far, block, 0, 0) * torch.exp(sigma_b - mu)
+        total = torch.exp(logits - mu) @ values + far * torch.exp(sigma_b - mu)
         out = safe_divide(total[..., :D], total[..., D])  # (n, R, T, D)
         out = masked(_from_blocks(out, L).view(B, H, L, D), key_padding_mask)
     return out.to(v.dtype)
