@@ -117,6 +117,14 @@ def _causal_far(q: Tensor, k: Tensor, w: Tensor, projection: Tensor, key_padding
     return _to_blocks(far, block, 0, 0), _to_blocks(sigma.reshape(B * H, L, 1), block, 0, 0)
 
 
+def _row_blocks(x: Tensor, block: int) -> Tensor:
+    """[R, L, F] -> [R, n, T, F], zeros after the end (a view when T divides L)."""
+    tail = -x.shape[1] % block
+    if tail:
+        x = torch.nn.functional.pad(x, (0, 0, 0, tail))
+    return x.view(x.shape[0], -1, block, x.shape[-1])
+
+
 def _all_but_neighbours(x: Tensor) -> Tensor:
     """out_b = sum_c x_c - x_(b-1) - x_b - x_(b+1) over the blocks of x [n, ...] (a symmetric map)."""
     out = x.sum(dim=0, keepdim=True) - x
@@ -151,11 +159,12 @@ def _bidirectional_far(q: Tensor, k: Tensor, w: Tensor, projection: Tensor, key_
     query_max = query_logits.amax(dim=-1, keepdim=True).detach()
     key_offset = shared_key_offset(key_logits, key_padding_mask)  # (B, H), detached
     sigma = query_max + key_offset[..., None, None] - math.log(projection.shape[0])  # (B, H, L, 1)
-    query = _to_blocks(torch.exp(query_logits - query_max).reshape(rows, L, -1), block, 0, 0)  # (n, R, T, m)
+    query = _row_blocks(torch.exp(query_logits - query_max).reshape(rows, L, -1), block)  # (R, n, T, m)
     key = masked(torch.exp(key_logits - key_offset[..., None, None]), key_padding_mask)
-    key = _to_blocks(key.reshape(rows, L, -1), block, 0, 0)
-    states = key.transpose(-1, -2) @ _to_blocks(w.reshape(rows, L, -1), block, 0, 0)  # (n, R, m, E)
-    return query @ _AllButNeighbours.apply(states), _to_blocks(sigma.reshape(rows, L, 1), block, 0, 0)
+    key = _row_blocks(key.reshape(rows, L, -1), block)
+    states = key.transpose(-1, -2) @ _row_blocks(w.reshape(rows, L, -1), block)  # (R, n, m, E)
+    far = query @ _AllButNeighbours.apply(states.transpose(0, 1)).transpose(0, 1)  # (R, n, T, E)
+    return far.transpose(0, 1), _to_blocks(sigma.reshape(rows, L, 1), block, 0, 0)
 
 
 def favor_window_attention(
