@@ -130,7 +130,7 @@ def _combiner(variant: str) -> OpCase:
         f"combiner-{variant}", "combiner",
         lambda q, k, v, causal, mask: ops.combiner_attention(q, k, v, causal=causal, block_size=4, variant=variant,
                                                              key_padding_mask=mask),
-        lambda q, k, v, causal, mask: ops.combiner_attention_weights(q, k, causal=causal,
+        lambda q, k, v, causal, mask: ops.combiner_attention_weights(q, k, causal=causal, block_size=4,
                                                                      variant=variant, key_padding_mask=mask) @ v)
 
 
