@@ -11,10 +11,10 @@ The exact support is whole blocks of w positions: with b(i) = i // w,
 which includes every |i - j| < w (and some pairs up to 2 w - 1 apart).
 
 Fast path, O(L (w d + m d)):
-- far part: the far terms of the windowed favor_rpe product (`ops.rpe.window`, its band skipped) with
-  blocks of w and one neighbour block each side: per query block b, FAVOR+ states of the key blocks
-  <= b - 2 and >= b + 2 (causal: <= b - 2) as exclusive block scans, every term nonnegative (nothing is
-  subtracted, so no cancellation), hand-written backward;
+- far part, per query block b, the FAVOR+ state of the key blocks away from it: bidirectionally the
+  state of all keys minus the states of blocks b - 1, b, b + 1 (per-block states phi(K_c)^T [V_c, 1],
+  plain autograd); causally the lagged prefix state of blocks <= b - 2 (the far terms of the windowed
+  favor_rpe product, `ops.rpe.window`, its band skipped: running offsets, hand-written backward);
 - exact part: each query block against its neighbour key blocks, logits [w, 3 w] (causal [w, 2 w],
   j <= i), plain autograd on block tensors.
 The two halves live on different scales: the far product is relative to its stabilisers (query row max
@@ -44,7 +44,7 @@ from protein_performer.ops.favor.features import (
     softmax_logits,
 )
 from protein_performer.ops.favor.recurrent import FavorState, absorb_key
-from protein_performer.ops.rpe.window import _from_blocks, _to_blocks, windowed_attention_product
+from protein_performer.ops.rpe.window import windowed_attention_product
 from protein_performer.ops.stabilise import masked, running_max, safe_divide, shared_key_offset
 
 __all__ = ["WindowState", "exact_support", "favor_window_attention", "favor_window_causal_step",
@@ -89,12 +89,6 @@ def _band_mask(block: int, shifts: range, causal: bool, device: torch.device) ->
     return allowed.reshape(block, -1)
 
 
-def _neighbours(x: Tensor, shifts: range, r: int, n: int) -> Tensor:
-    """Key blocks [r + n + r, R, T, F] -> for each query block the blocks at ``shifts``, [n, R, S T, F]."""
-    stacked = torch.stack([x[r + s : r + s + n] for s in shifts], dim=2)  # (n, R, S, T, F)
-    return stacked.flatten(2, 3)
-
-
 def exact_support(length: int, window: int, causal: bool, device: torch.device) -> Tensor:
     """bool [L, L]: the pairs weighted exactly, |i // w - j // w| <= 1 (causal: and j <= i)."""
     block = torch.arange(length, device=device) // window
@@ -104,8 +98,8 @@ def exact_support(length: int, window: int, causal: bool, device: torch.device) 
 
 def _causal_far(q: Tensor, k: Tensor, w: Tensor, projection: Tensor, key_padding_mask: Tensor | None,
                 oprf_a: Tensor | None, block: int) -> tuple[Tensor, Tensor]:
-    """Causal far terms in blocks of ``block`` [n, R, T, E] (keys of blocks <= b - 2, relative to the
-    stabilisers) and their log scale sigma [n, R, T, 1]: the windowed product's lagged prefix states with
+    """Causal far terms in blocks of ``block`` [R, n, T, E] (keys of blocks <= b - 2, relative to the
+    stabilisers) and their log scale sigma [R, n, T, 1]: the windowed product's lagged prefix states with
     one neighbour block (window T + 1: r = 1, c = 1 before), its band skipped."""
     B, H, L, _ = q.shape
     sigma = _log_far_scale(q, k, projection, key_padding_mask, True, oprf_a)  # (B, H, L)
@@ -114,7 +108,7 @@ def _causal_far(q: Tensor, k: Tensor, w: Tensor, projection: Tensor, key_padding
     scale = 1.0 if oprf_a is None else oprf_input_scale(oprf_a)
     far = windowed_attention_product(q * scale, k * scale, w, c, projection, key_padding_mask, True, block, oprf_a,
                                      band=False)  # (R, L, E)
-    return _to_blocks(far, block, 0, 0), _to_blocks(sigma.reshape(B * H, L, 1), block, 0, 0)
+    return _row_blocks(far, block), _row_blocks(sigma.reshape(B * H, L, 1), block)
 
 
 def _row_blocks(x: Tensor, block: int) -> Tensor:
@@ -123,6 +117,13 @@ def _row_blocks(x: Tensor, block: int) -> Tensor:
     if tail:
         x = torch.nn.functional.pad(x, (0, 0, 0, tail))
     return x.view(x.shape[0], -1, block, x.shape[-1])
+
+
+def _row_neighbours(x: Tensor, shifts: range) -> Tensor:
+    """[R, n, T, F] -> for each block the blocks at ``shifts`` (zeros off the ends), [R, n, S T, F]."""
+    n = x.shape[1]
+    padded = torch.nn.functional.pad(x, (0, 0, 0, 0, 1, 1))  # a zero block each side
+    return torch.cat([padded[:, 1 + s : 1 + s + n] for s in shifts], dim=2)
 
 
 def _all_but_neighbours(x: Tensor) -> Tensor:
@@ -148,7 +149,7 @@ class _AllButNeighbours(torch.autograd.Function):
 
 def _bidirectional_far(q: Tensor, k: Tensor, w: Tensor, projection: Tensor, key_padding_mask: Tensor | None,
                        oprf_a: Tensor | None, block: int) -> tuple[Tensor, Tensor]:
-    """Bidirectional far terms in blocks [n, R, T, E] and their log scale [n, R, T, 1]: query block b
+    """Bidirectional far terms in blocks [R, n, T, E] and their log scale [R, n, T, 1]: query block b
     reads the FAVOR+ state of all keys minus those of key blocks b - 1, b, b + 1 (per-block states
     S_c = phi(K_c)^T W_c; the total's features, relative to the shared key offset, are all positive, so
     the difference is the sum over the far blocks up to rounding). Plain autograd."""
@@ -164,7 +165,7 @@ def _bidirectional_far(q: Tensor, k: Tensor, w: Tensor, projection: Tensor, key_
     key = _row_blocks(key.reshape(rows, L, -1), block)
     states = key.transpose(-1, -2) @ _row_blocks(w.reshape(rows, L, -1), block)  # (R, n, m, E)
     far = query @ _AllButNeighbours.apply(states.transpose(0, 1)).transpose(0, 1)  # (R, n, T, E)
-    return far.transpose(0, 1), _to_blocks(sigma.reshape(rows, L, 1), block, 0, 0)
+    return far, _row_blocks(sigma.reshape(rows, L, 1), block)
 
 
 def favor_window_attention(
@@ -204,28 +205,25 @@ def favor_window_attention(
         q, k, v = (masked(x.to(dtype), key_padding_mask) for x in (q, k, v))
         w = torch.cat([v, v.new_ones(B, H, L, 1)], dim=-1)  # (B, H, L, D + 1): the denominator rides along
         far_part = _causal_far if causal else _bidirectional_far
-        far, sigma_b = far_part(q, k, w, projection, key_padding_mask, oprf_a, block)  # (n, R, T, D + 1), (n, R, T, 1)
+        far, sigma_b = far_part(q, k, w, projection, key_padding_mask, oprf_a, block)  # (R, n, T, D + 1), (R, n, T, 1)
 
-        # exact part: each query block against its neighbour key blocks
+        # exact part: each query block against its neighbour key blocks (row-major blocks [R, n, T, F])
         rows = B * H
-        n = -(-L // block)
-        r = min(1, n - 1)
-        shifts = range(-r, 1 if causal else r + 1)
-        after = 0 if causal else r
+        shifts = range(-1, 1 if causal else 2)
         d_scale = D**-0.25
-        qb = _to_blocks((q * d_scale).reshape(rows, L, D), block, 0, 0)  # (n, R, T, D)
-        keys = _neighbours(_to_blocks((k * d_scale).reshape(rows, L, D), block, r, after), shifts, r, n)
-        values = _neighbours(_to_blocks(w.reshape(rows, L, D + 1), block, r, after), shifts, r, n)
-        valid = torch.ones(B, L, dtype=dtype, device=q.device) if key_padding_mask is None else (
-            (~key_padding_mask).to(dtype))
-        valid = _to_blocks(valid[:, None, :, None].expand(B, H, L, 1).reshape(rows, L, 1), block, r, after)
-        valid = _neighbours(valid, shifts, r, n)[..., 0]  # (n, R, S T): 0 at padding and off the sequence
-        allowed = _band_mask(block, shifts, causal, q.device) & (valid[:, :, None, :] > 0)
-        logits = (qb @ keys.transpose(-1, -2)).masked_fill(~allowed, -math.inf)  # (n, R, T, S T)
+        qb = _row_blocks((q * d_scale).reshape(rows, L, D), block)  # (R, n, T, D)
+        keys = _row_neighbours(_row_blocks((k * d_scale).reshape(rows, L, D), block), shifts)  # (R, n, S T, D)
+        values = _row_neighbours(_row_blocks(w.reshape(rows, L, D + 1), block), shifts)
+        valid = torch.ones(B, L, 1, dtype=dtype, device=q.device) if key_padding_mask is None else (
+            (~key_padding_mask).to(dtype)[..., None])
+        valid = _row_neighbours(_row_blocks(valid, block), shifts)[..., 0]  # (B, n, S T): 0 at padding, off the end
+        allowed = _band_mask(block, shifts, causal, q.device) & (valid[:, None, :, None, :] > 0)  # (B, 1, n, T, S T)
+        logits = (qb @ keys.transpose(-1, -2)).view(B, H, *qb.shape[1:3], -1).masked_fill(~allowed, -math.inf)
+        logits = logits.view(rows, *logits.shape[2:])  # (R, n, T, S T)
         mu = torch.maximum(sigma_b, logits.amax(dim=-1, keepdim=True)).detach()
         total = torch.exp(logits - mu) @ values + far * torch.exp(sigma_b - mu)
-        out = safe_divide(total[..., :D], total[..., D])  # (n, R, T, D)
-        out = masked(_from_blocks(out, L).view(B, H, L, D), key_padding_mask)
+        out = safe_divide(total[..., :D], total[..., D])  # (R, n, T, D)
+        out = masked(out.reshape(rows, -1, D)[:, :L].view(B, H, L, D), key_padding_mask)
     return out.to(v.dtype)
 
 
