@@ -37,7 +37,7 @@ class AttentionLayer(Protocol):
     projection: Tensor | None  # [nb_features, head_dim] for kinds with random features
     combiner_block_size: int | None
     combiner_variant: str
-    exact_window: int  # favor: exact softmax weights for |i - j| < exact_window (0 = off)
+    exact_window: int  # favor: exact softmax weights for |i//w - j//w| <= 1, w = exact_window (0 = off)
 
     def oprf_a(self, q: Tensor, k: Tensor, key_padding_mask: Tensor | None) -> Tensor | None: ...
 
@@ -214,7 +214,7 @@ class PerformerConfig:
     #                                     over every offset up to max_length (the paper's form, FFT/dense)
     features: str = "positive"  # favor: "positive" (FAVOR+) | "oprf" (FAVOR++, data-dependent, lower variance)
     coupling: str = "orthogonal"  # random-feature directions: "orthogonal" blocks | "simplex" (lower variance)
-    exact_window: int = 0  # favor: exact softmax weights for |i - j| < w, FAVOR+ beyond, one normaliser; 0 = off
+    exact_window: int = 0  # favor: exact weights for |i//w - j//w| <= 1 (all |i-j| < w), FAVOR beyond; 0 = off
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "nb_features", "max_length"):

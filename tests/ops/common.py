@@ -106,7 +106,7 @@ def _window_variant(name: str, window: int, oprf: bool) -> OpCase:
     return OpCase(
         f"favor-{name}", "favor",
         lambda q, k, v, causal, mask: ops.favor_window_attention(
-            q, k, v, _projection, window, causal=causal, key_padding_mask=mask, block_size=4,
+            q, k, v, _projection, window, causal=causal, key_padding_mask=mask,
             oprf_a=a(q, k, causal, mask)),
         lambda q, k, v, causal, mask: ops.implied_window_attention(
             q, k, _projection, window, causal=causal, key_padding_mask=mask, oprf_a=a(q, k, causal, mask)) @ v)

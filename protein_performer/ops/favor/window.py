@@ -2,16 +2,21 @@
 random-feature estimate beyond, one shared normaliser (Scatterbrain's sparse + low-rank split, Chen et
 al. 2021, with a band as the sparse support: contacts and secondary structure are local).
 
-    weight_ij = exp(q_i . k_j / sqrt(d))     for |i - j| < w        (causal: and j <= i)
-    weight_ij = phi(q_i) . phi(k_j)          for |i - j| >= w       (FAVOR+, or FAVOR++ with ``oprf_a``)
+The exact support is whole blocks of w positions: with b(i) = i // w,
+
+    weight_ij = exp(q_i . k_j / sqrt(d))     for |b(i) - b(j)| <= 1   (causal: and j <= i)
+    weight_ij = phi(q_i) . phi(k_j)          otherwise                (FAVOR+, or FAVOR++ with ``oprf_a``)
     out_i = sum_j weight_ij v_j / sum_j weight_ij
 
-Fast path, O(L (w d + (w + T) m + m d)):
-- far part: the windowed favor_rpe product (`ops.rpe.window`) with relative weights 1 beyond the window
-  and 0 inside it: lagged prefix/suffix FAVOR+ states plus the far entries of the neighbour blocks, every
-  term nonnegative (nothing is subtracted, so no cancellation), hand-written backward;
-- band: blocks of T queries against the key blocks within w - 1 of them, exact logits [T, (2r + 1) T]
-  masked to the band (plain autograd on block tensors).
+which includes every |i - j| < w (and some pairs up to 2 w - 1 apart).
+
+Fast path, O(L (w d + m d)):
+- far part, per query block b, the FAVOR+ state of the key blocks away from it: bidirectionally the
+  state of all keys minus the states of blocks b - 1, b, b + 1 (per-block states phi(K_c)^T [V_c, 1],
+  plain autograd); causally the lagged prefix state of blocks <= b - 2 (the far terms of the windowed
+  favor_rpe product, `ops.rpe.window`, its band skipped: running offsets, hand-written backward);
+- exact part: each query block against its neighbour key blocks, logits [w, 3 w] (causal [w, 2 w],
+  j <= i), plain autograd on block tensors.
 The two halves live on different scales: the far product is relative to its stabilisers (query row max
 c_i, key offset o_i: shared bidirectionally, the running M_i causally). Per query, the far part's log
 scale is sigma_i = c_i + o_i - |q'_i|^2 / 2 + (d / 2) log(1 - 4A) - log m (only |q'_i|^2 / 2 carries a
@@ -20,7 +25,8 @@ exp(mu_i), mu_i = max(sigma_i, max of the band logits), so every factor is <= 1.
 statistic of a later position (the band logits of later keys are masked before the max).
 
 Reference: :func:`implied_window_attention`, the dense [L, L] matrix. Decoding:
-:func:`favor_window_causal_step` (the last w - 1 keys plus the far FAVOR+ state).
+:func:`favor_window_causal_step` (the raw keys of the current and previous block plus the far FAVOR+
+state).
 """
 from __future__ import annotations
 
@@ -38,17 +44,16 @@ from protein_performer.ops.favor.features import (
     softmax_logits,
 )
 from protein_performer.ops.favor.recurrent import FavorState, absorb_key
-from protein_performer.ops.rpe.window import _from_blocks, _to_blocks, default_block_size, windowed_attention_product
+from protein_performer.ops.rpe.window import windowed_attention_product
 from protein_performer.ops.stabilise import masked, running_max, safe_divide, shared_key_offset
 
-__all__ = ["WindowState", "favor_window_attention", "favor_window_causal_step", "implied_window_attention"]
+__all__ = ["WindowState", "exact_support", "favor_window_attention", "favor_window_causal_step",
+           "implied_window_attention"]
 
 
-def _check_window(where: str, window: int, block_size: int | None) -> None:
+def _check_window(where: str, window: int) -> None:
     if not isinstance(window, int) or isinstance(window, bool) or window < 1:
         raise ValueError(f"{where}: window (exact_window) must be a positive integer, got {window!r}.")
-    if block_size is not None and (not isinstance(block_size, int) or block_size < 1):
-        raise ValueError(f"{where}: block_size must be a positive integer or None, got {block_size!r}.")
 
 
 def _log_far_scale(q: Tensor, k: Tensor, projection: Tensor, key_padding_mask: Tensor | None, causal: bool,
@@ -75,21 +80,92 @@ def _log_far_scale(q: Tensor, k: Tensor, projection: Tensor, key_padding_mask: T
     return stabilisers - 0.5 * q_scaled.square().sum(dim=-1)
 
 
-def _band_mask(block: int, shifts: range, window: int, causal: bool, device: torch.device) -> Tensor:
-    """bool [T, S T]: query t of a block may read key t' of the block ``shift`` away (|j - i| < w, j <= i)."""
-    t = torch.arange(block, device=device)
-    shift = torch.arange(shifts.start, shifts.stop, device=device)  # filled on the device: no host copy
-    delta = (shift[:, None, None] * block + t[None, None, :] - t[None, :, None]).transpose(0, 1)  # (T, S, T)
-    allowed = delta.abs() < window
-    if causal:
-        allowed &= delta <= 0
+def _band_mask(block: int, shifts: range, causal: bool, device: torch.device) -> Tensor:
+    """bool [T, S T]: query t of a block may read key t' of the block ``shift`` away (every key of the
+    neighbour blocks; causal: j <= i)."""
+    allowed = torch.ones(block, len(shifts), block, dtype=torch.bool, device=device)
+    if causal:  # shifts -1, 0: the previous block whole, the own block up to the query
+        allowed[:, -1] = torch.ones(block, block, dtype=torch.bool, device=device).tril()
     return allowed.reshape(block, -1)
 
 
-def _neighbours(x: Tensor, shifts: range, r: int, n: int) -> Tensor:
-    """Key blocks [r + n + r, R, T, F] -> for each query block the blocks at ``shifts``, [n, R, S T, F]."""
-    stacked = torch.stack([x[r + s : r + s + n] for s in shifts], dim=2)  # (n, R, S, T, F)
-    return stacked.flatten(2, 3)
+def exact_support(length: int, window: int, causal: bool, device: torch.device) -> Tensor:
+    """bool [L, L]: the pairs weighted exactly, |i // w - j // w| <= 1 (causal: and j <= i)."""
+    block = torch.arange(length, device=device) // window
+    allowed = (block[:, None] - block[None, :]).abs() <= 1
+    return allowed.tril() if causal else allowed
+
+
+def _causal_far(q: Tensor, k: Tensor, w: Tensor, projection: Tensor, key_padding_mask: Tensor | None,
+                oprf_a: Tensor | None, block: int) -> tuple[Tensor, Tensor]:
+    """Causal far terms in blocks of ``block`` [R, n, T, E] (keys of blocks <= b - 2, relative to the
+    stabilisers) and their log scale sigma [R, n, T, 1]: the windowed product's lagged prefix states with
+    one neighbour block (window T + 1: r = 1, c = 1 before), its band skipped."""
+    B, H, L, _ = q.shape
+    sigma = _log_far_scale(q, k, projection, key_padding_mask, True, oprf_a)  # (B, H, L)
+    ones = torch.ones(H, 1, dtype=q.dtype, device=q.device)  # filled on the device (no host copy)
+    c = torch.cat([ones, ones.new_zeros(H, 2 * block + 2)], dim=1)
+    scale = 1.0 if oprf_a is None else oprf_input_scale(oprf_a)
+    far = windowed_attention_product(q * scale, k * scale, w, c, projection, key_padding_mask, True, block, oprf_a,
+                                     band=False)  # (R, L, E)
+    return _row_blocks(far, block), _row_blocks(sigma.reshape(B * H, L, 1), block)
+
+
+def _row_blocks(x: Tensor, block: int) -> Tensor:
+    """[R, L, F] -> [R, n, T, F], zeros after the end (a view when T divides L)."""
+    tail = -x.shape[1] % block
+    if tail:
+        x = torch.nn.functional.pad(x, (0, 0, 0, tail))
+    return x.view(x.shape[0], -1, block, x.shape[-1])
+
+
+def _row_neighbours(x: Tensor, shifts: range) -> Tensor:
+    """[R, n, T, F] -> for each block the blocks at ``shifts`` (zeros off the ends), [R, n, S T, F]."""
+    n = x.shape[1]
+    padded = torch.nn.functional.pad(x, (0, 0, 0, 0, 1, 1))  # a zero block each side
+    return torch.cat([padded[:, 1 + s : 1 + s + n] for s in shifts], dim=2)
+
+
+def _all_but_neighbours(x: Tensor) -> Tensor:
+    """out_b = sum_c x_c - x_(b-1) - x_b - x_(b+1) over the blocks of x [n, ...] (a symmetric map)."""
+    out = x.sum(dim=0, keepdim=True) - x
+    out[1:] -= x[:-1]
+    out[:-1] -= x[1:]
+    return out
+
+
+class _AllButNeighbours(torch.autograd.Function):
+    """:func:`_all_but_neighbours`, differentiated by itself (the map is symmetric), without the zero
+    fills of slice backward passes."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        return _all_but_neighbours(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return _all_but_neighbours(grad)
+
+
+def _bidirectional_far(q: Tensor, k: Tensor, w: Tensor, projection: Tensor, key_padding_mask: Tensor | None,
+                       oprf_a: Tensor | None, block: int) -> tuple[Tensor, Tensor]:
+    """Bidirectional far terms in blocks [R, n, T, E] and their log scale [R, n, T, 1]: query block b
+    reads the FAVOR+ state of all keys minus those of key blocks b - 1, b, b + 1 (per-block states
+    S_c = phi(K_c)^T W_c; the total's features, relative to the shared key offset, are all positive, so
+    the difference is the sum over the far blocks up to rounding). Plain autograd."""
+    B, H, L, _ = q.shape
+    rows = B * H
+    query_logits = softmax_logits(q, projection, oprf_a)  # (B, H, L, m)
+    key_logits = softmax_logits(k, projection, oprf_a)
+    query_max = query_logits.amax(dim=-1, keepdim=True).detach()
+    key_offset = shared_key_offset(key_logits, key_padding_mask)  # (B, H), detached
+    sigma = query_max + key_offset[..., None, None] - math.log(projection.shape[0])  # (B, H, L, 1)
+    query = _row_blocks(torch.exp(query_logits - query_max).reshape(rows, L, -1), block)  # (R, n, T, m)
+    key = masked(torch.exp(key_logits - key_offset[..., None, None]), key_padding_mask)
+    key = _row_blocks(key.reshape(rows, L, -1), block)
+    states = key.transpose(-1, -2) @ _row_blocks(w.reshape(rows, L, -1), block)  # (R, n, m, E)
+    far = query @ _AllButNeighbours.apply(states.transpose(0, 1)).transpose(0, 1)  # (R, n, T, E)
+    return far, _row_blocks(sigma.reshape(rows, L, 1), block)
 
 
 def favor_window_attention(
@@ -102,26 +178,25 @@ def favor_window_attention(
     causal: bool = False,
     key_padding_mask: Tensor | None = None,
     oprf_a: Tensor | None = None,
-    block_size: int | None = None,
 ) -> Tensor:
-    """Softmax attention exact for |i - j| < ``window``, estimated by FAVOR+ beyond (module docstring).
+    """Softmax attention exact on the neighbour blocks of w positions, estimated by FAVOR+ beyond (module
+    docstring): every |i - j| < ``window`` is exact.
 
     Args:
         q, k, v: [batch, heads, length, head_dim] (q, k unscaled).
         projection: [nb_features, head_dim] (no gradient: a redrawn buffer).
-        window: w >= 1; offsets |j - i| < w get exact weights (w = 1: the diagonal only).
+        window: w >= 1, the block length; a query of block b = i // w reads blocks b - 1, b, b + 1 exactly.
         causal: query i reads keys j <= i only.
         key_padding_mask: bool [batch, length], True at padding; padded queries get zero rows.
         oprf_a: FAVOR++'s A ([batch, heads] or [heads], detached) for the far part; None: FAVOR+.
-        block_size: queries per block of the band (default: the window, clamped to [16, 128]).
 
     Returns:
         [batch, heads, length, head_dim] in v's dtype; equals ``implied_window_attention(...) @ v``.
     """
     check_favor("favor_window_attention", q, k, v, projection, "softmax", key_padding_mask, oprf_a)
-    _check_window("favor_window_attention", window, block_size)
+    _check_window("favor_window_attention", window)
     B, H, L, D = v.shape
-    block = default_block_size(window) if block_size is None else block_size
+    block = window
     with torch.autocast(device_type=q.device.type, enabled=False):
         dtype = compute_dtype(q)
         projection = projection.detach().to(dtype)
@@ -129,36 +204,26 @@ def favor_window_attention(
         # Zeroed at padding first, so junk there reaches no output and no gradient (0 * NaN would).
         q, k, v = (masked(x.to(dtype), key_padding_mask) for x in (q, k, v))
         w = torch.cat([v, v.new_ones(B, H, L, 1)], dim=-1)  # (B, H, L, D + 1): the denominator rides along
-        sigma = _log_far_scale(q, k, projection, key_padding_mask, causal, oprf_a)  # (B, H, L)
+        far_part = _causal_far if causal else _bidirectional_far
+        far, sigma_b = far_part(q, k, w, projection, key_padding_mask, oprf_a, block)  # (R, n, T, D + 1), (R, n, T, 1)
 
-        # far part: relative weights 1 beyond the window (both directions), 0 inside it
-        ones = torch.ones(H, 1, dtype=dtype, device=q.device)  # filled on the device (no host copy)
-        c = torch.cat([ones, ones.new_zeros(H, 2 * window - 1), ones * (not causal)], dim=1)  # (H, 2w + 1)
-        scale = 1.0 if oprf_a is None else oprf_input_scale(oprf_a)
-        far = windowed_attention_product(q * scale, k * scale, w, c, projection, key_padding_mask, causal, block,
-                                         oprf_a)  # (R, L, D + 1)
-
-        # band: exact logits of each query block against the key blocks within w - 1 of it
+        # exact part: each query block against its neighbour key blocks (row-major blocks [R, n, T, F])
         rows = B * H
-        n = -(-L // block)
-        r = min(-(-(window - 1) // block), n - 1)
-        shifts = range(-r, 1 if causal else r + 1)
-        after = 0 if causal else r
+        shifts = range(-1, 1 if causal else 2)
         d_scale = D**-0.25
-        qb = _to_blocks((q * d_scale).reshape(rows, L, D), block, 0, 0)  # (n, R, T, D)
-        keys = _neighbours(_to_blocks((k * d_scale).reshape(rows, L, D), block, r, after), shifts, r, n)
-        values = _neighbours(_to_blocks(w.reshape(rows, L, D + 1), block, r, after), shifts, r, n)
-        valid = torch.ones(B, L, dtype=dtype, device=q.device) if key_padding_mask is None else (
-            (~key_padding_mask).to(dtype))
-        valid = _to_blocks(valid[:, None, :, None].expand(B, H, L, 1).reshape(rows, L, 1), block, r, after)
-        valid = _neighbours(valid, shifts, r, n)[..., 0]  # (n, R, S T): 0 at padding and off the sequence
-        allowed = _band_mask(block, shifts, window, causal, q.device) & (valid[:, :, None, :] > 0)
-        logits = (qb @ keys.transpose(-1, -2)).masked_fill(~allowed, -math.inf)  # (n, R, T, S T)
-        sigma_b = _to_blocks(sigma.reshape(rows, L, 1), block, 0, 0)  # (n, R, T, 1)
+        qb = _row_blocks((q * d_scale).reshape(rows, L, D), block)  # (R, n, T, D)
+        keys = _row_neighbours(_row_blocks((k * d_scale).reshape(rows, L, D), block), shifts)  # (R, n, S T, D)
+        values = _row_neighbours(_row_blocks(w.reshape(rows, L, D + 1), block), shifts)
+        valid = torch.ones(B, L, 1, dtype=dtype, device=q.device) if key_padding_mask is None else (
+            (~key_padding_mask).to(dtype)[..., None])
+        valid = _row_neighbours(_row_blocks(valid, block), shifts)[..., 0]  # (B, n, S T): 0 at padding, off the end
+        allowed = _band_mask(block, shifts, causal, q.device) & (valid[:, None, :, None, :] > 0)  # (B, 1, n, T, S T)
+        logits = (qb @ keys.transpose(-1, -2)).view(B, H, *qb.shape[1:3], -1).masked_fill(~allowed, -math.inf)
+        logits = logits.view(rows, *logits.shape[2:])  # (R, n, T, S T)
         mu = torch.maximum(sigma_b, logits.amax(dim=-1, keepdim=True)).detach()
-        total = torch.exp(logits - mu) @ values + _to_blocks(far, block, 0, 0) * torch.exp(sigma_b - mu)
-        out = safe_divide(total[..., :D], total[..., D])  # (n, R, T, D)
-        out = masked(_from_blocks(out, L).view(B, H, L, D), key_padding_mask)
+        total = torch.exp(logits - mu) @ values + far * torch.exp(sigma_b - mu)
+        out = safe_divide(total[..., :D], total[..., D])  # (R, n, T, D)
+        out = masked(out.reshape(rows, -1, D)[:, :L].view(B, H, L, D), key_padding_mask)
     return out.to(v.dtype)
 
 
@@ -173,10 +238,11 @@ def implied_window_attention(
     oprf_a: Tensor | None = None,
 ) -> Tensor:
     """The row-normalised [B, H, L, L] matrix :func:`favor_window_attention` applies to v: exact
-    exp(q.k / sqrt(d)) weights on the band, the feature estimate phi(q).phi(k) elsewhere (its reference,
+    exp(q.k / sqrt(d)) weights on the neighbour blocks (:func:`exact_support`), the feature estimate
+    phi(q).phi(k) elsewhere (its reference,
     and its attention maps). Padded keys have zero weight, padded queries zero rows."""
     check_favor("implied_window_attention", q, k, None, projection, "softmax", key_padding_mask, oprf_a)
-    _check_window("implied_window_attention", window, None)
+    _check_window("implied_window_attention", window)
     with torch.autocast(device_type=q.device.type, enabled=False):
         dtype = compute_dtype(q)
         q, k = masked(q.to(dtype), key_padding_mask), masked(k.to(dtype), key_padding_mask)
@@ -192,12 +258,11 @@ def implied_window_attention(
             torch.exp(key_logits - key_max[..., None, None]), key_padding_mask).transpose(-1, -2)
         sigma = query_max + key_max[..., None] - math.log(projection.shape[0])  # far_ij = far * exp(sigma_i)
         exact = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
-        i = torch.arange(L, device=q.device)
         allowed = torch.ones(L, L, dtype=torch.bool, device=q.device)
         if causal:
             allowed = allowed.tril()
         allowed = allowed[None, None] if key_padding_mask is None else allowed & ~key_padding_mask[:, None, None, :]
-        band = (i[:, None] - i[None, :]).abs() < window
+        band = exact_support(L, window, False, q.device)
         exact = exact.masked_fill(~(band & allowed), -math.inf)
         mu = torch.maximum(sigma, exact.amax(dim=-1)).detach()[..., None]
         weights = torch.where(band, torch.exp(exact - mu), far * torch.exp(sigma[..., None] - mu))
@@ -208,8 +273,9 @@ def implied_window_attention(
 
 
 class WindowState(NamedTuple):
-    """Causal exact-window attention after t tokens: the last (up to) w - 1 raw keys [B, H, <= w - 1, D]
-    and values, and the FAVOR+ state of the keys before them (``far``, :class:`FavorState`)."""
+    """Causal exact-window attention after t tokens: the raw keys [B, H, < 2 w, D] and values of the
+    previous and the current block of w positions (those the next query reads exactly), and the FAVOR+
+    state of the keys before them (``far``, :class:`FavorState`)."""
 
     keys: Tensor
     values: Tensor
@@ -231,7 +297,7 @@ def favor_window_causal_step(
     Feeding a sequence token by token reproduces the parallel causal forward."""
     check_favor("favor_window_causal_step", q_t[:, :, None], k_t[:, :, None], v_t[:, :, None], projection, "softmax",
                 None, oprf_a)
-    _check_window("favor_window_causal_step", window, None)
+    _check_window("favor_window_causal_step", window)
     with torch.autocast(device_type=q_t.device.type, enabled=False):
         dtype = compute_dtype(q_t)
         q, k, v, w = q_t.to(dtype), k_t.to(dtype), v_t.to(dtype), projection.detach().to(dtype)
@@ -242,9 +308,13 @@ def favor_window_causal_step(
             far = FavorState(v.new_zeros(B, H, m, D), v.new_zeros(B, H, m), v.new_full((B, H), -math.inf))
             state = WindowState(k.new_zeros(B, H, 0, D), v.new_zeros(B, H, 0, D), far)
         keys, values, far = state
-        band_keys = torch.cat([keys, k[:, :, None]], dim=2)  # (B, H, <= w, D)
+        if keys.shape[2] == 2 * window:  # position t opens a new block: block b - 2 leaves for the far state
+            for j in range(window):
+                far = absorb_key(far, softmax_logits(keys[:, :, j : j + 1], w, a)[:, :, 0], values[:, :, j])
+            keys, values = keys[:, :, window:], values[:, :, window:]
+        band_keys = torch.cat([keys, k[:, :, None]], dim=2)  # (B, H, <= 2 w, D)
         band_values = torch.cat([values, v[:, :, None]], dim=2)
-        exact = (band_keys @ q[..., None]).squeeze(-1) / math.sqrt(D)  # (B, H, <= w)
+        exact = (band_keys @ q[..., None]).squeeze(-1) / math.sqrt(D)  # (B, H, <= 2 w)
         query = softmax_kernel_features(q[:, :, None], w, is_query=True, oprf_a=a)[:, :, 0]  # (B, H, m), max 1
         query_max = softmax_logits(q[:, :, None], w, a)[:, :, 0].amax(dim=-1)
         sigma = query_max + far.offset - math.log(m)  # -inf before any far key
@@ -255,7 +325,4 @@ def favor_window_causal_step(
             query[..., None, :] @ far.kv).squeeze(-2)
         denominator = weights.sum(dim=-1) + far_scale * (query * far.k_sum).sum(dim=-1)
         out = safe_divide(numerator, denominator)
-        if band_keys.shape[2] == window:  # the oldest key leaves the band for the far state
-            far = absorb_key(far, softmax_logits(band_keys[:, :, :1], w, a)[:, :, 0], band_values[:, :, 0])
-            band_keys, band_values = band_keys[:, :, 1:], band_values[:, :, 1:]
     return out.to(v_t.dtype), WindowState(band_keys, band_values, far)

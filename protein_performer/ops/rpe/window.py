@@ -166,7 +166,8 @@ class _WindowedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, w: Tensor, c: Tensor, projection: Tensor,
-                key_padding_mask: Tensor | None, causal: bool, block: int, oprf_a: Tensor | None) -> Tensor:
+                key_padding_mask: Tensor | None, causal: bool, block: int, oprf_a: Tensor | None,
+                band: bool = True) -> Tensor:
         B, H, length, _ = q.shape
         rows = B * H
         plan = _plan(length, block, (c.shape[1] - 1) // 2, causal)
@@ -177,9 +178,11 @@ class _WindowedAttention(torch.autograd.Function):
         del query, key
         wb = _to_blocks(w.reshape(rows, length, -1), block, plan.r, plan.after)  # (r + n + after, R, T, E)
         offsets = None if key_offset is None else _block_offsets(key_offset.view(rows, length), plan)
-        weights = torch.cat([c, c.new_zeros(c.shape[0], 1)], dim=1)[:, _weight_index(plan, c.device)]
         out, far_states = _far_forward(qb, kb, wb, c, offsets, plan)  # (n, R, T, E)
-        scores = _band_forward(qb, kb, wb, weights, offsets, plan, out)  # (shifts, n, R, T, T)
+        scores = None
+        if band:
+            weights = torch.cat([c, c.new_zeros(c.shape[0], 1)], dim=1)[:, _weight_index(plan, c.device)]
+            scores = _band_forward(qb, kb, wb, weights, offsets, plan, out)  # (shifts, n, R, T, T)
         ctx.save_for_backward(qb, kb, wb, c, scores, k_scaled, w_query, w_key, key_padding_mask,
                               *(offsets or ()), *far_states)
         ctx.plan = plan
@@ -196,12 +199,15 @@ class _WindowedAttention(torch.autograd.Function):
         far_grad_c = torch.zeros_like(c)
         # the far terms write the gradients first (no zero fill of the big buffers), the band adds to them
         grad_qb, grad_kb, grad_wb = _far_backward(qb, kb, wb, c, offsets, far_states, plan, grad, far_grad_c)
-        index = _weight_index(plan, c.device)
-        weights = torch.cat([c, c.new_zeros(heads, 1)], dim=1)[:, index]
-        grad_weights = _band_backward(qb, kb, wb, scores, weights, offsets, plan, grad, grad_qb, grad_kb, grad_wb)
-        del scores
-        grad_c = c.new_zeros(heads, c.shape[1] + 1).index_add_(1, index.flatten(), grad_weights.view(heads, -1))
-        grad_c = grad_c[:, :-1] + far_grad_c
+        grad_c = far_grad_c
+        if scores is not None:  # the neighbour blocks' feature products (skipped with band=False)
+            index = _weight_index(plan, c.device)
+            weights = torch.cat([c, c.new_zeros(heads, 1)], dim=1)[:, index]
+            grad_weights = _band_backward(qb, kb, wb, scores, weights, offsets, plan, grad, grad_qb, grad_kb,
+                                          grad_wb)
+            del scores
+            grad_band = c.new_zeros(heads, c.shape[1] + 1).index_add_(1, index.flatten(), grad_weights.view(heads, -1))
+            grad_c = grad_band[:, :-1] + far_grad_c
         length, r, n = plan.length, plan.r, plan.n
         shape = k_scaled.shape[:3]
         # through the features: d exp(x) = exp(x) dx, then the projections (the key's with [k', |k'|^2/2])
@@ -210,7 +216,7 @@ class _WindowedAttention(torch.autograd.Function):
         grad_k = key_gradient(grad_k_aug, k_scaled)
         zero_at_padding(key_padding_mask, grad_q, grad_k)
         grad_w = _from_blocks(grad_wb[r : r + n], length).view(*shape, -1)
-        return grad_q, grad_k, grad_w, grad_c, None, None, None, None, None
+        return grad_q, grad_k, grad_w, grad_c, None, None, None, None, None, None
 
 
 def _block_offsets(key_offset: Tensor, plan: _Plan) -> tuple[Tensor, Tensor, Tensor]:
@@ -439,7 +445,11 @@ def _far_backward(qb, kb, wb, c, offsets, far_states, plan: _Plan, grad, grad_c)
 
 def windowed_attention_product(q: Tensor, k: Tensor, w: Tensor, c: Tensor, projection: Tensor,
                                key_padding_mask: Tensor | None, causal: bool, block_size: int,
-                               oprf_a: Tensor | None = None) -> Tensor:
+                               oprf_a: Tensor | None = None, *, band: bool = True) -> Tensor:
     """See :class:`_WindowedAttention`: [B * H, L, E], differentiable in q, k, w and c. With FAVOR++'s
-    ``oprf_a`` (A, detached), q and k must arrive multiplied by ``oprf_input_scale(oprf_a)``."""
-    return _WindowedAttention.apply(q, k, w, c, projection.detach(), key_padding_mask, causal, block_size, oprf_a)
+    ``oprf_a`` (A, detached), q and k must arrive multiplied by ``oprf_input_scale(oprf_a)``.
+
+    ``band=False`` computes only the far terms (the lagged states: key blocks at least r + 1 blocks away,
+    weighted c[:, 0] before and c[:, -1] after), skipping the neighbour blocks' feature products."""
+    return _WindowedAttention.apply(q, k, w, c, projection.detach(), key_padding_mask, causal, block_size, oprf_a,
+                                    band)
