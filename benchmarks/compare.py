@@ -130,6 +130,16 @@ def settings() -> dict[str, Setting]:
             # D's no_redraw at a length where the default interval (1,000) fires: favor redraws once.
             Cell("L", "no_redraw", ("attention=favor", "attention.feature_redraw_interval=0"), "favor"),
         ), steps_factor=4),
+        # Issue 21: FAVOR+'s variance-reduced variants against L's softmax and favor, rerun so that every
+        # cell has masked-only perplexity. exact_window=64 had the lowest attention error of the fidelity
+        # table (0.62x plain FAVOR+ at m=256 on the demo model); it covers whole blocks of 64 around i.
+        Setting("F", "L with FAVOR+'s fidelity variants (OPRF, exact local band), masked-only", "mlm", "single", (
+            *kinds("F", ("softmax", "favor")),
+            Cell("F", "favor_oprf", ("attention=favor", "attention.features=oprf"), "favor"),
+            Cell("F", "favor_window64", ("attention=favor", "attention.exact_window=64"), "favor"),
+            Cell("F", "favor_oprf_window64",
+                 ("attention=favor", "attention.features=oprf", "attention.exact_window=64"), "favor"),
+        ), steps_factor=4),
         Setting("S", "seed spread of A's softmax and favor", "mlm", "single", (
             Cell("S", "softmax", ("attention=softmax",), "softmax", reuse=("A", "softmax")),
             Cell("S", "favor", ("attention=favor",), "favor", reuse=("A", "favor")),
@@ -474,13 +484,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="proteins to train and evaluate on (default: the bundled Swiss-Prot subset; "
                              "with --quick the bundled 500-protein sample)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "compare")
-    parser.add_argument("--settings", nargs="+", default=["A", "B", "C", "D"], choices=["A", "B", "C", "D", "L", "S"])
+    parser.add_argument("--settings", nargs="+", default=["A", "B", "C", "D"], choices=["A", "B", "C", "D", "L", "F", "S"])
     parser.add_argument("--kinds", nargs="+", default=None,
                         help="keep only these cells (kind or ablation names, e.g. softmax favor no_redraw)")
     parser.add_argument("--quick", action="store_true",
                         help="tiny model, a few steps, short crops: checks the whole pipeline in minutes")
     parser.add_argument("--steps", type=int, default=None,
-                        help="A/B/D/S optimizer steps (L: 4x this; default: the scale's)")
+                        help="A/B/D/S optimizer steps (L, F: 4x this; default: the scale's)")
     parser.add_argument("--concat-seconds", type=float, default=None, help="C: training seconds per kind")
     parser.add_argument("--report", action="store_true",
                         help="only print the tables and draw the figures of the cells finished so far")

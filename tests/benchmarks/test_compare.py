@@ -137,6 +137,24 @@ def test_longer_setting_trains_a_kinds_four_times_as_many_steps_and_changes_noth
     assert OmegaConf.to_container(no_redraw.attention) == OmegaConf.to_container(favor.attention)
 
 
+def test_fidelity_setting_is_l_with_only_the_favor_variant_keys_changed(tmp_path):
+    from omegaconf import OmegaConf
+    from protein_performer.train import compose_config
+
+    fidelity, longer = compare.settings()["F"], compare.settings()["L"]
+    strip = lambda setting: [o for o in compare.base_overrides(setting, compare.FULL, tmp_path / "x.fasta",
+                                                               tmp_path / "cache") if not o.startswith("name=")]
+    assert strip(fidelity) == strip(longer) and fidelity.steps(compare.FULL) == 2000
+    base = compare.base_overrides(fidelity, compare.FULL, tmp_path / "x.fasta", tmp_path / "cache")
+    configs = {c.name: compose_config([*base, *c.overrides], tmp_path / c.name).attention for c in fidelity.cells}
+    expected = {"favor_oprf": {"features": "oprf"}, "favor_window64": {"exact_window": 64},
+                "favor_oprf_window64": {"features": "oprf", "exact_window": 64}}
+    plain = OmegaConf.to_container(configs["favor"])
+    for name, changes in expected.items():
+        assert OmegaConf.to_container(configs[name]) == {**plain, **changes}, name
+    assert configs["softmax"].kind == "softmax"
+
+
 def test_curve_table_lines_cells_up_by_step_with_running_cells_marked():
     setting = compare.settings()["L"]
     results = [{"cell": "softmax", "curve": {"step": [200.0, 400.0], "seconds": [1.0, 2.0],
