@@ -209,6 +209,7 @@ class ProteinDataModule(pl.LightningDataModule):
         self.background_reader = source.background_reader
         self.build_timeout = source.build_timeout
         self.store_path: Path | None = None  # set by prepare_data / setup
+        self.split_sizes: dict[str, int] = {}  # records per split, read by setup
 
     # ---- the store --------------------------------------------------------------------------------
 
@@ -255,6 +256,7 @@ class ProteinDataModule(pl.LightningDataModule):
         self.store_path = self._resolve_store(build=self._local_rank() == 0)
         with TokenStore(self.store_path) as store:
             log.info("%r", store)
+            self.split_sizes = dict(store.split_sizes)
             if self.store is not None and self.split_spec.clusters is not None and not store.has_clusters:
                 raise DataError(f"{self.store}: data.clusters is applied when a store is built, and this store "
                                 "(data.store) was built without clusters; rebuild it with python -m "
@@ -309,8 +311,14 @@ class ProteinDataModule(pl.LightningDataModule):
         return self.dataloader("valid")
 
     def test_dataloader(self) -> list[EpochLoader]:
-        """[test, ood]: the order of ProteinLM's eval_split_names."""
-        return [self.dataloader("test"), self.dataloader("ood")]
+        """[test, ood]: the order of ProteinLM's eval_split_names; ood only when that split has records
+        (most runs set no data.ood_regex; an empty loader only makes Lightning warn)."""
+        if not self.split_sizes:
+            self.setup()
+        loaders = [self.dataloader("test")]
+        if self.split_sizes.get("ood", 0) > 0:
+            loaders.append(self.dataloader("ood"))
+        return loaders
 
     def ood_dataloader(self) -> EpochLoader:
         return self.dataloader("ood")

@@ -92,6 +92,14 @@ def test_batches_follow_the_contract(sampling, objective, make_datamodule, alpha
                     alphabet.residue_indices)).all()
 
 
+def test_test_loaders_hold_ood_only_when_that_split_has_records(make_datamodule):
+    with_ood = make_datamodule()
+    assert with_ood.split_sizes["ood"] > 0 and len(with_ood.test_dataloader()) == 2
+    without = make_datamodule(ood_regex=None)  # most runs: no ood split, so no empty loader for Lightning
+    assert without.split_sizes.get("ood", 0) == 0 and len(without.test_dataloader()) == 1
+    assert len(without.test_dataloader()[0]) > 0
+
+
 def test_evaluation_scores_every_residue_of_the_split_once(make_datamodule, alphabet):
     datamodule = make_datamodule(objective="clm")
     for split, loader in [("valid", datamodule.val_dataloader()), ("test", datamodule.test_dataloader()[0]),
