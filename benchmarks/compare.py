@@ -267,10 +267,14 @@ def summarize(rows: list[dict[str, float]]) -> dict[str, float]:
 
 
 def curve(rows: list[dict[str, float]]) -> dict[str, list[float]]:
-    points = [(row["step"], row.get("val/elapsed_seconds", math.nan), row["val/perplexity"])
-              for row in rows if "val/perplexity" in row and "step" in row]
-    return {"step": [p[0] for p in points], "seconds": [p[1] for p in points],
-            "val_perplexity": [p[2] for p in points]}
+    """Each validation's step, seconds and perplexity; masked LM runs that log it also the masked-only one."""
+    points = [row for row in rows if "val/perplexity" in row and "step" in row]
+    result = {"step": [row["step"] for row in points],
+              "seconds": [row.get("val/elapsed_seconds", math.nan) for row in points],
+              "val_perplexity": [row["val/perplexity"] for row in points]}
+    if any("val/perplexity_masked" in row for row in points):
+        result["val_perplexity_masked"] = [row.get("val/perplexity_masked", math.nan) for row in points]
+    return result
 
 
 def run_cell(cell: Cell, overrides: list[str], cell_dir: Path, extra: dict[str, float] | None = None) -> dict:
@@ -393,10 +397,14 @@ def curve_table(setting: Setting, results: list[dict], running: dict[str, dict[s
     `running` holds the curves so far of cells still training (their columns say so)."""
     columns = {r["cell"]: r["curve"] for r in results}
     columns.update({f"{name} (running)": c for name, c in running.items()})
-    by_cell = {name: dict(zip((int(step) for step in c["step"]), c["val_perplexity"], strict=True))
+    # Masked-only when every cell logged it (the headline); otherwise all targets, for every cell alike.
+    masked = bool(columns) and all("val_perplexity_masked" in c for c in columns.values())
+    key = "val_perplexity_masked" if masked else "val_perplexity"
+    by_cell = {name: dict(zip((int(step) for step in c["step"]), c[key], strict=True))
                for name, c in columns.items()}
     steps = sorted({step for points in by_cell.values() for step in points})
-    lines = [f"Validation perplexity at each validation ({setting.name}):", "",
+    title = "Validation perplexity, masked-only targets," if masked else "Validation perplexity"
+    lines = [f"{title} at each validation ({setting.name}):", "",
              "| step | " + " | ".join(by_cell) + " |", "|---:|" + "---:|" * len(by_cell)]
     for step in steps:
         cells = [f"{points[step]:.3f}" if step in points else "" for points in by_cell.values()]
@@ -407,12 +415,15 @@ def curve_table(setting: Setting, results: list[dict], running: dict[str, dict[s
 def figure(setting: Setting, results: list[dict], output: Path) -> Path:
     from protein_performer.plot_runs import Run, plot
 
+    masked = bool(results) and all("val_perplexity_masked" in r["curve"] for r in results)  # as curve_table
+    targets = "masked-only" if masked else "all targets"
     runs = []
     for r in results:
         c = r["curve"]
         seconds = ([s * r["seconds_per_step"] for s in c["step"]] if setting.equal_wall_clock else c["seconds"])
-        runs.append(Run(Path(r["cell"]), f"{setting.name}: {setting.title}", [f"{r['cell']}"],
-                        [int(s) for s in c["step"]], seconds, c["val_perplexity"]))
+        runs.append(Run(Path(r["cell"]), f"{setting.name}: {setting.title} (val perplexity, {targets})",
+                        [f"{r['cell']}"], [int(s) for s in c["step"]], seconds,
+                        c["val_perplexity_masked" if masked else "val_perplexity"]))
     return plot(runs, output)
 
 

@@ -168,6 +168,22 @@ def test_curve_table_lines_cells_up_by_step_with_running_cells_marked():
                          "| 600 |  | 14.750 |  |"]
 
 
+def test_curve_table_is_masked_only_when_every_cell_logged_it():
+    setting = compare.settings()["F"]
+    rows = [{"step": 200.0, "val/perplexity": 15.1, "val/perplexity_masked": 17.6, "val/elapsed_seconds": 5.0},
+            {"step": 300.0, "train/loss": 2.7},
+            {"step": 400.0, "val/perplexity": 14.8, "val/perplexity_masked": 17.3, "val/elapsed_seconds": 9.0}]
+    masked = {"cell": "favor", "curve": compare.curve(rows)}
+    assert masked["curve"] == {"step": [200.0, 400.0], "seconds": [5.0, 9.0], "val_perplexity": [15.1, 14.8],
+                               "val_perplexity_masked": [17.6, 17.3]}
+    lines = compare.curve_table(setting, [masked], {}).splitlines()
+    assert lines[0].startswith("Validation perplexity, masked-only targets,") and lines[4] == "| 200 | 17.600 |"
+    old = {"cell": "softmax", "curve": compare.curve([{k: v for k, v in row.items() if "masked" not in k}
+                                                      for row in rows])}
+    lines = compare.curve_table(setting, [masked, old], {}).splitlines()  # one cell without: all targets for all
+    assert lines[0] == "Validation perplexity at each validation (F):" and lines[4] == "| 200 | 15.100 | 15.100 |"
+
+
 def test_table_headlines_masked_only_and_marks_cells_finished_before_it():
     setting = compare.settings()["A"]
     common = {"steps": 500.0, "val_accuracy": 0.2, "test_perplexity": 14.5, "test_accuracy": 0.2,
