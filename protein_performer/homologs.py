@@ -152,6 +152,22 @@ class HomologAttention:
         """aligned / chance, [layers, heads]."""
         return self.aligned / np.maximum(self.chance, 1e-300)
 
+    @classmethod
+    def pooled(cls, results: Sequence[HomologAttention]) -> HomologAttention:
+        """Several windows as one: means weighted by their aligned pairs (earlier_share: by later residues).
+        The alignments are not kept."""
+        if not results:
+            raise ValueError("pooled needs at least one HomologAttention")
+        pairs = sum(result.aligned_pairs for result in results)
+        residues = sum(result.later_residues for result in results)
+
+        def by_pairs(name: str) -> np.ndarray:
+            return sum(getattr(result, name) * result.aligned_pairs for result in results) / pairs
+
+        share = sum(result.earlier_share * result.later_residues for result in results) / residues
+        return cls(aligned=by_pairs("aligned"), chance=by_pairs("chance"), top1=by_pairs("top1"),
+                   earlier_share=share, aligned_pairs=pairs, later_residues=residues)
+
     def to_markdown(self, title: str = "") -> str:
         """A Markdown table: one row per layer/head."""
         lines = [f"{title}\n" if title else "",

@@ -8,6 +8,7 @@ import torch
 from protein_performer import ops
 from protein_performer.data import Alphabet, SplitSpec
 from protein_performer.homologs import (
+    HomologAttention,
     HomologWindow,
     align_members,
     aligned_attention,
@@ -124,6 +125,20 @@ def test_aligned_attention_pools_every_later_earlier_pair(alphabet):
     with_first = len(stats.alignments[(1, 0)]) + len(stats.alignments[(2, 0)])
     assert stats.aligned_pairs == with_first + len(stats.alignments[(2, 1)])
     np.testing.assert_allclose(stats.aligned[0, 0], with_first / stats.aligned_pairs)
+
+
+def test_pooled_windows_weigh_means_by_their_pairs(alphabet):
+    two = homolog_window(alphabet, [FIRST, INSERTED], max_length=128)
+    three = homolog_window(alphabet, [FIRST, INSERTED, FIRST], max_length=128)
+    results = [aligned_attention(torch.full((1, 1, len(w.tokens), len(w.tokens)), 1.0 / len(w.tokens)), w)
+               for w in (two, three)]
+    pooled = HomologAttention.pooled(results)
+    assert pooled.aligned_pairs == results[0].aligned_pairs + results[1].aligned_pairs
+    expected = (len(FIRST) / len(two.tokens) + 1.0 / len(three.tokens) * results[1].aligned_pairs) / pooled.aligned_pairs
+    np.testing.assert_allclose(pooled.aligned[0, 0], expected)
+    np.testing.assert_allclose(pooled.lift, 1.0)  # uniform attention has no preference in any window
+    with pytest.raises(ValueError, match="at least one"):
+        HomologAttention.pooled([])
 
 
 def test_aligned_attention_rejects_maps_of_another_window(alphabet):
