@@ -45,6 +45,7 @@ __all__ = [
     "HomologWindow",
     "align_members",
     "aligned_attention",
+    "aligned_offset_profile",
     "cluster_split",
     "homolog_attention",
     "homolog_window",
@@ -225,6 +226,31 @@ def aligned_attention(maps: Tensor, window: HomologWindow,
     return HomologAttention(aligned=(aligned / pairs).numpy(), chance=(chance / pairs).numpy(),
                             top1=(top1 / pairs).numpy(), earlier_share=(share / later_residues).numpy(),
                             aligned_pairs=pairs, later_residues=later_residues, alignments=dict(alignments))
+
+
+def aligned_offset_profile(maps: Tensor, window: HomologWindow, alignments: Mapping[tuple[int, int], np.ndarray],
+                           max_offset: int = 10) -> np.ndarray:
+    """Mean weight from a later member's residue onto the earlier member's residue `offset` places from
+    the aligned one, for offset in -max_offset..max_offset: float64 [layers, heads, 2 * max_offset + 1].
+
+    A head that reads the alignment peaks at offset 0; one that reads a neighbour of the aligned residue
+    peaks beside it; a flat profile is no reading. Offsets falling outside the earlier member are skipped
+    (each offset is the mean over the pairs where it exists).
+    """
+    offsets = np.arange(-max_offset, max_offset + 1)
+    total = torch.zeros(*maps.shape[:2], len(offsets), dtype=torch.float64)
+    counts = torch.zeros(len(offsets), dtype=torch.float64)
+    for (later, earlier), pairs in alignments.items():
+        if not len(pairs):
+            continue
+        rows = torch.from_numpy(window.positions(later)[pairs[:, 0]])  # (n,)
+        targets = pairs[:, 1][:, None] + offsets[None, :]  # (n, offsets)
+        inside = (targets >= 0) & (targets < len(window.members[earlier]))
+        columns = torch.from_numpy(window.starts[earlier] + np.clip(targets, 0, len(window.members[earlier]) - 1))
+        weights = maps.double()[:, :, rows[:, None], columns]  # (layers, heads, n, offsets)
+        total += (weights * torch.from_numpy(inside)).sum(2)
+        counts += torch.from_numpy(inside.sum(0)).double()
+    return (total / counts.clamp(min=1)).numpy()
 
 
 def homolog_attention(model: nn.Module, alphabet: Alphabet, sequences: Sequence[str],

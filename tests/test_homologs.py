@@ -12,6 +12,7 @@ from protein_performer.homologs import (
     HomologWindow,
     align_members,
     aligned_attention,
+    aligned_offset_profile,
     cluster_split,
     homolog_attention,
     homolog_window,
@@ -107,6 +108,22 @@ def test_aligned_attention_of_a_map_that_looks_at_the_aligned_residue(alphabet):
     assert stats.top1[0, 0] == 1.0
     # Share of a later member's mass on the earlier one: aligned rows only (head 0), its length / T (head 1).
     np.testing.assert_allclose(stats.earlier_share[0], [len(FIRST) / len(INSERTED), len(FIRST) / length, 0.0])
+
+
+def test_offset_profile_peaks_where_the_head_looks(alphabet):
+    window = homolog_window(alphabet, [FIRST, INSERTED], max_length=128)
+    pairs = align_members(INSERTED, FIRST)
+    maps = hand_built_maps(window, pairs)
+    profile = aligned_offset_profile(maps, window, {(1, 0): pairs}, max_offset=3)
+    assert profile.shape == (1, 3, 7)
+    np.testing.assert_allclose(profile[0, 0], [0, 0, 0, 1, 0, 0, 0])  # exactly the aligned residue
+    np.testing.assert_allclose(profile[0, 1], 1 / len(window.tokens))  # even attention: flat
+    # One residue to the right of the aligned one: the peak moves to offset +1.
+    shifted = torch.zeros_like(maps[:, :1])
+    later, earlier = window.positions(1), window.positions(0)
+    for i, j in pairs:
+        shifted[0, 0, later[i], earlier[min(j + 1, len(FIRST) - 1)]] = 1
+    assert aligned_offset_profile(shifted, window, {(1, 0): pairs}, max_offset=3)[0, 0].argmax() == 4
 
 
 def test_aligned_attention_pools_every_later_earlier_pair(alphabet):
