@@ -7,7 +7,9 @@ them) the homolog window <cls> m1 <eos> m2 <eos> ... is built as data.sampling=h
 attention maps of the checkpoint are measured with protein_performer.homologs: for every residue of a later
 member aligned (BLOSUM62, global with free end gaps) to a residue of an earlier member, the weight on that
 residue against chance (its mean weight per residue of the earlier member). Lift = aligned / chance is a
-ratio to that baseline, measured on the same maps. Both kinds use the same weights: the checkpoint's own
+ratio to that baseline, measured on the same maps; "over same amino acid" is aligned / the mean weight on
+the earlier member's other residues of the aligned residue's amino acid (> 1: the head finds the aligned
+position, not just the same letter). Both kinds use the same weights: the checkpoint's own
 attention (softmax or favor) and the other swapped in (`with_attention`; FAVOR+ with --features random
 features). Windows are pooled, weighting each by its aligned pairs.
 """
@@ -44,16 +46,17 @@ def measure(models: dict, alphabet, members: list[str], window_length: int, alig
 
 
 def table(pooled: dict[str, HomologAttention], labels: dict[str, str]) -> str:
-    lines = ["| layer | head | " + " | ".join(f"{labels[kind]} lift | top1 | earlier share" for kind in KINDS)
-             + " | favor / softmax aligned |",
-             "|---:|---:|" + "---:|---:|---:|" * len(KINDS) + "---:|"]
+    lines = ["| layer | head | " + " | ".join(f"{labels[kind]} lift | over same amino acid | top1 | earlier share"
+                                            for kind in KINDS) + " | favor / softmax aligned |",
+             "|---:|---:|" + "---:|---:|---:|---:|" * len(KINDS) + "---:|"]
     layers, heads = pooled["softmax"].aligned.shape
     for layer in range(layers):
         for head in range(heads):
             cells = []
             for kind in KINDS:
                 result = pooled[kind]
-                cells += [f"{result.lift[layer, head]:.2f}", f"{result.top1[layer, head]:.3f}",
+                cells += [f"{result.lift[layer, head]:.2f}", f"{result.lift_over_same_letter[layer, head]:.2f}",
+                          f"{result.top1[layer, head]:.3f}",
                           f"{result.earlier_share[layer, head]:.3f}"]
             ratio = pooled["favor"].aligned[layer, head] / pooled["softmax"].aligned[layer, head]
             lines.append(f"| {layer + 1} | {head} | " + " | ".join(cells) + f" | {ratio:.2f} |")
@@ -112,8 +115,9 @@ def main(argv: list[str] | None = None) -> None:
     for name in KINDS:
         lift = pooled[name].lift
         best = divmod(int(lift.argmax()), lift.shape[1])
-        print(f"{labels[name]}: highest lift {lift.max():.2f} (layer {best[0] + 1}, head {best[1]}), "
-              f"median over heads {float(torch.as_tensor(lift).median()):.2f}")
+        print(f"{labels[name]}: highest lift {lift.max():.2f} (layer {best[0] + 1}, head {best[1]}; over same "
+              f"amino acid {pooled[name].lift_over_same_letter[best]:.2f}), median over heads "
+              f"{float(torch.as_tensor(lift).median()):.2f}")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,12 @@ for FAVOR+; see :func:`protein_performer.maps.attention_maps_of_tokens`):
   earlier member without regard to alignment would give the aligned residue;
 - lift = aligned / chance: 1 = no preference for the aligned residue; a head that looks only at the
   aligned residue gets the earlier member's length;
+- same_letter: for the same residues, their mean weight per *other* residue of the earlier member
+  that carries the aligned residue's amino acid (pairs whose earlier member has no other such residue
+  are left out of this mean): a head that looks for the same amino acid anywhere, rather than for the
+  aligned position, gives these as much as the aligned residue. lift_over_same_letter = aligned /
+  same_letter (both over those pairs) separates the two; between near-identical homologs the aligned residue is usually the
+  same amino acid, so a lift alone does not show alignment;
 - top1: the share of those residues whose largest weight in the earlier member is the aligned residue
   (chance about 1 / length);
 - earlier_share: the attention mass of a later member's residues that lands on residues of earlier
@@ -144,14 +150,24 @@ class HomologAttention:
     chance: np.ndarray
     top1: np.ndarray
     earlier_share: np.ndarray
+    same_letter: np.ndarray
+    aligned_where_same: np.ndarray  # aligned, over the same_letter pairs only
     aligned_pairs: int  # (later residue, earlier member) pairs the means run over
     later_residues: int  # residues of later members (earlier_share's count)
+    same_letter_pairs: int  # aligned pairs whose earlier member has another residue of the same amino acid
     alignments: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)  # (later, earlier) -> pairs
 
     @property
     def lift(self) -> np.ndarray:
         """aligned / chance, [layers, heads]."""
         return self.aligned / np.maximum(self.chance, 1e-300)
+
+    @property
+    def lift_over_same_letter(self) -> np.ndarray:
+        """aligned / same_letter over the pairs whose earlier member has other residues of the aligned amino
+        acid, [layers, heads]."""
+        with np.errstate(divide="ignore", invalid="ignore"):  # no same-letter weight: inf (or nan for 0 / 0)
+            return self.aligned_where_same / self.same_letter
 
     @classmethod
     def pooled(cls, results: Sequence[HomologAttention]) -> HomologAttention:
@@ -166,19 +182,24 @@ class HomologAttention:
             return sum(getattr(result, name) * result.aligned_pairs for result in results) / pairs
 
         share = sum(result.earlier_share * result.later_residues for result in results) / residues
+        same_pairs = sum(result.same_letter_pairs for result in results)
+        same, aligned_where_same = (sum(getattr(result, name) * result.same_letter_pairs for result in results)
+                                    / max(same_pairs, 1) for name in ("same_letter", "aligned_where_same"))
         return cls(aligned=by_pairs("aligned"), chance=by_pairs("chance"), top1=by_pairs("top1"),
-                   earlier_share=share, aligned_pairs=pairs, later_residues=residues)
+                   earlier_share=share, same_letter=same, aligned_where_same=aligned_where_same, aligned_pairs=pairs, later_residues=residues,
+                   same_letter_pairs=same_pairs)
 
     def to_markdown(self, title: str = "") -> str:
         """A Markdown table: one row per layer/head."""
         lines = [f"{title}\n" if title else "",
-                 "| layer | head | aligned | chance | lift | top1 | earlier share |",
-                 "|---:|---:|---:|---:|---:|---:|---:|"]
+                 "| layer | head | aligned | chance | lift | same amino acid | lift over same | top1 | earlier share |",
+                 "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         layers, heads = self.aligned.shape
         for layer in range(layers):
             for head in range(heads):
                 lines.append(f"| {layer + 1} | {head} | {self.aligned[layer, head]:.4f} | {self.chance[layer, head]:.4f} "
-                             f"| {self.lift[layer, head]:.2f} | {self.top1[layer, head]:.3f} "
+                             f"| {self.lift[layer, head]:.2f} | {self.same_letter[layer, head]:.4f} "
+                             f"| {self.lift_over_same_letter[layer, head]:.2f} | {self.top1[layer, head]:.3f} "
                              f"| {self.earlier_share[layer, head]:.3f} |")
         return "\n".join(line for line in lines if line)
 
@@ -203,8 +224,9 @@ def aligned_attention(maps: Tensor, window: HomologWindow,
                       for later in range(1, count) for earlier in range(later)}
     maps = maps.double()
     shape = maps.shape[:2]
-    aligned, chance, top1, share = (torch.zeros(shape, dtype=torch.float64) for _ in range(4))
-    pairs = later_residues = 0
+    aligned, chance, top1, share, same, aligned_where_same = (torch.zeros(shape, dtype=torch.float64) for _ in range(6))
+    pairs = later_residues = same_pairs = 0
+    codes = [torch.tensor([ord(letter) for letter in member]) for member in window.members]
     for later in range(1, count):
         rows = torch.from_numpy(window.positions(later))
         earlier_columns = torch.from_numpy(np.concatenate([window.positions(e) for e in range(later)]))
@@ -221,10 +243,22 @@ def aligned_attention(maps: Tensor, window: HomologWindow,
             chance += block.mean(-1).sum(-1)
             top1 += (block.argmax(-1) == pair[:, 1]).double().sum(-1)
             pairs += len(pair)
+            # Other residues of the earlier member with the aligned residue's amino acid.
+            letters = codes[earlier]
+            alike = letters[None, :] == letters[pair[:, 1]][:, None]  # (n, len(earlier))
+            alike[torch.arange(len(pair)), pair[:, 1]] = False
+            others = alike.sum(-1)  # (n,)
+            has_others = others > 0
+            per_pair = (block * alike).sum(-1) / others.clamp(min=1)  # (layers, heads, n)
+            same += per_pair[..., has_others].sum(-1)
+            aligned_where_same += onto_aligned[..., has_others].sum(-1)
+            same_pairs += int(has_others.sum())
     if pairs == 0:
         raise ValueError("no residue of a later member aligns with an earlier one: are these homologs?")
     return HomologAttention(aligned=(aligned / pairs).numpy(), chance=(chance / pairs).numpy(),
                             top1=(top1 / pairs).numpy(), earlier_share=(share / later_residues).numpy(),
+                            same_letter=(same / max(same_pairs, 1)).numpy(), same_letter_pairs=same_pairs,
+                            aligned_where_same=(aligned_where_same / max(same_pairs, 1)).numpy(),
                             aligned_pairs=pairs, later_residues=later_residues, alignments=dict(alignments))
 
 

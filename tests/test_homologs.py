@@ -126,6 +126,32 @@ def test_offset_profile_peaks_where_the_head_looks(alphabet):
     assert aligned_offset_profile(shifted, window, {(1, 0): pairs}, max_offset=3)[0, 0].argmax() == 4
 
 
+def test_a_head_that_looks_for_the_same_amino_acid_has_a_lift_but_none_over_same_letters(alphabet):
+    """Between identical aligned letters, attending evenly to every residue of the same amino acid gives the
+    aligned residue more than chance (lift > 1), but no more than the other residues of that amino acid."""
+    window = homolog_window(alphabet, [FIRST, INSERTED], max_length=128)
+    pairs = align_members(INSERTED, FIRST)
+    length = len(window.tokens)
+    maps = torch.zeros(1, 1, length, length)
+    maps[..., 0] = 1
+    earlier = window.positions(0)
+    for i, row in enumerate(window.positions(1)):
+        alike = [earlier[j] for j, letter in enumerate(FIRST) if letter == INSERTED[i]]
+        if alike:
+            maps[0, 0, row] = 0
+            maps[0, 0, row, alike] = 1 / len(alike)
+    stats = aligned_attention(maps, window)
+    assert stats.lift[0, 0] > 3
+    # Pairs whose amino acid occurs only once in FIRST have no same-letter residue to compare with.
+    unique = sum(FIRST.count(FIRST[j]) == 1 for _, j in pairs)
+    assert stats.same_letter_pairs == len(pairs) - unique
+    repeated = [j for _, j in pairs if FIRST.count(FIRST[j]) > 1]
+    np.testing.assert_allclose(stats.same_letter[0, 0], np.mean([1 / FIRST.count(FIRST[j]) for j in repeated]))
+    exact = aligned_attention(hand_built_maps(window, pairs), window)
+    assert exact.same_letter[0, 0] == 0 and np.isinf(exact.lift_over_same_letter[0, 0])
+    np.testing.assert_allclose(exact.lift_over_same_letter[0, 1], 1.0)
+
+
 def test_aligned_attention_pools_every_later_earlier_pair(alphabet):
     """Three members: head 0 attends only to the aligned residue in the FIRST member, so it is perfect on
     the pairs (1, 0), (2, 0) and scores nothing on (2, 1); the means run over all three pairs."""
@@ -154,6 +180,7 @@ def test_pooled_windows_weigh_means_by_their_pairs(alphabet):
     expected = (len(FIRST) / len(two.tokens) + 1.0 / len(three.tokens) * results[1].aligned_pairs) / pooled.aligned_pairs
     np.testing.assert_allclose(pooled.aligned[0, 0], expected)
     np.testing.assert_allclose(pooled.lift, 1.0)  # uniform attention has no preference in any window
+    np.testing.assert_allclose(pooled.lift_over_same_letter, 1.0)
     with pytest.raises(ValueError, match="at least one"):
         HomologAttention.pooled([])
 
@@ -167,11 +194,11 @@ def test_aligned_attention_rejects_maps_of_another_window(alphabet):
 def reference_statistics(maps: torch.Tensor, window: HomologWindow) -> dict[str, np.ndarray]:
     """Residue by residue loops over the same definitions, [layers, heads] each."""
     layers, heads = maps.shape[:2]
-    out = {name: np.zeros((layers, heads)) for name in ("aligned", "chance", "share")}
+    out = {name: np.zeros((layers, heads)) for name in ("aligned", "chance", "share", "same")}
     for layer in range(layers):
         for head in range(heads):
             matrix = maps[layer, head].double().numpy()
-            aligned, chance, share, pairs, residues = 0.0, 0.0, 0.0, 0, 0
+            aligned, chance, share, same, pairs, residues, same_pairs = 0.0, 0.0, 0.0, 0.0, 0, 0, 0
             for later in range(1, len(window.members)):
                 for row in window.positions(later):
                     share += sum(matrix[row, window.positions(e)].sum() for e in range(later))
@@ -182,9 +209,16 @@ def reference_statistics(maps: torch.Tensor, window: HomologWindow) -> dict[str,
                         aligned += matrix[row, window.positions(earlier)[j]]
                         chance += matrix[row, window.positions(earlier)].mean()
                         pairs += 1
+                        letter = window.members[earlier][j]
+                        others = [window.positions(earlier)[o] for o, other in enumerate(window.members[earlier])
+                                  if other == letter and o != j]
+                        if others:
+                            same += matrix[row, others].mean()
+                            same_pairs += 1
             out["aligned"][layer, head] = aligned / pairs
             out["chance"][layer, head] = chance / pairs
             out["share"][layer, head] = share / residues
+            out["same"][layer, head] = same / same_pairs
     return out
 
 
@@ -200,6 +234,7 @@ def test_homolog_attention_of_a_tiny_model_matches_the_residue_loop(alphabet, at
     np.testing.assert_allclose(stats.aligned, reference["aligned"], rtol=1e-6)
     np.testing.assert_allclose(stats.chance, reference["chance"], rtol=1e-6)
     np.testing.assert_allclose(stats.earlier_share, reference["share"], rtol=1e-6)
+    np.testing.assert_allclose(stats.same_letter, reference["same"], rtol=1e-6)
     assert "| 2 | 1 |" in stats.to_markdown()
 
 
