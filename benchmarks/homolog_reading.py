@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("clusters", help="held-out clusters: representative TAB member (MMseqs2 TSV)")
     parser.add_argument("fasta", help="FASTA (plain or .gz) holding the members")
     parser.add_argument("window", nargs="?", type=int, default=1024, help="tokens per window (default 1024)")
-    parser.add_argument("max_clusters", nargs="?", type=int, default=300, help="clusters scored, in file order (default 300)")
+    parser.add_argument("max_clusters", nargs="?", type=int, default=300,
+                        help="clusters scored, in file order (default 300)")
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)

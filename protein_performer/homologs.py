@@ -18,8 +18,8 @@ for FAVOR+; see :func:`protein_performer.maps.attention_maps_of_tokens`):
   that carries the aligned residue's amino acid (pairs whose earlier member has no other such residue
   are left out of this mean): a head that looks for the same amino acid anywhere, rather than for the
   aligned position, gives these as much as the aligned residue. lift_over_same_letter = aligned /
-  same_letter (both over those pairs) separates the two; between near-identical homologs the aligned residue is usually the
-  same amino acid, so a lift alone does not show alignment;
+  same_letter (both over those pairs) separates the two; between near-identical homologs the aligned
+  residue is usually the same amino acid, so a lift alone does not show alignment;
 - top1: the share of those residues whose largest weight in the earlier member is the aligned residue
   (chance about 1 / length);
 - earlier_share: the attention mass of a later member's residues that lands on residues of earlier
@@ -186,8 +186,8 @@ class HomologAttention:
         same, aligned_where_same = (sum(getattr(result, name) * result.same_letter_pairs for result in results)
                                     / max(same_pairs, 1) for name in ("same_letter", "aligned_where_same"))
         return cls(aligned=by_pairs("aligned"), chance=by_pairs("chance"), top1=by_pairs("top1"),
-                   earlier_share=share, same_letter=same, aligned_where_same=aligned_where_same, aligned_pairs=pairs, later_residues=residues,
-                   same_letter_pairs=same_pairs)
+                   earlier_share=share, same_letter=same, aligned_where_same=aligned_where_same,
+                   aligned_pairs=pairs, later_residues=residues, same_letter_pairs=same_pairs)
 
     def to_markdown(self, title: str = "") -> str:
         """A Markdown table: one row per layer/head."""
@@ -197,7 +197,8 @@ class HomologAttention:
         layers, heads = self.aligned.shape
         for layer in range(layers):
             for head in range(heads):
-                lines.append(f"| {layer + 1} | {head} | {self.aligned[layer, head]:.4f} | {self.chance[layer, head]:.4f} "
+                lines.append(f"| {layer + 1} | {head} | {self.aligned[layer, head]:.4f} "
+                             f"| {self.chance[layer, head]:.4f} "
                              f"| {self.lift[layer, head]:.2f} | {self.same_letter[layer, head]:.4f} "
                              f"| {self.lift_over_same_letter[layer, head]:.2f} | {self.top1[layer, head]:.3f} "
                              f"| {self.earlier_share[layer, head]:.3f} |")
