@@ -230,7 +230,7 @@ def aligned_attention(maps: Tensor, window: HomologWindow,
     codes = [torch.tensor([ord(letter) for letter in member]) for member in window.members]
     for later in range(1, count):
         rows = torch.from_numpy(window.positions(later))
-        earlier_columns = torch.from_numpy(np.concatenate([window.positions(e) for e in range(later)]))
+        earlier_columns = torch.from_numpy(np.concatenate([window.positions(before) for before in range(later)]))
         share += maps[:, :, rows][..., earlier_columns].sum(-1).sum(-1)  # (layers, heads)
         later_residues += len(rows)
         for earlier in range(later):
