@@ -1,37 +1,67 @@
 """Cluster-ordered training FASTA + held-out clusters for benchmarks/homolog_reading.py (issue 20 item 5).
 
-python benchmarks/homolog_sets.py IDENT DATA_DIR  (DATA_DIR holds swissprot_2014_01_dev.fasta.gz and its clusters TSVs)
+    python benchmarks/homolog_sets.py IDENTITY DATA_DIR
+
+DATA_DIR holds swissprot_2014_01_dev.fasta.gz and its clusters TSVs (swissprot_2014_01_dev.clusters<IDENTITY>.tsv.gz).
+Writes, in the current directory, train<IDENTITY>.fasta (the multi-member clusters not held out, in a
+shuffled cluster order, each cluster's members consecutive in a shuffled order: concat windows then hold
+consecutive homologs) and eval<IDENTITY>.tsv (the held-out clusters: 1 in 25 by a SHA-1 of the representative).
 """
-import gzip, hashlib, random, sys
-from collections import defaultdict
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import random
+from pathlib import Path
+
 from Bio.SeqIO.FastaIO import SimpleFastaParser
 
-ident = sys.argv[1]  # 50 or 90
-D = sys.argv[2]
-seqs = {}
-with gzip.open(f"{D}/swissprot_2014_01_dev.fasta.gz", "rt") as f:
-    for h, s in SimpleFastaParser(f):
-        seqs[h.split("|")[1]] = s
-cl = defaultdict(list)
-with gzip.open(f"{D}/swissprot_2014_01_dev.clusters{ident}.tsv.gz", "rt") as f:
-    for line in f:
-        r, m = line.split()
-        cl[r].append(m)
-multi = [r for r in cl if len(cl[r]) >= 2]
-held = lambda r: int(hashlib.sha1(r.encode()).hexdigest(), 16) % 25 == 0
-rng = random.Random(0)
-train = [r for r in multi if not held(r)]
-rng.shuffle(train)
-n = 0
-with open(f"train{ident}.fasta", "w") as out:
-    for r in train:
-        ms = cl[r][:]
-        rng.shuffle(ms)
-        for m in ms:
-            out.write(f">sp|{m}|{m}\n{seqs[m]}\n"); n += 1
-with open(f"eval{ident}.tsv", "w") as out:
-    for r in multi:
-        if held(r):
-            for m in cl[r]:
-                out.write(f"{r}\t{m}\n")
-print(ident, "train clusters", len(train), "seqs", n, "held-out clusters", sum(held(r) for r in multi))
+HELD_OUT_ONE_IN = 25
+
+
+def is_held_out(representative: str) -> bool:
+    return int(hashlib.sha1(representative.encode()).hexdigest(), 16) % HELD_OUT_ONE_IN == 0
+
+
+def read_members(path: Path) -> dict[str, list[str]]:
+    clusters: dict[str, list[str]] = {}
+    with gzip.open(path, "rt") as lines:
+        for line in lines:
+            representative, member = line.split()
+            clusters.setdefault(representative, []).append(member)
+    return clusters
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("identity", help="clustering identity in the file name: 50 or 90")
+    parser.add_argument("data_dir", type=Path, help="directory of the development FASTA and its cluster TSVs")
+    args = parser.parse_args(argv)
+
+    with gzip.open(args.data_dir / "swissprot_2014_01_dev.fasta.gz", "rt") as fasta:
+        sequences = {title.split("|")[1]: sequence for title, sequence in SimpleFastaParser(fasta)}
+    clusters = read_members(args.data_dir / f"swissprot_2014_01_dev.clusters{args.identity}.tsv.gz")
+    multi = [representative for representative in clusters if len(clusters[representative]) >= 2]
+    rng = random.Random(0)
+    train = [representative for representative in multi if not is_held_out(representative)]
+    rng.shuffle(train)
+    written = 0
+    with open(f"train{args.identity}.fasta", "w") as out:
+        for representative in train:
+            members = clusters[representative][:]
+            rng.shuffle(members)
+            for member in members:
+                out.write(f">sp|{member}|{member}\n{sequences[member]}\n")
+                written += 1
+    with open(f"eval{args.identity}.tsv", "w") as out:
+        for representative in multi:
+            if is_held_out(representative):
+                for member in clusters[representative]:
+                    out.write(f"{representative}\t{member}\n")
+    print(args.identity, "train clusters", len(train), "seqs", written, "held-out clusters",
+          sum(is_held_out(representative) for representative in multi))
+
+
+if __name__ == "__main__":
+    main()

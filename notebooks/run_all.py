@@ -1,6 +1,6 @@
 """Execute the notebooks on a checkpoint and save them with their outputs (figures included).
 
-    python notebooks/run_all.py outputs/<date>/<time>/checkpoints/last.ckpt        # all three, in place
+    python notebooks/run_all.py outputs/<date>/<time>/checkpoints/last.ckpt        # all of them, in place
     python notebooks/run_all.py <ckpt> notebooks/downstream.ipynb                  # just one
     python notebooks/run_all.py <ckpt> --fast --output-dir /tmp/nb                 # smoke run, repo untouched
     python notebooks/run_all.py my-model                        # an exported model directory works the same
@@ -22,7 +22,7 @@ import nbformat
 from nbclient import NotebookClient
 
 NOTEBOOK_DIR = Path(__file__).resolve().parent
-NOTEBOOKS = ("attention_maps.ipynb", "amino_acid_similarity.ipynb", "downstream.ipynb")
+NOTEBOOKS = ("attention_maps.ipynb", "amino_acid_similarity.ipynb", "downstream.ipynb", "homolog_attention.ipynb")
 
 
 def execute(notebook: Path, checkpoint: Path, *, fast: bool = False, timeout: int = 3600,
@@ -45,7 +45,7 @@ def execute(notebook: Path, checkpoint: Path, *, fast: bool = False, timeout: in
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", type=Path, help="a .ckpt from training (or its run directory), or an exported model directory")
-    parser.add_argument("notebooks", nargs="*", type=Path, help="notebooks to run (default: all three)")
+    parser.add_argument("notebooks", nargs="*", type=Path, help="notebooks to run (default: all)")
     parser.add_argument("--fast", action="store_true", help="tiny subsets: a smoke run, not results")
     parser.add_argument("--output-dir", type=Path, help="write executed notebooks here instead of in place")
     args = parser.parse_args(argv)

@@ -33,6 +33,7 @@ __all__ = [
     "amino_acid_similarity",
     "apc",
     "attention_maps",
+    "attention_maps_of_tokens",
     "blosum62",
     "contact_map",
     "favor_approximation_error",
@@ -76,14 +77,28 @@ def attention_maps(model: nn.Module, alphabet: Alphabet, sequence: str) -> Tenso
         float32 [layers, heads, L, L] on the CPU, L = len(sequence); row i is what residue i attends to.
         Rows sum to at most 1: the mass that went to <cls>/<eos> is not shown.
     """
+    return attention_maps_of_tokens(model, tokenize(alphabet, sequence))[:, :, 1:-1, 1:-1]
+
+
+@torch.no_grad()
+def attention_maps_of_tokens(model: nn.Module, tokens: Tensor) -> Tensor:
+    """Attention of every head of every layer over any token sequence (e.g. a homolog window).
+
+    Args:
+        tokens: int [T], special tokens included as the model should see them.
+
+    Returns:
+        float32 [layers, heads, T, T] on the CPU, rows summing to 1 (the model's own attention: exact for
+        softmax, implied by the random features for FAVOR+).
+    """
     was_training = model.training
     model.eval()
     try:
-        tokens = tokenize(alphabet, sequence)[None].to(_model_device(model))  # (1, L + 2)
-        attentions = model(tokens, return_attention=True).attentions  # (1, layers, heads, L+2, L+2)
+        batch = tokens.long()[None].to(_model_device(model))  # (1, T)
+        attentions = model(batch, return_attention=True).attentions  # (1, layers, heads, T, T)
     finally:
         model.train(was_training)
-    return attentions[0, :, :, 1:-1, 1:-1].float().cpu()
+    return attentions[0].float().cpu()
 
 
 @torch.no_grad()

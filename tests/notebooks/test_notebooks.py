@@ -66,6 +66,7 @@ def outputs(nb: nbformat.NotebookNode) -> tuple[str, int]:
         ("attention_maps.ipynb", "Cys5-Cys55: rank", 4),
         ("amino_acid_similarity.ipynb", "Pearson r with BLOSUM62", 2),
         ("downstream.ipynb", "Q3 test accuracy", 1),
+        ("homolog_attention.ipynb", "highest aligned lift", 4),
     ],
 )
 def test_notebook_runs_on_a_trained_checkpoint(checkpoint, name, expected_text, min_figures):
