@@ -11,7 +11,8 @@
 2. CPU seconds per stage of a build, measured one stage at a time in this process, and of a whole build
    with 2 workers split into the parent (serial: inflating gzip, writing, taking results back) and the
    workers (parallel: reading plain files, parsing, encoding). From those, a load-independent estimate:
-   the wall time on N free cores is about max(parent, workers / (N - 1), total / N), and its ratio to
+   the wall time on N free cores with the default W = min(N, 8) workers is about
+   max(parent, workers / W, total / N) (the parent mostly waits, so W workers share the N cores), and its ratio to
    SeqIO's CPU time on one core.
 3. Peak memory (VmHWM of the build's process, largest worker's maxrss) at a few input sizes: streaming
    means it does not grow with the input.
@@ -46,6 +47,7 @@ from protein_performer.data.fasta_chunks import chunk_of_block, record_blocks
 from protein_performer.data.splits import SplitAssigner
 from protein_performer.data.store import StoreSummary
 from protein_performer.data.store_writer import _ChunkEncoder, _write_store
+from protein_performer.data.workers import _MAX_DEFAULT_WORKERS as default_cap
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "data" / "uniprot_sample.fasta"
@@ -185,7 +187,8 @@ def _children_cpu() -> float:
 def stage_table(stages: list[tuple], cores: tuple[int, ...] = (2, 16)) -> None:
     print("\n2. CPU seconds per 100 MB of uncompressed input: SeqIO; each stage of a build alone; then a whole build\n"
           "   with 2 workers, split into the parent (inflating gzip, writing) and the workers (reading plain files,\n"
-          "   parsing, encoding). On N free cores a build takes about max(parent, workers / (N - 1), total / N).\n"
+          "   parsing, encoding). On N free cores a build (default: W = min(N, 8) workers) takes about\n"
+          "   max(parent, workers / W, total / N).\n"
           "   write: the default (no compression); the scaleoffset column is not part of the build")
     names = ["SeqIO", "read+inflate", "parse", "encode", "write", "write, scaleoffset", "parent", "workers"]
     header("input", *names, *(f"{n} cores: MB/s, vs SeqIO" for n in cores))
@@ -193,7 +196,7 @@ def stage_table(stages: list[tuple], cores: tuple[int, ...] = (2, 16)) -> None:
         per = {name: seconds[name] * 100 / size for name in names}
         estimates = []
         for n in cores:
-            wall = max(per["parent"], per["workers"] / (n - 1), (per["parent"] + per["workers"]) / n)
+            wall = max(per["parent"], per["workers"] / min(n, default_cap), (per["parent"] + per["workers"]) / n)
             estimates.append(f"{100 / wall:.0f}, {per['SeqIO'] / wall:.2f}x")
         row(label, *(f"{per[name]:.2f}" for name in names), *estimates)
 
