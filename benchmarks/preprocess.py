@@ -252,8 +252,8 @@ def loading_table(directory: Path, source: Path, megabytes: float, seconds: floa
             if time.perf_counter() - start > seconds:
                 break
         elapsed = time.perf_counter() - start
-        row(compression, f"{store.stat().st_size / size:.2f}", label, f"{tokens / elapsed:,.0f}", f"{real / elapsed:,.0f}",
-            f"{tokens / elapsed / 2e6:.1f}x")
+        row(compression, f"{store.stat().st_size / size:.2f}", label, f"{tokens / elapsed:,.0f}",
+            f"{real / elapsed:,.0f}", f"{tokens / elapsed / 2e6:.1f}x")
 
 
 def main() -> None:
