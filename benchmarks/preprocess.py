@@ -7,15 +7,17 @@
    (real proteins, e.g. a UniProt download) or the bundled UniProt sample, repeated to the size asked
    if it is smaller, once with one line per sequence and once wrapped at 60 columns as UniProt
    distributes it, each as a plain file and gzipped (-6, as UniProt's .fasta.gz downloads). Rows:
-   builds with 1 and 2 worker processes (and 2 without compression).
+   builds with 1 and 2 worker processes (default compression: none), and 2 with scaleoffset, the former default.
 2. CPU seconds per stage of a build, measured one stage at a time in this process, and of a whole build
    with 2 workers split into the parent (serial: inflating gzip, writing, taking results back) and the
    workers (parallel: reading plain files, parsing, encoding). From those, a load-independent estimate:
-   the wall time on N free cores is about max(parent, workers / (N - 1), total / N), and its ratio to
+   the wall time on N free cores with the default W = min(N, 8) workers is about
+   max(parent, workers / W, total / N) (the parent mostly waits, so W workers share the N cores), and its ratio to
    SeqIO's CPU time on one core.
 3. Peak memory (VmHWM of the build's process, largest worker's maxrss) at a few input sizes: streaming
    means it does not grow with the input.
-4. Loading: token store -> masked batches on one core (main process, no workers), tokens/s.
+4. Loading: token store -> masked batches on one core (main process, no workers), tokens/s, and the
+   store's size, for the default (none) and scaleoffset.
 Each timing is the best of --repeats (the least disturbed by other processes); the load average is
 printed beside each table, since on a shared machine wall-clock ratios move with it.
 """
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import itertools
 import json
 import logging
 import os
@@ -44,10 +47,11 @@ from protein_performer.data.fasta_chunks import chunk_of_block, record_blocks
 from protein_performer.data.splits import SplitAssigner
 from protein_performer.data.store import StoreSummary
 from protein_performer.data.store_writer import _ChunkEncoder, _write_store
+from protein_performer.data.workers import _MAX_DEFAULT_WORKERS as default_cap
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "data" / "uniprot_sample.fasta"
-SCALEOFFSET = {"scaleoffset": 0}  # the default compression's HDF5 options (as build_token_store sets them)
+SCALEOFFSET = {"scaleoffset": 0}  # HDF5 options of compression="scaleoffset" (as build_token_store sets them)
 
 
 def make_input(path: Path, source: Path, megabytes: float, width: int | None) -> Path:
@@ -129,7 +133,7 @@ def preprocessing_table(directory: Path, source: Path, megabytes: float, repeats
             ("Bio.SeqIO.parse, iterate only (baseline)", lambda p=path: seqio_iterate(p)),
             ("store, 1 worker", lambda p=path: build(p, output, workers=1)),
             ("store, 2 workers", lambda p=path: build(p, output, workers=2)),
-            ("store, 2 workers, no compression", lambda p=path: build(p, output, workers=2, compression="none")),
+            ("store, 2 workers, scaleoffset", lambda p=path: build(p, output, workers=2, compression="scaleoffset")),
         ]
         baseline = None
         for name, work in cases:
@@ -161,8 +165,11 @@ def stage_seconds(path: Path, output: Path) -> dict[str, float]:
     seconds["encode"] = clock() - start
     del chunks
     start = clock()
-    _write_store(output, iter(encoded), len(Alphabet()), StoreSummary(), SCALEOFFSET, 0, False)
+    _write_store(output, iter(encoded), len(Alphabet()), StoreSummary(), {}, 0, False)
     seconds["write"] = clock() - start
+    start = clock()
+    _write_store(output, iter(encoded), len(Alphabet()), StoreSummary(), SCALEOFFSET, 0, False)
+    seconds["write, scaleoffset"] = clock() - start
     del encoded
     # A whole build with 2 workers: what the parent and the workers spend, hand-over between them included.
     start, children = clock(), _children_cpu()
@@ -180,14 +187,16 @@ def _children_cpu() -> float:
 def stage_table(stages: list[tuple], cores: tuple[int, ...] = (2, 16)) -> None:
     print("\n2. CPU seconds per 100 MB of uncompressed input: SeqIO; each stage of a build alone; then a whole build\n"
           "   with 2 workers, split into the parent (inflating gzip, writing) and the workers (reading plain files,\n"
-          "   parsing, encoding). On N free cores a build takes about max(parent, workers / (N - 1), total / N)")
-    names = ["SeqIO", "read+inflate", "parse", "encode", "write", "parent", "workers"]
+          "   parsing, encoding). On N free cores a build (default: W = min(N, 8) workers) takes about\n"
+          "   max(parent, workers / W, total / N).\n"
+          "   write: the default (no compression); the scaleoffset column is not part of the build")
+    names = ["SeqIO", "read+inflate", "parse", "encode", "write", "write, scaleoffset", "parent", "workers"]
     header("input", *names, *(f"{n} cores: MB/s, vs SeqIO" for n in cores))
     for label, size, seconds in stages:
         per = {name: seconds[name] * 100 / size for name in names}
         estimates = []
         for n in cores:
-            wall = max(per["parent"], per["workers"] / (n - 1), (per["parent"] + per["workers"]) / n)
+            wall = max(per["parent"], per["workers"] / min(n, default_cap), (per["parent"] + per["workers"]) / n)
             estimates.append(f"{100 / wall:.0f}, {per['SeqIO'] / wall:.2f}x")
         row(label, *(f"{per[name]:.2f}" for name in names), *estimates)
 
@@ -220,15 +229,19 @@ def memory_table(directory: Path, source: Path, sizes: list[float]) -> None:
 
 def loading_table(directory: Path, source: Path, megabytes: float, seconds: float) -> None:
     path = make_input(directory / "loading.fasta", source, megabytes, None)
-    store = directory / "loading.h5"
-    build(path, store)
+    stores = {}
+    for compression in ("none", "scaleoffset"):
+        stores[compression] = directory / f"loading-{compression}.h5"
+        build(path, stores[compression], compression=compression)
+    size = path.stat().st_size
     path.unlink()
-    print(f"\n4. loading from the token store on one core (MLM batches, ~{seconds:.0f} s each)")
-    header("sampling", "tokens/s", "of which residues", "vs 2M/s")
-    for label, spec in [
+    print(f"\n4. loading from the token store on one core (MLM batches, ~{seconds:.0f} s each; store size as a share "
+          "of the one-line FASTA)")
+    header("compression", "store size", "sampling", "tokens/s", "of which residues", "vs 2M/s")
+    for (compression, store), (label, spec) in itertools.product(stores.items(), [
         ("single, crop 1024, 16k tokens/batch", BatchSpec(sampling="single", max_length=1024, tokens_per_batch=16384)),
         ("concat, windows of 8192, 4/batch", BatchSpec(sampling="concat", max_length=8192, batch_size=4)),
-    ]:
+    ]):
         dataset = ProteinBatches(store, "train", spec, train=True)
         tokens = real = 0
         start = time.perf_counter()
@@ -239,7 +252,8 @@ def loading_table(directory: Path, source: Path, megabytes: float, seconds: floa
             if time.perf_counter() - start > seconds:
                 break
         elapsed = time.perf_counter() - start
-        row(label, f"{tokens / elapsed:,.0f}", f"{real / elapsed:,.0f}", f"{tokens / elapsed / 2e6:.1f}x")
+        row(compression, f"{store.stat().st_size / size:.2f}", label, f"{tokens / elapsed:,.0f}",
+            f"{real / elapsed:,.0f}", f"{tokens / elapsed / 2e6:.1f}x")
 
 
 def main() -> None:

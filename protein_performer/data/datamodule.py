@@ -107,7 +107,7 @@ class DataSource:
     fasta: str | Sequence[str] | None = None
     store: str | None = None
     cache_dir: str = ".cache/protein_performer"
-    compression: str = "scaleoffset"
+    compression: str = "none"
     background_reader: bool = True
     build_timeout: float = 24 * 3600.0
     prepare_data_per_node: bool = False

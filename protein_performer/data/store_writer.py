@@ -437,7 +437,7 @@ def build_token_store(
     output: PathInput,
     *,
     split: SplitSpec | None = None,
-    compression: str = "scaleoffset",
+    compression: str = "none",
     compression_threads: int = 2,
     chunk_records: int = 2048,
     background_reader: bool = True,
@@ -460,10 +460,12 @@ def build_token_store(
     Args:
         split: train/valid/test fractions, the OOD rules and the clusters file (SplitSpec() by default).
             With clusters, splits follow clusters and every split gets a `clusters` dataset (clusters.py).
-        compression: "scaleoffset" (HDF5's built-in integer packing: each chunk as value - min in the
-            fewest bits, 5 per residue token: 63% of raw; the fastest to build), "gzip" (deflate,
-            Huffman-only for residues, see _deflate_huffman: 53% of raw, ~15% slower to build), "lzf",
-            "none". All are lossless and decoded by any HDF5 reader.
+        compression: "none" (the default: the cheapest to write and to read, since the parent's HDF5
+            write is the build's one serial stage), "scaleoffset" (HDF5's built-in integer packing: each
+            chunk as value - min in the fewest bits, 5 per residue token: 63% of raw, about 0.2 CPU s
+            more per 100 MB to write and 0.25 more to read), "gzip" (deflate, Huffman-only for residues,
+            see _deflate_huffman: 53% of raw, slower still), "lzf". All are lossless and decoded by any
+            HDF5 reader; stores built with any of them load the same way.
         compression_threads: threads deflating residue chunks for "gzip" (0: in the calling thread).
         background_reader: parse and encode in `workers` child processes while this one inflates
             and writes; False: everything in this process (no children), in chunks of `chunk_records`.

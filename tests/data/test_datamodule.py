@@ -5,6 +5,7 @@ import os
 from collections import Counter
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import pytorch_lightning as pl
@@ -254,11 +255,15 @@ def test_the_cache_is_reused_and_rebuilt_when_inputs_or_settings_change(sample_f
     assert store_path() == first and first.stat().st_mtime_ns == built  # reused, not rebuilt
     assert first.name.startswith("proteins-") and first.parent == cache
     assert store_path(valid_fraction=0.1) != first  # a split setting is part of the key
+    # So is the compression: a cache built with the former default (scaleoffset) is not taken for today's (none).
+    assert store_path(compression="scaleoffset") != first
+    with h5py.File(first) as h5:
+        assert h5["train/tokens"].compression is None and h5["train/tokens"].scaleoffset is None
     with open(fasta, "ab") as handle:
         handle.write(b">sp|NEW1|NEW_HUMAN an added protein\nMKVLAAGIVGLLLAAGCSS\n")
     changed = store_path()
     assert changed != first and len(TokenStore(changed)) == 501
-    assert sorted(p.suffix for p in cache.iterdir()) == [".h5", ".h5", ".h5"]  # no temporary files left
+    assert sorted(p.suffix for p in cache.iterdir()) == [".h5"] * 4  # no temporary files left
 
 
 def test_the_cache_is_built_once_per_job_and_by_nodes_that_cannot_see_it(sample_fasta, tmp_path, monkeypatch):

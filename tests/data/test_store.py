@@ -102,10 +102,10 @@ def test_a_format_1_store_estimates_its_token_counts_from_a_sample_and_says_so_o
 
 
 @pytest.mark.parametrize("options", [
-    dict(compression="none", chunk_records=1, background_reader=False),
+    dict(compression="scaleoffset", chunk_records=1, background_reader=False),  # the default is none
     dict(compression="lzf", chunk_records=33, background_reader=True),
     dict(compression="gzip", chunk_records=4096, background_reader=True, compression_threads=0),
-], ids=["none-1", "lzf-33", "gzip-4096-inline"])
+], ids=["scaleoffset-1", "lzf-33", "gzip-4096-inline"])
 def test_contents_do_not_depend_on_compression_chunking_or_reader(options, sample_fasta, sample_store_path,
                                                                    sample_split, tmp_path):
     path = tmp_path / "other.h5"
