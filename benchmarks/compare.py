@@ -39,6 +39,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -440,6 +441,7 @@ class Plan:
 
 def run(plan: Plan) -> str:
     cache_dir = plan.out / "cache"
+    sections: dict[str, str] = {}  # setting name: its tables and figure
     report = [f"Data: {plan.fasta.name}; model={plan.scale.model}; {plan.scale.tokens_per_batch} tokens per step; "
               f"lr {plan.scale.lr}, warmup {plan.scale.warmup_steps}; seed 0 (S: also seed 1)."]
     finished: dict[tuple[str, str], dict] = {}
@@ -478,15 +480,38 @@ def run(plan: Plan) -> str:
             cell_overrides = [*overrides, *cell.overrides, f"trainer.max_steps={steps}"]
             results.append(run_cell(cell, cell_overrides, setting_dir / cell.name, extra))
             finished[(setting.name, cell.name)] = results[-1]
+        planned = {cell.name for cell in setting.cells}
+        for cell in settings()[setting.name].cells:  # cells left out by --kinds that finished before
+            result_file = setting_dir / cell.name / "result.json"
+            if cell.name not in planned and cell.reuse is None and result_file.is_file():
+                results.append(json.loads(result_file.read_text()))
+        position = {cell.name: i for i, cell in enumerate(settings()[setting.name].cells)}
+        results.sort(key=lambda result: position.get(result["cell"], len(position)))
         if results:
-            report.append(table(setting, results))
+            part = [table(setting, results)]
             if not setting.equal_wall_clock:  # C's cells validate at different steps
-                report.append(curve_table(setting, results, running))
+                part.append(curve_table(setting, results, running))
             png = figure(setting, results, plan.out / f"compare_{setting.name}.png")
-            report.append(f"![{setting.name}]({png.name})")
+            part.append(f"![{setting.name}]({png.name})")
+            sections[setting.name] = "\n\n".join(part)
+            report.extend(part)
     text = "\n\n".join(report) + "\n"
-    (plan.out / "results.md").write_text(text)
+    results_md = plan.out / "results.md"
+    previous = results_md.read_text() if results_md.is_file() else ""
+    results_md.write_text(merge_report(previous, report[0], sections))
     return text
+
+
+def merge_report(previous: str, header: str, sections: dict[str, str]) -> str:
+    """results.md with `sections` (setting name: text starting "### <name>:") replacing those settings'
+    sections of `previous` and the other settings' sections kept, so a run of some settings (or cells)
+    does not drop the rest; sections in the order of `settings()`."""
+    kept: dict[str, str] = {}
+    for chunk in re.split(r"^(?=### [A-Z]+: )", previous, flags=re.MULTILINE)[1:]:
+        kept[chunk.split(":", 1)[0].removeprefix("### ")] = chunk.strip()
+    kept.update(sections)
+    order = [name for name in settings() if name in kept] + sorted(set(kept) - set(settings()))
+    return "\n\n".join([header, *(kept[name] for name in order)]) + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -184,6 +184,13 @@ def test_curve_table_is_masked_only_when_every_cell_logged_it():
     assert lines[0] == "Validation perplexity at each validation (F):" and lines[4] == "| 200 | 15.100 | 15.100 |"
 
 
+def test_a_run_of_some_settings_keeps_the_other_settings_in_results_md():
+    previous = "Data: old\n\n### A: a\n\n| a table |\n\n![A](compare_A.png)\n\n### L: l\n\n| l table |\n"
+    merged = compare.merge_report(previous, "Data: new", {"F": "### F: f\n\n| f table |", "A": "### A: a2"})
+    assert merged == "Data: new\n\n### A: a2\n\n### L: l\n\n| l table |\n\n### F: f\n\n| f table |\n"
+    assert compare.merge_report("", "Data: x", {"L": "### L: l"}) == "Data: x\n\n### L: l\n"
+
+
 def test_table_headlines_masked_only_and_marks_cells_finished_before_it():
     setting = compare.settings()["A"]
     common = {"steps": 500.0, "val_accuracy": 0.2, "test_perplexity": 14.5, "test_accuracy": 0.2,
