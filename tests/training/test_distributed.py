@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 
 import hydra
 import pytest
@@ -72,3 +73,50 @@ def test_ddp_neither_broadcasts_buffers_nor_copies_gradients_out_of_buckets(trai
     strategy = hydra.utils.instantiate(compose_config([f"trainer={trainer}"], tmp_path).trainer.strategy)
     assert isinstance(strategy, DDPStrategy)
     assert strategy._ddp_kwargs == {"broadcast_buffers": False, "gradient_as_bucket_view": True}
+
+
+_SLOW_BUILD = '''\
+"""Test-only: makes every token-store build sleep PP_TEST_BUILD_SLEEP seconds (a TrEMBL-sized build, in small)."""
+import os
+import time
+
+import protein_performer.data.datamodule as datamodule
+
+_build = datamodule.build_token_store
+
+
+def _slow_build(*args, **kwargs):
+    time.sleep(float(os.environ["PP_TEST_BUILD_SLEEP"]))
+    return _build(*args, **kwargs)
+
+
+datamodule.build_token_store = _slow_build
+'''
+
+
+@pytest.mark.slow
+def test_a_store_build_longer_than_the_collective_timeout_does_not_kill_the_ranks(tmp_path, monkeypatch):
+    """The cache is built before the process group exists (train.py calls datamodule.setup() first), so a
+    build outlasting the collective timeout (here 20 s against 15 s) kills no rank. Built inside fit, rank 1
+    would wait for it at Lightning's prepare_data barrier and time out. (The timeout also bounds the
+    rendezvous, which waits for rank 1 to start up: it cannot be a few seconds on a loaded machine.)"""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_SLOW_BUILD)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("PP_TEST_BUILD_SLEEP", "20")
+    cache = tmp_path / "cache"  # empty: this run builds the store
+    run_dir = tmp_path / "run"
+    fingerprints = tmp_path / "fingerprints"
+    result = run_cli([*tiny_overrides(cache, trainer="ddp_cpu"), "trainer.max_steps=2", "trainer.val_check_interval=2",
+                      "trainer.limit_val_batches=1",
+                      "+trainer.strategy.timeout._target_=datetime.timedelta", "+trainer.strategy.timeout.seconds=15",
+                      f"hydra.run.dir={run_dir}",
+                      "+callbacks.fingerprints._target_=protein_performer.training.BatchFingerprints",
+                      f"+callbacks.fingerprints.directory={fingerprints}"], cwd=tmp_path, timeout=240)
+
+    assert "tokenising" in result.stdout + result.stderr, "the store was not built by this run"
+    ranks = [json.loads((fingerprints / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    assert [r["global_step"] for r in ranks] == [2, 2]
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
