@@ -5,6 +5,9 @@ import csv
 import json
 import math
 import os
+import socket
+import subprocess
+import sys
 
 import hydra
 import pytest
@@ -95,28 +98,41 @@ datamodule.build_token_store = _slow_build
 
 
 @pytest.mark.slow
-def test_a_store_build_longer_than_the_collective_timeout_does_not_kill_the_ranks(tmp_path, monkeypatch):
-    """The cache is built before the process group exists (train.py calls datamodule.setup() first), so a
-    build outlasting the collective timeout (here 20 s against 15 s) kills no rank. Built inside fit, rank 1
-    would wait for it at Lightning's prepare_data barrier and time out. (The timeout also bounds the
-    rendezvous, which waits for rank 1 to start up: it cannot be a few seconds on a loaded machine.)"""
+def test_a_node_local_store_build_longer_than_the_collective_timeout_does_not_kill_the_ranks(tmp_path):
+    """Two nodes of one process each (gloo), each with a node-local cache, so each builds its own store, and
+    every build outlasts the collective timeout (20 s against 15 s). train.py builds before the process
+    group exists, so no rank dies. Built inside fit (node 1's local rank 0 in Lightning's setup hook),
+    rank 0 would wait for it at the post-setup barrier and time out. (The timeout also bounds the
+    rendezvous, so it cannot be a few seconds on a loaded machine.)"""
     site = tmp_path / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(_SLOW_BUILD)
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])))
-    monkeypatch.setenv("PP_TEST_BUILD_SLEEP", "20")
-    cache = tmp_path / "cache"  # empty: this run builds the store
-    run_dir = tmp_path / "run"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     fingerprints = tmp_path / "fingerprints"
-    result = run_cli([*tiny_overrides(cache, trainer="ddp_cpu"), "trainer.max_steps=2", "trainer.val_check_interval=2",
-                      "trainer.limit_val_batches=1",
-                      "+trainer.strategy.timeout._target_=datetime.timedelta", "+trainer.strategy.timeout.seconds=15",
-                      f"hydra.run.dir={run_dir}",
-                      "+callbacks.fingerprints._target_=protein_performer.training.BatchFingerprints",
-                      f"+callbacks.fingerprints.directory={fingerprints}"], cwd=tmp_path, timeout=240)
+    nodes = []
+    for node in (0, 1):
+        env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONWARNINGS": "ignore",
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])),
+               "PP_TEST_BUILD_SLEEP": "20", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "NODE_RANK": str(node), "LOCAL_RANK": "0"}
+        args = [*tiny_overrides(tmp_path / f"cache{node}", trainer="ddp_cpu"), "trainer.devices=1",
+                "trainer.num_nodes=2", "trainer.max_steps=2", "trainer.val_check_interval=2",
+                "trainer.limit_val_batches=1",
+                "+trainer.strategy.timeout._target_=datetime.timedelta", "+trainer.strategy.timeout.seconds=15",
+                f"hydra.run.dir={tmp_path / f'run{node}'}",
+                "+callbacks.fingerprints._target_=protein_performer.training.BatchFingerprints",
+                f"+callbacks.fingerprints.directory={fingerprints}"]
+        nodes.append(subprocess.Popen([sys.executable, "-m", "protein_performer.train", *args], cwd=tmp_path,
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [process.communicate(timeout=240)[0] for process in nodes]
+    for process, output in zip(nodes, outputs):
+        assert process.returncode == 0, f"a node exited with {process.returncode}:\n{output[-6000:]}"
+        assert "tokenising" in output, "this node did not build its store"
 
-    assert "tokenising" in result.stdout + result.stderr, "the store was not built by this run"
     ranks = [json.loads((fingerprints / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert [r["world_size"] for r in ranks] == [2, 2]
     assert [r["global_step"] for r in ranks] == [2, 2]
-    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert ranks[0]["parameters"] == ranks[1]["parameters"]
+    assert (tmp_path / "run0" / "checkpoints" / "last.ckpt").is_file()
