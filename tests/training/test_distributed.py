@@ -116,7 +116,7 @@ def test_a_node_local_store_build_longer_than_the_collective_timeout_does_not_ki
         env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONWARNINGS": "ignore",
                "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])),
                "PP_TEST_BUILD_SLEEP": "20", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "NODE_RANK": str(node), "LOCAL_RANK": "0"}
+               "NODE_RANK": str(node), "LOCAL_RANK": "0", "RANK": str(node)}
         args = [*tiny_overrides(tmp_path / f"cache{node}", trainer="ddp_cpu"), "trainer.devices=1",
                 "trainer.num_nodes=2", "trainer.max_steps=2", "trainer.val_check_interval=2",
                 "trainer.limit_val_batches=1",
