@@ -7,7 +7,10 @@ Task i goes to worker i mod `workers` and results are taken back in the same rot
 come out in task order with no reordering buffer, and at most `workers * depth` tasks are in flight
 (memory is bounded by queue depth, never by input size). Workers are forked (they need nothing but
 what the parent already imported, and never touch its HDF5 or tqdm state) and die with their parent
-however it ends (SIGKILL and the OOM killer included: `_die_with_parent`). A DataError
+however it ends (SIGKILL and the OOM killer included: `_die_with_parent`). Results come back through
+one pipe per worker as pickle protocol 5 with the arrays' data out of band, each message read straight
+into a buffer of its size: the arrays are neither copied into a pickle nor out of one, nor through the
+BytesIO that multiprocessing's `recv_bytes` grows (`_send_all`, `_receive`). A DataError
 raised in a worker is raised again in the parent as it is (one line naming the file and line); any
 other exception is a bug and arrives with the worker's traceback.
 """
@@ -15,8 +18,10 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import pickle
 import queue
 import signal
+import struct
 import sys
 import threading
 import time
@@ -123,17 +128,62 @@ def _signals_deferred() -> Iterator[None]:
 
 
 def _worker_main(function: Callable[[Any], Any], tasks: Any, results: Any, parent: int) -> None:
+    """Compute tasks until None arrives; a thread sends the results, so the next task starts meanwhile."""
     _die_with_parent(parent)
+    outgoing: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    sender = threading.Thread(target=_send_all, args=(outgoing, results), name="send-results", daemon=True)
+    sender.start()
     try:
         while (task := tasks.get()) is not None:
-            results.put(("ok", function(task)))
+            outgoing.put(("ok", function(task)))
     except DataError as error:
-        results.put(("error", error))
+        outgoing.put(("error", error))
     except BaseException:  # a bug: the parent shows its traceback
-        results.put(("crash", traceback.format_exc()))
+        outgoing.put(("crash", traceback.format_exc()))
     finally:
-        results.close()
-        results.join_thread()  # everything put has reached the pipe before this process ends
+        outgoing.put(None)
+        sender.join()  # everything put has reached the pipe before this process ends
+
+
+def _send_all(outgoing: queue.SimpleQueue[Any], results: Any) -> None:
+    """Send each result as pickle protocol 5: one message with the buffer count and the pickle, then
+    one message per out-of-band buffer (numpy arrays' data, sent from where it lies, never copied into
+    the pickle)."""
+    while (item := outgoing.get()) is not None:
+        buffers: list[pickle.PickleBuffer] = []
+        data = pickle.dumps(item, protocol=5, buffer_callback=buffers.append)
+        results.send_bytes(struct.pack("!Q", len(buffers)) + data)
+        for buffer in buffers:
+            results.send_bytes(buffer.raw())
+
+
+def _receive(connection: Any) -> Any:
+    """One result sent by `_send_all`, each message read straight into a buffer of its size."""
+    fd = connection.fileno()
+    head = _read_message(fd)
+    (count,) = struct.unpack_from("!Q", head)
+    buffers = [_read_message(fd) for _ in range(count)]
+    return pickle.loads(memoryview(head)[8:], buffers=buffers)
+
+
+def _read_message(fd: int) -> bytearray:
+    """One message of Connection.send_bytes: its frame is a "!i" size, or -1 and a "!Q" size."""
+    (size,) = struct.unpack("!i", _read_exactly(fd, 4))
+    if size == -1:
+        (size,) = struct.unpack("!Q", _read_exactly(fd, 8))
+    return _read_exactly(fd, size)
+
+
+def _read_exactly(fd: int, size: int) -> bytearray:
+    """`size` bytes from `fd`, read into one buffer (EOFError if the writer ends first)."""
+    buffer = bytearray(size)
+    view, got = memoryview(buffer), 0
+    while got < size:
+        n = os.readv(fd, [view[got:]])
+        if not n:
+            raise EOFError
+        got += n
+    return buffer
 
 
 def map_in_processes(function: Callable[[Task], Result], tasks: Iterable[Task], workers: int,
@@ -144,24 +194,28 @@ def map_in_processes(function: Callable[[Task], Result], tasks: Iterable[Task], 
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
     inboxes = [context.Queue() for _ in range(workers)]
-    outboxes = [context.Queue() for _ in range(workers)]
-    processes = [context.Process(target=_worker_main, args=(function, inbox, outbox, os.getpid()),
+    pipes = [context.Pipe(duplex=False) for _ in range(workers)]  # (parent's reader, worker's writer)
+    outboxes = [reader for reader, _ in pipes]
+    processes = [context.Process(target=_worker_main, args=(function, inbox, writer, os.getpid()),
                                  name=f"preprocess-{k}", daemon=True)
-                 for k, (inbox, outbox) in enumerate(zip(inboxes, outboxes))]
+                 for k, (inbox, (_, writer)) in enumerate(zip(inboxes, pipes))]
     with _signals_deferred():
         for process in processes:
             _start_unsignalled(process)
+    for _, writer in pipes:
+        writer.close()  # only the worker writes
     in_flight: deque[int] = deque()  # the worker of each task sent and not yet taken back, in order
 
     def take() -> Result:
         k = in_flight.popleft()
-        while True:
-            try:
-                status, value = outboxes[k].get(timeout=_POLL_SECONDS)
-                break
-            except queue.Empty:
-                if not processes[k].is_alive():
-                    raise RuntimeError(f"preprocessing worker {k} died (exit code {processes[k].exitcode})") from None
+        while not outboxes[k].poll(_POLL_SECONDS):
+            if not processes[k].is_alive() and not outboxes[k].poll(0):
+                processes[k].join(timeout=5)
+                raise RuntimeError(f"preprocessing worker {k} died (exit code {processes[k].exitcode})")
+        try:
+            status, value = _receive(outboxes[k])
+        except EOFError:
+            raise RuntimeError(f"preprocessing worker {k} died while sending a result") from None
         if status == "ok":
             return value
         if status == "error":
@@ -188,6 +242,8 @@ def map_in_processes(function: Callable[[Task], Result], tasks: Iterable[Task], 
             if process.is_alive():  # cannot happen with SIGTERM's default action; never hang on it
                 process.kill()
                 process.join()
-        for box in (*inboxes, *outboxes):
-            box.cancel_join_thread()  # a feeder thread must not block this process on a dead reader
-            box.close()
+        for inbox in inboxes:
+            inbox.cancel_join_thread()  # a feeder thread must not block this process on a dead reader
+            inbox.close()
+        for outbox in outboxes:
+            outbox.close()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 
 import h5py
 import numpy as np
@@ -79,6 +80,35 @@ def test_results_come_back_in_task_order_and_bugs_bring_their_traceback():
     with pytest.raises(RuntimeError, match="ZeroDivisionError"):
         list(map_in_processes(lambda x: 1 // (x - 7), range(20), workers=2))
     assert 1 <= default_workers() <= 8
+
+
+def _arrays(x: int) -> dict:
+    """Arrays that travel out of band (large, empty, Fortran order), one that does not (a strided view)."""
+    rng = np.random.default_rng(x)
+    big = rng.integers(0, 2**40, size=300_000 + x)  # 2.4 MB: more than a pipe holds
+    return {"big": big, "empty": np.zeros(0, np.uint8), "fortran": np.asfortranarray(rng.random((5, 7))),
+            "strided": big[::3], "tokens": rng.integers(0, 33, size=x, dtype=np.uint8), "x": x}
+
+
+def test_numpy_results_arrive_whole_and_in_order():
+    got = list(map_in_processes(_arrays, range(6), workers=2))
+    assert [r["x"] for r in got] == list(range(6))
+    for x, result in enumerate(got):
+        expected = _arrays(x)
+        for name in ("big", "empty", "fortran", "strided", "tokens"):
+            assert result[name].dtype == expected[name].dtype and result[name].shape == expected[name].shape
+            np.testing.assert_array_equal(result[name], expected[name])
+        assert result["fortran"].flags.f_contiguous
+
+
+def test_a_worker_that_dies_is_reported_not_waited_for():
+    def die_at_three(x):
+        if x == 3:
+            os._exit(7)
+        return x
+
+    with pytest.raises(RuntimeError, match=r"worker 1 died \(exit code 7\)"):
+        list(map_in_processes(die_at_three, range(10), workers=2))
 
 
 
