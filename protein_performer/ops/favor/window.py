@@ -166,8 +166,9 @@ def _bidirectional_far(q: Tensor, k: Tensor, w: Tensor, projection: Tensor, key_
     query = _row_blocks(query_logits.sub_(query_max).exp_().reshape(rows, L, -1), block)  # (R, n, T, m)
     key = masked(key_logits.sub_(key_offset[..., None, None]).exp_(), key_padding_mask)
     key = _row_blocks(key.reshape(rows, L, -1), block)
-    states = key.transpose(-1, -2) @ _row_blocks(w.reshape(rows, L, -1), block)  # (R, n, m, E)
-    far = query @ _AllButNeighbours.apply(states)  # (R, n, T, E)
+    # transposed states W_c^T phi(K_c), so that the key features' gradient comes out contiguous
+    states = _row_blocks(w.reshape(rows, L, -1), block).transpose(-1, -2) @ key  # (R, n, E, m)
+    far = query @ _AllButNeighbours.apply(states).transpose(-1, -2)  # (R, n, T, E)
     return far, _row_blocks(sigma.reshape(rows, L, 1), block)
 
 
@@ -224,7 +225,8 @@ def favor_window_attention(
         # mask, stabiliser and exp in place on the fresh product (its backward reads only qb and keys; no
         # views of it: an in-place op on a view costs autograd a copy of the whole base)
         logits = qb @ keys.transpose(-1, -2)  # (R, n, T, S T)
-        logits.masked_fill_((~allowed).expand(B, H, *allowed.shape[2:]).reshape(logits.shape), -math.inf)
+        with torch.no_grad():  # untracked: the exp's backward (grad * exp(-inf) = 0) already zeroes these
+            logits.masked_fill_((~allowed).expand(B, H, *allowed.shape[2:]).reshape(logits.shape), -math.inf)
         mu = torch.maximum(sigma_b.detach(), logits.detach().amax(dim=-1, keepdim=True))
         total = logits.sub_(mu).exp_() @ values + far * torch.exp(sigma_b - mu)
         out = safe_divide(total[..., :D], total[..., D])  # (R, n, T, D)
