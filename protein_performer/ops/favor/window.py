@@ -126,6 +126,16 @@ def _row_neighbours(x: Tensor, shifts: range) -> Tensor:
     return torch.cat([padded[:, 1 + s : 1 + s + n] for s in shifts], dim=2)
 
 
+def _neighbour_windows(x: Tensor, shifts: range) -> Tensor:
+    """[R, n, T, F] -> for each block the blocks at ``shifts``, transposed: [R n, F, S T], an overlapping
+    view (``unfold``: no copy, and a summing backward) of the blocks laid end to end with a zero block
+    before and after. Across rows it reads the neighbouring row's edge block where
+    :func:`_row_neighbours` reads zeros: the caller masks those keys (their weights are exactly 0)."""
+    R, n, T, F = x.shape
+    padded = torch.nn.functional.pad(x.reshape(R * n * T, F), (0, 0, -shifts[0] * T, shifts[-1] * T))
+    return padded.unfold(0, len(shifts) * T, T)  # (R n, F, S T)
+
+
 def _all_but_neighbours(x: Tensor) -> Tensor:
     """out_b = sum_c x_c - x_(b-1) - x_b - x_(b+1) over the blocks of x [R, n, ...] (dim 1; a symmetric
     map). In place on one new tensor, contiguous like x (no copy before the product)."""
@@ -216,19 +226,23 @@ def favor_window_attention(
         shifts = range(-1, 1 if causal else 2)
         d_scale = D**-0.25
         qb = _row_blocks((q * d_scale).reshape(rows, L, D), block)  # (R, n, T, D)
-        keys = _row_neighbours(_row_blocks((k * d_scale).reshape(rows, L, D), block), shifts)  # (R, n, S T, D)
-        values = _row_neighbours(_row_blocks(w.reshape(rows, L, D + 1), block), shifts)
+        n = qb.shape[1]
+        # neighbour keys and values as overlapping views (no [R, n, S T, F] copies): the keys of other
+        # rows they read at a row's ends are masked below (valid = 0 off the end), so weigh exactly 0
+        keys_t = _neighbour_windows(_row_blocks((k * d_scale).reshape(rows, L, D), block), shifts)  # (R n, D, S T)
+        values = _neighbour_windows(_row_blocks(w.reshape(rows, L, D + 1), block), shifts).transpose(-1, -2)
         valid = torch.ones(B, L, 1, dtype=dtype, device=q.device) if key_padding_mask is None else (
             (~key_padding_mask).to(dtype)[..., None])
         valid = _row_neighbours(_row_blocks(valid, block), shifts)[..., 0]  # (B, n, S T): 0 at padding, off the end
         allowed = _band_mask(block, shifts, causal, q.device) & (valid[:, None, :, None, :] > 0)  # (B, 1, n, T, S T)
         # mask, stabiliser and exp in place on the fresh product (its backward reads only qb and keys; no
         # views of it: an in-place op on a view costs autograd a copy of the whole base)
-        logits = qb @ keys.transpose(-1, -2)  # (R, n, T, S T)
+        logits = (qb.reshape(rows * n, block, D) @ keys_t).view(qb.shape[:3] + (-1,))  # (R, n, T, S T)
         with torch.no_grad():  # untracked: the exp's backward (grad * exp(-inf) = 0) already zeroes these
             logits.masked_fill_((~allowed).expand(B, H, *allowed.shape[2:]).reshape(logits.shape), -math.inf)
         mu = torch.maximum(sigma_b.detach(), logits.detach().amax(dim=-1, keepdim=True))
-        total = logits.sub_(mu).exp_() @ values + far * torch.exp(sigma_b - mu)
+        exact = (logits.sub_(mu).exp_().view(rows * n, block, -1) @ values).view(far.shape)
+        total = exact + far * torch.exp(sigma_b - mu)
         out = safe_divide(total[..., :D], total[..., D])  # (R, n, T, D)
         out = masked(out.reshape(rows, -1, D)[:, :L].view(B, H, L, D), key_padding_mask)
     return out.to(v.dtype)
