@@ -239,7 +239,7 @@ def favor_window_attention(
         # views of it: an in-place op on a view costs autograd a copy of the whole base)
         logits = (qb.reshape(rows * n, block, D) @ keys_t).view(qb.shape[:3] + (-1,))  # (R, n, T, S T)
         with torch.no_grad():  # untracked: the exp's backward (grad * exp(-inf) = 0) already zeroes these
-            logits.masked_fill_((~allowed).expand(B, H, *allowed.shape[2:]).reshape(logits.shape), -math.inf)
+            logits.view(B, H, *logits.shape[1:]).masked_fill_(~allowed, -math.inf)  # the mask broadcast over heads
         mu = torch.maximum(sigma_b.detach(), logits.detach().amax(dim=-1, keepdim=True))
         exact = (logits.sub_(mu).exp_().view(rows * n, block, -1) @ values).view(far.shape)
         total = exact + far * torch.exp(sigma_b - mu)
