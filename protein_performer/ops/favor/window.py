@@ -237,11 +237,11 @@ def favor_window_attention(
         allowed = _band_mask(block, shifts, causal, q.device) & (valid[:, None, :, None, :] > 0)  # (B, 1, n, T, S T)
         # mask, stabiliser and exp in place on the fresh product (its backward reads only qb and keys; no
         # views of it: an in-place op on a view costs autograd a copy of the whole base)
-        logits = (qb.reshape(rows * n, block, D) @ keys_t).view(qb.shape[:3] + (-1,))  # (R, n, T, S T)
+        logits = qb.reshape(rows * n, block, D) @ keys_t  # (R n, T, S T)
         with torch.no_grad():  # untracked: the exp's backward (grad * exp(-inf) = 0) already zeroes these
-            logits.view(B, H, *logits.shape[1:]).masked_fill_(~allowed, -math.inf)  # the mask broadcast over heads
-        mu = torch.maximum(sigma_b.detach(), logits.detach().amax(dim=-1, keepdim=True))
-        exact = (logits.sub_(mu).exp_().view(rows * n, block, -1) @ values).view(far.shape)
+            logits.view(B, H, n, block, -1).masked_fill_(~allowed, -math.inf)  # the mask broadcast over heads
+        mu = torch.maximum(sigma_b.detach(), logits.detach().amax(dim=-1).view(sigma_b.shape))  # (R, n, T, 1)
+        exact = (logits.sub_(mu.view(rows * n, block, 1)).exp_() @ values).view(far.shape)
         total = exact + far * torch.exp(sigma_b - mu)
         out = safe_divide(total[..., :D], total[..., D])  # (R, n, T, D)
         out = masked(out.reshape(rows, -1, D)[:, :L].view(B, H, L, D), key_padding_mask)
