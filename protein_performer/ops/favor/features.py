@@ -142,11 +142,13 @@ def softmax_logits(x: Tensor, projection: Tensor, oprf_a: Tensor | None = None) 
     A |w|^2 + sqrt(1 - 4A) W x' - |x'|^2 / 2 + (d / 4) log(1 - 4A); A = 0 is FAVOR+."""
     x = x * x.shape[-1] ** -0.25
     norm = 0.5 * (x * x).sum(dim=-1, keepdim=True)
+    # "+ (-norm)", not "- norm": a broadcast subtraction's backward negates the whole [.., m] gradient
+    # before reducing it (a full pass over the largest tensor); this negates the reduced [.., 1] one.
     if oprf_a is None:
-        return x @ projection.T - norm
+        return x @ projection.T + (-norm)
     a = _oprf_shape(oprf_a.to(x.dtype))
     bias = a * projection.square().sum(dim=-1) + 0.25 * x.shape[-1] * torch.log(1 - 4 * a)  # (.., 1, m)
-    return torch.sqrt(1 - 4 * a) * (x @ projection.T) - norm + bias
+    return torch.sqrt(1 - 4 * a) * (x @ projection.T) + (-norm) + bias
 
 
 def softmax_kernel_features(

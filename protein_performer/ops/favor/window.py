@@ -126,11 +126,22 @@ def _row_neighbours(x: Tensor, shifts: range) -> Tensor:
     return torch.cat([padded[:, 1 + s : 1 + s + n] for s in shifts], dim=2)
 
 
+def _neighbour_windows(x: Tensor, shifts: range) -> Tensor:
+    """[R, n, T, F] -> for each block the blocks at ``shifts``, transposed: [R n, F, S T], an overlapping
+    view (``unfold``: no copy, and a summing backward) of the blocks laid end to end with a zero block
+    before and after. Across rows it reads the neighbouring row's edge block where
+    :func:`_row_neighbours` reads zeros: the caller masks those keys (their weights are exactly 0)."""
+    R, n, T, F = x.shape
+    padded = torch.nn.functional.pad(x.reshape(R * n * T, F), (0, 0, -shifts[0] * T, shifts[-1] * T))
+    return padded.unfold(0, len(shifts) * T, T)  # (R n, F, S T)
+
+
 def _all_but_neighbours(x: Tensor) -> Tensor:
-    """out_b = sum_c x_c - x_(b-1) - x_b - x_(b+1) over the blocks of x [n, ...] (a symmetric map)."""
-    out = x.sum(dim=0, keepdim=True) - x
-    out[1:] -= x[:-1]
-    out[:-1] -= x[1:]
+    """out_b = sum_c x_c - x_(b-1) - x_b - x_(b+1) over the blocks of x [R, n, ...] (dim 1; a symmetric
+    map). In place on one new tensor, contiguous like x (no copy before the product)."""
+    out = x.sum(dim=1, keepdim=True) - x
+    out[:, 1:] -= x[:, :-1]
+    out[:, :-1] -= x[:, 1:]
     return out
 
 
@@ -157,14 +168,17 @@ def _bidirectional_far(q: Tensor, k: Tensor, w: Tensor, projection: Tensor, key_
     rows = B * H
     query_logits = softmax_logits(q, projection, oprf_a)  # (B, H, L, m)
     key_logits = softmax_logits(k, projection, oprf_a)
-    query_max = query_logits.amax(dim=-1, keepdim=True).detach()
+    query_max = query_logits.detach().amax(dim=-1, keepdim=True)
     key_offset = shared_key_offset(key_logits, key_padding_mask)  # (B, H), detached
     sigma = query_max + key_offset[..., None, None] - math.log(projection.shape[0])  # (B, H, L, 1)
-    query = _row_blocks(torch.exp(query_logits - query_max).reshape(rows, L, -1), block)  # (R, n, T, m)
-    key = masked(torch.exp(key_logits - key_offset[..., None, None]), key_padding_mask)
+    # In place on the fresh logits (their producers' backward passes do not read them): no [R, L, m]
+    # temporaries, the exp's backward reads its own result.
+    query = _row_blocks(query_logits.sub_(query_max).exp_().reshape(rows, L, -1), block)  # (R, n, T, m)
+    key = masked(key_logits.sub_(key_offset[..., None, None]).exp_(), key_padding_mask)
     key = _row_blocks(key.reshape(rows, L, -1), block)
-    states = key.transpose(-1, -2) @ _row_blocks(w.reshape(rows, L, -1), block)  # (R, n, m, E)
-    far = query @ _AllButNeighbours.apply(states.transpose(0, 1)).transpose(0, 1)  # (R, n, T, E)
+    # transposed states W_c^T phi(K_c), so that the key features' gradient comes out contiguous
+    states = _row_blocks(w.reshape(rows, L, -1), block).transpose(-1, -2) @ key  # (R, n, E, m)
+    far = query @ _AllButNeighbours.apply(states).transpose(-1, -2)  # (R, n, T, E)
     return far, _row_blocks(sigma.reshape(rows, L, 1), block)
 
 
@@ -212,16 +226,23 @@ def favor_window_attention(
         shifts = range(-1, 1 if causal else 2)
         d_scale = D**-0.25
         qb = _row_blocks((q * d_scale).reshape(rows, L, D), block)  # (R, n, T, D)
-        keys = _row_neighbours(_row_blocks((k * d_scale).reshape(rows, L, D), block), shifts)  # (R, n, S T, D)
-        values = _row_neighbours(_row_blocks(w.reshape(rows, L, D + 1), block), shifts)
+        n = qb.shape[1]
+        # neighbour keys and values as overlapping views (no [R, n, S T, F] copies): the keys of other
+        # rows they read at a row's ends are masked below (valid = 0 off the end), so weigh exactly 0
+        keys_t = _neighbour_windows(_row_blocks((k * d_scale).reshape(rows, L, D), block), shifts)  # (R n, D, S T)
+        values = _neighbour_windows(_row_blocks(w.reshape(rows, L, D + 1), block), shifts).transpose(-1, -2)
         valid = torch.ones(B, L, 1, dtype=dtype, device=q.device) if key_padding_mask is None else (
             (~key_padding_mask).to(dtype)[..., None])
         valid = _row_neighbours(_row_blocks(valid, block), shifts)[..., 0]  # (B, n, S T): 0 at padding, off the end
         allowed = _band_mask(block, shifts, causal, q.device) & (valid[:, None, :, None, :] > 0)  # (B, 1, n, T, S T)
-        logits = (qb @ keys.transpose(-1, -2)).view(B, H, *qb.shape[1:3], -1).masked_fill(~allowed, -math.inf)
-        logits = logits.view(rows, *logits.shape[2:])  # (R, n, T, S T)
-        mu = torch.maximum(sigma_b, logits.amax(dim=-1, keepdim=True)).detach()
-        total = torch.exp(logits - mu) @ values + far * torch.exp(sigma_b - mu)
+        # mask, stabiliser and exp in place on the fresh product (its backward reads only qb and keys; no
+        # views of it: an in-place op on a view costs autograd a copy of the whole base)
+        logits = qb.reshape(rows * n, block, D) @ keys_t  # (R n, T, S T)
+        with torch.no_grad():  # untracked: the exp's backward (grad * exp(-inf) = 0) already zeroes these
+            logits.view(B, H, n, block, -1).masked_fill_(~allowed, -math.inf)  # the mask broadcast over heads
+        mu = torch.maximum(sigma_b.detach(), logits.detach().amax(dim=-1).view(sigma_b.shape))  # (R, n, T, 1)
+        exact = (logits.sub_(mu.view(rows * n, block, 1)).exp_() @ values).view(far.shape)
+        total = exact + far * torch.exp(sigma_b - mu)
         out = safe_divide(total[..., :D], total[..., D])  # (R, n, T, D)
         out = masked(out.reshape(rows, -1, D)[:, :L].view(B, H, L, D), key_padding_mask)
     return out.to(v.dtype)
