@@ -2,7 +2,8 @@
 
     python benchmarks/train.py                       # model=concat size, L = 1024 2048 4096 8192
     python benchmarks/train.py --lengths 1024 2048 --steps 2 --model small
-    python benchmarks/train.py --kinds softmax favor softmax+mask --objective clm   # causal; the mask's cost
+    python benchmarks/train.py --kinds softmax favor softmax+mask   # the all-False mask's cost (MLM: a causal
+                                                                    # softmax model drops the mask)
 
 One configuration per fresh subprocess, so each peak memory is its own (CPU: the process's peak
 resident set size minus what it held before building the model; CUDA: torch's peak allocation).
@@ -59,6 +60,8 @@ def measure(attention: str, length: int, model: str, steps: int, warmup: int, de
 
     attention: a conf/attention name; "<name>+mask" passes an all-False padding mask, as training did
     before batches without padding came without one (the softmax baseline then left SDPA's fast paths).
+    A causal softmax model drops it (right padding: ProteinLM.token_statistics), so there "+mask" costs
+    nothing; benchmarks/padded_causal.py times the padded causal step.
     """
     attention, _, mask = attention.partition("+")
     if malloc == "keep":
