@@ -54,6 +54,8 @@ from protein_performer.fidelity import (
 # installed PerformerConfig lacks is skipped with a note.
 VARIANTS: list[tuple[str, dict[str, Any]]] = [
     ("plain (the checkpoint's settings)", {}),
+    ("features=positive (FAVOR+'s)", {"features": "positive"}),
+    ("exact_window=0 (no exact band)", {"exact_window": 0}),
     ("features=oprf", {"features": "oprf"}),
     ("coupling=simplex", {"coupling": "simplex"}),
     ("oprf + simplex", {"features": "oprf", "coupling": "simplex"}),
