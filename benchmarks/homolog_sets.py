@@ -17,20 +17,13 @@ from pathlib import Path
 
 from Bio.SeqIO.FastaIO import SimpleFastaParser
 
+from protein_performer.homologs import read_cluster_members
+
 HELD_OUT_ONE_IN = 25
 
 
 def is_held_out(representative: str) -> bool:
     return int(hashlib.sha1(representative.encode()).hexdigest(), 16) % HELD_OUT_ONE_IN == 0
-
-
-def read_members(path: Path) -> dict[str, list[str]]:
-    clusters: dict[str, list[str]] = {}
-    with gzip.open(path, "rt") as lines:
-        for line in lines:
-            representative, member = line.split()
-            clusters.setdefault(representative, []).append(member)
-    return clusters
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -41,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
 
     with gzip.open(args.data_dir / "swissprot_2014_01_dev.fasta.gz", "rt") as fasta:
         sequences = {title.split("|")[1]: sequence for title, sequence in SimpleFastaParser(fasta)}
-    clusters = read_members(args.data_dir / f"swissprot_2014_01_dev.clusters{args.identity}.tsv.gz")
+    clusters = read_cluster_members(args.data_dir / f"swissprot_2014_01_dev.clusters{args.identity}.tsv.gz")
     multi = [representative for representative in clusters if len(clusters[representative]) >= 2]
     rng = random.Random(0)
     train = [representative for representative in multi if not is_held_out(representative)]

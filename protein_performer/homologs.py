@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from protein_performer.data import SPLITS, Alphabet, SplitSpec, accession_hash, read_fasta
+from protein_performer.data.fasta import GZIP, GZIP_MAGIC
 from protein_performer.data.sampling import Clusters, homolog_segment, segment_lengths
 from protein_performer.data.splits import SplitAssigner
 from protein_performer.fidelity import variant_config
@@ -321,13 +322,11 @@ def with_attention(model: ProteinPerformer, **overrides) -> ProteinPerformer:
 def read_cluster_members(path: str | Path) -> dict[str, list[str]]:
     """An MMseqs2 cluster TSV (representative TAB member; plain or .gz) -> {representative: members in file
     order}. Small files only (a dict of strings; training reads clusters with data.read_clusters)."""
-    import gzip
-
     path = Path(path)
     with open(path, "rb") as probe:
-        compressed = probe.read(2) == b"\x1f\x8b"
+        compressed = probe.read(2) == GZIP_MAGIC
     clusters: dict[str, list[str]] = {}
-    with (gzip.open(path, "rt") if compressed else open(path)) as lines:
+    with (GZIP.open(path, "rt") if compressed else open(path)) as lines:
         for number, line in enumerate(lines, 1):
             if not line.strip():
                 continue
