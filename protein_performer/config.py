@@ -22,6 +22,9 @@ from protein_performer import ops
 from protein_performer.ops.combiner import default_block_size
 
 POSITION_KINDS = ("rotary", "learned", "none")
+# What a position counts from: the window's first token, or the last <cls>/<eos> before it, so that every
+# member of a homolog window numbers its residues 1, 2, ... (PoET's within-sequence positions).
+POSITION_SCOPES = ("window", "member")
 COMBINER_VARIANTS = ("fixed", "axial")
 
 
@@ -204,6 +207,8 @@ class PerformerConfig:
     feature_redraw_interval: int = 1000  # optimizer steps between redraws (the training callback); 0 = never
     feature_seed: int = 0  # projections derive from (feature_seed, step, layer): equal on all DDP ranks
     position: str | None = None  # "rotary" | "learned" | "none"; None: "none" for favor_rpe, else "rotary"
+    position_scope: str = "window"  # "window": positions count from the input's start; "member": from the
+    #                                 last <cls>/<eos>, so aligned residues of homologs share a position
     max_length: int = 1024  # longest input for learned positions and a full favor_rpe bias (others: any length)
     tie_embeddings: bool = True  # the LM head reuses the token embedding matrix (fewer parameters, better LM)
     pad_idx: int | None = None  # padding token id: its embedding row starts at zero and gets no gradient
@@ -271,6 +276,11 @@ class PerformerConfig:
         _require(self.position != "rotary" or (self.d_model // self.n_heads) % 2 == 0,
                  f"rotary positions rotate channel pairs, so the head width d_model // n_heads = "
                  f"{self.d_model // self.n_heads} must be even; change d_model/n_heads or the position")
+        _require(self.position_scope in POSITION_SCOPES,
+                 f"unknown position_scope {self.position_scope!r}; choose one of {POSITION_SCOPES}")
+        _require(self.position_scope == "window" or self.position in ("rotary", "learned"),
+                 f"position_scope='member' restarts rotary or learned positions at each member, but this model "
+                 f"has position={self.position!r} (attention={self.attention!r}); use position_scope='window'")
         # Bidirectional attention is permutation-equivariant: without positions an MLM cannot see residue
         # order at all. A causal model still can (the mask breaks the symmetry), so that combination stays.
         _require(self.position != "none" or self.causal or self.attention_kind.relative_bias,

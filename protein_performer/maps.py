@@ -116,13 +116,13 @@ def query_keys(model: nn.Module, alphabet: Alphabet, sequence: str) -> list[tupl
     layers = _attention_layers(model)
     captured: dict[int, tuple[Tensor, Tensor]] = {}
 
-    def capture(module: SelfAttention, args: tuple) -> None:
-        # The pre-hook sees the block's normalised input; projecting it again gives exactly the q, k
-        # that the forward computes (project_qkv is deterministic).
-        q, k, _ = module.project_qkv(args[0])
+    def capture(module: SelfAttention, args: tuple, kwargs: dict) -> None:
+        # The pre-hook sees the block's normalised input (and the token positions); projecting it again
+        # gives exactly the q, k that the forward computes (project_qkv is deterministic).
+        q, k, _ = module.project_qkv(args[0], positions=kwargs.get("positions"))
         captured[module.layer_index] = (q.float().cpu(), k.float().cpu())
 
-    handles = [layer.register_forward_pre_hook(capture) for layer in layers]
+    handles = [layer.register_forward_pre_hook(capture, with_kwargs=True) for layer in layers]
     was_training = model.training
     model.eval()
     try:

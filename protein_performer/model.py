@@ -23,7 +23,7 @@ from protein_performer.config import (  # re-exported: the config lived here bef
     PerformerConfig,
     config_from_hydra,
 )
-from protein_performer.nn import Block
+from protein_performer.nn import Block, member_positions
 from protein_performer.pretrained import PretrainedMixin
 
 __all__ = ["ATTENTION_GROUP_FIELDS", "COMBINER_VARIANTS", "POSITION_KINDS", "DecodingState", "PerformerConfig",
@@ -47,10 +47,12 @@ class PerformerOutput:
 
 @dataclass
 class DecodingState:
-    """Where step-by-step decoding is: the next position and each layer's recurrent attention state."""
+    """Where step-by-step decoding is: the next position and each layer's recurrent attention state (and,
+    with position_scope='member', each sequence's last <cls>/<eos> so far, long [batch])."""
 
     position: int
     layers: list[Any]
+    last_separator: Tensor | None = None
 
 
 class ProteinPerformer(nn.Module, PretrainedMixin):
@@ -115,15 +117,32 @@ class ProteinPerformer(nn.Module, PretrainedMixin):
         """Number of parameters, tied ones counted once (buffers such as projections excluded)."""
         return count_parameters(self, trainable_only=trainable_only)
 
-    def embed(self, input_ids: Tensor, offset: int = 0) -> Tensor:
-        """input_ids [batch, length] (first token at position `offset`) -> [batch, length, d_model]."""
+    def positions(self, input_ids: Tensor) -> Tensor | None:
+        """Each token's position [batch, length] with position_scope='member' (counted from the last <cls>
+        or <eos>: see nn.member_positions); None with 'window' (0, 1, ... along the input)."""
+        if self.config.position_scope == "window":
+            return None
+        return member_positions(input_ids, self.separators)
+
+    @property
+    def separators(self) -> tuple[int, int]:
+        """The ids where position_scope='member' restarts the count: <cls> and <eos>."""
+        from protein_performer.data.alphabet import Alphabet  # on first use, as config.py does
+
+        alphabet = Alphabet()
+        return alphabet.cls_idx, alphabet.eos_idx
+
+    def embed(self, input_ids: Tensor, offset: int = 0, positions: Tensor | None = None) -> Tensor:
+        """input_ids [batch, length] (first token at position `offset`, or at `positions` [batch, length])
+        -> [batch, length, d_model]."""
         x = self.token_embedding(input_ids)
         if self.position_embedding is not None:
-            end = offset + input_ids.shape[1]
-            if end > self.config.max_length:
-                raise ValueError(f"position {end - 1} is beyond max_length={self.config.max_length} of the "
-                                 "learned position table; crop the input or use position='rotary'")
-            x = x + self.position_embedding(torch.arange(offset, end, device=input_ids.device))
+            if positions is None:
+                positions = torch.arange(offset, offset + input_ids.shape[1], device=input_ids.device)
+            if positions.numel() and int(positions.max()) >= self.config.max_length:
+                raise ValueError(f"position {int(positions.max())} is beyond max_length={self.config.max_length} "
+                                 "of the learned position table; crop the input or use position='rotary'")
+            x = x + self.position_embedding(positions)
         return self.dropout(x)
 
     def forward(self, input_ids: Tensor, padding_mask: Tensor | None = None, *,
@@ -144,11 +163,12 @@ class ProteinPerformer(nn.Module, PretrainedMixin):
         n_layers = self.config.n_layers
         wanted = self._layer_indices(repr_layers)
 
-        x = self.embed(input_ids)
+        positions = self.positions(input_ids)
+        x = self.embed(input_ids, positions=positions)
         hidden_states: dict[int, Tensor] = {0: x} if 0 in wanted else {}
         attentions: list[Tensor] = []
         for index, block in enumerate(self.blocks, start=1):
-            x, weights = block(x, padding_mask, return_attention)
+            x, weights = block(x, padding_mask, return_attention, positions=positions)
             if weights is not None:
                 attentions.append(weights)
             if index in wanted and index != n_layers:
@@ -186,13 +206,22 @@ class ProteinPerformer(nn.Module, PretrainedMixin):
                              f"causal={self.config.causal}, rpe_max_distance={self.config.rpe_max_distance}")
         if state is None:
             state = DecodingState(position=0, layers=[None] * self.config.n_layers)
-        x = self.embed(input_ids[:, None], offset=state.position)[:, 0]  # (B, d_model)
+        rotary_position = last_separator = None
+        if self.config.position_scope == "member":  # the step form of member_positions
+            last_separator = state.last_separator
+            if last_separator is None:
+                last_separator = torch.zeros_like(input_ids, dtype=torch.long)
+            rotary_position = state.position - last_separator
+            is_separator = (input_ids == self.separators[0]) | (input_ids == self.separators[1])
+            last_separator = torch.where(is_separator, state.position, last_separator)
+        x = self.embed(input_ids[:, None], offset=state.position,
+                       positions=None if rotary_position is None else rotary_position[:, None])[:, 0]  # (B, d_model)
         layer_states = []
         for block, layer_state in zip(self.blocks, state.layers):
-            x, layer_state = block.step(x, state.position, layer_state)
+            x, layer_state = block.step(x, state.position, layer_state, rotary_position)
             layer_states.append(layer_state)
         logits = self.lm_head(self.final_norm(x))
-        return logits, DecodingState(position=state.position + 1, layers=layer_states)
+        return logits, DecodingState(position=state.position + 1, layers=layer_states, last_separator=last_separator)
 
     @torch.no_grad()
     def generate(self, prompt_ids: Tensor, max_new_tokens: int, *, temperature: float = 1.0,

@@ -305,6 +305,71 @@ def test_decode_step_equals_the_parallel_forward(kind: str, position: str) -> No
         torch.testing.assert_close(logits, parallel[:, t], rtol=1e-8, atol=1e-8)
 
 
+# ----------------------------------------------------------------------------------------------------
+# position_scope='member': positions restart at each <cls>/<eos> (homolog windows)
+# ----------------------------------------------------------------------------------------------------
+
+CLS, EOS = Alphabet().cls_idx, Alphabet().eos_idx
+
+
+def homolog_window(members: list[torch.Tensor]) -> torch.Tensor:
+    """<cls> m1 <eos> m2 <eos> ... as one [1, T] input."""
+    pieces = [torch.tensor([CLS])]
+    for member in members:
+        pieces += [member, torch.tensor([EOS])]
+    return torch.cat(pieces)[None]
+
+
+def residues(length: int, seed: int) -> torch.Tensor:
+    """Ids that are neither separators nor padding."""
+    return torch.randint(EOS + 1, VOCAB, (length,), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("kind,position", [("favor", "rotary"), ("favor_relu", "learned"), ("favor", "learned")])
+def test_member_positions_decode_step_equals_the_parallel_forward(kind: str, position: str) -> None:
+    model = sharp_model(tiny_config(kind, causal=True, position=position, position_scope="member"))
+    ids = torch.cat([homolog_window([residues(4, 1), residues(6, 2)]),
+                     torch.cat([homolog_window([residues(3, 3)]), homolog_window([residues(6, 4)])], dim=1)])  # 13 tokens each
+    parallel = model(ids).logits
+    state = None
+    for t in range(ids.shape[1]):
+        logits, state = model.decode_step(ids[:, t], state)
+        torch.testing.assert_close(logits, parallel[:, t], rtol=1e-8, atol=1e-8)
+
+
+@pytest.mark.parametrize("position", ["rotary", "learned"])
+def test_member_positions_change_windows_but_not_single_proteins(position: str) -> None:
+    member = sharp_model(tiny_config("softmax", position=position, position_scope="member"))
+    window = sharp_model(tiny_config("softmax", position=position))
+    window.load_state_dict(member.state_dict())
+    single = homolog_window([residues(9, 5)])
+    torch.testing.assert_close(member(single).logits, window(single).logits, rtol=0, atol=0)
+    pair = homolog_window([residues(9, 5), residues(7, 6)])
+    assert (member(pair).logits - window(pair).logits).abs().max() > 1e-3
+
+
+def test_member_positions_give_an_aligned_copy_the_score_of_the_residue_itself() -> None:
+    """In a window of two identical members, the first layer scores query t of the copy against key t of
+    the original exactly as against its own key: the same token at the same position. Counted from the
+    window's start, the copy sits 10 positions later and the scores differ."""
+    protein = residues(9, 7)
+    ids = homolog_window([protein, protein])  # <cls> at 0, original at 1..9, <eos> at 10, copy at 11..19
+    for scope, same in (("member", True), ("window", False)):
+        model = sharp_model(tiny_config("softmax", position_scope=scope))
+        weights = model(ids, return_attention=True).attentions[0, 0]  # layer 1: (heads, T, T)
+        copy, original = torch.arange(11, 20), torch.arange(1, 10)
+        own, aligned = weights[:, copy, copy], weights[:, copy, original]
+        assert torch.allclose(own, aligned, rtol=1e-10, atol=0) is same
+
+
+def test_member_positions_bound_learned_positions_per_member() -> None:
+    """A learned table of 48 positions reads windows longer than 48 whose members are shorter."""
+    ids = homolog_window([residues(20, 8), residues(20, 9), residues(20, 10)])  # 64 tokens
+    assert ProteinPerformer(tiny_config(position="learned", position_scope="member"))(ids).logits.shape[1] == 64
+    with pytest.raises(ValueError, match="max_length"):
+        ProteinPerformer(tiny_config(position="learned"))(ids)
+
+
 @pytest.mark.parametrize("length", [4, 23], ids=["inside-window", "beyond-window"])
 def test_windowed_favor_rpe_decode_step_equals_the_parallel_forward(length: int) -> None:
     """The recurrent state (last w keys + far prefix) reproduces the parallel windowed forward, w = 5."""
@@ -401,6 +466,9 @@ def test_position_defaults_depend_on_the_attention_kind() -> None:
     (dict(rpe_max_distance=0), "rpe_max_distance"),
     (dict(rpe_max_distance=8, rpe_exact_distance=9), "rpe_exact_distance=9 exceeds rpe_max_distance=8"),
     (dict(rpe_exact_distance=0), "rpe_exact_distance"),
+    (dict(position_scope="sequence"), "unknown position_scope"),
+    (dict(position_scope="member", position="none", causal=True), "position_scope='member' restarts"),
+    (dict(attention="favor_rpe", position_scope="member"), "position_scope='member' restarts"),
 ], ids=lambda value: value if isinstance(value, str) else ",".join(value))
 def test_invalid_configs_fail_with_a_clear_message(overrides: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):

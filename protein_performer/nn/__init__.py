@@ -8,7 +8,7 @@ from protein_performer.nn.attention import (
 )
 from protein_performer.nn.block import Block
 from protein_performer.nn.feedforward import FeedForward
-from protein_performer.nn.rotary import RotaryEmbedding, rotate_half
+from protein_performer.nn.rotary import RotaryEmbedding, member_positions, rotate_half
 
 __all__ = [
     "ATTENTION_KINDS",
@@ -18,5 +18,6 @@ __all__ = [
     "FeedForward",
     "RotaryEmbedding",
     "SelfAttention",
+    "member_positions",
     "rotate_half",
 ]

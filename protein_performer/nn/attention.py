@@ -174,11 +174,13 @@ class SelfAttention(nn.Module):
         self.oprf_u.add_(rate * (batch_u.to(self.oprf_u) - self.oprf_u))
         self.oprf_updates.add_(seen.long())
 
-    def project_qkv(self, x: Tensor, offset: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    def project_qkv(self, x: Tensor, offset: int = 0,
+                    positions: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """x [batch, length, d_model] -> q, k, v, each [batch, heads, length, head_dim].
 
         Rotary (if configured) is applied to q and k here, before any feature map; `offset` is the
-        position of x's first token (non-zero during step-by-step decoding).
+        position of x's first token (non-zero during step-by-step decoding), or `positions` [batch, length]
+        gives every token's (position_scope='member').
         """
         batch, length, _ = x.shape
         q, k, v = (self.qkv(x)
@@ -186,7 +188,7 @@ class SelfAttention(nn.Module):
                    .permute(2, 0, 3, 1, 4)  # (3, B, H, L, D)
                    .unbind(0))
         if self.rotary is not None:
-            q, k = self.rotary(q, offset), self.rotary(k, offset)
+            q, k = self.rotary(q, offset, positions), self.rotary(k, offset, positions)
         return q, k, v
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
@@ -200,29 +202,33 @@ class SelfAttention(nn.Module):
         """The [batch, heads, length, length] matrix A that `attend` applies: attend(q, k, v) = A @ v."""
         return self.spec.weights(self, q, k, key_padding_mask)
 
-    def forward(self, x: Tensor, key_padding_mask: Tensor | None = None,
-                return_attention: bool = False) -> tuple[Tensor, Tensor | None]:
+    def forward(self, x: Tensor, key_padding_mask: Tensor | None = None, return_attention: bool = False,
+                positions: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """x [batch, length, d_model] -> (output [batch, length, d_model], weights [batch, heads, L, L] | None).
 
         key_padding_mask: bool [batch, length], True at padding; padded keys get zero weight.
+        positions: long [batch, length], each token's rotary position; None: 0, 1, ... (see project_qkv).
         """
         batch, length, d_model = x.shape
-        q, k, v = self.project_qkv(x)
+        q, k, v = self.project_qkv(x, positions=positions)
         y = self.attend(q, k, v, key_padding_mask)  # (B, H, L, D)
         weights = self.attention_weights(q, k, key_padding_mask) if return_attention else None
         y = y.transpose(1, 2).reshape(batch, length, d_model)  # (B, L, H*D)
         return self.dropout(self.out_proj(y)), weights
 
-    def step(self, x_t: Tensor, position: int, state: Any = None) -> tuple[Tensor, Any]:
+    def step(self, x_t: Tensor, position: int, state: Any = None,
+             rotary_position: Tensor | None = None) -> tuple[Tensor, Any]:
         """One causal decoding step: x_t [batch, d_model] at `position` -> (output [batch, d_model], state).
 
         The state is the op's constant-size running sum of phi(k) v^T and phi(k) (favor kinds), plus the
-        last w keys for a windowed favor_rpe; pass None at position 0.
+        last w keys for a windowed favor_rpe; pass None at position 0. rotary_position [batch] (long), if
+        given, is each sequence's rotary position instead of `position` (position_scope='member').
         """
         if not self.causal or not self.recurrent:
             raise ValueError(f"step-by-step decoding needs a causal model with attention in {RECURRENT_KINDS} or "
                              f"favor_rpe with a windowed bias (rpe_max_distance set), this layer is "
                              f"attention={self.kind!r}, causal={self.causal}")
-        q, k, v = (t.squeeze(2) for t in self.project_qkv(x_t[:, None, :], offset=position))  # (B, H, D)
+        positions = None if rotary_position is None else rotary_position[:, None]
+        q, k, v = (t.squeeze(2) for t in self.project_qkv(x_t[:, None, :], position, positions))  # (B, H, D)
         y, state = self.spec.step(self, q, k, v, position, state)
         return self.dropout(self.out_proj(y.reshape(x_t.shape[0], -1))), state

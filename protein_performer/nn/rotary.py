@@ -36,18 +36,45 @@ class RotaryEmbedding(nn.Module):
         self.base = base
 
     def cos_sin(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """Cosines and sines for integer `positions` [length] -> two [length, head_dim] tensors of `dtype`."""
+        """Cosines and sines for integer `positions` [...] -> two [..., head_dim] tensors of `dtype`."""
         exponents = torch.arange(0, self.head_dim, 2, device=positions.device, dtype=torch.float64) / self.head_dim
-        angles = positions.to(torch.float64)[:, None] * self.base ** -exponents[None, :]  # (L, D/2)
-        angles = torch.cat((angles, angles), dim=-1)  # (L, D): channel i and i + D/2 share an angle
+        angles = positions.to(torch.float64)[..., None] * self.base ** -exponents  # (..., D/2)
+        angles = torch.cat((angles, angles), dim=-1)  # (..., D): channel i and i + D/2 share an angle
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
-    def forward(self, x: Tensor, offset: int = 0) -> Tensor:
-        """Rotate x [batch, heads, length, head_dim] whose first position is `offset`; same shape and dtype."""
+    def forward(self, x: Tensor, offset: int = 0, positions: Tensor | None = None) -> Tensor:
+        """Rotate x [batch, heads, length, head_dim]; same shape and dtype.
+
+        Positions are offset, offset + 1, ... (the first token at `offset`), or per token when
+        `positions` [batch, length] (integers) is given, e.g. member_positions of a homolog window.
+        """
         dtype = torch.promote_types(x.dtype, torch.float32)
-        cos, sin = self.cos_sin(torch.arange(offset, offset + x.shape[-2], device=x.device), dtype)
+        if positions is None:
+            positions = torch.arange(offset, offset + x.shape[-2], device=x.device)
+        else:
+            positions = positions[:, None, :]  # (B, 1, L): one angle per token, shared by the heads
+        cos, sin = self.cos_sin(positions, dtype)
         x_up = x.to(dtype)
         return (x_up * cos + rotate_half(x_up) * sin).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, base={self.base:g}"
+
+
+def member_positions(input_ids: Tensor, separators: tuple[int, ...]) -> Tensor:
+    """Positions counted within each member: input_ids [batch, length] -> long [batch, length].
+
+    A token's position is its distance from the last separator (<cls> or <eos>) before it, so the members
+    of `<cls> m1 <eos> m2 <eos>` number their residues 1, 2, ... alike, and each <eos> takes the position
+    after its member's last residue. A single protein `<cls> residues <eos>` gets 0, 1, ..., L + 1, as with
+    positions counted from the window's start; tokens before the first separator count from the start.
+    """
+    batch, length = input_ids.shape
+    index = torch.arange(length, device=input_ids.device)
+    is_separator = torch.zeros_like(input_ids, dtype=torch.bool)
+    for token in separators:
+        is_separator |= input_ids == token
+    marks = torch.where(is_separator, index, torch.zeros_like(index))  # (B, L)
+    # the index of the last separator strictly before each token (0 if none): a running max, shifted by one
+    before = torch.nn.functional.pad(marks[:, :-1], (1, 0)).cummax(dim=1).values
+    return index - before

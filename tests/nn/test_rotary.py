@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from protein_performer.nn import RotaryEmbedding, rotate_half
+from protein_performer.nn import RotaryEmbedding, member_positions, rotate_half
 
 HEAD_DIM = 16
 
@@ -56,3 +56,27 @@ def test_keeps_low_precision_dtype() -> None:
 def test_odd_head_dim_is_rejected() -> None:
     with pytest.raises(ValueError, match="even head_dim"):
         RotaryEmbedding(7)
+
+
+def test_member_positions_restart_after_each_separator() -> None:
+    cls, eos, pad = 0, 2, 1
+    ids = torch.tensor([[cls, 5, 6, 7, eos, 5, 6, eos, pad, pad],
+                        [cls, 5, 6, eos, cls, 8, 9, 9, eos, 4],
+                        [5, 6, eos, 7, 8, 9, eos, 4, 4, 4]])
+    expected = torch.tensor([[0, 1, 2, 3, 4, 1, 2, 3, 1, 2],  # each <eos> follows its member's last residue
+                             [0, 1, 2, 3, 1, 1, 2, 3, 4, 1],  # a packed second <cls> continues the count
+                             [0, 1, 2, 1, 2, 3, 4, 1, 2, 3]])  # before the first separator: from the start
+    torch.testing.assert_close(member_positions(ids, (cls, eos)), expected, rtol=0, atol=0)
+    # a single protein <cls> residues <eos> is numbered as from the window's start
+    single = torch.tensor([[cls, 5, 6, 7, 8, eos]])
+    torch.testing.assert_close(member_positions(single, (cls, eos)), torch.arange(6)[None], rtol=0, atol=0)
+
+
+def test_per_token_positions_equal_the_offset_form() -> None:
+    rotary = RotaryEmbedding(HEAD_DIM)
+    x = torch.randn(2, 3, 7, HEAD_DIM, dtype=torch.float64)
+    positions = torch.tensor([[4, 5, 6, 7, 8, 9, 10], [0, 1, 2, 0, 1, 2, 3]])
+    rotated = rotary(x, positions=positions)
+    torch.testing.assert_close(rotated[0], rotary(x[:1], offset=4)[0])
+    torch.testing.assert_close(rotated[1, :, 3:], rotary(x[1:, :, 3:])[0])
+    torch.testing.assert_close(rotated[1, :, :3], rotary(x[1:, :, :3])[0])
