@@ -155,6 +155,19 @@ def test_fidelity_setting_is_l_with_only_the_favor_variant_keys_changed(tmp_path
     assert configs["softmax"].kind == "softmax"
 
 
+def test_equal_wall_clock_setting_g_is_c_with_the_exact_band_beside_softmax_and_favor(tmp_path):
+    from protein_performer.train import compose_config
+
+    band, concat = compare.settings()["G"], compare.settings()["C"]
+    strip = lambda setting: [o for o in compare.base_overrides(setting, compare.FULL, tmp_path / "x.fasta",
+                                                               tmp_path / "cache") if not o.startswith("name=")]
+    assert strip(band) == strip(concat) and band.equal_wall_clock
+    base = compare.base_overrides(band, compare.FULL, tmp_path / "x.fasta", tmp_path / "cache")
+    configs = {c.name: compose_config([*base, *c.overrides], tmp_path / c.name).attention for c in band.cells}
+    assert configs["favor_window64"].exact_window == 64 and configs["favor"].exact_window == 0
+    assert configs["softmax"].kind == "softmax"
+
+
 def test_curve_table_lines_cells_up_by_step_with_running_cells_marked():
     setting = compare.settings()["L"]
     results = [{"cell": "softmax", "curve": {"step": [200.0, 400.0], "seconds": [1.0, 2.0],
