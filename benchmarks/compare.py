@@ -18,6 +18,11 @@ FAVOR+) differs:
     L  (on request) A's kinds trained 4x longer (2,000 steps): does a gap of a 500-step run close?
     S  (on request) seed spread: A's softmax and favor again with seed 1, to tell a difference between
        kinds from what another draw of initial weights, batches, masks and features moves
+    F, G  (on request, issue 21) FAVOR+'s fidelity variants (OPRF, exact band) at L's steps (F) and at
+       C's equal wall-clock (G)
+    H, HC (on request, issue 20; --clusters) homolog windows of 4096, whole clusters, positions within
+       members: masked LM (softmax favor favor_rpe combiner) and causal LM (softmax favor), equal steps,
+       with first-member against later-member perplexity: what each kind reads from earlier homologs
 
 A and B (and D) train every kind for the same number of steps. For C, seconds per step are measured
 first for all of C's kinds by short real training runs, alternated and repeated (keeping each kind's
@@ -50,6 +55,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 BUNDLED = REPO / "data" / "swissprot_subset.fasta.gz"
+BUNDLED_CLUSTERS = REPO / "data" / "swissprot_subset.clusters50.tsv.gz"
 SAMPLE = REPO / "data" / "uniprot_sample.fasta"  # --quick: 500 proteins, so evaluations take no time
 
 
@@ -60,6 +66,7 @@ class Scale:
     model: str  # conf/model/<model>.yaml
     single_length: int  # A, B, D: crop length (tokens, <cls>/<eos> included)
     concat_length: int  # C: window length
+    homolog_length: int  # H: homolog window length
     tokens_per_batch: int  # tokens per optimizer step (single: padded budget; C: windows x length)
     steps: int  # A, B, D: optimizer steps
     concat_seconds: float  # C: training seconds per kind
@@ -71,10 +78,10 @@ class Scale:
     calibration_repeats: int
 
 
-FULL = Scale(model="small", single_length=1024, concat_length=4096, tokens_per_batch=8192, steps=500,
+FULL = Scale(model="small", single_length=1024, concat_length=4096, homolog_length=4096, tokens_per_batch=8192, steps=500,
              concat_seconds=480.0, val_every=100, eval_fraction=0.005, warmup_steps=50, lr=2e-3,
              calibration_steps=15, calibration_repeats=2)
-QUICK = Scale(model="tiny", single_length=128, concat_length=256, tokens_per_batch=512, steps=6,
+QUICK = Scale(model="tiny", single_length=128, concat_length=256, homolog_length=256, tokens_per_batch=512, steps=6,
               concat_seconds=0.3, val_every=3, eval_fraction=0.05, warmup_steps=2, lr=2e-3,
               calibration_steps=6, calibration_repeats=1)
 
@@ -105,6 +112,14 @@ class Setting:
 
     def val_every(self, scale: Scale) -> int:
         return scale.val_every * max(1, self.steps_factor // 2)
+
+
+def homolog_cells(setting: str, names: Sequence[str]) -> tuple[Cell, ...]:
+    """One cell per kind, positions within members where the kind has rotary positions to restart."""
+    def scope(name: str) -> tuple[str, ...]:
+        return () if name == "favor_rpe" else ("model.position_scope=member",)
+
+    return tuple(Cell(setting, name, (f"attention={name}", *scope(name)), name) for name in names)
 
 
 def settings() -> dict[str, Setting]:
@@ -148,6 +163,14 @@ def settings() -> dict[str, Setting]:
                     *kinds("G", ("softmax", "favor")),
                     Cell("G", "favor_window64", ("attention=favor", "attention.exact_window=64"), "favor"),
                 ), equal_wall_clock=True),
+        # Issue 20: homolog windows, where a later member can read the aligned residue of an earlier one.
+        # Positions count within each member (model.position_scope=member), which is what let softmax learn
+        # to read homologs in the exploration runs; favor_rpe's relative bias spans the window (its kind
+        # has no rotary position to restart), so it keeps window positions.
+        Setting("H", "homolog windows of 4096 (whole clusters), masked LM, positions within members", "mlm",
+                "homologs", homolog_cells("H", ("softmax", "favor", "favor_rpe", "combiner"))),
+        Setting("HC", "homolog windows of 4096 (whole clusters), causal LM, positions within members", "clm",
+                "homologs", homolog_cells("HC", ("softmax", "favor"))),
         Setting("S", "seed spread of A's softmax and favor", "mlm", "single", (
             Cell("S", "softmax", ("attention=softmax",), "softmax", reuse=("A", "softmax")),
             Cell("S", "favor", ("attention=favor",), "favor", reuse=("A", "favor")),
@@ -157,9 +180,12 @@ def settings() -> dict[str, Setting]:
     )}
 
 
-def base_overrides(setting: Setting, scale: Scale, fasta: Path, cache_dir: Path) -> list[str]:
-    """What every cell of `setting` shares: data, model, objective, optimiser, evaluation, logging."""
-    length = scale.concat_length if setting.sampling == "concat" else scale.single_length
+def base_overrides(setting: Setting, scale: Scale, fasta: Path, cache_dir: Path,
+                   clusters: Path | None = None) -> list[str]:
+    """What every cell of `setting` shares: data, model, objective, optimiser, evaluation, logging.
+    Homolog windows need `clusters` (an MMseqs2 TSV of the FASTA's records)."""
+    length = {"concat": scale.concat_length, "homologs": scale.homolog_length}.get(setting.sampling,
+                                                                                  scale.single_length)
     overrides = [
         "data=swissprot", f"data.fasta={fasta}", f"data.cache_dir={cache_dir}", f"data.sampling={setting.sampling}",
         f"data.max_length={length}", f"data.valid_fraction={scale.eval_fraction}",
@@ -169,7 +195,12 @@ def base_overrides(setting: Setting, scale: Scale, fasta: Path, cache_dir: Path)
         f"optim.lr={scale.lr}", f"optim.warmup_steps={scale.warmup_steps}", "logger=csv", "seed=0",
         f"name=compare-{setting.name}",
     ]
-    if setting.sampling == "concat":
+    if setting.sampling == "homologs":
+        if clusters is None:
+            raise SystemExit(f"setting {setting.name} reads homolog windows: give --clusters (an MMseqs2 TSV of "
+                             f"{fasta.name}'s records)")
+        overrides += [f"data.clusters={clusters}", "data.min_cluster_members=2"]
+    if setting.sampling in ("concat", "homologs"):
         overrides.append(f"data.batch_size={max(1, scale.tokens_per_batch // length)}")
     else:
         overrides.append(f"data.tokens_per_batch={scale.tokens_per_batch}")
@@ -280,8 +311,10 @@ def curve(rows: list[dict[str, float]]) -> dict[str, list[float]]:
     result = {"step": [row["step"] for row in points],
               "seconds": [row.get("val/elapsed_seconds", math.nan) for row in points],
               "val_perplexity": [row["val/perplexity"] for row in points]}
-    if any("val/perplexity_masked" in row for row in points):
-        result["val_perplexity_masked"] = [row.get("val/perplexity_masked", math.nan) for row in points]
+    for key in ("val/perplexity_masked", "val/perplexity_masked_first", "val/perplexity_masked_later",
+                "val/perplexity_first", "val/perplexity_later"):
+        if any(key in row for row in points):
+            result[key.replace("/", "_")] = [row.get(key, math.nan) for row in points]
     return result
 
 
@@ -400,6 +433,59 @@ def table(setting: Setting, results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def member_keys(setting: Setting) -> tuple[str, str]:
+    """The first- and later-member perplexity keys of a homolog setting: masked-only (MLM) or all (CLM)."""
+    return ("val_perplexity_masked_first", "val_perplexity_masked_later") if setting.objective == "mlm" else (
+        "val_perplexity_first", "val_perplexity_later")
+
+
+def member_table(setting: Setting, results: list[dict]) -> str:
+    """What each kind reads from earlier homologs: first against later members of each window.
+
+    later / first is the raw ratio (the issue's measure); the frequency baseline scores the same targets, so
+    (later / frequencies) / (first / frequencies) removes the difference in which residues the two sets
+    hold. "gain vs softmax" is ln(first / later) of the cell over softmax's: the share of softmax's gain."""
+    first_key, later_key = member_keys(setting)
+    targets = "masked-only" if setting.objective == "mlm" else "all targets"
+    nan = math.nan
+
+    def gain(r: dict) -> float:
+        first, later = r.get(first_key, nan), r.get(later_key, nan)
+        return math.log(first / later) if math.isfinite(first) and math.isfinite(later) else nan
+
+    reference = next((r for r in results if r["kind"] == "softmax"), None)
+    head = (f"| cell | first member ({targets}) | later members | later / first | frequencies: first | "
+            "frequencies: later | later / frequencies | later / first over frequencies' | gain vs softmax |")
+    lines = [f"First against later members ({setting.name}, validation windows of held-out clusters):", "", head,
+             "|---|" + "---:|" * (head.count("|") - 2)]
+    for r in results:
+        first, later = r.get(first_key, nan), r.get(later_key, nan)
+        base_first = r.get(first_key.replace("val_perplexity", "val_baseline_frequency_perplexity"), nan)
+        base_later = r.get(later_key.replace("val_perplexity", "val_baseline_frequency_perplexity"), nan)
+        share = gain(r) / gain(reference) if reference is not None and gain(reference) > 0 else nan
+        cells = [first, later, later / first, base_first, base_later, later / base_later,
+                 (later / first) / (base_later / base_first), share]
+        lines.append(f"| {r['cell']} | " + " | ".join(f"{v:.3f}" if math.isfinite(v) else "" for v in cells) + " |")
+    return "\n".join(lines)
+
+
+def member_curve_table(setting: Setting, results: list[dict], running: dict[str, dict[str, list[float]]]) -> str:
+    """later / first at every validation, a column per cell: when each kind starts to read homologs."""
+    first_key, later_key = member_keys(setting)
+    columns = {r["cell"]: r["curve"] for r in results}
+    columns.update({f"{name} (running)": c for name, c in running.items()})
+    by_cell = {name: {int(step): later / first
+                      for step, first, later in zip(c["step"], c.get(first_key, []), c.get(later_key, []))}
+               for name, c in columns.items()}
+    steps = sorted({step for points in by_cell.values() for step in points})
+    lines = [f"Later / first member perplexity at each validation ({setting.name}):", "",
+             "| step | " + " | ".join(by_cell) + " |", "|---:|" + "---:|" * len(by_cell)]
+    for step in steps:
+        cells = [f"{points[step]:.3f}" if step in points else "" for points in by_cell.values()]
+        lines.append(f"| {step:,} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def curve_table(setting: Setting, results: list[dict], running: dict[str, dict[str, list[float]]]) -> str:
     """Validation perplexity at every validation step, a column per cell: the comparison at equal steps.
     `running` holds the curves so far of cells still training (their columns say so)."""
@@ -443,6 +529,7 @@ class Plan:
     fasta: Path
     out: Path
     settings: list[Setting] = field(default_factory=list)
+    clusters: Path | None = None  # H, HC: MMseqs2 clusters of the FASTA's records
     report_only: bool = False  # tables and figures from finished cells; train nothing
 
 
@@ -454,7 +541,7 @@ def run(plan: Plan) -> str:
     finished: dict[tuple[str, str], dict] = {}
     for setting in plan.settings:
         print(f"{setting.name}: {setting.title}", flush=True)
-        overrides = base_overrides(setting, plan.scale, plan.fasta, cache_dir)
+        overrides = base_overrides(setting, plan.scale, plan.fasta, cache_dir, plan.clusters)
         setting_dir = plan.out / setting.name
         calibration = (calibrate(setting, plan.scale, overrides, setting_dir)
                        if setting.equal_wall_clock and setting.cells and not plan.report_only else {})
@@ -498,6 +585,8 @@ def run(plan: Plan) -> str:
             part = [table(setting, results)]
             if not setting.equal_wall_clock:  # C's cells validate at different steps
                 part.append(curve_table(setting, results, running))
+            if setting.sampling == "homologs":
+                part += [member_table(setting, results), member_curve_table(setting, results, running)]
             png = figure(setting, results, plan.out / f"compare_{setting.name}.png")
             part.append(f"![{setting.name}]({png.name})")
             sections[setting.name] = "\n\n".join(part)
@@ -527,7 +616,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="proteins to train and evaluate on (default: the bundled Swiss-Prot subset; "
                              "with --quick the bundled 500-protein sample)")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "compare")
-    parser.add_argument("--settings", nargs="+", default=["A", "B", "C", "D"], choices=["A", "B", "C", "D", "L", "F", "G", "S"])
+    parser.add_argument("--settings", nargs="+", default=["A", "B", "C", "D"], choices=list(settings()))
+    parser.add_argument("--clusters", type=Path, default=None,
+                        help="H, HC: MMseqs2 cluster TSV of the FASTA's records (default with the bundled subset: "
+                             "its bundled 50%% clusters)")
     parser.add_argument("--kinds", nargs="+", default=None,
                         help="keep only these cells (kind or ablation names, e.g. softmax favor no_redraw)")
     parser.add_argument("--quick", action="store_true",
@@ -552,7 +644,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         setting = settings()[name]
         cells = tuple(c for c in setting.cells if args.kinds is None or c.name in args.kinds)
         chosen.append(dataclasses.replace(setting, cells=cells))
-    plan = Plan(scale, args.fasta.resolve(), args.out.resolve(), chosen, report_only=args.report)
+    if args.clusters is None and args.fasta.resolve() == BUNDLED.resolve():
+        args.clusters = BUNDLED_CLUSTERS
+    if args.clusters is not None and not args.clusters.is_file():
+        parser.error(f"--clusters {args.clusters}: no such file")
+    plan = Plan(scale, args.fasta.resolve(), args.out.resolve(), chosen, report_only=args.report,
+                clusters=args.clusters.resolve() if args.clusters else None)
     plan.out.mkdir(parents=True, exist_ok=True)
     print(run(plan))
     return 0

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -166,6 +167,41 @@ def test_equal_wall_clock_setting_g_is_c_with_the_exact_band_beside_softmax_and_
     configs = {c.name: compose_config([*base, *c.overrides], tmp_path / c.name).attention for c in band.cells}
     assert configs["favor_window64"].exact_window == 64 and configs["favor"].exact_window == 0
     assert configs["softmax"].kind == "softmax"
+
+
+def test_homolog_settings_read_clusters_and_restart_positions_where_the_kind_has_rotary(tmp_path):
+    from protein_performer.train import compose_config
+
+    clusters = REPO / "data" / "swissprot_subset.clusters50.tsv.gz"
+    for name, objective in (("H", "mlm"), ("HC", "clm")):
+        setting = compare.settings()[name]
+        base = compare.base_overrides(setting, compare.FULL, tmp_path / "x.fasta", tmp_path / "cache", clusters)
+        for cell in setting.cells:
+            cfg = compose_config([*base, *cell.overrides], tmp_path / name / cell.name)
+            assert (cfg.data.sampling, cfg.data.max_length, cfg.data.batch_size) == ("homologs", 4096, 2)
+            assert cfg.data.clusters == str(clusters) and cfg.data.min_cluster_members == 2
+            assert cfg.objective == objective and cfg.attention.kind == cell.kind
+            assert cfg.model.position_scope == ("window" if cell.kind == "favor_rpe" else "member")
+        with pytest.raises(SystemExit, match="--clusters"):
+            compare.base_overrides(setting, compare.FULL, tmp_path / "x.fasta", tmp_path / "cache")
+
+
+def test_member_table_reports_later_over_first_and_the_share_of_softmax_gain():
+    setting = compare.settings()["H"]
+    results = [{"cell": "softmax", "kind": "softmax", "val_perplexity_masked_first": 10.0,
+                "val_perplexity_masked_later": 4.0, "val_baseline_frequency_perplexity_masked_first": 17.0,
+                "val_baseline_frequency_perplexity_masked_later": 18.0},
+               {"cell": "favor", "kind": "favor", "val_perplexity_masked_first": 10.0,
+                "val_perplexity_masked_later": 5.0}]
+    text = compare.member_table(setting, results)
+    softmax_row, favor_row = text.splitlines()[-2:]
+    assert softmax_row.split(" | ")[1:4] == ["10.000", "4.000", "0.400"]
+    assert softmax_row.rstrip(" |").endswith("1.000") and "0.222" in softmax_row  # 4 / 18
+    assert favor_row.rstrip(" |").endswith(f"{math.log(2) / math.log(2.5):.3f}")  # ln 2 of softmax's ln 2.5
+    curves = {"step": [100.0, 200.0], "val_perplexity_masked_first": [12.0, 10.0],
+              "val_perplexity_masked_later": [11.0, 4.0]}
+    table = compare.member_curve_table(setting, [{**results[0], "curve": curves}], {"favor": curves})
+    assert "| 100 | 0.917 | 0.917 |" in table and "| 200 | 0.400 | 0.400 |" in table and "favor (running)" in table
 
 
 def test_curve_table_lines_cells_up_by_step_with_running_cells_marked():
