@@ -21,7 +21,8 @@ FAVOR+) differs:
     F, G  (on request, issue 21) FAVOR+'s fidelity variants (OPRF, exact band) at L's steps (F) and at
        C's equal wall-clock (G)
     H, HC (on request, issue 20; --clusters) homolog windows of 4096, whole clusters, positions within
-       members: masked LM (softmax favor favor_rpe combiner) and causal LM (softmax favor), equal steps,
+       members: masked LM (softmax favor favor_rpe combiner, and F's favor_window64) and causal LM
+       (softmax favor), equal steps,
        with first-member against later-member perplexity: what each kind reads from earlier homologs
 
 A and B (and D) train every kind for the same number of steps. For C, seconds per step are measured
@@ -168,7 +169,9 @@ def settings() -> dict[str, Setting]:
         # to read homologs in the exploration runs; favor_rpe's relative bias spans the window (its kind
         # has no rotary position to restart), so it keeps window positions.
         Setting("H", "homolog windows of 4096 (whole clusters), masked LM, positions within members", "mlm",
-                "homologs", homolog_cells("H", ("softmax", "favor", "favor_rpe", "combiner"))),
+                "homologs", (*homolog_cells("H", ("softmax", "favor", "favor_rpe", "combiner")),
+                             Cell("H", "favor_window64", ("attention=favor", "attention.exact_window=64",
+                                                          "model.position_scope=member"), "favor"))),
         Setting("HC", "homolog windows of 4096 (whole clusters), causal LM, positions within members", "clm",
                 "homologs", homolog_cells("HC", ("softmax", "favor"))),
         Setting("S", "seed spread of A's softmax and favor", "mlm", "single", (
