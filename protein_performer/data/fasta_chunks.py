@@ -12,6 +12,7 @@ record, with no str per line; `build_token_store` runs that in worker processes 
 """
 from __future__ import annotations
 
+import functools
 import io
 import os
 import queue
@@ -36,7 +37,7 @@ from protein_performer.data.fasta import (
 )
 from protein_performer.errors import raise_if_interrupted
 
-__all__ = ["FastaChunk", "chunk_of_block", "read_fasta_chunks", "read_fasta_chunks_reference", "RecordRange",
+__all__ = ["FastaChunk", "chunk_of_block", "translated_chunk_of_block", "read_fasta_chunks", "read_fasta_chunks_reference", "RecordRange",
            "record_blocks", "record_ranges", "records_before"]
 
 
@@ -73,6 +74,27 @@ def chunk_of_block(path: Path, text: bytes, offset: int, position: int) -> Fasta
     from the block (`block_offset=offset`): what a parallel worker parses."""
     records = _RecordSpans.of(text)
     return FastaChunk(path, 0, *records.cut(text, 0, len(records)), position, block_offset=offset)
+
+
+def translated_chunk_of_block(path: Path, text: bytes, offset: int, position: int, table: bytes,
+                              reject: bytes) -> FastaChunk | None:
+    """`chunk_of_block` with its sequences translated through `table` (256 bytes, as bytes.translate
+    takes it) in the same pass that joins them, or None when a translated sequence byte is one of
+    `reject` (then `chunk_of_block` and the caller's own translation handle the block).
+
+    The encoder's fast path: one pass over the residues instead of one to remove line breaks and one
+    to translate. Chunks that SimpleFastaParser parses (whitespace inside sequences or after titles)
+    give None: whitespace translates to reject[0] here whatever `table` says.
+    """
+    records = _RecordSpans.of(text)
+    cut = records.cut(text, 0, len(records), _marking_whitespace(table, reject[:1]), reject)
+    return None if cut is None else FastaChunk(path, 0, *cut, position, block_offset=offset)
+
+
+@functools.lru_cache(maxsize=8)
+def _marking_whitespace(table: bytes, code: bytes) -> bytes:
+    """`table` with every byte of _WHITESPACE translated to `code`."""
+    return bytes(code[0] if byte in _WHITESPACE else table[byte] for byte in range(256))
 
 
 def read_fasta_chunks(path: Path, chunk_records: int = 2048) -> Iterator[FastaChunk]:
@@ -168,21 +190,52 @@ class _RecordSpans(NamedTuple):
     def __len__(self) -> int:
         return len(self.head)
 
-    def cut(self, text: bytes, begin: int, stop: int) -> tuple[bytes, bytes, np.ndarray]:
-        """(titles joined by b"\n", sequences concatenated, lengths) of records begin..stop-1."""
+    def cut(self, text: bytes, begin: int, stop: int, table: bytes | None = None,
+            reject: bytes = b"") -> tuple[bytes, bytes, np.ndarray] | None:
+        """(titles joined by b"\n", sequences concatenated, lengths) of records begin..stop-1.
+
+        With `table` the sequences come translated through it (bytes.translate, in the pass that
+        removes the line breaks), or None when a translated byte is in `reject` or a title ends in
+        whitespace: the chunk is then the caller's to parse without a table (see
+        `translated_chunk_of_block`). Whitespace inside sequences must translate into `reject`.
+        """
+        if stop <= begin:
+            return b"", b"", np.zeros(0, dtype=np.int64)
         head, title_end = self.head[begin:stop], self.title_end[begin:stop]
         end = self.end[begin:stop]
         body = np.minimum(title_end + 1, end)  # a header on the block's last line has no body
         lines = np.searchsorted(self.newlines, end) - np.searchsorted(self.newlines, body)
-        raw = b"".join([text[a:b] for a, b in zip(body.tolist(), end.tolist())])
-        sequences = raw.translate(None, b"\n" + _WHITESPACE)
+        codes = np.frombuffer(text, dtype=np.uint8)
+        last_title_byte = codes[np.maximum(title_end - 1, head)]
+        if (_IS_WHITESPACE[last_title_byte] & (title_end > head + 1)).any():
+            return None if table is not None else self._parsed_by_biopython(text, begin, stop)
         lengths = (end - body) - lines
-        last_title_byte = np.frombuffer(text, dtype=np.uint8)[np.maximum(title_end - 1, head)]
-        if len(sequences) != int(lengths.sum()) or (_IS_WHITESPACE[last_title_byte] & (title_end > head + 1)).any():
-            records = list(SimpleFastaParser(io.StringIO(text[int(head[0]):int(end[-1])].decode("latin-1"))))
-            return _join_records(records)
-        titles = b"\n".join([text[a + 1:b] for a, b in zip(head.tolist(), title_end.tolist())])
+        first, last = int(head[0]), int(end[-1])
+        if codes[last - 1] == 10 and (lines == 1).all():
+            # One line per sequence (most UniProt-style files): the lines alternate header, sequence,
+            # so one split gives both, and no line break is left to delete.
+            piece = text if (first, last) == (0, len(text)) else text[first:last]
+            parts = piece.split(b"\n")  # header, sequence, ..., header, sequence, b""
+            titles = b"\n".join(parts[0:-1:2])[1:].replace(b"\n>", b"\n")
+            raw, breaks = b"".join(parts[1::2]), b""
+        else:
+            titles = b"\n".join([text[a + 1:b] for a, b in zip(head.tolist(), title_end.tolist())])
+            raw = b"".join([text[a:b] for a, b in zip(body.tolist(), end.tolist())])
+            breaks = b"\n"
+        if table is not None:
+            sequences = raw.translate(table, breaks)
+            if any(code in sequences for code in reject):
+                return None
+            return titles, sequences, lengths.astype(np.int64)
+        sequences = raw.translate(None, breaks + _WHITESPACE)
+        if len(sequences) != int(lengths.sum()):
+            return self._parsed_by_biopython(text, begin, stop)
         return titles, sequences, lengths.astype(np.int64)
+
+    def _parsed_by_biopython(self, text: bytes, begin: int, stop: int) -> tuple[bytes, bytes, np.ndarray]:
+        """cut() by SimpleFastaParser: for chunks with whitespace inside sequences or after titles."""
+        piece = text[int(self.head[begin]):int(self.end[stop - 1])]
+        return _join_records(list(SimpleFastaParser(io.StringIO(piece.decode("latin-1")))))
 
 
 _BLOCK_BYTES = 4 << 20  # decompressed bytes per block of records (a block grows to hold a longer record)

@@ -28,11 +28,13 @@ def store_contents(path) -> dict:
     return contents
 
 
-@pytest.fixture(scope="module", params=["wrapped-60", "crlf", "gzip-members"])
+@pytest.fixture(scope="module", params=["one-line", "wrapped-60", "crlf", "gzip-members"])
 def awkward_input(request, sample_records, tmp_path_factory, write_fasta):
-    """Real sequences written three ways, with blocks of 1-4 KiB many records straddle block boundaries."""
+    """Real sequences written four ways, with blocks of 1-4 KiB many records straddle block boundaries."""
     directory = tmp_path_factory.mktemp(request.param)
     records = [(r.description, r.sequence) for r in sample_records]
+    if request.param == "one-line":
+        return write_fasta(directory / "in.fasta", records)
     if request.param == "wrapped-60":
         return write_fasta(directory / "in.fasta", records, width=60)
     if request.param == "crlf":
