@@ -7,15 +7,17 @@ Task i goes to worker i mod `workers` and results are taken back in the same rot
 come out in task order with no reordering buffer, and at most `workers * depth` tasks are in flight
 (memory is bounded by queue depth, never by input size). Workers are forked (they need nothing but
 what the parent already imported, and never touch its HDF5 or tqdm state) and die with their parent
-however it ends (SIGKILL and the OOM killer included: `_die_with_parent`). Results come back through
-one pipe per worker as pickle protocol 5 with the arrays' data out of band, each message read straight
-into a buffer of its size: the arrays are neither copied into a pickle nor out of one, nor through the
-BytesIO that multiprocessing's `recv_bytes` grows (`_send_all`, `_receive`). A DataError
+however it ends (SIGKILL and the OOM killer included: `_die_with_parent`). Tasks go out and results
+come back through two pipes per worker as pickle protocol 5 with the arrays' data and large bytes (blocks
+of FASTA) out of band, each message read straight into a buffer of its size: the data are neither copied
+into a pickle nor through the BytesIO that multiprocessing's `recv_bytes` grows (`_send_all`,
+`_receive`); a thread on each side sends, so neither waits on the other's full pipe. A DataError
 raised in a worker is raised again in the parent as it is (one line naming the file and line); any
 other exception is a bug and arrives with the worker's traceback.
 """
 from __future__ import annotations
 
+import io
 import multiprocessing
 import os
 import pickle
@@ -158,27 +160,45 @@ def _worker_main(function: Callable[[Any], Any], tasks: Any, results: Any, paren
     sender = threading.Thread(target=_send_all, args=(outgoing, results), name="send-results", daemon=True)
     sender.start()
     try:
-        while (task := tasks.get()) is not None:
+        while (task := _receive(tasks)) is not None:
             outgoing.put(("ok", function(task)))
     except DataError as error:
         outgoing.put(("error", error))
     except BaseException:  # a bug: the parent shows its traceback
         outgoing.put(("crash", traceback.format_exc()))
     finally:
-        outgoing.put(None)
+        outgoing.put(_END)
         sender.join()  # everything put has reached the pipe before this process ends
 
 
-def _send_all(outgoing: queue.SimpleQueue[Any], results: Any) -> None:
-    """Send each result as pickle protocol 5: one message with the buffer count and the pickle, then
-    one message per out-of-band buffer (numpy arrays' data, sent from where it lies, never copied into
-    the pickle)."""
-    while (item := outgoing.get()) is not None:
-        buffers: list[pickle.PickleBuffer] = []
-        data = pickle.dumps(item, protocol=5, buffer_callback=buffers.append)
-        results.send_bytes(struct.pack("!Q", len(buffers)) + data)
-        for buffer in buffers:
-            results.send_bytes(buffer.raw())
+_END = object()  # what ends _send_all
+_OUT_OF_BAND_BYTES = 1 << 16  # bytes objects this large travel beside the pickle, not inside it
+
+
+class _Pickler(pickle.Pickler):
+    """Pickle protocol 5 that also sends large bytes objects (blocks of FASTA) out of band."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        if type(obj) is bytes and len(obj) >= _OUT_OF_BAND_BYTES:
+            return bytes, (pickle.PickleBuffer(obj),)
+        return NotImplemented
+
+
+def _send_all(outgoing: queue.SimpleQueue[Any], connection: Any) -> None:
+    """Send each item until _END as pickle protocol 5: one message with the buffer count and the
+    pickle, then one message per out-of-band buffer (numpy arrays' data and large bytes, sent from where
+    they lie, never copied into the pickle). The parent sends tasks this way, the workers results.
+    A reader that is gone ends the sending (the parent notices a dead worker by itself)."""
+    try:
+        while (item := outgoing.get()) is not _END:
+            buffers: list[pickle.PickleBuffer] = []
+            data = io.BytesIO()
+            _Pickler(data, protocol=5, buffer_callback=buffers.append).dump(item)
+            connection.send_bytes(struct.pack("!Q", len(buffers)) + data.getbuffer())
+            for buffer in buffers:
+                connection.send_bytes(buffer.raw())
+    except OSError:  # BrokenPipeError: the other end is gone
+        pass
 
 
 def _receive(connection: Any) -> Any:
@@ -231,19 +251,26 @@ def map_in_processes(function: Callable[[Task], Result], tasks: Iterable[Task], 
         raise ValueError(f"workers must be >= 1, got {workers}")
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-    inboxes = [context.Queue() for _ in range(workers)]
+    inboxes = [context.Pipe(duplex=False) for _ in range(workers)]  # (worker's reader, parent's writer)
     pipes = [context.Pipe(duplex=False) for _ in range(workers)]  # (parent's reader, worker's writer)
-    for pipe in [*pipes, *((inbox._reader, inbox._writer) for inbox in inboxes)]:
-        _widen(pipe[0])
+    for reader, _ in [*inboxes, *pipes]:
+        _widen(reader)
     outboxes = [reader for reader, _ in pipes]
     processes = [context.Process(target=_worker_main, args=(function, inbox, writer, os.getpid()),
                                  name=f"preprocess-{k}", daemon=True)
-                 for k, (inbox, (_, writer)) in enumerate(zip(inboxes, pipes))]
+                 for k, ((inbox, _), (_, writer)) in enumerate(zip(inboxes, pipes))]
     with _signals_deferred():
         for process in processes:
             _start_unsignalled(process)
-    for _, writer in pipes:
-        writer.close()  # only the worker writes
+    for (reader, _), (_, writer) in zip(inboxes, pipes):
+        reader.close()  # only the worker reads its tasks
+        writer.close()  # and only the worker writes its results
+    # A thread per worker sends its tasks, so taking results back never waits on a worker's full pipe.
+    sending = [queue.SimpleQueue() for _ in range(workers)]
+    senders = [threading.Thread(target=_send_all, args=(tasks_k, writer), name=f"send-tasks-{k}", daemon=True)
+               for k, (tasks_k, (_, writer)) in enumerate(zip(sending, inboxes))]
+    for sender in senders:
+        sender.start()
     in_flight: deque[int] = deque()  # the worker of each task sent and not yet taken back, in order
 
     def take() -> Result:
@@ -267,12 +294,12 @@ def map_in_processes(function: Callable[[Task], Result], tasks: Iterable[Task], 
             if len(in_flight) >= workers * depth:
                 yield take()
             k = number % workers
-            inboxes[k].put(task)
+            sending[k].put(task)
             in_flight.append(k)
         while in_flight:
             yield take()
-        for inbox in inboxes:
-            inbox.put(None)
+        for tasks_k in sending:
+            tasks_k.put(None)  # the workers' signal to end
     finally:
         for process in processes:
             if process.is_alive():
@@ -282,8 +309,10 @@ def map_in_processes(function: Callable[[Task], Result], tasks: Iterable[Task], 
             if process.is_alive():  # cannot happen with SIGTERM's default action; never hang on it
                 process.kill()
                 process.join()
-        for inbox in inboxes:
-            inbox.cancel_join_thread()  # a feeder thread must not block this process on a dead reader
-            inbox.close()
+        for tasks_k in sending:
+            tasks_k.put(_END)
+        for sender, (_, writer) in zip(senders, inboxes):
+            sender.join(timeout=5)  # its reader is gone: a write ends at once with a broken pipe
+            writer.close()
         for outbox in outboxes:
             outbox.close()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import gzip
+import io
 import os
 
 import h5py
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 
 from protein_performer.data import DataError, FastaFormatError, build_token_store
+from protein_performer.data import workers as workers_module
 from protein_performer.data.workers import default_workers, map_in_processes
 
 VOLATILE = {"created", "summary_seconds"}  # the build's time; everything else must be equal
@@ -101,6 +103,20 @@ def test_numpy_results_arrive_whole_and_in_order():
             assert result[name].dtype == expected[name].dtype and result[name].shape == expected[name].shape
             np.testing.assert_array_equal(result[name], expected[name])
         assert result["fortran"].flags.f_contiguous
+
+
+def _block(x: int) -> bytes:
+    return np.random.default_rng(x).integers(0, 256, size=(3 << 20) + x, dtype=np.uint8).tobytes()
+
+
+def test_large_bytes_tasks_arrive_whole_as_bytes():
+    """Blocks of FASTA travel to the workers beside the pickle (out of band): still bytes, every byte there."""
+    tasks = [(x, _block(x), b"small") for x in range(5)]
+    got = list(map_in_processes(lambda task: (type(task[1]), hash(task[1]), task[2]), tasks, workers=2))
+    assert got == [(bytes, hash(block), b"small") for _, block, _ in tasks]
+    buffers = []
+    workers_module._Pickler(io.BytesIO(), protocol=5, buffer_callback=buffers.append).dump(tasks[0])
+    assert [len(buffer.raw()) for buffer in buffers] == [len(tasks[0][1])]  # the block, not b"small"
 
 
 def test_a_worker_that_dies_is_reported_not_waited_for():
