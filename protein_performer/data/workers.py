@@ -17,7 +17,6 @@ other exception is a bug and arrives with the worker's traceback.
 """
 from __future__ import annotations
 
-import io
 import multiprocessing
 import os
 import pickle
@@ -175,13 +174,25 @@ _END = object()  # what ends _send_all
 _OUT_OF_BAND_BYTES = 1 << 16  # bytes objects this large travel beside the pickle, not inside it
 
 
-class _Pickler(pickle.Pickler):
-    """Pickle protocol 5 that also sends large bytes objects (blocks of FASTA) out of band."""
+class _OutOfBand:
+    """A large bytes object, pickled beside the pickle (the pickler never asks how to reduce plain bytes)."""
 
-    def reducer_override(self, obj: Any) -> Any:
-        if type(obj) is bytes and len(obj) >= _OUT_OF_BAND_BYTES:
-            return bytes, (pickle.PickleBuffer(obj),)
-        return NotImplemented
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        return bytes, (pickle.PickleBuffer(self.data),)
+
+
+def _large_bytes_out_of_band(item: Any) -> Any:
+    """`item`, with itself or its elements (a plain tuple's: a task of a block) wrapped in _OutOfBand
+    where they are bytes of at least _OUT_OF_BAND_BYTES: they arrive as bytes, copied once."""
+    def wrap(value: Any) -> Any:
+        return _OutOfBand(value) if type(value) is bytes and len(value) >= _OUT_OF_BAND_BYTES else value
+
+    return tuple(map(wrap, item)) if type(item) is tuple else wrap(item)
 
 
 def _send_all(outgoing: queue.SimpleQueue[Any], connection: Any) -> None:
@@ -192,9 +203,8 @@ def _send_all(outgoing: queue.SimpleQueue[Any], connection: Any) -> None:
     try:
         while (item := outgoing.get()) is not _END:
             buffers: list[pickle.PickleBuffer] = []
-            data = io.BytesIO()
-            _Pickler(data, protocol=5, buffer_callback=buffers.append).dump(item)
-            connection.send_bytes(struct.pack("!Q", len(buffers)) + data.getbuffer())
+            data = pickle.dumps(_large_bytes_out_of_band(item), protocol=5, buffer_callback=buffers.append)
+            connection.send_bytes(struct.pack("!Q", len(buffers)) + data)
             for buffer in buffers:
                 connection.send_bytes(buffer.raw())
     except OSError:  # BrokenPipeError: the other end is gone

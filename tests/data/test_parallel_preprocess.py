@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import gzip
-import io
 import os
+import pickle
 
 import h5py
 import numpy as np
@@ -115,7 +115,7 @@ def test_large_bytes_tasks_arrive_whole_as_bytes():
     got = list(map_in_processes(lambda task: (type(task[1]), hash(task[1]), task[2]), tasks, workers=2))
     assert got == [(bytes, hash(block), b"small") for _, block, _ in tasks]
     buffers = []
-    workers_module._Pickler(io.BytesIO(), protocol=5, buffer_callback=buffers.append).dump(tasks[0])
+    pickle.dumps(workers_module._large_bytes_out_of_band(tasks[0]), protocol=5, buffer_callback=buffers.append)
     assert [len(buffer.raw()) for buffer in buffers] == [len(tasks[0][1])]  # the block, not b"small"
 
 
