@@ -266,14 +266,19 @@ def record_blocks(path: Path, block_bytes: int | None = None) -> Iterator[tuple[
             size += len(data)
             if size < due:
                 continue
-            pending = b"".join(pieces)
-            cut = pending.rfind(b"\n>")
-            if cut <= 0:  # one record longer than a block: keep reading until it ends
-                pieces, due = [pending], 2 * size
-                continue
-            yield pending[:cut + 1], offset, raw.tell(), False
-            offset += cut + 1
-            rest = pending[cut + 1:]
+            cut = data.rfind(b"\n>")  # the block's last record starts in the newest piece (as a rule)
+            if cut >= 0 and size - len(data) + cut > 0:  # cut the block out of the pieces: one copy
+                block = b"".join([*pieces[:-1], memoryview(data)[:cut + 1]])
+                rest = data[cut + 1:]
+            else:
+                pending = b"".join(pieces)
+                cut = pending.rfind(b"\n>")
+                if cut <= 0:  # one record longer than a block: keep reading until it ends
+                    pieces, due = [pending], 2 * size
+                    continue
+                block, rest = pending[:cut + 1], pending[cut + 1:]
+            yield block, offset, raw.tell(), False
+            offset += len(block)
             pieces, size, due = [rest], len(rest), block_bytes
         yield b"".join(pieces), offset, raw.tell(), True
 
