@@ -299,11 +299,14 @@ class RecordRange(NamedTuple):
         with open(self.path, "rb") as raw:
             begin = self.start if self.start == self.origin else self.start - 1  # to see the line break before start
             raw.seek(begin)
-            data = raw.read(self.stop - begin)
-            first = 0 if self.start == self.origin else data.find(b"\n>") + 1
+            data = raw.read(self.stop - begin + _LOOKAHEAD_BYTES)  # past stop: the next header, as a rule
+            first = 0 if self.start == self.origin else data.find(b"\n>", 0, self.stop - begin) + 1
             if first == 0 and self.start != self.origin:  # no record starts here: it is all one longer record
                 return b"", self.stop
-            pieces, last = [data[first:]], data[-1:]
+            end = data.find(b"\n>", self.stop - begin - 1)  # the line break before the first header from stop
+            if end >= 0:
+                return data[first:end + 1], begin + first
+            pieces, last = [memoryview(data)[first:]], data[-1:]
             while more := raw.read(_READ_BYTES):  # the last record runs on to the next header
                 cut = (last + more).find(b"\n>")
                 if cut >= 0:
@@ -312,6 +315,9 @@ class RecordRange(NamedTuple):
                 pieces.append(more)
                 last = more[-1:]
         return b"".join(pieces), begin + first
+
+
+_LOOKAHEAD_BYTES = 1 << 16
 
 
 def record_ranges(path: Path, range_bytes: int | None = None) -> Iterator[RecordRange] | None:

@@ -97,6 +97,19 @@ def test_byte_ranges_of_a_plain_file_hold_each_record_once(sample_records, tmp_p
     assert fasta_chunks.record_ranges(compressed, 10) is None  # a gzip stream is inflated in one place
 
 
+def test_a_range_whose_last_record_runs_far_past_it_reads_that_record_whole(tmp_path):
+    """A worker reads a little past its range to find the next header; a longer record is read on to its end."""
+    rng = np.random.default_rng(1)
+    long = np.frombuffer(b"ACDEFGHIKLMNPQRSTVWY", dtype=np.uint8)[rng.integers(0, 20, 300_000)].tobytes()
+    path = tmp_path / "long.fasta"
+    path.write_bytes(b">a\nMKV\n>long\n" + b"\n".join(long[i:i + 60] for i in range(0, len(long), 60)) + b"\n>b\nMK\n")
+    blocks = [part.read() for part in fasta_chunks.record_ranges(path, 4096)]
+    chunks = [fasta_chunks.chunk_of_block(path, text, offset, 0) for text, offset in blocks if text]
+    assert b"\n".join(c.titles for c in chunks) == b"a\nlong\nb"
+    assert b"".join(c.sequences for c in chunks) == b"MKV" + long + b"MK"
+    assert [offset for text, offset in blocks if text] == [0, path.read_bytes().index(b">b")]
+
+
 @pytest.mark.parametrize("layout", ["one-line", "wrapped-60", "awkward"])
 def test_translating_while_cutting_equals_cutting_then_translating(alphabet, sample_records, tmp_path, layout):
     """The encoder's fast path (`translated_chunk_of_block`) against `chunk_of_block` and bytes.translate:
