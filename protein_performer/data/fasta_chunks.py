@@ -38,7 +38,7 @@ from protein_performer.data.fasta import (
 from protein_performer.errors import raise_if_interrupted
 
 __all__ = ["FastaChunk", "chunk_of_block", "translated_chunk_of_block", "read_fasta_chunks", "read_fasta_chunks_reference", "RecordRange",
-           "record_blocks", "record_ranges", "records_before"]
+           "record_blocks", "record_block_pieces", "record_ranges", "records_before"]
 
 
 @dataclass(frozen=True)
@@ -246,9 +246,17 @@ def record_blocks(path: Path, block_bytes: int | None = None) -> Iterator[tuple[
     file: each block is whole records (it starts with a header line and ends where the next one
     starts) of about `block_bytes` (default _BLOCK_BYTES); text before the first header (blank lines:
     the opener's check allows nothing else) is dropped."""
+    for pieces, offset, position, last in record_block_pieces(path, block_bytes):
+        yield b"".join(pieces), offset, position, last
+
+
+def record_block_pieces(path: Path, block_bytes: int | None = None) -> Iterator[tuple[list[bytes | memoryview], int,
+                                                                                    int, bool]]:
+    """`record_blocks` with each block still in the pieces it was inflated in (bytes and views of
+    them, never copied here): the parallel build hands these to a worker, which joins them."""
     check_fasta(path)
     block_bytes = block_bytes or _BLOCK_BYTES
-    pieces: list[bytes] = []  # decompressed bytes not yet handed out, joined only when a block is due
+    pieces: list[bytes | memoryview] = []  # decompressed bytes not yet handed out
     size = 0
     due = block_bytes  # doubles while one record outgrows it, so a huge record is copied O(1) times
     offset = 0  # decompressed offset of pieces[0]
@@ -267,20 +275,21 @@ def record_blocks(path: Path, block_bytes: int | None = None) -> Iterator[tuple[
             if size < due:
                 continue
             cut = data.rfind(b"\n>")  # the block's last record starts in the newest piece (as a rule)
-            if cut >= 0 and size - len(data) + cut > 0:  # cut the block out of the pieces: one copy
-                block = b"".join([*pieces[:-1], memoryview(data)[:cut + 1]])
-                rest = data[cut + 1:]
+            if cut >= 0 and size - len(data) + cut > 0:
+                view = memoryview(data)
+                block, rest = [*pieces[:-1], view[:cut + 1]], view[cut + 1:]
             else:
                 pending = b"".join(pieces)
                 cut = pending.rfind(b"\n>")
                 if cut <= 0:  # one record longer than a block: keep reading until it ends
                     pieces, due = [pending], 2 * size
                     continue
-                block, rest = pending[:cut + 1], pending[cut + 1:]
+                view = memoryview(pending)
+                block, rest = [view[:cut + 1]], view[cut + 1:]
             yield block, offset, raw.tell(), False
-            offset += len(block)
+            offset += size - len(rest)
             pieces, size, due = [rest], len(rest), block_bytes
-        yield b"".join(pieces), offset, raw.tell(), True
+        yield pieces, offset, raw.tell(), True
 
 
 class RecordRange(NamedTuple):

@@ -46,11 +46,11 @@ from protein_performer.data.fasta_chunks import (
     RecordRange,
     chunk_of_block,
     read_fasta_chunks,
-    record_blocks,
+    record_block_pieces,
     record_ranges,
     translated_chunk_of_block,
 )
-from protein_performer.data.workers import default_workers, map_in_processes
+from protein_performer.data.workers import JoinedBytes, default_workers, map_in_processes
 from protein_performer.data.splits import SPLITS, SplitAssigner, SplitSpec, accession_hashes, file_identity
 from protein_performer.data.store import (
     COMPRESSIONS,
@@ -640,16 +640,17 @@ def _running(pid: int) -> bool:
         return True
 
 
-def _blocks(paths: list[Path], block_bytes: int | None) -> Iterator[RecordRange | tuple[Path, bytes, int, int]]:
+def _blocks(paths: list[Path], block_bytes: int | None) -> Iterator[RecordRange | tuple[Path, JoinedBytes, int, int]]:
     """The workers' tasks: byte ranges of a plain file (each worker reads its own), or, from a gzip
-    stream (decompressed here, in one stream), (path, block of whole records, its offset, raw position)."""
+    stream (decompressed here, in one stream), (path, block of whole records, its offset, raw position),
+    the block in the pieces it was inflated in: the worker joins them (JoinedBytes), this process never copies it."""
     for path in paths:
         ranges = record_ranges(path, block_bytes)
         if ranges is not None:
             yield from ranges
             continue
-        for block, offset, position, _ in record_blocks(path, block_bytes):
-            yield path, block, offset, position
+        for pieces, offset, position, _ in record_block_pieces(path, block_bytes):
+            yield path, JoinedBytes(pieces), offset, position  # joined in the worker, not here
 
 
 def _write_store(path: Path, encoded: Iterable[_EncodedChunk], vocab_size: int, summary: StoreSummary,

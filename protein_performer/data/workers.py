@@ -34,7 +34,7 @@ from typing import Any, TypeVar
 
 from protein_performer.data.errors import DataError
 
-__all__ = ["map_in_processes", "default_workers"]
+__all__ = ["map_in_processes", "default_workers", "JoinedBytes"]
 
 Task = TypeVar("Task")
 Result = TypeVar("Result")
@@ -184,6 +184,24 @@ class _OutOfBand:
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         return bytes, (pickle.PickleBuffer(self.data),)
+
+
+class JoinedBytes:
+    """Buffers (bytes, memoryviews) that arrive in a worker as one bytes object: each is sent out of band
+    from where it lies and they are joined once on arrival, so the parent hands over a block it holds in
+    pieces without joining (copying) it first."""
+
+    __slots__ = ("pieces",)
+
+    def __init__(self, pieces: Iterable[Any]) -> None:
+        self.pieces = tuple(pieces)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        return _joined, tuple(pickle.PickleBuffer(piece) for piece in self.pieces)
+
+
+def _joined(*buffers: Any) -> bytes:
+    return b"".join(buffers)
 
 
 def _large_bytes_out_of_band(item: Any) -> Any:

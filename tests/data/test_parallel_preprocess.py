@@ -11,7 +11,7 @@ import pytest
 
 from protein_performer.data import DataError, FastaFormatError, build_token_store
 from protein_performer.data import workers as workers_module
-from protein_performer.data.workers import default_workers, map_in_processes
+from protein_performer.data.workers import JoinedBytes, default_workers, map_in_processes
 
 VOLATILE = {"created", "summary_seconds"}  # the build's time; everything else must be equal
 
@@ -117,6 +117,10 @@ def test_large_bytes_tasks_arrive_whole_as_bytes():
     buffers = []
     pickle.dumps(workers_module._large_bytes_out_of_band(tasks[0]), protocol=5, buffer_callback=buffers.append)
     assert [len(buffer.raw()) for buffer in buffers] == [len(tasks[0][1])]  # the block, not b"small"
+    # A block still in pieces (bytes and views of them, as inflated) arrives joined, as one bytes object.
+    pieces = [[_block(x), memoryview(_block(x + 1))[5:-7], b"", b"tail"] for x in range(3)]
+    got = list(map_in_processes(lambda task: (type(task), hash(task)), [JoinedBytes(p) for p in pieces], workers=2))
+    assert got == [(bytes, hash(b"".join(p))) for p in pieces]
 
 
 def test_a_worker_that_dies_is_reported_not_waited_for():
