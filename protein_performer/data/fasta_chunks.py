@@ -4,10 +4,13 @@
     read_fasta_chunks_reference(path)        the same by Biopython's SimpleFastaParser (the reference)
     record_blocks(path) / record_ranges(path)   blocks of whole records (inflated here) or byte ranges
                                              of a plain file: what parallel workers parse (`chunk_of_block`)
+    translated_chunk_of_block(...)           a worker's fast path: the sequences cut out and translated
+                                             to token ids in one pass (None: the block needs chunk_of_block)
 
-It must keep up with 100 GB of TrEMBL: a thread decompresses the file (ISA-L or zlib: both release the GIL) into
-blocks of whole records, and each chunk is cut out of its block with numpy and a few slices per
-record, with no str per line; `build_token_store` runs that in worker processes (workers.py). Opening and the file's checks are fasta.py's (`open_fasta`,
+It must keep up with 100 GB of TrEMBL: a thread decompresses the file (ISA-L or zlib: both release the GIL)
+into blocks of whole records, and each chunk is cut out of its block with numpy and a few slices per
+record (one split for a file with one line per sequence), with no str per line; `build_token_store` runs
+that in worker processes (workers.py). Opening and the file's checks are fasta.py's (`open_fasta`,
 `check_fasta`), shared with `read_fasta`.
 """
 from __future__ import annotations
@@ -37,8 +40,8 @@ from protein_performer.data.fasta import (
 )
 from protein_performer.errors import raise_if_interrupted
 
-__all__ = ["FastaChunk", "chunk_of_block", "translated_chunk_of_block", "read_fasta_chunks", "read_fasta_chunks_reference", "RecordRange",
-           "record_blocks", "record_block_pieces", "record_ranges", "records_before"]
+__all__ = ["FastaChunk", "chunk_of_block", "translated_chunk_of_block", "read_fasta_chunks", "read_fasta_chunks_reference",
+           "RecordRange", "record_blocks", "record_block_pieces", "record_ranges", "records_before"]
 
 
 @dataclass(frozen=True)

@@ -431,9 +431,9 @@ def _split_parts(codes: np.ndarray, tokens: np.ndarray, lengths: np.ndarray, acc
         of_split = codes[run_starts] == code
         runs = list(zip(run_starts[of_split].tolist(), run_stops[of_split].tolist()))
         rows = codes == code
-        parts.append(_SplitPart(SPLITS[code], _joined([tokens[token_ends[a]:token_ends[b]] for a, b in runs]),
+        parts.append(_SplitPart(SPLITS[code], _end_to_end([tokens[token_ends[a]:token_ends[b]] for a, b in runs]),
                                 lengths[rows],
-                                _joined([accessions[accession_ends[a]:accession_ends[b]] for a, b in runs]),
+                                _end_to_end([accessions[accession_ends[a]:accession_ends[b]] for a, b in runs]),
                                 accession_lengths[rows], token_counts,
                                 None if clusters is None else clusters[rows]))
     largest = max(range(len(parts)), key=lambda i: len(parts[i].tokens))
@@ -446,7 +446,7 @@ def _split_parts(codes: np.ndarray, tokens: np.ndarray, lengths: np.ndarray, acc
     return parts
 
 
-def _joined(pieces: list[np.ndarray]) -> np.ndarray:
+def _end_to_end(pieces: list[np.ndarray]) -> np.ndarray:
     """The pieces end to end: the one piece itself when there is one (a view, no copy)."""
     return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
@@ -643,7 +643,8 @@ def _running(pid: int) -> bool:
 def _blocks(paths: list[Path], block_bytes: int | None) -> Iterator[RecordRange | tuple[Path, JoinedBytes, int, int]]:
     """The workers' tasks: byte ranges of a plain file (each worker reads its own), or, from a gzip
     stream (decompressed here, in one stream), (path, block of whole records, its offset, raw position),
-    the block in the pieces it was inflated in: the worker joins them (JoinedBytes), this process never copies it."""
+    the block in the pieces it was inflated in: the worker joins them (JoinedBytes), this process never
+    copies it."""
     for path in paths:
         ranges = record_ranges(path, block_bytes)
         if ranges is not None:

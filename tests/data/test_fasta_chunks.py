@@ -133,7 +133,8 @@ def test_translating_while_cutting_equals_cutting_then_translating(alphabet, sam
         coded = chunk.sequences.translate(alphabet.translation)
         lines = block.decode("latin-1").split("\n")
         sequence_lines = "".join(line for line in lines if not line.startswith(">"))
-        messy = (any(code in coded for code in reject) or any(line.rstrip() != line for line in lines if line.startswith(">"))
+        messy = (any(code in coded for code in reject)
+                 or any(line.rstrip() != line for line in lines if line.startswith(">"))
                  or any(chr(byte) in sequence_lines for byte in fasta_chunks._WHITESPACE))
         assert (fast is None) == messy
         if fast is None:
