@@ -158,12 +158,17 @@ def stage_seconds(path: Path, output: Path) -> dict[str, float]:
     start = clock()
     chunks = [chunk_of_block(path, *block) for block in blocks]
     seconds["parse"] = clock() - start
-    del blocks
     encode = _ChunkEncoder(Alphabet(), SplitAssigner(SplitSpec()))
     start = clock()
     encoded = [encode(chunk) for chunk in chunks]
     seconds["encode"] = clock() - start
-    del chunks
+    del chunks, encoded
+    # What a worker does with a block: both at once, the sequences translated as they are cut out
+    # (the general path above is what a block with stops, gaps or whitespace in its sequences takes).
+    start = clock()
+    encoded = [encode((path, *block)) for block in blocks]
+    seconds["parse+encode"] = clock() - start
+    del blocks
     start = clock()
     _write_store(output, iter(encoded), len(Alphabet()), StoreSummary(), {}, 0, False)
     seconds["write"] = clock() - start
@@ -189,8 +194,11 @@ def stage_table(stages: list[tuple], cores: tuple[int, ...] = (2, 16)) -> None:
           "   with 2 workers, split into the parent (inflating gzip, writing) and the workers (reading plain files,\n"
           "   parsing, encoding). On N free cores a build (default: W = min(N, 8) workers) takes about\n"
           "   max(parent, workers / W, total / N).\n"
+          "   parse, encode: one after the other (the general path); parse+encode: both at once, as a worker does\n"
+          "   with a block whose sequences hold no stops, gaps or whitespace.\n"
           "   write: the default (no compression); the scaleoffset column is not part of the build")
-    names = ["SeqIO", "read+inflate", "parse", "encode", "write", "write, scaleoffset", "parent", "workers"]
+    names = ["SeqIO", "read+inflate", "parse", "encode", "parse+encode", "write", "write, scaleoffset", "parent",
+             "workers"]
     header("input", *names, *(f"{n} cores: MB/s, vs SeqIO" for n in cores))
     for label, size, seconds in stages:
         per = {name: seconds[name] * 100 / size for name in names}

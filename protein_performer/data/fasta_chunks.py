@@ -4,14 +4,18 @@
     read_fasta_chunks_reference(path)        the same by Biopython's SimpleFastaParser (the reference)
     record_blocks(path) / record_ranges(path)   blocks of whole records (inflated here) or byte ranges
                                              of a plain file: what parallel workers parse (`chunk_of_block`)
+    translated_chunk_of_block(...)           a worker's fast path: the sequences cut out and translated
+                                             to token ids in one pass (None: the block needs chunk_of_block)
 
-It must keep up with 100 GB of TrEMBL: a thread decompresses the file (ISA-L or zlib: both release the GIL) into
-blocks of whole records, and each chunk is cut out of its block with numpy and a few slices per
-record, with no str per line; `build_token_store` runs that in worker processes (workers.py). Opening and the file's checks are fasta.py's (`open_fasta`,
+It must keep up with 100 GB of TrEMBL: a thread decompresses the file (ISA-L or zlib: both release the GIL)
+into blocks of whole records, and each chunk is cut out of its block with numpy and a few slices per
+record (one split for a file with one line per sequence), with no str per line; `build_token_store` runs
+that in worker processes (workers.py). Opening and the file's checks are fasta.py's (`open_fasta`,
 `check_fasta`), shared with `read_fasta`.
 """
 from __future__ import annotations
 
+import functools
 import io
 import os
 import queue
@@ -36,8 +40,8 @@ from protein_performer.data.fasta import (
 )
 from protein_performer.errors import raise_if_interrupted
 
-__all__ = ["FastaChunk", "chunk_of_block", "read_fasta_chunks", "read_fasta_chunks_reference", "RecordRange",
-           "record_blocks", "record_ranges", "records_before"]
+__all__ = ["FastaChunk", "chunk_of_block", "translated_chunk_of_block", "read_fasta_chunks", "read_fasta_chunks_reference",
+           "RecordRange", "record_blocks", "record_block_pieces", "record_ranges", "records_before"]
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,27 @@ def chunk_of_block(path: Path, text: bytes, offset: int, position: int) -> Fasta
     from the block (`block_offset=offset`): what a parallel worker parses."""
     records = _RecordSpans.of(text)
     return FastaChunk(path, 0, *records.cut(text, 0, len(records)), position, block_offset=offset)
+
+
+def translated_chunk_of_block(path: Path, text: bytes, offset: int, position: int, table: bytes,
+                              reject: bytes) -> FastaChunk | None:
+    """`chunk_of_block` with its sequences translated through `table` (256 bytes, as bytes.translate
+    takes it) in the same pass that joins them, or None when a translated sequence byte is one of
+    `reject` (then `chunk_of_block` and the caller's own translation handle the block).
+
+    The encoder's fast path: one pass over the residues instead of one to remove line breaks and one
+    to translate. Chunks that SimpleFastaParser parses (whitespace inside sequences or after titles)
+    give None: whitespace translates to reject[0] here whatever `table` says.
+    """
+    records = _RecordSpans.of(text)
+    cut = records.cut(text, 0, len(records), _marking_whitespace(table, reject[:1]), reject)
+    return None if cut is None else FastaChunk(path, 0, *cut, position, block_offset=offset)
+
+
+@functools.lru_cache(maxsize=8)
+def _marking_whitespace(table: bytes, code: bytes) -> bytes:
+    """`table` with every byte of _WHITESPACE translated to `code`."""
+    return bytes(code[0] if byte in _WHITESPACE else table[byte] for byte in range(256))
 
 
 def read_fasta_chunks(path: Path, chunk_records: int = 2048) -> Iterator[FastaChunk]:
@@ -168,21 +193,52 @@ class _RecordSpans(NamedTuple):
     def __len__(self) -> int:
         return len(self.head)
 
-    def cut(self, text: bytes, begin: int, stop: int) -> tuple[bytes, bytes, np.ndarray]:
-        """(titles joined by b"\n", sequences concatenated, lengths) of records begin..stop-1."""
+    def cut(self, text: bytes, begin: int, stop: int, table: bytes | None = None,
+            reject: bytes = b"") -> tuple[bytes, bytes, np.ndarray] | None:
+        """(titles joined by b"\n", sequences concatenated, lengths) of records begin..stop-1.
+
+        With `table` the sequences come translated through it (bytes.translate, in the pass that
+        removes the line breaks), or None when a translated byte is in `reject` or a title ends in
+        whitespace: the chunk is then the caller's to parse without a table (see
+        `translated_chunk_of_block`). Whitespace inside sequences must translate into `reject`.
+        """
+        if stop <= begin:
+            return b"", b"", np.zeros(0, dtype=np.int64)
         head, title_end = self.head[begin:stop], self.title_end[begin:stop]
         end = self.end[begin:stop]
         body = np.minimum(title_end + 1, end)  # a header on the block's last line has no body
         lines = np.searchsorted(self.newlines, end) - np.searchsorted(self.newlines, body)
-        raw = b"".join([text[a:b] for a, b in zip(body.tolist(), end.tolist())])
-        sequences = raw.translate(None, b"\n" + _WHITESPACE)
+        codes = np.frombuffer(text, dtype=np.uint8)
+        last_title_byte = codes[np.maximum(title_end - 1, head)]
+        if (_IS_WHITESPACE[last_title_byte] & (title_end > head + 1)).any():
+            return None if table is not None else self._parsed_by_biopython(text, begin, stop)
         lengths = (end - body) - lines
-        last_title_byte = np.frombuffer(text, dtype=np.uint8)[np.maximum(title_end - 1, head)]
-        if len(sequences) != int(lengths.sum()) or (_IS_WHITESPACE[last_title_byte] & (title_end > head + 1)).any():
-            records = list(SimpleFastaParser(io.StringIO(text[int(head[0]):int(end[-1])].decode("latin-1"))))
-            return _join_records(records)
-        titles = b"\n".join([text[a + 1:b] for a, b in zip(head.tolist(), title_end.tolist())])
+        first, last = int(head[0]), int(end[-1])
+        if codes[last - 1] == 10 and (lines == 1).all():
+            # One line per sequence (most UniProt-style files): the lines alternate header, sequence,
+            # so one split gives both, and no line break is left to delete.
+            piece = text if (first, last) == (0, len(text)) else text[first:last]
+            parts = piece.split(b"\n")  # header, sequence, ..., header, sequence, b""
+            titles = b"\n".join(parts[0:-1:2])[1:].replace(b"\n>", b"\n")
+            raw, breaks = b"".join(parts[1::2]), b""
+        else:
+            titles = b"\n".join([text[a + 1:b] for a, b in zip(head.tolist(), title_end.tolist())])
+            raw = b"".join([text[a:b] for a, b in zip(body.tolist(), end.tolist())])
+            breaks = b"\n"
+        if table is not None:
+            sequences = raw.translate(table, breaks)
+            if any(code in sequences for code in reject):
+                return None
+            return titles, sequences, lengths.astype(np.int64)
+        sequences = raw.translate(None, breaks + _WHITESPACE)
+        if len(sequences) != int(lengths.sum()):
+            return self._parsed_by_biopython(text, begin, stop)
         return titles, sequences, lengths.astype(np.int64)
+
+    def _parsed_by_biopython(self, text: bytes, begin: int, stop: int) -> tuple[bytes, bytes, np.ndarray]:
+        """cut() by SimpleFastaParser: for chunks with whitespace inside sequences or after titles."""
+        piece = text[int(self.head[begin]):int(self.end[stop - 1])]
+        return _join_records(list(SimpleFastaParser(io.StringIO(piece.decode("latin-1")))))
 
 
 _BLOCK_BYTES = 4 << 20  # decompressed bytes per block of records (a block grows to hold a longer record)
@@ -193,9 +249,17 @@ def record_blocks(path: Path, block_bytes: int | None = None) -> Iterator[tuple[
     file: each block is whole records (it starts with a header line and ends where the next one
     starts) of about `block_bytes` (default _BLOCK_BYTES); text before the first header (blank lines:
     the opener's check allows nothing else) is dropped."""
+    for pieces, offset, position, last in record_block_pieces(path, block_bytes):
+        yield b"".join(pieces), offset, position, last
+
+
+def record_block_pieces(path: Path, block_bytes: int | None = None) -> Iterator[tuple[list[bytes | memoryview], int,
+                                                                                    int, bool]]:
+    """`record_blocks` with each block still in the pieces it was inflated in (bytes and views of
+    them, never copied here): the parallel build hands these to a worker, which joins them."""
     check_fasta(path)
     block_bytes = block_bytes or _BLOCK_BYTES
-    pieces: list[bytes] = []  # decompressed bytes not yet handed out, joined only when a block is due
+    pieces: list[bytes | memoryview] = []  # decompressed bytes not yet handed out
     size = 0
     due = block_bytes  # doubles while one record outgrows it, so a huge record is copied O(1) times
     offset = 0  # decompressed offset of pieces[0]
@@ -213,16 +277,22 @@ def record_blocks(path: Path, block_bytes: int | None = None) -> Iterator[tuple[
             size += len(data)
             if size < due:
                 continue
-            pending = b"".join(pieces)
-            cut = pending.rfind(b"\n>")
-            if cut <= 0:  # one record longer than a block: keep reading until it ends
-                pieces, due = [pending], 2 * size
-                continue
-            yield pending[:cut + 1], offset, raw.tell(), False
-            offset += cut + 1
-            rest = pending[cut + 1:]
+            cut = data.rfind(b"\n>")  # the block's last record starts in the newest piece (as a rule)
+            if cut >= 0 and size - len(data) + cut > 0:
+                view = memoryview(data)
+                block, rest = [*pieces[:-1], view[:cut + 1]], view[cut + 1:]
+            else:
+                pending = b"".join(pieces)
+                cut = pending.rfind(b"\n>")
+                if cut <= 0:  # one record longer than a block: keep reading until it ends
+                    pieces, due = [pending], 2 * size
+                    continue
+                view = memoryview(pending)
+                block, rest = [view[:cut + 1]], view[cut + 1:]
+            yield block, offset, raw.tell(), False
+            offset += size - len(rest)
             pieces, size, due = [rest], len(rest), block_bytes
-        yield b"".join(pieces), offset, raw.tell(), True
+        yield pieces, offset, raw.tell(), True
 
 
 class RecordRange(NamedTuple):
@@ -241,11 +311,14 @@ class RecordRange(NamedTuple):
         with open(self.path, "rb") as raw:
             begin = self.start if self.start == self.origin else self.start - 1  # to see the line break before start
             raw.seek(begin)
-            data = raw.read(self.stop - begin)
-            first = 0 if self.start == self.origin else data.find(b"\n>") + 1
+            data = raw.read(self.stop - begin + _LOOKAHEAD_BYTES)  # past stop: the next header, as a rule
+            first = 0 if self.start == self.origin else data.find(b"\n>", 0, self.stop - begin) + 1
             if first == 0 and self.start != self.origin:  # no record starts here: it is all one longer record
                 return b"", self.stop
-            pieces, last = [data[first:]], data[-1:]
+            end = data.find(b"\n>", self.stop - begin - 1)  # the line break before the first header from stop
+            if end >= 0:
+                return data[first:end + 1], begin + first
+            pieces, last = [memoryview(data)[first:]], data[-1:]
             while more := raw.read(_READ_BYTES):  # the last record runs on to the next header
                 cut = (last + more).find(b"\n>")
                 if cut >= 0:
@@ -254,6 +327,9 @@ class RecordRange(NamedTuple):
                 pieces.append(more)
                 last = more[-1:]
         return b"".join(pieces), begin + first
+
+
+_LOOKAHEAD_BYTES = 1 << 16
 
 
 def record_ranges(path: Path, range_bytes: int | None = None) -> Iterator[RecordRange] | None:

@@ -30,7 +30,7 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
-from protein_performer.data.alphabet import DIGITS, Alphabet
+from protein_performer.data.alphabet import DIGITS, NON_TOKEN_CODES, Alphabet, EncodedSequences, count_tokens
 from protein_performer.data.clusters import ClusterMap, gather, read_clusters
 from protein_performer.data.errors import DataError, FastaFormatError
 from protein_performer.data.fasta import (
@@ -46,10 +46,11 @@ from protein_performer.data.fasta_chunks import (
     RecordRange,
     chunk_of_block,
     read_fasta_chunks,
-    record_blocks,
+    record_block_pieces,
     record_ranges,
+    translated_chunk_of_block,
 )
-from protein_performer.data.workers import default_workers, map_in_processes
+from protein_performer.data.workers import JoinedBytes, default_workers, map_in_processes
 from protein_performer.data.splits import SPLITS, SplitAssigner, SplitSpec, accession_hashes, file_identity
 from protein_performer.data.store import (
     COMPRESSIONS,
@@ -347,12 +348,19 @@ class _ChunkEncoder:
     def __call__(self, chunk: FastaChunk | RecordRange | tuple[Path, bytes, int, int]) -> _EncodedChunk:
         if isinstance(chunk, RecordRange):
             text, offset = chunk.read()
-            chunk = chunk_of_block(chunk.path, text, offset, chunk.stop)
-        elif not isinstance(chunk, FastaChunk):
-            chunk = chunk_of_block(*chunk)
+            chunk = (chunk.path, text, offset, chunk.stop)
+        encoded = None
+        if not isinstance(chunk, FastaChunk):  # a block of records: parsed and translated in one pass
+            block = chunk
+            chunk = translated_chunk_of_block(*block, self.alphabet.translation, NON_TOKEN_CODES)
+            if chunk is None:  # stops, gaps, whitespace or bad bytes in a sequence: the general way
+                chunk = chunk_of_block(*block)
+            else:
+                encoded = EncodedSequences(chunk.sequences, chunk.lengths, -1, -1)  # unknown: counted below
         if not len(chunk):
             return _EncodedChunk(chunk.path, chunk.position, [], np.zeros(0, np.uint64), np.zeros(0, np.uint8), 0, 0)
-        encoded = self.alphabet.encode_concatenated(chunk.sequences, chunk.lengths)
+        if encoded is None:
+            encoded = self.alphabet.encode_concatenated(chunk.sequences, chunk.lengths)
         if encoded.invalid_at >= 0:
             ends = np.cumsum(chunk.lengths)
             record = int(np.searchsorted(ends, encoded.invalid_at, side="right"))
@@ -374,6 +382,9 @@ class _ChunkEncoder:
         if empty_accession.size:
             line = header_line_of_record(chunk.path, chunk.record_number(int(empty_accession[0])))
             raise FastaFormatError(f"{chunk.path}:{line}: header line has no identifier")
+        tokens = np.frombuffer(encoded.tokens, dtype=np.uint8)
+        counts = count_tokens(tokens, len(self.alphabet))
+        unknown = int(counts[self.alphabet.unk_idx])
         lengths = encoded.lengths
         keep = lengths > 0
         skipped = int(np.count_nonzero(~keep))
@@ -381,7 +392,7 @@ class _ChunkEncoder:
             start, stop, lengths = start[keep], stop[keep], lengths[keep]
         if not len(lengths):
             return _EncodedChunk(chunk.path, chunk.position, [], np.zeros(0, np.uint64), np.zeros(0, np.uint8),
-                                 encoded.unknown, skipped)
+                                 unknown, skipped)
         accessions = [chunk.titles[a:b] for a, b in zip(start, stop)] if self.assigner.ood_accessions else None
         titles = None
         if self.assigner.ood_regex is not None:
@@ -394,35 +405,50 @@ class _ChunkEncoder:
             clustered = int(np.count_nonzero(listed))
         codes = self.assigner.assign(keys, accessions, titles)
         accession_lengths = stop - start
-        parts = list(_split_parts(codes, np.frombuffer(encoded.tokens, dtype=np.uint8), lengths,
-                                  gather(chunk.titles, start, accession_lengths), accession_lengths, len(self.alphabet),
-                                  keys.view(np.int64) if self.clusters is not None else None))
-        return _EncodedChunk(chunk.path, chunk.position, parts, hashes, codes.astype(np.uint8), encoded.unknown, skipped,
+        parts = _split_parts(codes, tokens, lengths, gather(chunk.titles, start, accession_lengths), accession_lengths,
+                             counts, keys.view(np.int64) if self.clusters is not None else None)
+        return _EncodedChunk(chunk.path, chunk.position, parts, hashes, codes.astype(np.uint8), unknown, skipped,
                              clustered)
 
 
 def _split_parts(codes: np.ndarray, tokens: np.ndarray, lengths: np.ndarray, accessions: np.ndarray,
-                 accession_lengths: np.ndarray, vocab_size: int,
-                 clusters: np.ndarray | None = None) -> Iterator[_SplitPart]:
+                 accession_lengths: np.ndarray, token_counts: np.ndarray,
+                 clusters: np.ndarray | None = None) -> list[_SplitPart]:
     """Regroup a chunk's records by split code, keeping their order within each split.
 
     Consecutive records of one split form a run; a chunk is mostly one long train run with a few
     valid/test records in between, so regrouping costs a few slices per run, not a gather per byte.
+    `token_counts` are the whole chunk's: the largest part's counts are those minus the other parts'
+    (counted here), so the bulk of the tokens is counted once.
     """
     boundaries = np.flatnonzero(np.diff(codes)) + 1
     run_starts = np.concatenate([[0], boundaries])
     run_stops = np.concatenate([boundaries, [len(codes)]])
     token_ends = np.concatenate([[0], np.cumsum(lengths)])
     accession_ends = np.concatenate([[0], np.cumsum(accession_lengths)])
+    parts = []
     for code in np.unique(codes):
         of_split = codes[run_starts] == code
         runs = list(zip(run_starts[of_split].tolist(), run_stops[of_split].tolist()))
         rows = codes == code
-        split_tokens = np.concatenate([tokens[token_ends[a]:token_ends[b]] for a, b in runs])
-        yield _SplitPart(SPLITS[code], split_tokens, lengths[rows],
-                         np.concatenate([accessions[accession_ends[a]:accession_ends[b]] for a, b in runs]),
-                         accession_lengths[rows], np.bincount(split_tokens, minlength=vocab_size).astype(np.int64),
-                         None if clusters is None else clusters[rows])
+        parts.append(_SplitPart(SPLITS[code], _end_to_end([tokens[token_ends[a]:token_ends[b]] for a, b in runs]),
+                                lengths[rows],
+                                _end_to_end([accessions[accession_ends[a]:accession_ends[b]] for a, b in runs]),
+                                accession_lengths[rows], token_counts,
+                                None if clusters is None else clusters[rows]))
+    largest = max(range(len(parts)), key=lambda i: len(parts[i].tokens))
+    rest = token_counts.copy()
+    for i, part in enumerate(parts):
+        if i != largest:
+            parts[i] = part._replace(token_counts=count_tokens(part.tokens, len(token_counts)))
+            rest -= parts[i].token_counts
+    parts[largest] = parts[largest]._replace(token_counts=rest)
+    return parts
+
+
+def _end_to_end(pieces: list[np.ndarray]) -> np.ndarray:
+    """The pieces end to end: the one piece itself when there is one (a view, no copy)."""
+    return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
 
 def _first_control_byte(text: bytes) -> int:
@@ -614,16 +640,18 @@ def _running(pid: int) -> bool:
         return True
 
 
-def _blocks(paths: list[Path], block_bytes: int | None) -> Iterator[RecordRange | tuple[Path, bytes, int, int]]:
+def _blocks(paths: list[Path], block_bytes: int | None) -> Iterator[RecordRange | tuple[Path, JoinedBytes, int, int]]:
     """The workers' tasks: byte ranges of a plain file (each worker reads its own), or, from a gzip
-    stream (decompressed here, in one stream), (path, block of whole records, its offset, raw position)."""
+    stream (decompressed here, in one stream), (path, block of whole records, its offset, raw position),
+    the block in the pieces it was inflated in: the worker joins them (JoinedBytes), this process never
+    copies it."""
     for path in paths:
         ranges = record_ranges(path, block_bytes)
         if ranges is not None:
             yield from ranges
             continue
-        for block, offset, position, _ in record_blocks(path, block_bytes):
-            yield path, block, offset, position
+        for pieces, offset, position, _ in record_block_pieces(path, block_bytes):
+            yield path, JoinedBytes(pieces), offset, position  # joined in the worker, not here
 
 
 def _write_store(path: Path, encoded: Iterable[_EncodedChunk], vocab_size: int, summary: StoreSummary,

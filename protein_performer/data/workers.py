@@ -7,10 +7,11 @@ Task i goes to worker i mod `workers` and results are taken back in the same rot
 come out in task order with no reordering buffer, and at most `workers * depth` tasks are in flight
 (memory is bounded by queue depth, never by input size). Workers are forked (they need nothing but
 what the parent already imported, and never touch its HDF5 or tqdm state) and die with their parent
-however it ends (SIGKILL and the OOM killer included: `_die_with_parent`). Results come back through
-one pipe per worker as pickle protocol 5 with the arrays' data out of band, each message read straight
-into a buffer of its size: the arrays are neither copied into a pickle nor out of one, nor through the
-BytesIO that multiprocessing's `recv_bytes` grows (`_send_all`, `_receive`). A DataError
+however it ends (SIGKILL and the OOM killer included: `_die_with_parent`). Tasks go out and results
+come back through two pipes per worker as pickle protocol 5 with the arrays' data and large bytes (blocks
+of FASTA) out of band, each message read straight into a buffer of its size: the data are neither copied
+into a pickle nor through the BytesIO that multiprocessing's `recv_bytes` grows (`_send_all`,
+`_receive`); a thread on each side sends, so neither waits on the other's full pipe. A DataError
 raised in a worker is raised again in the parent as it is (one line naming the file and line); any
 other exception is a bug and arrives with the worker's traceback.
 """
@@ -33,7 +34,7 @@ from typing import Any, TypeVar
 
 from protein_performer.data.errors import DataError
 
-__all__ = ["map_in_processes", "default_workers"]
+__all__ = ["map_in_processes", "default_workers", "JoinedBytes"]
 
 Task = TypeVar("Task")
 Result = TypeVar("Result")
@@ -127,34 +128,105 @@ def _signals_deferred() -> Iterator[None]:
             signal.raise_signal(signum)
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters, from glibc's <malloc.h>
+_KEEP_FREED_BYTES = 1 << 30
+_MMAP_FROM_BYTES = 32 << 20  # glibc's largest allowed threshold
+
+
+def _reuse_freed_memory() -> None:
+    """Let glibc's malloc keep freed memory for the next task instead of handing it back to the kernel.
+
+    Each task allocates and frees several buffers of megabytes. By default glibc maps such buffers
+    afresh or trims them off the heap when freed, so every task pays for page faults and for the
+    kernel zeroing the pages again (about a tenth of a worker's CPU). A worker's footprint is its
+    largest task anyway, and it ends with the build. Elsewhere than glibc this does nothing.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None)
+        libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_FROM_BYTES)
+        libc.mallopt(_M_TRIM_THRESHOLD, _KEEP_FREED_BYTES)
+    except (OSError, AttributeError):
+        pass
+
+
 def _worker_main(function: Callable[[Any], Any], tasks: Any, results: Any, parent: int) -> None:
     """Compute tasks until None arrives; a thread sends the results, so the next task starts meanwhile."""
     _die_with_parent(parent)
+    _reuse_freed_memory()
     outgoing: queue.SimpleQueue[Any] = queue.SimpleQueue()
     sender = threading.Thread(target=_send_all, args=(outgoing, results), name="send-results", daemon=True)
     sender.start()
     try:
-        while (task := tasks.get()) is not None:
+        while (task := _receive(tasks)) is not None:
             outgoing.put(("ok", function(task)))
     except DataError as error:
         outgoing.put(("error", error))
     except BaseException:  # a bug: the parent shows its traceback
         outgoing.put(("crash", traceback.format_exc()))
     finally:
-        outgoing.put(None)
+        outgoing.put(_END)
         sender.join()  # everything put has reached the pipe before this process ends
 
 
-def _send_all(outgoing: queue.SimpleQueue[Any], results: Any) -> None:
-    """Send each result as pickle protocol 5: one message with the buffer count and the pickle, then
-    one message per out-of-band buffer (numpy arrays' data, sent from where it lies, never copied into
-    the pickle)."""
-    while (item := outgoing.get()) is not None:
-        buffers: list[pickle.PickleBuffer] = []
-        data = pickle.dumps(item, protocol=5, buffer_callback=buffers.append)
-        results.send_bytes(struct.pack("!Q", len(buffers)) + data)
-        for buffer in buffers:
-            results.send_bytes(buffer.raw())
+_END = object()  # what ends _send_all
+_OUT_OF_BAND_BYTES = 1 << 16  # bytes objects this large travel beside the pickle, not inside it
+
+
+class _OutOfBand:
+    """A large bytes object, pickled beside the pickle (the pickler never asks how to reduce plain bytes)."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        return bytes, (pickle.PickleBuffer(self.data),)
+
+
+class JoinedBytes:
+    """Buffers (bytes, memoryviews) that arrive in a worker as one bytes object: each is sent out of band
+    from where it lies and they are joined once on arrival, so the parent hands over a block it holds in
+    pieces without joining (copying) it first."""
+
+    __slots__ = ("pieces",)
+
+    def __init__(self, pieces: Iterable[Any]) -> None:
+        self.pieces = tuple(pieces)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        return _joined, tuple(pickle.PickleBuffer(piece) for piece in self.pieces)
+
+
+def _joined(*buffers: Any) -> bytes:
+    return b"".join(buffers)
+
+
+def _large_bytes_out_of_band(item: Any) -> Any:
+    """`item`, with itself or its elements (a plain tuple's: a task of a block) wrapped in _OutOfBand
+    where they are bytes of at least _OUT_OF_BAND_BYTES: they arrive as bytes, copied once."""
+    def wrap(value: Any) -> Any:
+        return _OutOfBand(value) if type(value) is bytes and len(value) >= _OUT_OF_BAND_BYTES else value
+
+    return tuple(map(wrap, item)) if type(item) is tuple else wrap(item)
+
+
+def _send_all(outgoing: queue.SimpleQueue[Any], connection: Any) -> None:
+    """Send each item until _END as pickle protocol 5: one message with the buffer count and the
+    pickle, then one message per out-of-band buffer (numpy arrays' data and large bytes, sent from where
+    they lie, never copied into the pickle). The parent sends tasks this way, the workers results.
+    A reader that is gone ends the sending (the parent notices a dead worker by itself)."""
+    try:
+        while (item := outgoing.get()) is not _END:
+            buffers: list[pickle.PickleBuffer] = []
+            data = pickle.dumps(_large_bytes_out_of_band(item), protocol=5, buffer_callback=buffers.append)
+            connection.send_bytes(struct.pack("!Q", len(buffers)) + data)
+            for buffer in buffers:
+                connection.send_bytes(buffer.raw())
+    except OSError:  # BrokenPipeError: the other end is gone
+        pass
 
 
 def _receive(connection: Any) -> Any:
@@ -186,6 +258,20 @@ def _read_exactly(fd: int, size: int) -> bytearray:
     return buffer
 
 
+_PIPE_BYTES = 1 << 20  # Linux's default limit for an unprivileged process (/proc/sys/fs/pipe-max-size)
+
+
+def _widen(connection: Any) -> None:
+    """Give a pipe a 1 MiB buffer instead of 64 KiB: a block or a result of megabytes then crosses in a
+    few system calls and context switches, not dozens. Where that is not possible, the pipe stays as it is."""
+    try:
+        import fcntl
+
+        fcntl.fcntl(connection.fileno(), fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
+    except (ImportError, AttributeError, OSError):
+        pass
+
+
 def map_in_processes(function: Callable[[Task], Result], tasks: Iterable[Task], workers: int,
                      depth: int = 2) -> Iterator[Result]:
     """function(task) for every task, computed in `workers` child processes, yielded in task order."""
@@ -193,17 +279,26 @@ def map_in_processes(function: Callable[[Task], Result], tasks: Iterable[Task], 
         raise ValueError(f"workers must be >= 1, got {workers}")
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-    inboxes = [context.Queue() for _ in range(workers)]
+    inboxes = [context.Pipe(duplex=False) for _ in range(workers)]  # (worker's reader, parent's writer)
     pipes = [context.Pipe(duplex=False) for _ in range(workers)]  # (parent's reader, worker's writer)
+    for reader, _ in [*inboxes, *pipes]:
+        _widen(reader)
     outboxes = [reader for reader, _ in pipes]
     processes = [context.Process(target=_worker_main, args=(function, inbox, writer, os.getpid()),
                                  name=f"preprocess-{k}", daemon=True)
-                 for k, (inbox, (_, writer)) in enumerate(zip(inboxes, pipes))]
+                 for k, ((inbox, _), (_, writer)) in enumerate(zip(inboxes, pipes))]
     with _signals_deferred():
         for process in processes:
             _start_unsignalled(process)
-    for _, writer in pipes:
-        writer.close()  # only the worker writes
+    for (reader, _), (_, writer) in zip(inboxes, pipes):
+        reader.close()  # only the worker reads its tasks
+        writer.close()  # and only the worker writes its results
+    # A thread per worker sends its tasks, so taking results back never waits on a worker's full pipe.
+    sending = [queue.SimpleQueue() for _ in range(workers)]
+    senders = [threading.Thread(target=_send_all, args=(tasks_k, writer), name=f"send-tasks-{k}", daemon=True)
+               for k, (tasks_k, (_, writer)) in enumerate(zip(sending, inboxes))]
+    for sender in senders:
+        sender.start()
     in_flight: deque[int] = deque()  # the worker of each task sent and not yet taken back, in order
 
     def take() -> Result:
@@ -227,12 +322,12 @@ def map_in_processes(function: Callable[[Task], Result], tasks: Iterable[Task], 
             if len(in_flight) >= workers * depth:
                 yield take()
             k = number % workers
-            inboxes[k].put(task)
+            sending[k].put(task)
             in_flight.append(k)
         while in_flight:
             yield take()
-        for inbox in inboxes:
-            inbox.put(None)
+        for tasks_k in sending:
+            tasks_k.put(None)  # the workers' signal to end
     finally:
         for process in processes:
             if process.is_alive():
@@ -242,8 +337,10 @@ def map_in_processes(function: Callable[[Task], Result], tasks: Iterable[Task], 
             if process.is_alive():  # cannot happen with SIGTERM's default action; never hang on it
                 process.kill()
                 process.join()
-        for inbox in inboxes:
-            inbox.cancel_join_thread()  # a feeder thread must not block this process on a dead reader
-            inbox.close()
+        for tasks_k in sending:
+            tasks_k.put(_END)
+        for sender, (_, writer) in zip(senders, inboxes):
+            sender.join(timeout=5)  # its reader is gone: a write ends at once with a broken pipe
+            writer.close()
         for outbox in outboxes:
             outbox.close()

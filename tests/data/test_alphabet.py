@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from protein_performer.data import Alphabet, frame
-from protein_performer.data.alphabet import EXTRA_RESIDUES, STANDARD_AMINO_ACIDS
+from protein_performer.data.alphabet import EXTRA_RESIDUES, STANDARD_AMINO_ACIDS, count_tokens
 
 
 def reference_encode(alphabet: Alphabet, sequence: str) -> tuple[list[int], int]:
@@ -118,3 +118,16 @@ def test_frame_puts_each_row_between_cls_and_eos_then_pads(alphabet, sample_reco
         assert (row[take + 2:] == alphabet.pad_idx).all()
     empty = frame(alphabet, np.empty(0, dtype=np.uint8), [0], [0])
     assert empty.tolist() == [[alphabet.cls_idx, alphabet.eos_idx]]
+
+
+@pytest.mark.parametrize("size", [0, 1, 2, 5, (1 << 16) - 1, 1 << 16, (1 << 16) + 1, 300_001])
+def test_count_tokens_equals_bincount(alphabet, size):
+    """The pair-counting fast path against np.bincount, odd and even lengths, on both sides of its threshold,
+    and on an unaligned view (the split parts are slices of a chunk's tokens)."""
+    rng = np.random.default_rng(size)
+    tokens = rng.integers(0, len(alphabet), size + 1).astype(np.uint8)
+    for view in (tokens[:size], tokens[1:]):
+        counts = count_tokens(view, len(alphabet))
+        assert counts.dtype == np.int64 and counts.tolist() == np.bincount(view, minlength=len(alphabet)).tolist()
+    with pytest.raises(ValueError, match="token id 40 is outside"):
+        count_tokens(np.append(tokens, np.uint8(40)), len(alphabet))

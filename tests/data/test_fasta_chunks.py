@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from protein_performer.data import fasta_chunks, read_fasta_chunks
+from protein_performer.data.alphabet import NON_TOKEN_CODES
 from protein_performer.data.fasta_chunks import read_fasta_chunks_reference
 
 
@@ -94,6 +95,60 @@ def test_byte_ranges_of_a_plain_file_hold_each_record_once(sample_records, tmp_p
     compressed = tmp_path / "awkward.fasta.gz"
     compressed.write_bytes(gzip.compress(path.read_bytes()))
     assert fasta_chunks.record_ranges(compressed, 10) is None  # a gzip stream is inflated in one place
+
+
+def test_a_range_whose_last_record_runs_far_past_it_reads_that_record_whole(tmp_path):
+    """A worker reads a little past its range to find the next header; a longer record is read on to its end."""
+    rng = np.random.default_rng(1)
+    long = np.frombuffer(b"ACDEFGHIKLMNPQRSTVWY", dtype=np.uint8)[rng.integers(0, 20, 300_000)].tobytes()
+    path = tmp_path / "long.fasta"
+    path.write_bytes(b">a\nMKV\n>long\n" + b"\n".join(long[i:i + 60] for i in range(0, len(long), 60)) + b"\n>b\nMK\n")
+    blocks = [part.read() for part in fasta_chunks.record_ranges(path, 4096)]
+    chunks = [fasta_chunks.chunk_of_block(path, text, offset, 0) for text, offset in blocks if text]
+    assert b"\n".join(c.titles for c in chunks) == b"a\nlong\nb"
+    assert b"".join(c.sequences for c in chunks) == b"MKV" + long + b"MK"
+    assert [offset for text, offset in blocks if text] == [0, path.read_bytes().index(b">b")]
+
+
+@pytest.mark.parametrize("layout", ["one-line", "wrapped-60", "awkward"])
+def test_translating_while_cutting_equals_cutting_then_translating(alphabet, sample_records, tmp_path, layout):
+    """The encoder's fast path (`translated_chunk_of_block`) against `chunk_of_block` and bytes.translate:
+    the same chunk where it answers, None for every block with whitespace inside sequences or after titles
+    (SimpleFastaParser's to read), stops or gaps; clean one-line and wrapped files always take it."""
+    reject = NON_TOKEN_CODES
+    if layout == "awkward":
+        text = _awkward_fasta(sample_records[:200], seed=4)
+    else:
+        width = None if layout == "one-line" else 60
+        text = b"".join(b">" + r.description.encode() + b"\n" + b"\n".join(
+            r.sequence.encode()[i:i + (width or len(r.sequence))] for i in range(0, len(r.sequence), width or 1 << 30))
+            + b"\n" for r in sample_records)
+    path = tmp_path / "in.fasta"
+    path.write_bytes(text)
+    answered = declined = 0
+    for part in fasta_chunks.record_ranges(path, 512 if layout == "awkward" else 4096):  # as the workers read them
+        (block, offset), position = part.read(), part.stop
+        fast = fasta_chunks.translated_chunk_of_block(path, block, offset, position, alphabet.translation, reject)
+        chunk = fasta_chunks.chunk_of_block(path, block, offset, position)
+        coded = chunk.sequences.translate(alphabet.translation)
+        lines = block.decode("latin-1").split("\n")
+        sequence_lines = "".join(line for line in lines if not line.startswith(">"))
+        messy = (any(code in coded for code in reject)
+                 or any(line.rstrip() != line for line in lines if line.startswith(">"))
+                 or any(chr(byte) in sequence_lines for byte in fasta_chunks._WHITESPACE))
+        assert (fast is None) == messy
+        if fast is None:
+            declined += 1
+            continue
+        answered += 1
+        assert (fast.titles, fast.sequences, fast.lengths.tolist(), fast.block_offset) == (
+            chunk.titles, coded, chunk.lengths.tolist(), chunk.block_offset)
+    if layout == "awkward":
+        assert answered and declined
+    else:
+        assert answered > 5 and not declined
+    with_tab = b">t\nMK\tV\n>u\nMKV\n"  # a tab inside a sequence: whitespace is declined whatever the table says
+    assert fasta_chunks.translated_chunk_of_block(path, with_tab, 0, 0, bytes(range(256)), reject) is None
 
 
 @pytest.mark.parametrize("inflate", ["isal", "zlib"])

@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import gzip
 import os
+import pickle
 
 import h5py
 import numpy as np
 import pytest
 
 from protein_performer.data import DataError, FastaFormatError, build_token_store
-from protein_performer.data.workers import default_workers, map_in_processes
+from protein_performer.data import workers as workers_module
+from protein_performer.data.workers import JoinedBytes, default_workers, map_in_processes
 
 VOLATILE = {"created", "summary_seconds"}  # the build's time; everything else must be equal
 
@@ -28,11 +30,13 @@ def store_contents(path) -> dict:
     return contents
 
 
-@pytest.fixture(scope="module", params=["wrapped-60", "crlf", "gzip-members"])
+@pytest.fixture(scope="module", params=["one-line", "wrapped-60", "crlf", "gzip-members"])
 def awkward_input(request, sample_records, tmp_path_factory, write_fasta):
-    """Real sequences written three ways, with blocks of 1-4 KiB many records straddle block boundaries."""
+    """Real sequences written four ways, with blocks of 1-4 KiB many records straddle block boundaries."""
     directory = tmp_path_factory.mktemp(request.param)
     records = [(r.description, r.sequence) for r in sample_records]
+    if request.param == "one-line":
+        return write_fasta(directory / "in.fasta", records)
     if request.param == "wrapped-60":
         return write_fasta(directory / "in.fasta", records, width=60)
     if request.param == "crlf":
@@ -99,6 +103,24 @@ def test_numpy_results_arrive_whole_and_in_order():
             assert result[name].dtype == expected[name].dtype and result[name].shape == expected[name].shape
             np.testing.assert_array_equal(result[name], expected[name])
         assert result["fortran"].flags.f_contiguous
+
+
+def _block(x: int) -> bytes:
+    return np.random.default_rng(x).integers(0, 256, size=(3 << 20) + x, dtype=np.uint8).tobytes()
+
+
+def test_large_bytes_tasks_arrive_whole_as_bytes():
+    """Blocks of FASTA travel to the workers beside the pickle (out of band): still bytes, every byte there."""
+    tasks = [(x, _block(x), b"small") for x in range(5)]
+    got = list(map_in_processes(lambda task: (type(task[1]), hash(task[1]), task[2]), tasks, workers=2))
+    assert got == [(bytes, hash(block), b"small") for _, block, _ in tasks]
+    buffers = []
+    pickle.dumps(workers_module._large_bytes_out_of_band(tasks[0]), protocol=5, buffer_callback=buffers.append)
+    assert [len(buffer.raw()) for buffer in buffers] == [len(tasks[0][1])]  # the block, not b"small"
+    # A block still in pieces (bytes and views of them, as inflated) arrives joined, as one bytes object.
+    pieces = [[_block(x), memoryview(_block(x + 1))[5:-7], b"", b"tail"] for x in range(3)]
+    got = list(map_in_processes(lambda task: (type(task), hash(task)), [JoinedBytes(p) for p in pieces], workers=2))
+    assert got == [(bytes, hash(b"".join(p))) for p in pieces]
 
 
 def test_a_worker_that_dies_is_reported_not_waited_for():
