@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import time
 
+import numpy as np
 import torch
 
 from protein_performer.checkpoint import load_model
@@ -36,12 +37,26 @@ from protein_performer.maps import attention_maps_of_tokens
 KINDS = ("softmax", "favor")
 
 
-def measure(models: dict, alphabet, members: list[str], window_length: int, aligner) -> dict[str, HomologAttention]:
-    """One cluster's statistics for each model, on one window and one set of alignments."""
+def measure(models: dict, alphabet, members: list[str], window_length: int, aligner,
+            mask_rate: float = 0.0, rng: np.random.Generator | None = None) -> dict[str, HomologAttention]:
+    """One cluster's statistics for each model, on one window and one set of alignments.
+
+    mask_rate > 0: that share of each later member's residues is replaced by <mask> (drawn from `rng`), and
+    only those residues are queries: where a masked LM has to look for what it cannot see."""
     window = homolog_window(alphabet, members, window_length)
-    alignments = {(later, earlier): align_members(window.members[later], window.members[earlier], aligner)
-                  for later in range(1, len(window.members)) for earlier in range(later)}
-    return {kind: aligned_attention(attention_maps_of_tokens(model, window.tokens), window, alignments)
+    tokens = window.tokens
+    masked: dict[int, np.ndarray] = {}
+    if mask_rate > 0:
+        tokens = tokens.clone()
+        for later in range(1, len(window.members)):
+            masked[later] = rng.random(len(window.members[later])) < mask_rate
+            tokens[torch.as_tensor(window.starts[later] + np.flatnonzero(masked[later]))] = alphabet.mask_idx
+    alignments = {}
+    for later in range(1, len(window.members)):
+        for earlier in range(later):
+            pairs = align_members(window.members[later], window.members[earlier], aligner)
+            alignments[(later, earlier)] = pairs[masked[later][pairs[:, 0]]] if masked else pairs
+    return {kind: aligned_attention(attention_maps_of_tokens(model, tokens), window, alignments)
             for kind, model in models.items()}
 
 
@@ -72,7 +87,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clusters", dest="max_clusters", type=int, default=100,
                         help="clusters measured, in file order, among those whose window holds 2+ members (default 100)")
     parser.add_argument("--features", type=int, default=256, help="FAVOR+ random features when swapped in (default 256)")
+    parser.add_argument("--mask", type=float, default=0.0,
+                        help="replace this share of each later member's residues by <mask> and measure only those "
+                             "queries (a masked LM's heads may look for homologs only where they cannot see; default 0)")
     args = parser.parse_args(argv)
+    if not 0.0 <= args.mask < 1.0:
+        parser.error(f"--mask must be in [0, 1), got {args.mask}")
+    rng = np.random.default_rng(0)
 
     model, alphabet = load_model(args.checkpoint)
     kind = model.config.attention
@@ -95,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
             break
         members = [sequences[accession] for accession in accessions if accession in sequences]
         try:
-            measured = measure(models, alphabet, members, args.window, aligner)
+            measured = measure(models, alphabet, members, args.window, aligner, args.mask, rng)
         except ValueError:  # fewer than two members inside the window: nothing to read
             continue
         for name in KINDS:
@@ -107,7 +128,8 @@ def main(argv: list[str] | None = None) -> None:
     pooled = {name: HomologAttention.pooled(results[name]) for name in KINDS}
     config = models["favor"].config
     print(f"checkpoint {args.checkpoint} (trained with {kind}); {windows} windows of <= {args.window} tokens, "
-          f"{pooled['softmax'].aligned_pairs} aligned (later residue, earlier member) pairs; FAVOR+ m = "
+          f"{pooled['softmax'].aligned_pairs} aligned (later residue, earlier member) pairs"
+          f"{f', queries: the {args.mask:.0%} of later residues shown as <mask>' if args.mask else ''}; FAVOR+ m = "
           f"{config.nb_features} ({config.features} features); {time.perf_counter() - start:.0f} s")
     print()
     print(table(pooled, labels))

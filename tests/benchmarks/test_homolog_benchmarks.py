@@ -57,6 +57,23 @@ def test_homolog_attention_prints_both_kinds_for_every_head(attention, small_clu
         assert "m = 16" in out
 
 
+def test_homolog_attention_with_masked_queries_measures_only_the_masked_residues(small_clusters, tmp_path, capsys):
+    import re
+
+    checkpoint = write_checkpoint(tmp_path / "model.ckpt", "softmax")
+    pairs = {}
+    for mask in ("0", "0.3"):
+        homolog_attention.main([str(checkpoint), str(small_clusters), str(FASTA), "--window", "256", "--clusters", "2",
+                                "--features", "16", "--mask", mask])
+        out = capsys.readouterr().out
+        pairs[mask] = int(re.search(r"(\d+) aligned \(later residue", out).group(1))
+        assert ("shown as <mask>" in out) is (mask != "0")
+    # the same windows and alignments, queries cut to the masked ~30% of later residues
+    assert 0.15 * pairs["0"] < pairs["0.3"] < 0.45 * pairs["0"]
+    with pytest.raises(SystemExit):
+        homolog_attention.main([str(checkpoint), str(small_clusters), str(FASTA), "--mask", "1.5"])
+
+
 def test_homolog_reading_scores_first_and_later_members(small_clusters, tmp_path, capsys):
     checkpoint = write_checkpoint(tmp_path / "model.ckpt", "softmax")
     homolog_reading.main([str(checkpoint), str(small_clusters), str(FASTA), "512", "3"])
