@@ -475,14 +475,23 @@ def member_table(setting: Setting, results: list[dict]) -> str:
 def member_curve_table(setting: Setting, results: list[dict], running: dict[str, dict[str, list[float]]]) -> str:
     """later / first at every validation, a column per cell: when each kind starts to read homologs."""
     first_key, later_key = member_keys(setting)
-    columns = {r["cell"]: r["curve"] for r in results}
-    columns.update({f"{name} (running)": c for name, c in running.items()})
     by_cell = {name: {int(step): later / first
                       for step, first, later in zip(c["step"], c.get(first_key, []), c.get(later_key, []))}
-               for name, c in columns.items()}
+               for name, c in curve_columns(results, running).items()}
+    return step_table(f"Later / first member perplexity at each validation ({setting.name}):", by_cell)
+
+
+def curve_columns(results: list[dict], running: dict[str, dict[str, list[float]]]) -> dict[str, dict]:
+    """Each cell's curve by column name; cells still training are marked "(running)"."""
+    columns = {r["cell"]: r["curve"] for r in results}
+    columns.update({f"{name} (running)": c for name, c in running.items()})
+    return columns
+
+
+def step_table(title: str, by_cell: dict[str, dict[int, float]]) -> str:
+    """A Markdown table of values by validation step (rows) and cell (columns)."""
     steps = sorted({step for points in by_cell.values() for step in points})
-    lines = [f"Later / first member perplexity at each validation ({setting.name}):", "",
-             "| step | " + " | ".join(by_cell) + " |", "|---:|" + "---:|" * len(by_cell)]
+    lines = [title, "", "| step | " + " | ".join(by_cell) + " |", "|---:|" + "---:|" * len(by_cell)]
     for step in steps:
         cells = [f"{points[step]:.3f}" if step in points else "" for points in by_cell.values()]
         lines.append(f"| {step:,} | " + " | ".join(cells) + " |")
@@ -492,21 +501,14 @@ def member_curve_table(setting: Setting, results: list[dict], running: dict[str,
 def curve_table(setting: Setting, results: list[dict], running: dict[str, dict[str, list[float]]]) -> str:
     """Validation perplexity at every validation step, a column per cell: the comparison at equal steps.
     `running` holds the curves so far of cells still training (their columns say so)."""
-    columns = {r["cell"]: r["curve"] for r in results}
-    columns.update({f"{name} (running)": c for name, c in running.items()})
+    columns = curve_columns(results, running)
     # Masked-only when every cell logged it (the headline); otherwise all targets, for every cell alike.
     masked = bool(columns) and all("val_perplexity_masked" in c for c in columns.values())
     key = "val_perplexity_masked" if masked else "val_perplexity"
     by_cell = {name: dict(zip((int(step) for step in c["step"]), c[key], strict=True))
                for name, c in columns.items()}
-    steps = sorted({step for points in by_cell.values() for step in points})
     title = "Validation perplexity, masked-only targets," if masked else "Validation perplexity"
-    lines = [f"{title} at each validation ({setting.name}):", "",
-             "| step | " + " | ".join(by_cell) + " |", "|---:|" + "---:|" * len(by_cell)]
-    for step in steps:
-        cells = [f"{points[step]:.3f}" if step in points else "" for points in by_cell.values()]
-        lines.append(f"| {step:,} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return step_table(f"{title} at each validation ({setting.name}):", by_cell)
 
 
 def figure(setting: Setting, results: list[dict], output: Path) -> Path:

@@ -6,6 +6,7 @@ attention kinds live in `protein_performer.config`. A plain nn.Module: no Lightn
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -124,7 +125,7 @@ class ProteinPerformer(nn.Module, PretrainedMixin):
             return None
         return member_positions(input_ids, self.separators)
 
-    @property
+    @functools.cached_property
     def separators(self) -> tuple[int, int]:
         """The ids where position_scope='member' restarts the count: <cls> and <eos>."""
         from protein_performer.data.alphabet import Alphabet  # on first use, as config.py does
