@@ -22,10 +22,12 @@ FAVOR+) differs:
        C's equal wall-clock (G)
     H, HC (on request, issue 20; --clusters) homolog windows of 4096, whole clusters, positions within
        members: masked LM (softmax favor favor_rpe combiner, and F's favor_window64) and causal LM
-       (softmax favor), equal steps,
+       (softmax favor favor_rpe combiner), equal steps,
        with first-member against later-member perplexity: what each kind reads from earlier homologs
+    HW (on request, issue 20; --clusters) H's masked LM on homolog windows of 8192 at equal wall-clock
+       (softmax favor favor_window64; 4x C's seconds per kind)
 
-A and B (and D) train every kind for the same number of steps. For C, seconds per step are measured
+A and B (and D) train every kind for the same number of steps. For C (and G, HW), seconds per step are measured
 first for all of C's kinds by short real training runs, alternated and repeated (keeping each kind's
 fastest), so that the budget does not depend on what else the machine ran while the long runs did;
 each kind then trains for `budget / (seconds per step)` steps. Its curve is plotted against
@@ -107,9 +109,21 @@ class Setting:
     cells: tuple[Cell, ...]
     equal_wall_clock: bool = False
     steps_factor: int = 1  # optimizer steps: the scale's times this (validations: every steps_factor / 2 x)
+    length_factor: int = 1  # window (or crop) length: the scale's times this
+    seconds_factor: float = 1.0  # equal wall-clock: training seconds per kind, the scale's times this
 
     def steps(self, scale: Scale) -> int:
         return scale.steps * self.steps_factor
+
+    def length(self, scale: Scale) -> int:
+        """Tokens per window (concat, homologs) or the crop length (single proteins)."""
+        base = {"concat": scale.concat_length, "homologs": scale.homolog_length}.get(self.sampling,
+                                                                                    scale.single_length)
+        return base * self.length_factor
+
+    def seconds(self, scale: Scale) -> float:
+        """Equal wall-clock settings: the training seconds every kind gets."""
+        return scale.concat_seconds * self.seconds_factor
 
     def val_every(self, scale: Scale) -> int:
         return scale.val_every * max(1, self.steps_factor // 2)
@@ -173,7 +187,15 @@ def settings() -> dict[str, Setting]:
                              Cell("H", "favor_window64", ("attention=favor", "attention.exact_window=64",
                                                           "model.position_scope=member"), "favor"))),
         Setting("HC", "homolog windows of 4096 (whole clusters), causal LM, positions within members", "clm",
-                "homologs", homolog_cells("HC", ("softmax", "favor"))),
+                "homologs", homolog_cells("HC", ("softmax", "favor", "favor_rpe", "combiner"))),
+        # Issue 20: H's kinds at equal wall-clock on windows of 8192, where softmax's quadratic cost bites; each
+        # kind gets 4x C's seconds, so that softmax trains about as many steps as in H.
+        Setting("HW", "homolog windows of 8192 (whole clusters), masked LM, positions within members, equal "
+                "wall-clock", "mlm", "homologs",
+                (*homolog_cells("HW", ("softmax", "favor")),
+                 Cell("HW", "favor_window64", ("attention=favor", "attention.exact_window=64",
+                                               "model.position_scope=member"), "favor")),
+                equal_wall_clock=True, length_factor=2, seconds_factor=4.0),
         Setting("S", "seed spread of A's softmax and favor", "mlm", "single", (
             Cell("S", "softmax", ("attention=softmax",), "softmax", reuse=("A", "softmax")),
             Cell("S", "favor", ("attention=favor",), "favor", reuse=("A", "favor")),
@@ -187,8 +209,7 @@ def base_overrides(setting: Setting, scale: Scale, fasta: Path, cache_dir: Path,
                    clusters: Path | None = None) -> list[str]:
     """What every cell of `setting` shares: data, model, objective, optimiser, evaluation, logging.
     Homolog windows need `clusters` (an MMseqs2 TSV of the FASTA's records)."""
-    length = {"concat": scale.concat_length, "homologs": scale.homolog_length}.get(setting.sampling,
-                                                                                  scale.single_length)
+    length = setting.length(scale)
     overrides = [
         "data=swissprot", f"data.fasta={fasta}", f"data.cache_dir={cache_dir}", f"data.sampling={setting.sampling}",
         f"data.max_length={length}", f"data.valid_fraction={scale.eval_fraction}",
@@ -362,7 +383,8 @@ def calibrate(setting: Setting, scale: Scale, overrides: list[str], out: Path) -
     cache = out / "seconds_per_step.json"
     if cache.is_file():
         return json.loads(cache.read_text())
-    tokens_per_step = max(1, scale.tokens_per_batch // scale.concat_length) * scale.concat_length
+    length = setting.length(scale)
+    tokens_per_step = max(1, scale.tokens_per_batch // length) * length
     best: dict[str, float] = {}
     for repeat in range(scale.calibration_repeats):
         for cell in setting.cells:
@@ -575,7 +597,7 @@ def run(plan: Plan) -> str:
             steps = setting.steps(plan.scale)
             if setting.equal_wall_clock:
                 extra["seconds_per_step"] = calibration[cell.name]
-                steps = max(plan.scale.val_every, round(plan.scale.concat_seconds / calibration[cell.name]))
+                steps = max(plan.scale.val_every, round(setting.seconds(plan.scale) / calibration[cell.name]))
             cell_overrides = [*overrides, *cell.overrides, f"trainer.max_steps={steps}"]
             results.append(run_cell(cell, cell_overrides, setting_dir / cell.name, extra))
             finished[(setting.name, cell.name)] = results[-1]
@@ -623,7 +645,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "compare")
     parser.add_argument("--settings", nargs="+", default=["A", "B", "C", "D"], choices=list(settings()))
     parser.add_argument("--clusters", type=Path, default=None,
-                        help="H, HC: MMseqs2 cluster TSV of the FASTA's records (default with the bundled subset: "
+                        help="H, HC, HW: MMseqs2 cluster TSV of the FASTA's records (default with the bundled subset: "
                              "its bundled 50%% clusters)")
     parser.add_argument("--kinds", nargs="+", default=None,
                         help="keep only these cells (kind or ablation names, e.g. softmax favor no_redraw)")
@@ -631,7 +653,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="tiny model, a few steps, short crops: checks the whole pipeline in minutes")
     parser.add_argument("--steps", type=int, default=None,
                         help="A/B/D/S optimizer steps (L, F: 4x this; default: the scale's)")
-    parser.add_argument("--concat-seconds", type=float, default=None, help="C: training seconds per kind")
+    parser.add_argument("--concat-seconds", type=float, default=None, help="C, G: training seconds per kind (HW: 4x this)")
     parser.add_argument("--report", action="store_true",
                         help="only print the tables and draw the figures of the cells finished so far")
     args = parser.parse_args(argv)

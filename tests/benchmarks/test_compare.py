@@ -173,17 +173,42 @@ def test_homolog_settings_read_clusters_and_restart_positions_where_the_kind_has
     from protein_performer.train import compose_config
 
     clusters = REPO / "data" / "swissprot_subset.clusters50.tsv.gz"
-    for name, objective in (("H", "mlm"), ("HC", "clm")):
+    for name, objective, length in (("H", "mlm", 4096), ("HC", "clm", 4096), ("HW", "mlm", 8192)):
         setting = compare.settings()[name]
         base = compare.base_overrides(setting, compare.FULL, tmp_path / "x.fasta", tmp_path / "cache", clusters)
+        assert setting.length(compare.FULL) == length
         for cell in setting.cells:
             cfg = compose_config([*base, *cell.overrides], tmp_path / name / cell.name)
-            assert (cfg.data.sampling, cfg.data.max_length, cfg.data.batch_size) == ("homologs", 4096, 2)
+            assert (cfg.data.sampling, cfg.data.max_length, cfg.data.batch_size) == ("homologs", length,
+                                                                                      8192 // length)
+            assert cfg.model.max_length == length
             assert cfg.data.clusters == str(clusters) and cfg.data.min_cluster_members == 2
             assert cfg.objective == objective and cfg.attention.kind == cell.kind
             assert cfg.model.position_scope == ("window" if cell.kind == "favor_rpe" else "member")
         with pytest.raises(SystemExit, match="--clusters"):
             compare.base_overrides(setting, compare.FULL, tmp_path / "x.fasta", tmp_path / "cache")
+
+
+def test_hw_gives_every_kind_four_times_c_seconds_and_calibrates_on_its_own_windows(tmp_path, monkeypatch):
+    hw, c = compare.settings()["HW"], compare.settings()["C"]
+    assert hw.equal_wall_clock and hw.seconds(compare.FULL) == 4 * c.seconds(compare.FULL)
+    assert {cell.kind for cell in hw.cells} == {"softmax", "favor"} and "favor_window64" in [x.name for x in hw.cells]
+    assert [cell.kind for cell in compare.settings()["HC"].cells] == ["softmax", "favor", "favor_rpe", "combiner"]
+    # calibration times steps of one 8192-token window: the rate logged by the run gives s/step
+    commands = []
+
+    def fake_run(command, log):
+        run_dir = Path(next(a for a in command if a.startswith("hydra.run.dir=")).split("=", 1)[1])
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "metrics.csv").write_text("step,train/tokens_per_sec\n" + "".join(
+            f"{i},{4096.0}\n" for i in range(1, 7)))
+        commands.append(command)
+        return 0, 1.0, 1.0
+
+    monkeypatch.setattr(compare, "run_training", fake_run)
+    seconds = compare.calibrate(hw, compare.FULL, [], tmp_path / "HW")
+    assert seconds == {"softmax": 2.0, "favor": 2.0, "favor_window64": 2.0}  # 8192 tokens at 4096 tokens/s
+    assert len(commands) == len(hw.cells) * compare.FULL.calibration_repeats
 
 
 def test_member_table_reports_later_over_first_and_the_share_of_softmax_gain():
