@@ -21,7 +21,8 @@ FAVOR+) differs:
     F, G  (on request, issue 21) FAVOR+'s fidelity variants (OPRF, exact band) at L's steps (F) and at
        C's equal wall-clock (G)
     H, HC (on request, issue 20; --clusters) homolog windows of 4096, whole clusters, positions within
-       members: masked LM (softmax favor favor_rpe combiner, and F's favor_window64) and causal LM
+       members: masked LM (softmax favor favor_rpe combiner, F's favor_window64, and favor_member64: the
+       band taken over tokens sorted by member position) and causal LM
        (softmax favor favor_rpe combiner), equal steps,
        with first-member against later-member perplexity: what each kind reads from earlier homologs
     HW (on request, issue 20; --clusters) H's masked LM on homolog windows of 8192 at equal wall-clock
@@ -185,6 +186,11 @@ def settings() -> dict[str, Setting]:
         Setting("H", "homolog windows of 4096 (whole clusters), masked LM, positions within members", "mlm",
                 "homologs", (*homolog_cells("H", ("softmax", "favor", "favor_rpe", "combiner")),
                              Cell("H", "favor_window64", ("attention=favor", "attention.exact_window=64",
+                                                          "model.position_scope=member"), "favor"),
+                             # the band over tokens sorted by member position: aligned residues of homologs
+                             # fall in it (90% of aligned pairs of held-out 90% clusters share their position)
+                             Cell("H", "favor_member64", ("attention=favor", "attention.exact_window=64",
+                                                          "attention.band_order=member",
                                                           "model.position_scope=member"), "favor"))),
         Setting("HC", "homolog windows of 4096 (whole clusters), causal LM, positions within members", "clm",
                 "homologs", homolog_cells("HC", ("softmax", "favor", "favor_rpe", "combiner"))),

@@ -25,6 +25,7 @@ POSITION_KINDS = ("rotary", "learned", "none")
 # What a position counts from: the window's first token, or the last <cls>/<eos> before it, so that every
 # member of a homolog window numbers its residues 1, 2, ... (PoET's within-sequence positions).
 POSITION_SCOPES = ("window", "member")
+BAND_ORDERS = ("sequence", "member")
 COMBINER_VARIANTS = ("fixed", "axial")
 
 
@@ -151,7 +152,7 @@ def _combiner_weights(layer, q, k, key_padding_mask):
 ATTENTION: dict[str, AttentionKind] = {row.name: row for row in (
     # Exact softmax attention (torch SDPA): the quadratic baseline every other kind is compared with.
     AttentionKind("softmax", _softmax_attend, _softmax_weights, unmasked_right_padding=True),
-    _favor_kind("favor", "softmax", frozenset({"features", "coupling", "exact_window"})),
+    _favor_kind("favor", "softmax", frozenset({"features", "coupling", "exact_window", "band_order"})),
     _favor_kind("favor_relu", "relu", frozenset({"coupling"})),
     AttentionKind(
         "favor_rpe", _rpe_attend, _rpe_weights, _rpe_step, random_features=True, relative_bias=True,
@@ -171,7 +172,8 @@ ATTENTION: dict[str, AttentionKind] = {row.name: row for row in (
 )}
 
 # The random-feature options and their defaults (today's FAVOR+); a kind honours those in its feature_options.
-FEATURE_OPTIONS: dict[str, Any] = {"features": "positive", "coupling": "orthogonal", "exact_window": 0}
+FEATURE_OPTIONS: dict[str, Any] = {"features": "positive", "coupling": "orthogonal", "exact_window": 0,
+                                   "band_order": "sequence"}
 
 # Names that other code and DESIGN.md use, derived from the rows.
 ATTENTION_KINDS = tuple(ATTENTION)
@@ -220,6 +222,9 @@ class PerformerConfig:
     features: str = "positive"  # favor: "positive" (FAVOR+) | "oprf" (FAVOR++, data-dependent, lower variance)
     coupling: str = "orthogonal"  # random-feature directions: "orthogonal" blocks | "simplex" (lower variance)
     exact_window: int = 0  # favor: exact weights for |i//w - j//w| <= 1 (all |i-j| < w), FAVOR beyond; 0 = off
+    band_order: str = "sequence"  # favor with exact_window: the order the band is taken in; "member": tokens
+    #                               sorted by position within their member, so the band holds the residues at
+    #                               nearby positions of every member (homologs' aligned residues); bidirectional
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "nb_features", "max_length"):
@@ -257,6 +262,8 @@ class PerformerConfig:
                  f"unknown coupling {self.coupling!r}; choose one of {ops.favor.COUPLINGS}")
         _require(_is_int(self.exact_window) and self.exact_window >= 0,
                  f"exact_window must be a non-negative integer (0 = off), got {self.exact_window!r}")
+        _require(self.band_order in BAND_ORDERS,
+                 f"unknown band_order {self.band_order!r}; choose one of {BAND_ORDERS}")
         for name, default in FEATURE_OPTIONS.items():
             kinds = [kind for kind, row in ATTENTION.items() if name in row.feature_options]
             _require(getattr(self, name) == default or name in self.attention_kind.feature_options,
@@ -281,6 +288,13 @@ class PerformerConfig:
         _require(self.position_scope == "window" or self.position in ("rotary", "learned"),
                  f"position_scope='member' restarts rotary or learned positions at each member, but this model "
                  f"has position={self.position!r} (attention={self.attention!r}); use position_scope='window'")
+        # The member order sorts tokens by their position within their member: it needs those positions, a band
+        # to take, and no causal mask (the sorted order is not the order tokens may see each other in).
+        _require(self.band_order == "sequence" or (self.exact_window > 0 and not self.causal
+                                                   and self.position_scope == "member"),
+                 f"band_order='member' takes the exact band over tokens sorted by their position within their "
+                 f"member: it needs exact_window > 0 (got {self.exact_window}), position_scope='member' (got "
+                 f"{self.position_scope!r}) and a bidirectional model (causal={self.causal})")
         # Bidirectional attention is permutation-equivariant: without positions an MLM cannot see residue
         # order at all. A causal model still can (the mask breaks the symmetry), so that combination stays.
         _require(self.position != "none" or self.causal or self.attention_kind.relative_bias,
@@ -333,7 +347,7 @@ class PerformerConfig:
 # three that come from the data and the objective (vocab_size, pad_idx, causal).
 ATTENTION_GROUP_FIELDS = ("nb_features", "feature_redraw_interval", "feature_seed",
                           "combiner_block_size", "combiner_variant", "rpe_exact_distance", "rpe_max_distance",
-                          "features", "coupling", "exact_window")
+                          "features", "coupling", "exact_window", "band_order")
 _CALLER_FIELDS = ("vocab_size", "pad_idx", "causal")
 
 

@@ -94,10 +94,11 @@ def captured_attention_inputs(model: ProteinPerformer) -> Iterator[list[dict[str
     layers = [block.attention for block in model.blocks]
 
     def recorder(layer: SelfAttention):
-        def attend(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
-            output = SelfAttention.attend(layer, q, k, v, key_padding_mask)
+        def attend(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None = None,
+                   positions: Tensor | None = None) -> Tensor:
+            output = SelfAttention.attend(layer, q, k, v, key_padding_mask, positions)
             records.append({"layer": layer, "config": model.config, "q": q, "k": k, "v": v,
-                            "key_padding_mask": key_padding_mask, "output": output})
+                            "key_padding_mask": key_padding_mask, "positions": positions, "output": output})
             return output
         return attend
 
@@ -160,7 +161,8 @@ def fidelity_of_records(records: Sequence[Mapping[str, Any]], *, nb_features: in
         q, k, v, mask = record["q"], record["k"], record["v"], record["key_padding_mask"]
         estimate = record["output"]
         if variant is not None:
-            estimate = rebuilt_layer(layer, variant, 0 if seed is None else seed).attend(q, k, v, mask)
+            estimate = rebuilt_layer(layer, variant, 0 if seed is None else seed).attend(q, k, v, mask,
+                                                                                          record.get("positions"))
         layers.append(layer_fidelity(layer, q, k, v, mask, estimate, entropy=entropy, dtype=dtype))
     return AttentionFidelity(**{name: None if layers[0][name] is None else torch.stack([s[name] for s in layers])
                                 for name in layers[0]})

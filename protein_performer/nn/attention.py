@@ -84,6 +84,7 @@ class SelfAttention(nn.Module):
         self.features = config.features
         self.coupling = config.coupling
         self.exact_window = config.exact_window
+        self.band_order = config.band_order
 
         self.qkv = nn.Linear(config.d_model, 3 * config.d_model)
         self.out_proj = nn.Linear(config.d_model, config.d_model)
@@ -191,16 +192,41 @@ class SelfAttention(nn.Module):
             q, k = self.rotary(q, offset, positions), self.rotary(k, offset, positions)
         return q, k, v
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
-        """Attention output [batch, heads, length, head_dim] of this layer's kind."""
+    def band_permutation(self, positions: Tensor | None, key_padding_mask: Tensor | None) -> Tensor | None:
+        """band_order='member': the order [batch, length] that sorts tokens by their position within their
+        member (ties in input order; padding last, so that it moves no valid token), None otherwise."""
+        if self.band_order != "member":
+            return None
+        if positions is None:
+            raise ValueError("band_order='member' sorts tokens by their position within their member: pass "
+                             "positions (the model does with position_scope='member')")
+        if key_padding_mask is not None:
+            positions = positions.masked_fill(key_padding_mask, torch.iinfo(positions.dtype).max)
+        return torch.sort(positions, dim=1, stable=True).indices
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None = None,
+               positions: Tensor | None = None) -> Tensor:
+        """Attention output [batch, heads, length, head_dim] of this layer's kind. positions [batch, length]
+        (member positions) are read only by band_order='member', which attends in their sorted order."""
+        order = self.band_permutation(positions, key_padding_mask)
+        if order is not None:
+            q, k, v = (_take_tokens(t, order) for t in (q, k, v))
+            key_padding_mask = None if key_padding_mask is None else key_padding_mask.gather(1, order)
         out = self.spec.attend(self, q, k, v, key_padding_mask)
         if self.training and self.oprf_u is not None:
             self.update_oprf_statistic(q, k, key_padding_mask)
-        return out
+        return out if order is None else _take_tokens(out, order.argsort(dim=1))
 
-    def attention_weights(self, q: Tensor, k: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+    def attention_weights(self, q: Tensor, k: Tensor, key_padding_mask: Tensor | None = None,
+                          positions: Tensor | None = None) -> Tensor:
         """The [batch, heads, length, length] matrix A that `attend` applies: attend(q, k, v) = A @ v."""
-        return self.spec.weights(self, q, k, key_padding_mask)
+        order = self.band_permutation(positions, key_padding_mask)
+        if order is None:
+            return self.spec.weights(self, q, k, key_padding_mask)
+        mask = None if key_padding_mask is None else key_padding_mask.gather(1, order)
+        weights = self.spec.weights(self, _take_tokens(q, order), _take_tokens(k, order), mask)
+        inverse = order.argsort(dim=1)
+        return _take_tokens(_take_tokens(weights, inverse).transpose(-1, -2), inverse).transpose(-1, -2)
 
     def forward(self, x: Tensor, key_padding_mask: Tensor | None = None, return_attention: bool = False,
                 positions: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
@@ -211,8 +237,8 @@ class SelfAttention(nn.Module):
         """
         batch, length, d_model = x.shape
         q, k, v = self.project_qkv(x, positions=positions)
-        y = self.attend(q, k, v, key_padding_mask)  # (B, H, L, D)
-        weights = self.attention_weights(q, k, key_padding_mask) if return_attention else None
+        y = self.attend(q, k, v, key_padding_mask, positions)  # (B, H, L, D)
+        weights = self.attention_weights(q, k, key_padding_mask, positions) if return_attention else None
         y = y.transpose(1, 2).reshape(batch, length, d_model)  # (B, L, H*D)
         return self.dropout(self.out_proj(y)), weights
 
@@ -232,3 +258,10 @@ class SelfAttention(nn.Module):
         q, k, v = (t.squeeze(2) for t in self.project_qkv(x_t[:, None, :], position, positions))  # (B, H, D)
         y, state = self.spec.step(self, q, k, v, position, state)
         return self.dropout(self.out_proj(y.reshape(x_t.shape[0], -1))), state
+
+
+def _take_tokens(x: Tensor, order: Tensor) -> Tensor:
+    """x [batch, heads, length, ...] with its tokens (dim 2) taken in `order` [batch, length] of each row."""
+    index = order[:, None, :].expand(x.shape[0], x.shape[1], -1)
+    index = index.reshape(*index.shape, *([1] * (x.dim() - 3))).expand(*index.shape, *x.shape[3:])
+    return x.gather(2, index)
