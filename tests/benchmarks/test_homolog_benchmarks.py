@@ -110,3 +110,26 @@ def test_homolog_sets_writes_train_and_held_out_clusters_apart(tmp_path, monkeyp
         assert train[index].rstrip("b") == train[index + 1].rstrip("b")
     assert "SINGLE" not in train
     assert f"held-out clusters {len(held)}" in capsys.readouterr().out
+
+
+def test_member_offsets_counts_aligned_pairs_by_member_position_offset(capsys) -> None:
+    import member_offsets
+
+    clusters = {"A": ["A", "B", "C"], "D": ["D"]}
+    from Bio.SeqIO.FastaIO import SimpleFastaParser
+
+    with gzip.open(FASTA, "rt") as handle:
+        base = next(sequence for _, sequence in SimpleFastaParser(handle) if len(sequence) >= 200)[:200]
+    sequences = {"A": base, "B": "GG" + base, "C": "GG" + base[:50] + base[53:], "D": base}
+    offsets, used = member_offsets.member_offsets(clusters, sequences, max_clusters=10, max_members=5)
+    assert used == 1  # D has one member
+    # B = 2 residues + A: every pair 2 apart. C = B with 3 residues deleted: 0 apart up to the deletion,
+    # 3 apart after it (where the gap goes among repeated residues is the aligner's choice: +-3).
+    assert len(base) == 200 and sorted(set(offsets.tolist())) == [0, 2, 3]
+    assert (offsets == 2).sum() == 200 and (offsets == 0).sum() + (offsets == 3).sum() == 197 + 2
+    assert 49 <= (offsets == 0).sum() <= 55
+    text = member_offsets.table(offsets, used)
+    assert "| 0 |" in text and f"{len(offsets):,} pairs in 1 clusters" in text
+    assert member_offsets.main([str(REPO / "data" / "swissprot_subset.clusters50.tsv.gz"), str(FASTA),
+                                "--clusters", "2", "--members", "2"]) == 0
+    assert "| 50 |" in capsys.readouterr().out
