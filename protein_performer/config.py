@@ -224,7 +224,7 @@ class PerformerConfig:
     exact_window: int = 0  # favor: exact weights for |i//w - j//w| <= 1 (all |i-j| < w), FAVOR beyond; 0 = off
     band_order: str = "sequence"  # favor with exact_window: the order the band is taken in; "member": tokens
     #                               sorted by position within their member, so the band holds the residues at
-    #                               nearby positions of every member (homologs' aligned residues); bidirectional
+    #                               nearby positions of every member (homologs' aligned residues)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "nb_features", "max_length"):
@@ -288,13 +288,12 @@ class PerformerConfig:
         _require(self.position_scope == "window" or self.position in ("rotary", "learned"),
                  f"position_scope='member' restarts rotary or learned positions at each member, but this model "
                  f"has position={self.position!r} (attention={self.attention!r}); use position_scope='window'")
-        # The member order sorts tokens by their position within their member: it needs those positions, a band
-        # to take, and no causal mask (the sorted order is not the order tokens may see each other in).
-        _require(self.band_order == "sequence" or (self.exact_window > 0 and not self.causal
-                                                   and self.position_scope == "member"),
+        # The member order sorts tokens by their position within their member: it needs those positions and a
+        # band to take.
+        _require(self.band_order == "sequence" or (self.exact_window > 0 and self.position_scope == "member"),
                  f"band_order='member' takes the exact band over tokens sorted by their position within their "
-                 f"member: it needs exact_window > 0 (got {self.exact_window}), position_scope='member' (got "
-                 f"{self.position_scope!r}) and a bidirectional model (causal={self.causal})")
+                 f"member: it needs exact_window > 0 (got {self.exact_window}) and position_scope='member' (got "
+                 f"{self.position_scope!r})")
         # Bidirectional attention is permutation-equivariant: without positions an MLM cannot see residue
         # order at all. A causal model still can (the mask breaks the symmetry), so that combination stays.
         _require(self.position != "none" or self.causal or self.attention_kind.relative_bias,
@@ -314,9 +313,15 @@ class PerformerConfig:
         return min(known) if known else None
 
     @property
+    def recurrent_kind(self) -> bool:
+        """True when this config's attention has a constant-size causal state (band_order='member' has
+        none: a new token's band is the keys at nearby member positions anywhere before it)."""
+        return self.attention_kind.is_recurrent(self) and self.band_order == "sequence"
+
+    @property
     def recurrent(self) -> bool:
         """True when a causal model of this config can decode one token at a time (constant memory)."""
-        return self.causal and self.attention_kind.is_recurrent(self)
+        return self.causal and self.recurrent_kind
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> PerformerConfig:

@@ -202,9 +202,9 @@ class ProteinPerformer(nn.Module, PretrainedMixin):
         if not self.config.recurrent:
             recurrent = [name for name, row in ATTENTION.items() if row.recurrent]
             raise ValueError(f"decode_step needs causal=True and an attention kind with a recurrent state "
-                             f"({recurrent}; favor_rpe with rpe_max_distance set); this model has "
-                             f"attention={self.config.attention!r}, "
-                             f"causal={self.config.causal}, rpe_max_distance={self.config.rpe_max_distance}")
+                             f"({recurrent}; favor_rpe with rpe_max_distance set; not with band_order='member'); "
+                             f"this model has attention={self.config.attention!r}, causal={self.config.causal}, "
+                             f"rpe_max_distance={self.config.rpe_max_distance}, band_order={self.config.band_order!r}")
         if state is None:
             state = DecodingState(position=0, layers=[None] * self.config.n_layers)
         rotary_position = last_separator = None

@@ -114,7 +114,7 @@ class SelfAttention(nn.Module):
             self.rpe_bias = nn.Parameter(torch.zeros(config.n_heads, 2 * config.max_length - 1))
         self.register_buffer("rpe_index", index, persistent=False)  # derived from the config
         # a causal layer of this kind has a finite recurrent state (it can `step`)
-        self.recurrent = self.spec.step is not None and self.spec.is_recurrent(config)
+        self.recurrent = self.spec.step is not None and config.recurrent_kind
 
     @property
     def spec(self) -> AttentionKind:
@@ -207,15 +207,17 @@ class SelfAttention(nn.Module):
     def attend(self, q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None = None,
                positions: Tensor | None = None) -> Tensor:
         """Attention output [batch, heads, length, head_dim] of this layer's kind. positions [batch, length]
-        (member positions) are read only by band_order='member', which attends in their sorted order."""
+        (member positions) are read only by band_order='member', whose band follows their sorted order."""
         order = self.band_permutation(positions, key_padding_mask)
-        if order is not None:
-            q, k, v = (_take_tokens(t, order) for t in (q, k, v))
-            key_padding_mask = None if key_padding_mask is None else key_padding_mask.gather(1, order)
-        out = self.spec.attend(self, q, k, v, key_padding_mask)
+        if order is None:
+            out = self.spec.attend(self, q, k, v, key_padding_mask)
+        else:
+            out = ops.favor_sorted_band_attention(q, k, v, self.projection, self.exact_window, order,
+                                                  causal=self.causal, key_padding_mask=key_padding_mask,
+                                                  oprf_a=self.oprf_a(q, k, key_padding_mask))
         if self.training and self.oprf_u is not None:
             self.update_oprf_statistic(q, k, key_padding_mask)
-        return out if order is None else _take_tokens(out, order.argsort(dim=1))
+        return out
 
     def attention_weights(self, q: Tensor, k: Tensor, key_padding_mask: Tensor | None = None,
                           positions: Tensor | None = None) -> Tensor:
@@ -223,10 +225,9 @@ class SelfAttention(nn.Module):
         order = self.band_permutation(positions, key_padding_mask)
         if order is None:
             return self.spec.weights(self, q, k, key_padding_mask)
-        mask = None if key_padding_mask is None else key_padding_mask.gather(1, order)
-        weights = self.spec.weights(self, _take_tokens(q, order), _take_tokens(k, order), mask)
-        inverse = order.argsort(dim=1)
-        return _take_tokens(_take_tokens(weights, inverse).transpose(-1, -2), inverse).transpose(-1, -2)
+        return ops.implied_sorted_band_attention(q, k, self.projection, self.exact_window, order, causal=self.causal,
+                                                 key_padding_mask=key_padding_mask,
+                                                 oprf_a=self.oprf_a(q, k, key_padding_mask))
 
     def forward(self, x: Tensor, key_padding_mask: Tensor | None = None, return_attention: bool = False,
                 positions: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
@@ -259,9 +260,3 @@ class SelfAttention(nn.Module):
         y, state = self.spec.step(self, q, k, v, position, state)
         return self.dropout(self.out_proj(y.reshape(x_t.shape[0], -1))), state
 
-
-def _take_tokens(x: Tensor, order: Tensor) -> Tensor:
-    """x [batch, heads, length, ...] with its tokens (dim 2) taken in `order` [batch, length] of each row."""
-    index = order[:, None, :].expand(x.shape[0], x.shape[1], -1)
-    index = index.reshape(*index.shape, *([1] * (x.dim() - 3))).expand(*index.shape, *x.shape[3:])
-    return x.gather(2, index)

@@ -185,6 +185,7 @@ def test_homolog_settings_read_clusters_and_restart_positions_where_the_kind_has
             assert cfg.data.clusters == str(clusters) and cfg.data.min_cluster_members == 2
             assert cfg.objective == objective and cfg.attention.kind == cell.kind
             assert cfg.model.position_scope == ("window" if cell.kind == "favor_rpe" else "member")
+            assert cfg.attention.band_order == ("member" if cell.name == "favor_member64" else "sequence")
         with pytest.raises(SystemExit, match="--clusters"):
             compare.base_overrides(setting, compare.FULL, tmp_path / "x.fasta", tmp_path / "cache")
 
@@ -192,8 +193,9 @@ def test_homolog_settings_read_clusters_and_restart_positions_where_the_kind_has
 def test_hw_gives_every_kind_four_times_c_seconds_and_calibrates_on_its_own_windows(tmp_path, monkeypatch):
     hw, c = compare.settings()["HW"], compare.settings()["C"]
     assert hw.equal_wall_clock and hw.seconds(compare.FULL) == 4 * c.seconds(compare.FULL)
-    assert {cell.kind for cell in hw.cells} == {"softmax", "favor"} and "favor_window64" in [x.name for x in hw.cells]
-    assert [cell.kind for cell in compare.settings()["HC"].cells] == ["softmax", "favor", "favor_rpe", "combiner"]
+    assert [cell.name for cell in hw.cells] == ["softmax", "favor", "favor_member64"]
+    assert [cell.name for cell in compare.settings()["HC"].cells] == ["softmax", "favor", "favor_rpe", "combiner",
+                                                                     "favor_member64"]
     # calibration times steps of one 8192-token window: the rate logged by the run gives s/step
     commands = []
 
@@ -207,7 +209,7 @@ def test_hw_gives_every_kind_four_times_c_seconds_and_calibrates_on_its_own_wind
 
     monkeypatch.setattr(compare, "run_training", fake_run)
     seconds = compare.calibrate(hw, compare.FULL, [], tmp_path / "HW")
-    assert seconds == {"softmax": 2.0, "favor": 2.0, "favor_window64": 2.0}  # 8192 tokens at 4096 tokens/s
+    assert seconds == {"softmax": 2.0, "favor": 2.0, "favor_member64": 2.0}  # 8192 tokens at 4096 tokens/s
     assert len(commands) == len(hw.cells) * compare.FULL.calibration_repeats
 
 

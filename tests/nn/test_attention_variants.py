@@ -175,10 +175,8 @@ def test_member_order_holds_the_aligned_residue_of_another_member_and_ignores_pa
     ({"band_order": "diagonal"}, r"unknown band_order 'diagonal'; choose one of \('sequence', 'member'\)"),
     ({"band_order": "member", "position_scope": "member"}, r"needs exact_window > 0 \(got 0\)"),
     ({"band_order": "member", "exact_window": 4}, r"position_scope='member' \(got 'window'\)"),
-    ({"band_order": "member", "exact_window": 4, "position_scope": "member", "causal": True},
-     r"bidirectional model \(causal=True\)"),
     ({"attention": "favor_relu", "band_order": "member"}, r"band_order='member' is not available"),
-], ids=["unknown", "no-band", "window-positions", "causal", "relu"])
+], ids=["unknown", "no-band", "window-positions", "relu"])
 def test_bad_band_orders_are_refused_naming_the_key(overrides: dict, message: str) -> None:
     overrides = dict(overrides)
     with pytest.raises(ValueError, match=message):
@@ -190,3 +188,21 @@ def test_member_order_needs_positions_at_the_layer() -> None:
     q = k = v = torch.randn(1, HEADS, LENGTH, D_MODEL // HEADS, dtype=torch.float64)
     with pytest.raises(ValueError, match="band_order='member' sorts tokens"):
         attention.attend(q, k, v)
+
+
+def test_a_causal_member_band_model_reads_no_later_token_and_does_not_decode_step_by_step() -> None:
+    from test_model import homolog_window, residues
+
+    config = tiny_config("favor", causal=True, exact_window=3, band_order="member", position_scope="member")
+    assert not config.recurrent
+    model = sharp_model(config)
+    ids = homolog_window([residues(9, seed=2), residues(11, seed=3)])  # 23 tokens
+    changed = ids.clone()
+    changed[0, 15:] = residues(8, seed=4)
+    torch.testing.assert_close(model(changed).logits[:, :15], model(ids).logits[:, :15], rtol=0, atol=1e-12)
+    assert not torch.allclose(model(changed).logits[:, 15:], model(ids).logits[:, 15:])
+    # the member order acts: the same weights with the sequence band give other logits
+    sequence = sharp_model(tiny_config("favor", causal=True, exact_window=3, position_scope="member"))
+    assert (sequence(ids).logits - model(ids).logits).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="not with band_order='member'"):
+        model.decode_step(ids[:, 0])

@@ -15,7 +15,7 @@ from protein_performer.ops.favor.features import Features, Kernel, check_favor, 
 from protein_performer.ops.favor.linear import DEFAULT_CHUNK_SIZE
 from protein_performer.ops.stabilise import decay, safe_divide
 
-__all__ = ["bidirectional_reference", "causal_reference", "favor_attention_reference", "implied_attention"]
+__all__ = ["bidirectional_reference", "causal_reference", "causal_sums", "favor_attention_reference", "implied_attention"]
 
 
 def bidirectional_reference(f: Features) -> Tensor:
@@ -29,7 +29,13 @@ def bidirectional_reference(f: Features) -> Tensor:
 
 def causal_reference(f: Features, chunk_size: int) -> Tensor:
     """Block-parallel causal linear attention, one chunk at a time: exact masked products inside a
-    chunk, a running state S = sum phi(k) v^T, z = sum phi(k) across chunks.
+    chunk, a running state S = sum phi(k) v^T, z = sum phi(k) across chunks (:func:`causal_sums`)."""
+    return safe_divide(*causal_sums(f, chunk_size))
+
+
+def causal_sums(f: Features, chunk_size: int) -> tuple[Tensor, Tensor]:
+    """The numerator [B, H, L, D] and denominator [B, H, L] of causal linear attention, each query's
+    relative to its own stabilisers (:func:`causal_reference` divides them).
 
     With a running key offset the carried state is kept relative to the offset at the end of the
     previous chunk and rescaled (factor <= 1) to each query's own offset.
@@ -39,7 +45,7 @@ def causal_reference(f: Features, chunk_size: int) -> Tensor:
     S = f.value.new_zeros(B, H, m, D)
     z = f.value.new_zeros(B, H, m)
     state_offset = f.value.new_zeros(B, H) if f.key_offset is not None else None
-    outputs = []
+    numerators, denominators = [], []
     for start in range(0, L, chunk_size):
         stop = min(start + chunk_size, L)
         q, k, v = f.query[:, :, start:stop], f.key[:, :, start:stop], f.value[:, :, start:stop]
@@ -59,10 +65,11 @@ def causal_reference(f: Features, chunk_size: int) -> Tensor:
             S = S * shrink[..., None, None]
             z = z * shrink[..., None]
             state_offset = end
-        outputs.append(safe_divide(scores @ v + inter_num, scores.sum(dim=-1) + inter_den))
+        numerators.append(scores @ v + inter_num)
+        denominators.append(scores.sum(dim=-1) + inter_den)
         S = S + k.transpose(-1, -2) @ v
         z = z + k.sum(dim=-2)
-    return torch.cat(outputs, dim=2)
+    return torch.cat(numerators, dim=2), torch.cat(denominators, dim=2)
 
 
 def favor_attention_reference(
