@@ -46,14 +46,14 @@ def causal_sums(f: Features, chunk_size: int) -> tuple[Tensor, Tensor]:
     z = f.value.new_zeros(B, H, m)
     state_offset = f.value.new_zeros(B, H) if f.key_offset is not None else None
     numerators, denominators = [], []
-    for start in range(0, L, chunk_size):
-        stop = min(start + chunk_size, L)
-        q, k, v = f.query[:, :, start:stop], f.key[:, :, start:stop], f.value[:, :, start:stop]
+    # split once: a slice per chunk would cost its backward a zero-filled [B, H, L, m] tensor per chunk
+    chunks = zip(*(x.split(chunk_size, dim=2) for x in (f.query, f.key, f.value)),
+                 f.key_offset.split(chunk_size, dim=2) if f.key_offset is not None else [None] * L)
+    for q, k, v, offset in chunks:
         scores = (q @ k.transpose(-1, -2)).tril()  # (B, H, C, C)
         inter_num = q @ S  # (B, H, C, D)
         inter_den = (q @ z[..., None]).squeeze(-1)  # (B, H, C)
-        if f.key_offset is not None:
-            offset = f.key_offset[:, :, start:stop]  # (B, H, C)
+        if offset is not None:  # (B, H, C)
             scores = scores * decay(offset[..., :, None], offset[..., None, :])
             to_query = decay(offset, state_offset[..., None])  # (B, H, C)
             inter_num = inter_num * to_query[..., None]

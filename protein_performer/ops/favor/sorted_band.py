@@ -33,6 +33,7 @@ from protein_performer.ops.favor.linear import DEFAULT_CHUNK_SIZE
 from protein_performer.ops.favor.reference import causal_sums
 from protein_performer.ops.favor.window import (
     _check_window,
+    _neighbour_windows,
     _row_blocks,
     _row_neighbours,
     favor_window_attention,
@@ -138,6 +139,9 @@ def _causal(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, window: int, or
     def neighbours(x: Tensor) -> Tensor:  # -> (R, n, 3 T, F): each block's neighbour blocks (zeros off the ends)
         return _row_neighbours(blocks(x), shifts)
 
+    def windows(x: Tensor) -> Tensor:  # -> (R n, F, 3 T): the same as an overlapping view (no copy); it reads
+        return _neighbour_windows(blocks(x), shifts)  # other rows' edge blocks, which `allowed` masks
+
     index = torch.arange(L, device=q.device, dtype=dtype).expand(B, H, L)[..., None]  # input position
     valid = torch.ones(B, H, L, 1, dtype=dtype, device=q.device) if key_padding_mask is None else (
         (~key_padding_mask).to(dtype)[:, None, :, None].expand(B, H, L, 1))
@@ -145,14 +149,20 @@ def _causal(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, window: int, or
     query_index = blocks(index)  # (R, n, T, 1)
     allowed = (key_valid[:, :, None, :] > 0) & (key_index[:, :, None, :] <= query_index)  # (R, n, T, 3T)
     scale = D ** -0.25
-    logits = blocks(q * scale) @ neighbours(k * scale).transpose(-1, -2)  # (R, n, T, 3T)
-    logits = logits.masked_fill(~allowed, -math.inf)
+    n = query_index.shape[1]
+    shape = (rows, n, window, 3 * window)
+
+    def band_product(queries: Tensor, keys: Tensor) -> Tensor:  # (B, H, L, F) each -> (R, n, T, 3T)
+        return (blocks(queries).reshape(rows * n, window, -1) @ windows(keys)).view(shape)
+
+    logits = band_product(q * scale, k * scale).masked_fill(~allowed, -math.inf)
     sigma_b = blocks(sigma[..., None])  # (R, n, T, 1)
     mu = torch.maximum(sigma_b, logits.amax(dim=-1, keepdim=True)).detach()
     # the estimate of the same pairs: phi_i . phi_j = F_i . F_j exp(sigma_i) exp(M_j - M_i), M_j <= M_i
     offsets = (neighbours(key_offset[..., None])[..., 0][:, :, None, :] - blocks(key_offset[..., None])).clamp(max=0)
-    estimate = (blocks(query_features) @ neighbours(key_features).transpose(-1, -2)) * torch.exp(offsets + sigma_b - mu)
-    correction = (torch.exp(logits - mu) - estimate.masked_fill(~allowed, 0.0)) @ neighbours(w)  # (R, n, T, D + 1)
+    estimate = band_product(query_features, key_features) * torch.exp(offsets + sigma_b - mu)
+    weights = torch.exp(logits - mu) - estimate.masked_fill(~allowed, 0.0)
+    correction = (weights.view(rows * n, window, -1) @ windows(w).transpose(-1, -2)).view(*shape[:3], -1)
     total = blocks(sums) * torch.exp(sigma_b - mu) + correction
     out = safe_divide(total[..., :D], total[..., D])  # (R, n, T, D), band order
     out = out.reshape(rows, -1, D)[:, :L].reshape(B, H, L, D)
