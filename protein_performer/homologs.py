@@ -43,6 +43,7 @@ from protein_performer.data import SPLITS, Alphabet, SplitSpec, accession_hash, 
 from protein_performer.data.fasta import GZIP, GZIP_MAGIC
 from protein_performer.data.sampling import Clusters, homolog_segment, segment_lengths
 from protein_performer.data.splits import SplitAssigner
+from protein_performer.config import ATTENTION, FEATURE_OPTIONS
 from protein_performer.fidelity import variant_config
 from protein_performer.maps import attention_maps_of_tokens
 from protein_performer.model import ProteinPerformer
@@ -307,6 +308,9 @@ def with_attention(model: ProteinPerformer, **overrides) -> ProteinPerformer:
     attention (a model never trained with FAVOR+). Random-feature projections are drawn from the config's
     feature_seed at step 0, as a new model's are. Overrides are PerformerConfig fields (unknown ones raise).
     """
+    if "attention" in overrides:  # options the new kind does not take go back to their defaults
+        honoured = ATTENTION[overrides["attention"]].feature_options
+        overrides = {**{key: value for key, value in FEATURE_OPTIONS.items() if key not in honoured}, **overrides}
     swapped = ProteinPerformer(variant_config(model.config, overrides=overrides))
     own_buffers = {name for name, _ in swapped.named_buffers()} | {name for name, _ in model.named_buffers()}
     weights = {name: value for name, value in model.state_dict().items() if name not in own_buffers}

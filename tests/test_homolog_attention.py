@@ -262,6 +262,11 @@ def test_with_attention_keeps_the_weights_and_changes_only_the_attention(alphabe
     assert attention_maps_of_tokens(favor_again, tokens).shape[-1] == len(tokens)
     with pytest.raises(ValueError):
         with_attention(favor, no_such_setting=1)
+    # options softmax does not take (an exact band, its member order) fall back to their defaults
+    banded = with_attention(favor, exact_window=4, band_order="member", position_scope="member")
+    exact = with_attention(banded, attention="softmax")
+    assert (exact.config.exact_window, exact.config.band_order, exact.config.position_scope) == (0, "sequence",
+                                                                                                 "member")
 
 
 def test_bundled_clusters_and_their_splits(data_dir):
