@@ -40,6 +40,8 @@ def _compose(tmp_path: Path, *overrides: str):
                          ids=[f"{g}={o}" for g in GROUPS for o in _options(g)])
 def test_config_option_composes_and_instantiates(group, option, tmp_path):
     extra = ["trainer=cpu"] if group == "experiment" else []  # experiments pick a GPU trainer
+    if (group, option) == ("attention", "favor_member64"):  # its band follows positions within members
+        extra = ["model.position_scope=member"]
     cfg = _compose(tmp_path, f"{group}={option}", *extra)
     resolved = OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
     assert resolved["output_dir"] == str(tmp_path / "run")
@@ -97,6 +99,14 @@ def test_experiments_reproduce_the_paper_protein_settings(experiment, objective,
     assert cfg.data.max_length == length and config.max_length >= length
     assert cfg.data.sampling == sampling
     assert config.attention == "favor" and cfg.trainer.precision == "bf16-mixed"
+
+
+def test_the_member_band_preset_reads_homolog_windows_and_says_what_it_needs_elsewhere(tmp_path):
+    config = _model_config(_compose(tmp_path, "experiment=homologs", "attention=favor_member64"))
+    assert (config.attention, config.exact_window, config.band_order, config.position_scope) == (
+        "favor", 64, "member", "member")
+    with pytest.raises(ValueError, match=r"band_order='member'.*position_scope='member' \(got 'window'\)"):
+        _model_config(_compose(tmp_path, "attention=favor_member64"))
 
 
 def test_command_line_choices_override_an_experiment(tmp_path):
