@@ -182,6 +182,37 @@ def _bidirectional_far(q: Tensor, k: Tensor, w: Tensor, projection: Tensor, key_
     return far, _row_blocks(sigma.reshape(rows, L, 1), block)
 
 
+class _BandProduct(torch.autograd.Function):
+    """The exact part: exp(q_b . k_c - mu) @ [V_c, 1] over each query block's neighbour keys, with
+    mu = max(sigma, the row's band logits) (returned, no gradient). Hand-written backward: the weights'
+    gradient is formed contiguous and multiplied by the saved weights in place (autograd's exp backward
+    multiplied a transposed-stride gradient, the slowest elementwise op of the op)."""
+
+    @staticmethod
+    def forward(ctx, queries: Tensor, keys_t: Tensor, values: Tensor, sigma: Tensor, allowed: Tensor
+                ) -> tuple[Tensor, Tensor]:
+        # queries (R n, T, D), keys_t (R n, D, S T), values (R n, S T, E), sigma (R, n, T, 1) detached,
+        # allowed bool (B, 1, n, T, S T) broadcast over heads
+        B, n = allowed.shape[0], allowed.shape[2]
+        weights = torch.bmm(queries, keys_t)  # (R n, T, S T)
+        weights.view(B, -1, n, *weights.shape[1:]).masked_fill_(~allowed, -math.inf)
+        mu = torch.maximum(sigma, weights.amax(dim=-1).view(sigma.shape))  # (R, n, T, 1)
+        weights.sub_(mu.view(weights.shape[0], -1, 1)).exp_()  # masked entries exactly 0
+        ctx.save_for_backward(queries, keys_t, values, weights)
+        ctx.mark_non_differentiable(mu)
+        return torch.bmm(weights, values).view(*sigma.shape[:-1], values.shape[-1]), mu
+
+    @staticmethod
+    def backward(ctx, grad: Tensor, _grad_mu: Tensor | None):
+        queries, keys_t, values, weights = ctx.saved_tensors
+        grad = grad.reshape(weights.shape[0], -1, values.shape[-1])  # (R n, T, E)
+        grad_values = torch.bmm(weights.transpose(-1, -2), grad)
+        grad_logits = torch.bmm(grad, values.transpose(-1, -2)).mul_(weights)  # exp's backward, in place
+        grad_queries = torch.bmm(grad_logits, keys_t.transpose(-1, -2))
+        grad_keys_t = torch.bmm(queries.transpose(-1, -2), grad_logits)
+        return grad_queries, grad_keys_t, grad_values, None, None
+
+
 def favor_window_attention(
     q: Tensor,
     k: Tensor,
@@ -237,11 +268,7 @@ def favor_window_attention(
         allowed = _band_mask(block, shifts, causal, q.device) & (valid[:, None, :, None, :] > 0)  # (B, 1, n, T, S T)
         # mask, stabiliser and exp in place on the fresh product (its backward reads only qb and keys; no
         # views of it: an in-place op on a view costs autograd a copy of the whole base)
-        logits = qb.reshape(rows * n, block, D) @ keys_t  # (R n, T, S T)
-        with torch.no_grad():  # untracked: the exp's backward (grad * exp(-inf) = 0) already zeroes these
-            logits.view(B, H, n, block, -1).masked_fill_(~allowed, -math.inf)  # the mask broadcast over heads
-        mu = torch.maximum(sigma_b.detach(), logits.detach().amax(dim=-1).view(sigma_b.shape))  # (R, n, T, 1)
-        exact = (logits.sub_(mu.view(rows * n, block, 1)).exp_() @ values).view(far.shape)
+        exact, mu = _BandProduct.apply(qb.reshape(rows * n, block, D), keys_t, values, sigma_b.detach(), allowed)
         total = exact + far * torch.exp(sigma_b - mu)
         out = safe_divide(total[..., :D], total[..., D])  # (R, n, T, D)
         out = masked(out.reshape(rows, -1, D)[:, :L].view(B, H, L, D), key_padding_mask)
