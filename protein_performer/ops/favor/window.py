@@ -241,6 +241,40 @@ def favor_window_attention(
     check_favor("favor_window_attention", q, k, v, projection, "softmax", key_padding_mask, oprf_a)
     _check_window("favor_window_attention", window)
     B, H, L, D = v.shape
+    rows = _rows_per_chunk(L, D, projection.shape[0], window, compute_dtype(q))
+    if rows >= B * H:
+        return _favor_window_rows(q, k, v, projection, window, causal, key_padding_mask, oprf_a)
+    step = min(rows, H)
+    return torch.cat([
+        torch.cat([
+            _favor_window_rows(q[b : b + 1, h : h + step], k[b : b + 1, h : h + step], v[b : b + 1, h : h + step],
+                               projection, window, causal,
+                               None if key_padding_mask is None else key_padding_mask[b : b + 1],
+                               None if oprf_a is None else (oprf_a[h : h + step] if oprf_a.dim() == 1
+                                                            else oprf_a[b : b + 1, h : h + step]))
+            for h in range(0, H, step)], dim=1)
+        for b in range(B)], dim=0)
+
+
+# Largest per-chunk tensor, in bytes. Fresh tensors above glibc's mmap threshold (at most 32 MiB) are
+# mapped and unmapped on every call: their page faults cost about as much as the pass that fills them
+# (measured: a fresh 68 MB result 34 ms, the same subtraction into an existing one 5 ms). Chunks of
+# (batch, head) rows whose tensors stay below it are served from the heap: at L = 8192, w = 64 fwd+bwd
+# is 1.4x (bidirectional) / 1.5x (causal) faster than one call over all rows.
+_CHUNK_BYTES = 8 << 20
+
+
+def _rows_per_chunk(length: int, head_dim: int, nb_features: int, window: int, dtype: torch.dtype) -> int:
+    """(batch, head) rows per call so that each chunk's largest tensor (the [L, m] features, the
+    [L, 3 w] band weights, the bidirectional block states [L / w, d + 1, m]) stays within _CHUNK_BYTES."""
+    per_row = length * max(nb_features, 3 * window, -(-nb_features * (head_dim + 1) // window))
+    return max(1, _CHUNK_BYTES // (per_row * torch.finfo(dtype).bits // 8))
+
+
+def _favor_window_rows(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, window: int, causal: bool,
+                       key_padding_mask: Tensor | None, oprf_a: Tensor | None) -> Tensor:
+    """:func:`favor_window_attention` on one chunk of (batch, head) rows (arguments checked)."""
+    B, H, L, D = v.shape
     block = window
     with torch.autocast(device_type=q.device.type, enabled=False):
         dtype = compute_dtype(q)
