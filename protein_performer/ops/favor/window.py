@@ -245,14 +245,15 @@ def favor_window_attention(
     if rows >= B * H:
         return _favor_window_rows(q, k, v, projection, window, causal, key_padding_mask, oprf_a)
     step = min(rows, H)
+    # split, not slices: a slice's backward zero-fills a full-size gradient per chunk; split's cats once
+    chunks = [[x.split(step, dim=1) for x in (qb, kb, vb)] for qb, kb, vb in zip(*(x.split(1) for x in (q, k, v)))]
     return torch.cat([
         torch.cat([
-            _favor_window_rows(q[b : b + 1, h : h + step], k[b : b + 1, h : h + step], v[b : b + 1, h : h + step],
-                               projection, window, causal,
+            _favor_window_rows(qc, kc, vc, projection, window, causal,
                                None if key_padding_mask is None else key_padding_mask[b : b + 1],
-                               None if oprf_a is None else (oprf_a[h : h + step] if oprf_a.dim() == 1
-                                                            else oprf_a[b : b + 1, h : h + step]))
-            for h in range(0, H, step)], dim=1)
+                               None if oprf_a is None else (oprf_a[h * step : (h + 1) * step] if oprf_a.dim() == 1
+                                                            else oprf_a[b : b + 1, h * step : (h + 1) * step]))
+            for h, (qc, kc, vc) in enumerate(zip(*chunks[b]))], dim=1)
         for b in range(B)], dim=0)
 
 
