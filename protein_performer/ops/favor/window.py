@@ -16,7 +16,9 @@ Fast path, O(L (w d + m d)):
   plain autograd); causally the lagged prefix state of blocks <= b - 2 (the far terms of the windowed
   favor_rpe product, `ops.rpe.window`, its band skipped: running offsets, hand-written backward);
 - exact part: each query block against its neighbour key blocks, logits [w, 3 w] (causal [w, 2 w],
-  j <= i), plain autograd on block tensors.
+  j <= i), one autograd Function (:class:`_BandProduct`) whose backward forms the weights' gradient in place;
+- long inputs run in chunks of (batch, head) rows (``_rows_per_chunk``), so that fresh tensors stay under
+  glibc's mmap threshold and come from the heap instead of costing their page faults on every call.
 The two halves live on different scales: the far product is relative to its stabilisers (query row max
 c_i, key offset o_i: shared bidirectionally, the running M_i causally). Per query, the far part's log
 scale is sigma_i = c_i + o_i - |q'_i|^2 / 2 + (d / 2) log(1 - 4A) - log m (only |q'_i|^2 / 2 carries a
