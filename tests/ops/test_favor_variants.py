@@ -160,6 +160,35 @@ def test_window_decode_step_equals_the_parallel_forward(window: int, oprf: bool)
         assert state.keys.shape[2] == raw
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("oprf", [None, "heads", "batch_heads"])
+def test_window_rows_in_chunks_equal_one_call(monkeypatch: pytest.MonkeyPatch, causal: bool, oprf: str | None) -> None:
+    """Long inputs run in chunks of (batch, head) rows (fresh tensors under the mmap threshold): with a
+    chunk budget small enough for one row per call, outputs and gradients equal the single call."""
+    from protein_performer.ops.favor import window as window_module
+
+    q, k, v = (x.requires_grad_() for x in random_qkv(2, 3, 11, 4, seed=9, scale=1.2))
+    mask = padding(11, [11, 7])
+    projection = random_projection(8, 4)
+    a = {None: None, "heads": torch.tensor([-0.1, -0.02, -0.05], dtype=F64),
+         "batch_heads": torch.tensor([[-0.1, -0.02, -0.05], [-0.03, -0.08, 0.0]], dtype=F64)}[oprf]
+    grad = torch.randn(2, 3, 11, 4, generator=generator(10), dtype=F64)
+
+    def run() -> list[torch.Tensor]:
+        for x in (q, k, v):
+            x.grad = None
+        out = ops.favor_window_attention(q, k, v, projection, 3, causal=causal, key_padding_mask=mask, oprf_a=a)
+        out.backward(grad)
+        return [out.detach(), q.grad, k.grad, v.grad]
+
+    assert window_module._rows_per_chunk(11, 4, 8, 3, F64) >= 6  # the default: one call
+    whole = run()
+    monkeypatch.setattr(window_module, "_CHUNK_BYTES", 1)
+    assert window_module._rows_per_chunk(11, 4, 8, 3, F64) == 1
+    for got, want in zip(run(), whole):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+
+
 def test_oprf_decode_step_equals_the_parallel_forward() -> None:
     q, k, v = random_qkv(2, 2, 15, 6, seed=8)
     projection = random_projection(8, 6)

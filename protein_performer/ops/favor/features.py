@@ -144,11 +144,13 @@ def softmax_logits(x: Tensor, projection: Tensor, oprf_a: Tensor | None = None) 
     norm = 0.5 * (x * x).sum(dim=-1, keepdim=True)
     # "+ (-norm)", not "- norm": a broadcast subtraction's backward negates the whole [.., m] gradient
     # before reducing it (a full pass over the largest tensor); this negates the reduced [.., 1] one.
+    # In place on the fresh product (neither its backward nor the scaling's reads it): no second [.., m]
+    # tensor (a fresh large tensor costs its page faults, about as much as the pass itself).
     if oprf_a is None:
-        return x @ projection.T + (-norm)
+        return (x @ projection.T).add_(-norm)
     a = _oprf_shape(oprf_a.to(x.dtype))
     bias = a * projection.square().sum(dim=-1) + 0.25 * x.shape[-1] * torch.log(1 - 4 * a)  # (.., 1, m)
-    return torch.sqrt(1 - 4 * a) * (x @ projection.T) + (-norm) + bias
+    return (torch.sqrt(1 - 4 * a) * (x @ projection.T)).add_(-norm).add_(bias)
 
 
 def softmax_kernel_features(
