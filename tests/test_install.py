@@ -96,7 +96,7 @@ def test_installed_commands_run_from_any_directory(installed, tmp_path):
         job = OmegaConf.create(_run(installed, work, executable, "--cfg", "job").stdout)
         if command == "train":
             assert job.data.fasta == "data/uniprot_sample.fasta" and job.attention.kind == "favor"
-            assert "attention: combiner, favor, favor_relu, favor_rpe, softmax" in help_text
+            assert "attention: combiner, favor, favor_member64, favor_relu, favor_rpe, softmax" in help_text
         else:  # preprocess and embed read input=, export reads checkpoint=; all write output=
             assert OmegaConf.is_missing(job, "checkpoint" if command == "export" else "input")
             assert OmegaConf.is_missing(job, "output")
