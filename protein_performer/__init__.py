@@ -10,13 +10,7 @@ as `python -m protein_performer.preprocess` does not import the model or Lightni
 from __future__ import annotations
 
 import importlib
-from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
-
-try:
-    __version__ = version("protein-performer")
-except PackageNotFoundError:  # running from a source tree that was never installed
-    __version__ = "0.0.0+unknown"
 
 _EXPORTS = {
     "PerformerConfig": "protein_performer.config",
@@ -35,7 +29,20 @@ if TYPE_CHECKING:
     from protein_performer.model import PerformerOutput, ProteinPerformer
 
 
+def _version() -> str:
+    """The installed distribution's version (importlib.metadata costs 50 ms to import: only when asked)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("protein-performer")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "0.0.0+unknown"
+
+
 def __getattr__(name: str) -> Any:
+    if name == "__version__":
+        globals()[name] = value = _version()
+        return value
     if name not in _EXPORTS:
         raise AttributeError(f"module 'protein_performer' has no attribute {name!r}")
     value = getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import IO
 
 import numpy as np
-from Bio.SeqIO.FastaIO import SimpleFastaParser
 
 try:  # ISA-L inflates gzip about twice as fast as zlib (benchmarks/preprocess.py); optional
     from isal import igzip as GZIP
@@ -212,9 +211,27 @@ def open_fasta(path: Path) -> Iterator[tuple[IO[str], IO[bytes]]]:
 
 
 def check_fasta(path: Path) -> None:
-    """Open `path` and check its start (empty, binary, text before the first '>'); FastaFormatError if bad."""
-    with open_fasta(path):
-        pass
+    """Check the start of `path` (empty, binary, text before the first '>'), as `open_fasta` does; a
+    FastaFormatError (DataError if it cannot be opened) if bad. Reads only the first _HEAD_BYTES (the
+    opener fills a whole read buffer: a megabyte inflated for nothing on every check of a gzip file)."""
+    try:
+        raw = open(path, "rb")
+    except OSError as error:
+        raise DataError(f"{path}: cannot open ({error.strerror})") from None
+    with raw:
+        compressed = raw.read(2) == GZIP_MAGIC
+        raw.seek(0)
+        try:
+            if compressed:
+                with GZIP.GzipFile(fileobj=raw, mode="rb") as stream:
+                    head = stream.read(_HEAD_BYTES)
+            else:
+                head = raw.read(_HEAD_BYTES)
+        except EOFError as error:
+            raise truncated_gzip_error(path, error) from None
+        except (*GZIP_STREAM_ERRORS, OSError) as error:
+            raise FastaFormatError(f"{path}: not a readable gzip file ({error})") from None
+    _check_head(path, head, compressed)
 
 
 def _check_head(path: Path, head: bytes, compressed: bool) -> None:
@@ -316,6 +333,8 @@ def _read_one(path: Path, residues: bool = True) -> Iterator[FastaRecord]:
 
     count = 0
     with open_fasta(path) as (text, _):
+        from Bio.SeqIO.FastaIO import SimpleFastaParser  # imported when used: Bio.SeqIO costs 0.1 s to import
+
         records = SimpleFastaParser(numbered(text))
         while True:
             try:

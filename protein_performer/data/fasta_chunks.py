@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import IO, Any, NamedTuple
 
 import numpy as np
-from Bio.SeqIO.FastaIO import SimpleFastaParser
 
 from protein_performer.data.errors import FastaFormatError
 from protein_performer.data.fasta import (
@@ -139,6 +138,8 @@ def read_fasta_chunks_reference(path: Path, chunk_records: int = 2048) -> Iterat
         raise ValueError(f"chunk_records must be >= 1, got {chunk_records}")
     first = 0
     with open_fasta(path) as (text, raw):
+        from Bio.SeqIO.FastaIO import SimpleFastaParser  # imported when used: Bio.SeqIO costs 0.1 s to import
+
         parser = SimpleFastaParser(text)
         while True:
             try:
@@ -238,6 +239,8 @@ class _RecordSpans(NamedTuple):
     def _parsed_by_biopython(self, text: bytes, begin: int, stop: int) -> tuple[bytes, bytes, np.ndarray]:
         """cut() by SimpleFastaParser: for chunks with whitespace inside sequences or after titles."""
         piece = text[int(self.head[begin]):int(self.end[stop - 1])]
+        from Bio.SeqIO.FastaIO import SimpleFastaParser  # imported when used: Bio.SeqIO costs 0.1 s to import
+
         return _join_records(list(SimpleFastaParser(io.StringIO(piece.decode("latin-1")))))
 
 
