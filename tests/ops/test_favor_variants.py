@@ -166,6 +166,7 @@ def test_window_rows_in_chunks_equal_one_call(monkeypatch: pytest.MonkeyPatch, c
     """Long inputs run in chunks of (batch, head) rows (fresh tensors under the mmap threshold): with a
     chunk budget small enough for one row per call, outputs and gradients equal the single call."""
     from protein_performer.ops.favor import window as window_module
+    from protein_performer.ops.favor import rows as rows_module
 
     q, k, v = (x.requires_grad_() for x in random_qkv(2, 3, 11, 4, seed=9, scale=1.2))
     mask = padding(11, [11, 7])
@@ -183,10 +184,53 @@ def test_window_rows_in_chunks_equal_one_call(monkeypatch: pytest.MonkeyPatch, c
 
     assert window_module._rows_per_chunk(11, 4, 8, 3, F64) >= 6  # the default: one call
     whole = run()
-    monkeypatch.setattr(window_module, "_CHUNK_BYTES", 1)
+    monkeypatch.setattr(rows_module, "CHUNK_BYTES", 1)
     assert window_module._rows_per_chunk(11, 4, 8, 3, F64) == 1
     for got, want in zip(run(), whole):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("kernel, oprf", [("softmax", None), ("softmax", "heads"), ("softmax", "batch_heads"),
+                                          ("relu", None)])
+def test_favor_rows_in_chunks_equal_one_call(monkeypatch: pytest.MonkeyPatch, causal: bool, kernel: str,
+                                             oprf: str | None) -> None:
+    """favor_attention runs long inputs in chunks of (batch, head) rows too: one row per call (a chunk budget
+    of 1 byte) gives the single call's outputs and gradients, padding, FAVOR++'s per-row A and a causal
+    length that is no multiple of the chunk size included."""
+    from protein_performer.ops.favor import attention as attention_module
+    from protein_performer.ops.favor import rows as rows_module
+
+    q, k, v = (x.requires_grad_() for x in random_qkv(2, 3, 11, 4, seed=19, scale=1.2))
+    mask = padding(11, [11, 7])
+    projection = random_projection(8, 4)
+    a = {None: None, "heads": torch.tensor([-0.1, -0.02, -0.05], dtype=F64),
+         "batch_heads": torch.tensor([[-0.1, -0.02, -0.05], [-0.03, -0.08, 0.0]], dtype=F64)}[oprf]
+    grad = torch.randn(2, 3, 11, 4, generator=generator(20), dtype=F64)
+    calls = []
+    one_chunk = attention_module._favor_rows
+
+    def counted(q, *rest):
+        calls.append(q.shape[:2])
+        return one_chunk(q, *rest)
+
+    monkeypatch.setattr(attention_module, "_favor_rows", counted)
+
+    def run() -> list[torch.Tensor]:
+        for x in (q, k, v):
+            x.grad = None
+        out = ops.favor_attention(q, k, v, projection, causal=causal, kernel=kernel, key_padding_mask=mask,
+                                  chunk_size=4, oprf_a=a)
+        out.backward(grad)
+        return [out.detach(), q.grad, k.grad, v.grad]
+
+    whole = run()
+    assert calls == [(2, 3)]  # the default budget: one call
+    monkeypatch.setattr(rows_module, "CHUNK_BYTES", 1)
+    calls.clear()
+    for got, want in zip(run(), whole):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)
+    assert calls == [(1, 1)] * 6  # one (batch, head) row per call
 
 
 def test_oprf_decode_step_equals_the_parallel_forward() -> None:

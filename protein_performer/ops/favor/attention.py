@@ -14,7 +14,7 @@ so inf/NaN junk cannot leak), adding nothing to numerators or denominators; they
 the stabilisers too. Padded positions are also dropped as queries: their output rows are zero.
 
 Fast path: features built in place (`inplace_softmax_features`), linear attention with hand-written
-backward passes (`ops.favor.linear`). References: `ops.favor.reference`. Everything runs in float32 (or
+backward passes (`ops.favor.linear`), long inputs in chunks of (batch, head) rows (`ops.favor.rows`). References: `ops.favor.reference`. Everything runs in float32 (or
 float64 when given float64) even under bf16/fp16 autocast; the output is cast back to the dtype of ``v``.
 """
 from __future__ import annotations
@@ -32,6 +32,7 @@ from protein_performer.ops.favor.features import (
 )
 from protein_performer.ops.favor.linear import DEFAULT_CHUNK_SIZE, linear_backward, linear_forward
 from protein_performer.ops.favor.reference import favor_attention_reference
+from protein_performer.ops.favor.rows import map_row_chunks, rows_per_chunk
 from protein_performer.ops.stabilise import key_gradient, zero_at_padding
 
 __all__ = ["favor_attention"]
@@ -142,6 +143,19 @@ def favor_attention(
         return favor_attention_reference(
             q, k, v, projection, causal=causal, kernel=kernel, key_padding_mask=key_padding_mask, chunk_size=chunk_size,
             oprf_a=oprf_a)
+    L, m = q.shape[2], projection.shape[0]
+    # chunks of (batch, head) rows (ops.favor.rows): the largest fresh tensors are the [L, m] features and,
+    # causally, the chunk states [L / chunk, m, D + 1]
+    per_row = L * m * max(1, -(-(v.shape[-1] + 1) // chunk_size) if causal else 1)
+    rows = rows_per_chunk(per_row, compute_dtype(q))
+    return map_row_chunks(lambda qc, kc, vc, mask, a: _favor_rows(qc, kc, vc, projection, causal, kernel, mask,
+                                                                   chunk_size, a),
+                          rows, q, k, v, key_padding_mask, oprf_a)
+
+
+def _favor_rows(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, causal: bool, kernel: Kernel,
+                key_padding_mask: Tensor | None, chunk_size: int, oprf_a: Tensor | None) -> Tensor:
+    """:func:`favor_attention`'s fast path on one chunk of (batch, head) rows (arguments checked)."""
     with torch.autocast(device_type=q.device.type, enabled=False):
         dtype = compute_dtype(q)
         L = q.shape[2]

@@ -46,6 +46,7 @@ from protein_performer.ops.favor.features import (
     softmax_logits,
 )
 from protein_performer.ops.favor.recurrent import FavorState, absorb_key
+from protein_performer.ops.favor.rows import map_row_chunks, rows_per_chunk
 from protein_performer.ops.rpe.window import windowed_attention_product
 from protein_performer.ops.stabilise import masked, running_max, safe_divide, shared_key_offset
 
@@ -244,34 +245,16 @@ def favor_window_attention(
     _check_window("favor_window_attention", window)
     B, H, L, D = v.shape
     rows = _rows_per_chunk(L, D, projection.shape[0], window, compute_dtype(q))
-    if rows >= B * H:
-        return _favor_window_rows(q, k, v, projection, window, causal, key_padding_mask, oprf_a)
-    step = min(rows, H)
-    # split, not slices: a slice's backward zero-fills a full-size gradient per chunk; split's cats once
-    chunks = [[x.split(step, dim=1) for x in (qb, kb, vb)] for qb, kb, vb in zip(*(x.split(1) for x in (q, k, v)))]
-    return torch.cat([
-        torch.cat([
-            _favor_window_rows(qc, kc, vc, projection, window, causal,
-                               None if key_padding_mask is None else key_padding_mask[b : b + 1],
-                               None if oprf_a is None else (oprf_a[h * step : (h + 1) * step] if oprf_a.dim() == 1
-                                                            else oprf_a[b : b + 1, h * step : (h + 1) * step]))
-            for h, (qc, kc, vc) in enumerate(zip(*chunks[b]))], dim=1)
-        for b in range(B)], dim=0)
-
-
-# Largest per-chunk tensor, in bytes. Fresh tensors above glibc's mmap threshold (at most 32 MiB) are
-# mapped and unmapped on every call: their page faults cost about as much as the pass that fills them
-# (measured: a fresh 68 MB result 34 ms, the same subtraction into an existing one 5 ms). Chunks of
-# (batch, head) rows whose tensors stay below it are served from the heap: at L = 8192, w = 64 fwd+bwd
-# is 1.4x (bidirectional) / 1.5x (causal) faster than one call over all rows.
-_CHUNK_BYTES = 8 << 20
+    return map_row_chunks(lambda qc, kc, vc, mask, a: _favor_window_rows(qc, kc, vc, projection, window, causal, mask, a),
+                          rows, q, k, v, key_padding_mask, oprf_a)
 
 
 def _rows_per_chunk(length: int, head_dim: int, nb_features: int, window: int, dtype: torch.dtype) -> int:
-    """(batch, head) rows per call so that each chunk's largest tensor (the [L, m] features, the
-    [L, 3 w] band weights, the bidirectional block states [L / w, d + 1, m]) stays within _CHUNK_BYTES."""
-    per_row = length * max(nb_features, 3 * window, -(-nb_features * (head_dim + 1) // window))
-    return max(1, _CHUNK_BYTES // (per_row * torch.finfo(dtype).bits // 8))
+    """(batch, head) rows per call (`rows.map_row_chunks`): each chunk's largest tensor (the [L, m]
+    features, the [L, 3 w] band weights, the bidirectional block states [L / w, d + 1, m]) stays within
+    `rows.CHUNK_BYTES`. At L = 8192, w = 64 fwd+bwd this is 1.4x (bidirectional) / 1.5x (causal) faster than
+    one call over all rows."""
+    return rows_per_chunk(length * max(nb_features, 3 * window, -(-nb_features * (head_dim + 1) // window)), dtype)
 
 
 def _favor_window_rows(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, window: int, causal: bool,
