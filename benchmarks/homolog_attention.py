@@ -24,10 +24,11 @@ import torch
 from protein_performer.checkpoint import load_model
 from protein_performer.homologs import (
     HomologAttention,
-    align_members,
     aligned_attention,
     homolog_window,
+    mask_later_members,
     member_aligner,
+    member_alignments,
     read_cluster_members,
     read_sequences,
     with_attention,
@@ -44,18 +45,8 @@ def measure(models: dict, alphabet, members: list[str], window_length: int, alig
     mask_rate > 0: that share of each later member's residues is replaced by <mask> (drawn from `rng`), and
     only those residues are queries: where a masked LM has to look for what it cannot see."""
     window = homolog_window(alphabet, members, window_length)
-    tokens = window.tokens
-    masked: dict[int, np.ndarray] = {}
-    if mask_rate > 0:
-        tokens = tokens.clone()
-        for later in range(1, len(window.members)):
-            masked[later] = rng.random(len(window.members[later])) < mask_rate
-            tokens[torch.as_tensor(window.starts[later] + np.flatnonzero(masked[later]))] = alphabet.mask_idx
-    alignments = {}
-    for later in range(1, len(window.members)):
-        for earlier in range(later):
-            pairs = align_members(window.members[later], window.members[earlier], aligner)
-            alignments[(later, earlier)] = pairs[masked[later][pairs[:, 0]]] if masked else pairs
+    tokens, masked = (window.tokens, None) if mask_rate == 0 else mask_later_members(alphabet, window, mask_rate, rng)
+    alignments = member_alignments(window, aligner, masked)
     return {kind: aligned_attention(attention_maps_of_tokens(model, tokens), window, alignments)
             for kind, model in models.items()}
 

@@ -1,4 +1,4 @@
-"""Rebuild data/swissprot_subset.clusters50.tsv.gz: the bundled subset's MMseqs2 clusters.
+"""Rebuild data/swissprot_subset.clusters50.tsv.gz (and clusters90): the bundled subset's MMseqs2 clusters.
 
     python data/make_subset_clusters.py data/swissprot_subset.fasta.gz CLUSTERS.tsv.gz data/swissprot_subset.clusters50.tsv.gz
 

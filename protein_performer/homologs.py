@@ -57,7 +57,9 @@ __all__ = [
     "cluster_split",
     "homolog_attention",
     "homolog_window",
+    "mask_later_members",
     "member_aligner",
+    "member_alignments",
     "read_cluster_members",
     "read_sequences",
     "with_attention",
@@ -222,9 +224,7 @@ def aligned_attention(maps: Tensor, window: HomologWindow,
         raise ValueError(f"maps must be [layers, heads, {len(window.tokens)}, {len(window.tokens)}] for this window, "
                          f"got {tuple(maps.shape)}")
     if alignments is None:
-        aligner = member_aligner()
-        alignments = {(later, earlier): align_members(window.members[later], window.members[earlier], aligner)
-                      for later in range(1, count) for earlier in range(later)}
+        alignments = member_alignments(window)
     maps = maps.double()
     shape = maps.shape[:2]
     aligned, chance, top1, share, same, aligned_where_same = (torch.zeros(shape, dtype=torch.float64) for _ in range(6))
@@ -290,16 +290,51 @@ def aligned_offset_profile(maps: Tensor, window: HomologWindow, alignments: Mapp
     return (total / counts.clamp(min=1)).numpy()
 
 
+def member_alignments(window: HomologWindow, aligner=None,
+                      masked: Mapping[int, np.ndarray] | None = None) -> dict[tuple[int, int], np.ndarray]:
+    """Aligned residue pairs of every (later, earlier) pair of the window's members (:func:`align_members`);
+    with `masked` (later member -> bool per residue, from :func:`mask_later_members`) only the pairs whose
+    later residue is masked: the queries a masked LM has to answer from context."""
+    aligner = aligner or member_aligner()
+    alignments = {}
+    for later in range(1, len(window.members)):
+        for earlier in range(later):
+            pairs = align_members(window.members[later], window.members[earlier], aligner)
+            alignments[(later, earlier)] = pairs if masked is None else pairs[masked[later][pairs[:, 0]]]
+    return alignments
+
+
+def mask_later_members(alphabet: Alphabet, window: HomologWindow, mask_rate: float,
+                       rng: np.random.Generator) -> tuple[Tensor, dict[int, np.ndarray]]:
+    """The window's tokens with a `mask_rate` share of each later member's residues (drawn from `rng`)
+    replaced by <mask>, and which (later member -> bool per residue). A masked LM's heads may look for a
+    homolog only where they cannot see the residue: measure attention from these queries."""
+    if not 0.0 <= mask_rate < 1.0:
+        raise ValueError(f"mask_rate must be in [0, 1), got {mask_rate}")
+    tokens = window.tokens.clone()
+    masked = {}
+    for later in range(1, len(window.members)):
+        masked[later] = rng.random(len(window.members[later])) < mask_rate
+        tokens[torch.as_tensor(window.starts[later] + np.flatnonzero(masked[later]))] = alphabet.mask_idx
+    return tokens, masked
+
+
 def homolog_attention(model: nn.Module, alphabet: Alphabet, sequences: Sequence[str],
-                      max_length: int | None = None) -> tuple[HomologWindow, Tensor, HomologAttention]:
+                      max_length: int | None = None, *, mask_rate: float = 0.0,
+                      seed: int = 0) -> tuple[HomologWindow, Tensor, HomologAttention]:
     """Window, maps and statistics of one cluster's members (in this order) for every layer and head.
 
     max_length: the window length (default: the model's max_length).
+    mask_rate: > 0 replaces that share of each later member's residues by <mask> (drawn with `seed`, so
+        every model given the same members and seed sees the same window) and measures only those
+        queries (:func:`mask_later_members`); the maps are then of the masked window.
     Returns (window, maps float32 [layers, heads, T, T] over all window tokens, statistics).
     """
     window = homolog_window(alphabet, sequences, max_length or model.config.max_length)
-    maps = attention_maps_of_tokens(model, window.tokens)
-    return window, maps, aligned_attention(maps, window)
+    tokens, masked = (window.tokens, None) if mask_rate == 0 else mask_later_members(
+        alphabet, window, mask_rate, np.random.default_rng(seed))
+    maps = attention_maps_of_tokens(model, tokens)
+    return window, maps, aligned_attention(maps, window, member_alignments(window, masked=masked))
 
 
 def with_attention(model: ProteinPerformer, **overrides) -> ProteinPerformer:

@@ -16,6 +16,8 @@ from protein_performer.homologs import (
     cluster_split,
     homolog_attention,
     homolog_window,
+    mask_later_members,
+    member_alignments,
     read_cluster_members,
     read_sequences,
     with_attention,
@@ -236,6 +238,31 @@ def test_homolog_attention_of_a_tiny_model_matches_the_residue_loop(alphabet, at
     np.testing.assert_allclose(stats.earlier_share, reference["share"], rtol=1e-6)
     np.testing.assert_allclose(stats.same_letter, reference["same"], rtol=1e-6)
     assert "| 2 | 1 |" in stats.to_markdown()
+
+
+def test_masked_queries_are_later_residues_shown_as_mask_and_only_they_are_measured(alphabet):
+    window = homolog_window(alphabet, [FIRST, INSERTED, FIRST[5:]], 128)
+    tokens, masked = mask_later_members(alphabet, window, 0.4, np.random.default_rng(3))
+    assert set(masked) == {1, 2} and all(0 < flags.sum() < len(flags) for flags in masked.values())
+    changed = torch.nonzero(tokens != window.tokens).flatten()
+    expected = np.concatenate([window.starts[later] + np.flatnonzero(masked[later]) for later in (1, 2)])
+    assert changed.tolist() == expected.tolist() and (tokens[changed] == alphabet.mask_idx).all()
+    everything, only_masked = member_alignments(window), member_alignments(window, masked=masked)
+    for (later, earlier), pairs in only_masked.items():
+        assert masked[later][pairs[:, 0]].all()
+        kept = everything[(later, earlier)]
+        assert len(pairs) == masked[later][kept[:, 0]].sum() < len(kept)
+    # one seed, one window: every model is measured on the same masked queries
+    model = tiny_model(alphabet, "softmax")
+    first = homolog_attention(model, alphabet, [FIRST, INSERTED, FIRST[5:]], mask_rate=0.4, seed=3)
+    again = homolog_attention(with_attention(model, attention="favor"), alphabet, [FIRST, INSERTED, FIRST[5:]],
+                              mask_rate=0.4, seed=3)
+    assert first[2].aligned_pairs == again[2].aligned_pairs == sum(len(p) for p in only_masked.values())
+    with torch.no_grad():
+        expected_maps = model(tokens[None], return_attention=True).attentions[0]
+    torch.testing.assert_close(first[1], expected_maps)
+    with pytest.raises(ValueError, match="mask_rate"):
+        mask_later_members(alphabet, window, 1.0, np.random.default_rng(0))
 
 
 def test_with_attention_keeps_the_weights_and_changes_only_the_attention(alphabet):

@@ -78,6 +78,33 @@ def test_notebook_runs_on_a_trained_checkpoint(checkpoint, name, expected_text, 
     assert figures >= min_figures
 
 
+def test_homolog_notebook_shows_two_trained_kinds_and_the_member_band(checkpoint, tmp_path_factory):
+    """A checkpoint with positions per member and FAVOR+'s band over member positions, beside a second one
+    trained with plain FAVOR+: both shown as trained, softmax swapped in, masked queries measured."""
+    from protein_performer.train import compose_config, train
+
+    run = tmp_path_factory.mktemp("member-band-run")
+    cfg = compose_config([
+        "model=tiny", "data=sample", "trainer=cpu", "logger=none", "~callbacks.lr_monitor", "test=false",
+        f"data.fasta={REPO / 'data' / 'uniprot_sample.fasta'}", f"data.cache_dir={run / 'cache'}",
+        "data.max_length=64", "data.tokens_per_batch=512", "data.num_workers=0", "model.position_scope=member",
+        "attention.exact_window=4", "attention.band_order=member",
+        "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
+        "trainer.num_sanity_val_steps=0", "+trainer.enable_model_summary=false",
+        "callbacks.progress_bar.refresh_rate=0", "optim.warmup_steps=1",
+    ], output_dir=run)
+    member_band = train(cfg).checkpoint
+    executed = run_all.execute(NOTEBOOK_DIR / "homolog_attention.ipynb", member_band, fast=True, timeout=300,
+                               env={"OMP_NUM_THREADS": "1", "PP_CHECKPOINT_2": str(checkpoint)})
+    text, figures = outputs(executed)
+    assert "FAVOR+ with member band: 2 layers" in text and "\nFAVOR+: 2 layers" in text
+    swapped = text.count("(swapped in, not trained)")
+    assert swapped > 0 and swapped == text.count("softmax (swapped in, not trained)")  # only softmax is swapped in
+    assert "the 15% of later residues shown as <mask>" in text
+    assert "FAVOR+ with member band: highest aligned lift" in text
+    assert figures >= 5  # three kinds' maps, the zoom and the profile
+
+
 def _package_imports(source: str) -> list[tuple[str, str]]:
     """(module, name) of every `from protein_performer... import name` in the code (IPython magics skipped)."""
     code = "\n".join(line for line in source.splitlines() if not line.lstrip().startswith(("%", "!")))
