@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from protein_performer.data.errors import DataError
-from protein_performer.data.fasta import GZIP, GZIP_MAGIC, GZIP_STREAM_ERRORS, accession_spans
+from protein_performer.data.fasta import GZIP, GZIP_STREAM_ERRORS, accession_spans, open_raw
 from protein_performer.data.splits import accession_hashes
 
 __all__ = ["ClusterMap", "read_clusters", "gather"]
@@ -92,13 +92,7 @@ def read_clusters(path: str | os.PathLike[str]) -> ClusterMap:
 
 def _blocks(path: Path):
     """The file's bytes in blocks of whole lines (the last ends with a newline)."""
-    try:
-        raw = open(path, "rb")
-    except OSError as error:
-        raise DataError(f"{path}: cannot open the clusters file ({error.strerror})") from None
-    with raw:
-        compressed = raw.read(2) == GZIP_MAGIC
-        raw.seek(0)
+    with open_raw(path, "the clusters file") as (raw, compressed):
         stream = GZIP.GzipFile(fileobj=raw, mode="rb") if compressed else raw
         rest = b""
         try:

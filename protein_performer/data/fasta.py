@@ -26,7 +26,7 @@ import os
 import re
 import zlib
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +50,7 @@ __all__ = [
     "parse_accession",
     "accession_spans",
     "check_fasta",
+    "open_raw",
     "open_fasta",
     "read_fasta",
     "header_line_of_record",
@@ -187,22 +188,10 @@ def open_fasta(path: Path) -> Iterator[tuple[IO[str], IO[bytes]]]:
     Checks the first 64 KiB: empty file, binary content, text before the first '>'. The raw file's
     position reports progress through the compressed bytes.
     """
-    try:
-        raw = open(path, "rb")
-    except OSError as error:
-        raise DataError(f"{path}: cannot open ({error.strerror})") from None
-    with raw:
-        compressed = raw.read(2) == GZIP_MAGIC
-        raw.seek(0)
+    with open_raw(path) as (raw, compressed):
         stream: IO[bytes] = GZIP.GzipFile(fileobj=raw, mode="rb") if compressed else raw
         buffered = io.BufferedReader(stream, _READ_BUFFER)  # type: ignore[arg-type]
-        try:
-            head = buffered.peek(_HEAD_BYTES)[:_HEAD_BYTES]
-        except EOFError as error:
-            raise truncated_gzip_error(path, error) from None
-        except (*GZIP_STREAM_ERRORS, OSError) as error:
-            raise FastaFormatError(f"{path}: not a readable gzip file ({error})") from None
-        _check_head(path, head, compressed)
+        _check_head(path, _readable(path, lambda: buffered.peek(_HEAD_BYTES)[:_HEAD_BYTES]), compressed)
         text = io.TextIOWrapper(buffered, encoding="latin-1", newline="\n")
         try:
             yield text, raw
@@ -214,24 +203,37 @@ def check_fasta(path: Path) -> None:
     """Check the start of `path` (empty, binary, text before the first '>'), as `open_fasta` does; a
     FastaFormatError (DataError if it cannot be opened) if bad. Reads only the first _HEAD_BYTES (the
     opener fills a whole read buffer: a megabyte inflated for nothing on every check of a gzip file)."""
+    with open_raw(path) as (raw, compressed):
+        if compressed:
+            with GZIP.GzipFile(fileobj=raw, mode="rb") as stream:
+                head = _readable(path, lambda: stream.read(_HEAD_BYTES))
+        else:
+            head = raw.read(_HEAD_BYTES)
+    _check_head(path, head, compressed)
+
+
+@contextmanager
+def open_raw(path: Path, what: str = "") -> Iterator[tuple[IO[bytes], bool]]:
+    """`path` open for reading bytes, and whether it is gzip (by its magic, not its name); a DataError
+    naming it (as `what`, e.g. "the clusters file") if it cannot be opened."""
     try:
         raw = open(path, "rb")
     except OSError as error:
-        raise DataError(f"{path}: cannot open ({error.strerror})") from None
+        raise DataError(f"{path}: cannot open{' ' + what if what else ''} ({error.strerror})") from None
     with raw:
         compressed = raw.read(2) == GZIP_MAGIC
         raw.seek(0)
-        try:
-            if compressed:
-                with GZIP.GzipFile(fileobj=raw, mode="rb") as stream:
-                    head = stream.read(_HEAD_BYTES)
-            else:
-                head = raw.read(_HEAD_BYTES)
-        except EOFError as error:
-            raise truncated_gzip_error(path, error) from None
-        except (*GZIP_STREAM_ERRORS, OSError) as error:
-            raise FastaFormatError(f"{path}: not a readable gzip file ({error})") from None
-    _check_head(path, head, compressed)
+        yield raw, compressed
+
+
+def _readable(path: Path, read: Callable[[], bytes]) -> bytes:
+    """read() of a file's start, a broken gzip stream reported as the FastaFormatError naming the file."""
+    try:
+        return read()
+    except EOFError as error:
+        raise truncated_gzip_error(path, error) from None
+    except (*GZIP_STREAM_ERRORS, OSError) as error:
+        raise FastaFormatError(f"{path}: not a readable gzip file ({error})") from None
 
 
 def _check_head(path: Path, head: bytes, compressed: bool) -> None:
