@@ -233,6 +233,23 @@ def test_favor_rows_in_chunks_equal_one_call(monkeypatch: pytest.MonkeyPatch, ca
     assert calls == [(1, 1)] * 6  # one (batch, head) row per call
 
 
+def test_only_cpu_rows_are_chunked() -> None:
+    """The chunking saves glibc's page faults; on another device (here "meta") the rows go in one call."""
+    from protein_performer.ops.favor.rows import map_row_chunks
+
+    calls = []
+
+    def record(q, k, v, mask, a):
+        calls.append((q.device.type, tuple(q.shape[:2])))
+        return v
+
+    for device in ("cpu", "meta"):
+        q = torch.zeros(2, 3, 5, 4, device=device)
+        out = map_row_chunks(record, 1, q, q, q, None, None)
+        assert out.shape == q.shape and out.device.type == device
+    assert calls == [("cpu", (1, 1))] * 6 + [("meta", (2, 3))]
+
+
 def test_oprf_decode_step_equals_the_parallel_forward() -> None:
     q, k, v = random_qkv(2, 2, 15, 6, seed=8)
     projection = random_projection(8, 6)

@@ -5,7 +5,8 @@ page faults cost about as much as the pass that fills them (measured: a fresh 68
 same subtraction into an existing one 5 ms). FAVOR+'s features ([L, m] per row) and the exact band's
 weights ([L, 3 w] per row) are such tensors at L = 8192. Called on chunks of rows whose largest tensor
 stays under CHUNK_BYTES, the same work runs 1.2-1.5x faster (docs/benchmarks.md). Every (batch, head)
-row is independent in these ops (their stabilisers are per row), so chunking changes no result.
+row is independent in these ops (their stabilisers are per row), so chunking changes no result. Only CPU
+tensors are chunked: CUDA's caching allocator reuses its blocks, and one call keeps its kernels large.
 """
 from __future__ import annotations
 
@@ -32,14 +33,14 @@ def map_row_chunks(function: RowFunction, rows: int, q: Tensor, k: Tensor, v: Te
                    key_padding_mask: Tensor | None, oprf_a: Tensor | None) -> Tensor:
     """function(q, k, v, key_padding_mask, oprf_a) on chunks of at most `rows` (batch, head) rows, joined.
 
-    One call when all rows fit; otherwise one batch element at a time, `min(rows, heads)` heads per call,
+    One call when all rows fit or the tensors are not on the CPU; otherwise one batch element at a time, `min(rows, heads)` heads per call,
     with each chunk's slices of the padding mask ([batch, length]) and of FAVOR++'s A ([heads] or
     [batch, heads]). Chunks are cut with `split`, not slices: a slice's backward zero-fills a full-size
     gradient per chunk; split's concatenates once.
     """
     B, H = v.shape[:2]
-    if rows >= B * H:
-        return function(q, k, v, key_padding_mask, oprf_a)
+    if rows >= B * H or q.device.type != "cpu":  # the page faults are glibc's: a GPU's caching allocator
+        return function(q, k, v, key_padding_mask, oprf_a)  # has none, and many small calls would only cost launches
     step = min(rows, H)
 
     def a_of(b: int, h: int) -> Tensor | None:
