@@ -34,13 +34,13 @@ from protein_performer.data.alphabet import DIGITS, NON_TOKEN_CODES, Alphabet, E
 from protein_performer.data.clusters import ClusterMap, gather, read_clusters
 from protein_performer.data.errors import DataError, FastaFormatError
 from protein_performer.data.fasta import (
-    GZIP_MAGIC,
     PathInput,
     accession_spans,
     check_fasta,
     digit_in_sequence_error,
     expand_inputs,
     header_line_of_record,
+    open_raw,
 )
 from protein_performer.data.fasta_chunks import (
     FastaChunk,
@@ -684,8 +684,8 @@ _STREAM_DEPTH = 4
 
 
 def _is_gzip(path: Path) -> bool:
-    with open(path, "rb") as raw:
-        return raw.read(2) == GZIP_MAGIC
+    with open_raw(path) as (_, compressed):
+        return compressed
 
 
 def _blocks(paths: list[Path], block_bytes: int | None) -> Iterator[RecordRange | tuple[Path, JoinedBytes, int, int]]:
