@@ -203,7 +203,8 @@ def settings() -> dict[str, Setting]:
         # kind gets 4x C's seconds, so that softmax trains about as many steps as in H.
         Setting("HW", "homolog windows of 8192 (whole clusters), masked LM, positions within members, equal "
                 "wall-clock", "mlm", "homologs",
-                (*homolog_cells("HW", ("softmax", "favor")), member_band_cell("HW")),
+                (*homolog_cells("HW", ("softmax", "favor")), member_band_cell("HW"),
+                 *homolog_cells("HW", ("favor_rpe", "combiner"))),
                 equal_wall_clock=True, length_factor=2, seconds_factor=4.0),
         Setting("S", "seed spread of A's softmax and favor", "mlm", "single", (
             Cell("S", "softmax", ("attention=softmax",), "softmax", reuse=("A", "softmax")),
@@ -388,15 +389,27 @@ def calibrate(setting: Setting, scale: Scale, overrides: list[str], out: Path) -
     Kinds alternate, `calibration_repeats` times; each run's rate is its median over the steps after
     the first third (throughput window: 1 step), and each kind keeps its fastest run, the one least
     disturbed by other work on the machine.
+
+    A cache that lacks some of the setting's kinds (kinds added after it was written) is extended: the
+    missing kinds are timed beside the cheapest cached kind, whose new figure is printed against its
+    cached one (a drift check of the machine), and only the missing kinds are added.
     """
     cache = out / "seconds_per_step.json"
-    if cache.is_file():
-        return json.loads(cache.read_text())
+    cached: dict[str, float] = json.loads(cache.read_text()) if cache.is_file() else {}
+    missing = [cell for cell in setting.cells if cell.name not in cached]
+    if not missing:
+        return cached
+    timed_cells = missing
+    reference = None
+    if cached:
+        names = {cell.name for cell in setting.cells}
+        reference = min((name for name in cached if name in names), key=cached.__getitem__, default=None)
+        timed_cells = [cell for cell in setting.cells if cell.name == reference] + missing
     length = setting.length(scale)
     tokens_per_step = max(1, scale.tokens_per_batch // length) * length
     best: dict[str, float] = {}
     for repeat in range(scale.calibration_repeats):
-        for cell in setting.cells:
+        for cell in timed_cells:
             run_dir = out / "calibration" / f"{cell.name}-{repeat}"
             command = train_command([*overrides, *cell.overrides, f"trainer.max_steps={scale.calibration_steps}",
                                      "trainer.limit_val_batches=0", "trainer.num_sanity_val_steps=0", "test=false",
@@ -411,9 +424,13 @@ def calibrate(setting: Setting, scale: Scale, overrides: list[str], out: Path) -
             seconds = tokens_per_step / timed[len(timed) // 2]
             best[cell.name] = min(best.get(cell.name, math.inf), seconds)
             print(f"  calibration {cell.name} #{repeat}: {seconds:.3f} s/step", flush=True)
+    if reference is not None and reference in best:
+        print(f"  calibration drift check: {reference} {best[reference]:.3f} s/step now, {cached[reference]:.3f} "
+              f"cached ({best[reference] / cached[reference]:.3f}x)", flush=True)
+    merged = {**cached, **{cell.name: best[cell.name] for cell in missing}}
     cache.parent.mkdir(parents=True, exist_ok=True)
-    cache.write_text(json.dumps(best, indent=1))
-    return best
+    cache.write_text(json.dumps(merged, indent=1))
+    return merged
 
 
 # ---- tables and figures -------------------------------------------------------------------------------
@@ -579,7 +596,8 @@ def run(plan: Plan) -> str:
         print(f"{setting.name}: {setting.title}", flush=True)
         overrides = base_overrides(setting, plan.scale, plan.fasta, cache_dir, plan.clusters)
         setting_dir = plan.out / setting.name
-        calibration = (calibrate(setting, plan.scale, overrides, setting_dir)
+        # every kind of the setting, not only those asked for: equal wall-clock means timed together
+        calibration = (calibrate(settings()[setting.name], plan.scale, overrides, setting_dir)
                        if setting.equal_wall_clock and setting.cells and not plan.report_only else {})
         results = []
         running: dict[str, dict[str, list[float]]] = {}  # report only: curves of cells still training

@@ -193,7 +193,7 @@ def test_homolog_settings_read_clusters_and_restart_positions_where_the_kind_has
 def test_hw_gives_every_kind_four_times_c_seconds_and_calibrates_on_its_own_windows(tmp_path, monkeypatch):
     hw, c = compare.settings()["HW"], compare.settings()["C"]
     assert hw.equal_wall_clock and hw.seconds(compare.FULL) == 4 * c.seconds(compare.FULL)
-    assert [cell.name for cell in hw.cells] == ["softmax", "favor", "favor_member64"]
+    assert [cell.name for cell in hw.cells] == ["softmax", "favor", "favor_member64", "favor_rpe", "combiner"]
     assert [cell.name for cell in compare.settings()["HC"].cells] == ["softmax", "favor", "favor_rpe", "combiner",
                                                                      "favor_member64"]
     # calibration times steps of one 8192-token window: the rate logged by the run gives s/step
@@ -209,8 +209,35 @@ def test_hw_gives_every_kind_four_times_c_seconds_and_calibrates_on_its_own_wind
 
     monkeypatch.setattr(compare, "run_training", fake_run)
     seconds = compare.calibrate(hw, compare.FULL, [], tmp_path / "HW")
-    assert seconds == {"softmax": 2.0, "favor": 2.0, "favor_member64": 2.0}  # 8192 tokens at 4096 tokens/s
+    assert seconds == dict.fromkeys(["softmax", "favor", "favor_member64", "favor_rpe", "combiner"], 2.0)  # 8192 / 4096
     assert len(commands) == len(hw.cells) * compare.FULL.calibration_repeats
+    assert compare.calibrate(hw, compare.FULL, [], tmp_path / "HW") == seconds  # cached: nothing runs
+    assert len(commands) == len(hw.cells) * compare.FULL.calibration_repeats
+
+
+def test_calibration_cache_missing_kinds_times_them_beside_the_cheapest_cached_kind(tmp_path, monkeypatch, capsys):
+    hw = compare.settings()["HW"]
+    out = tmp_path / "HW"
+    out.mkdir()
+    cached = {"softmax": 8.0, "favor": 1.0, "favor_member64": 1.5, "gone": 0.1}  # "gone": a cell since removed
+    (out / "seconds_per_step.json").write_text(json.dumps(cached))
+    timed = []
+
+    def fake_run(command, log):
+        run_dir = Path(next(a for a in command if a.startswith("hydra.run.dir=")).split("=", 1)[1])
+        run_dir.mkdir(parents=True, exist_ok=True)
+        timed.append(run_dir.name.rsplit("-", 1)[0])
+        (run_dir / "metrics.csv").write_text("step,train/tokens_per_sec\n" + "".join(
+            f"{i},{8192.0 / 1.1}\n" for i in range(1, 7)))
+        return 0, 1.0, 1.0
+
+    monkeypatch.setattr(compare, "run_training", fake_run)
+    seconds = compare.calibrate(hw, compare.FULL, [], out)
+    assert timed == ["favor", "favor_rpe", "combiner"] * compare.FULL.calibration_repeats
+    # cached kinds keep their figures (their runs trained with them); only the missing ones are added
+    assert seconds == {**cached, "favor_rpe": pytest.approx(1.1), "combiner": pytest.approx(1.1)}
+    assert json.loads((out / "seconds_per_step.json").read_text()) == seconds
+    assert "drift check: favor 1.100 s/step now, 1.000 cached (1.100x)" in capsys.readouterr().out
 
 
 def test_member_table_reports_later_over_first_and_the_share_of_softmax_gain():
