@@ -10,13 +10,14 @@ The exact support is whole blocks of w positions: with b(i) = i // w,
 
 which includes every |i - j| < w (and some pairs up to 2 w - 1 apart).
 
-Fast path, O(L (w d + m d)):
-- far part, per query block b, the FAVOR+ state of the key blocks away from it: bidirectionally the
-  state of all keys minus the states of blocks b - 1, b, b + 1 (per-block states phi(K_c)^T [V_c, 1],
-  plain autograd); causally the lagged prefix state of blocks <= b - 2 (the far terms of the windowed
-  favor_rpe product, `ops.rpe.window`, its band skipped: running offsets, hand-written backward);
-- exact part: each query block against its neighbour key blocks, logits [w, 3 w] (causal [w, 2 w],
-  j <= i), one autograd Function (:class:`_BandProduct`) whose backward forms the weights' gradient in place;
+Fast paths, O(L (w d + m d)):
+- bidirectional: one autograd Function with a hand-written backward (`ops.favor.window_bidirectional`):
+  per query block b, the FAVOR+ state of all keys minus the states of key blocks b - 1, b, b + 1, and the
+  exact weights of those three blocks, accumulated into one numerator;
+- causal: the far part is the lagged prefix state of blocks <= b - 2 (the far terms of the windowed
+  favor_rpe product, `ops.rpe.window`, its band skipped: running offsets, hand-written backward); the exact
+  part each query block against the previous and its own key block, logits [w, 2 w] (j <= i), one autograd
+  Function (:class:`_BandProduct`) whose backward forms the weights' gradient in place;
 - long inputs run in chunks of (batch, head) rows (``_rows_per_chunk``), so that fresh tensors stay under
   glibc's mmap threshold and come from the heap instead of costing their page faults on every call.
 The two halves live on different scales: the far product is relative to its stabilisers (query row max
@@ -47,6 +48,7 @@ from protein_performer.ops.favor.features import (
 )
 from protein_performer.ops.favor.recurrent import FavorState, absorb_key
 from protein_performer.ops.favor.rows import map_row_chunks, rows_per_chunk
+from protein_performer.ops.favor.window_bidirectional import bidirectional_window_rows
 from protein_performer.ops.rpe.window import windowed_attention_product
 from protein_performer.ops.stabilise import masked, running_max, safe_divide, shared_key_offset
 
@@ -59,10 +61,10 @@ def _check_window(where: str, window: int) -> None:
         raise ValueError(f"{where}: window (exact_window) must be a positive integer, got {window!r}.")
 
 
-def _log_far_scale(q: Tensor, k: Tensor, projection: Tensor, key_padding_mask: Tensor | None, causal: bool,
+def _log_far_scale(q: Tensor, k: Tensor, projection: Tensor, key_padding_mask: Tensor | None,
                    oprf_a: Tensor | None) -> Tensor:
-    """sigma [B, H, L]: log of the factor taking the stabilised far product to the kernel's scale (module
-    docstring). q, k zero at padding, in the compute dtype."""
+    """sigma [B, H, L]: log of the factor taking the causal far product (running key offsets) to the kernel's
+    scale (module docstring). q, k zero at padding, in the compute dtype."""
     D = q.shape[-1]
     m = projection.shape[0]
     q_scaled, k_scaled = q * D**-0.25, k * D**-0.25
@@ -75,10 +77,7 @@ def _log_far_scale(q: Tensor, k: Tensor, projection: Tensor, key_padding_mask: T
             a = oprf_a[..., None, None]
             key_logits = key_logits + 2 * a * projection.square().sum(dim=-1)
             constant = constant + 0.5 * D * torch.log(1 - 4 * oprf_a)[..., None]
-        if causal:
-            key_offset = running_max(masked(key_logits, key_padding_mask, -math.inf).amax(dim=-1))
-        else:
-            key_offset = shared_key_offset(key_logits, key_padding_mask)[..., None]
+        key_offset = running_max(masked(key_logits, key_padding_mask, -math.inf).amax(dim=-1))
         stabilisers = query_max + key_offset + constant
     return stabilisers - 0.5 * q_scaled.square().sum(dim=-1)
 
@@ -105,7 +104,7 @@ def _causal_far(q: Tensor, k: Tensor, w: Tensor, projection: Tensor, key_padding
     stabilisers) and their log scale sigma [R, n, T, 1]: the windowed product's lagged prefix states with
     one neighbour block (window T + 1: r = 1, c = 1 before), its band skipped."""
     B, H, L, _ = q.shape
-    sigma = _log_far_scale(q, k, projection, key_padding_mask, True, oprf_a)  # (B, H, L)
+    sigma = _log_far_scale(q, k, projection, key_padding_mask, oprf_a)  # (B, H, L)
     ones = torch.ones(H, 1, dtype=q.dtype, device=q.device)  # filled on the device (no host copy)
     c = torch.cat([ones, ones.new_zeros(H, 2 * block + 2)], dim=1)
     scale = 1.0 if oprf_a is None else oprf_input_scale(oprf_a)
@@ -137,52 +136,6 @@ def _neighbour_windows(x: Tensor, shifts: range) -> Tensor:
     R, n, T, F = x.shape
     padded = torch.nn.functional.pad(x.reshape(R * n * T, F), (0, 0, -shifts[0] * T, shifts[-1] * T))
     return padded.unfold(0, len(shifts) * T, T)  # (R n, F, S T)
-
-
-def _all_but_neighbours(x: Tensor) -> Tensor:
-    """out_b = sum_c x_c - x_(b-1) - x_b - x_(b+1) over the blocks of x [R, n, ...] (dim 1; a symmetric
-    map). In place on one new tensor, contiguous like x (no copy before the product)."""
-    out = x.sum(dim=1, keepdim=True) - x
-    out[:, 1:] -= x[:, :-1]
-    out[:, :-1] -= x[:, 1:]
-    return out
-
-
-class _AllButNeighbours(torch.autograd.Function):
-    """:func:`_all_but_neighbours`, differentiated by itself (the map is symmetric), without the zero
-    fills of slice backward passes."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
-        return _all_but_neighbours(x)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        return _all_but_neighbours(grad)
-
-
-def _bidirectional_far(q: Tensor, k: Tensor, w: Tensor, projection: Tensor, key_padding_mask: Tensor | None,
-                       oprf_a: Tensor | None, block: int) -> tuple[Tensor, Tensor]:
-    """Bidirectional far terms in blocks [R, n, T, E] and their log scale [R, n, T, 1]: query block b
-    reads the FAVOR+ state of all keys minus those of key blocks b - 1, b, b + 1 (per-block states
-    S_c = phi(K_c)^T W_c; the total's features, relative to the shared key offset, are all positive, so
-    the difference is the sum over the far blocks up to rounding). Plain autograd."""
-    B, H, L, _ = q.shape
-    rows = B * H
-    query_logits = softmax_logits(q, projection, oprf_a)  # (B, H, L, m)
-    key_logits = softmax_logits(k, projection, oprf_a)
-    query_max = query_logits.detach().amax(dim=-1, keepdim=True)
-    key_offset = shared_key_offset(key_logits, key_padding_mask)  # (B, H), detached
-    sigma = query_max + key_offset[..., None, None] - math.log(projection.shape[0])  # (B, H, L, 1)
-    # In place on the fresh logits (their producers' backward passes do not read them): no [R, L, m]
-    # temporaries, the exp's backward reads its own result.
-    query = _row_blocks(query_logits.sub_(query_max).exp_().reshape(rows, L, -1), block)  # (R, n, T, m)
-    key = masked(key_logits.sub_(key_offset[..., None, None]).exp_(), key_padding_mask)
-    key = _row_blocks(key.reshape(rows, L, -1), block)
-    # transposed states W_c^T phi(K_c), so that the key features' gradient comes out contiguous
-    states = _row_blocks(w.reshape(rows, L, -1), block).transpose(-1, -2) @ key  # (R, n, E, m)
-    far = query @ _AllButNeighbours.apply(states).transpose(-1, -2)  # (R, n, T, E)
-    return far, _row_blocks(sigma.reshape(rows, L, 1), block)
 
 
 class _BandProduct(torch.autograd.Function):
@@ -262,19 +215,22 @@ def _favor_window_rows(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, wind
     """:func:`favor_window_attention` on one chunk of (batch, head) rows (arguments checked)."""
     B, H, L, D = v.shape
     block = window
+    out_dtype = v.dtype  # v is cast to the compute dtype below
     with torch.autocast(device_type=q.device.type, enabled=False):
         dtype = compute_dtype(q)
         projection = projection.detach().to(dtype)
         oprf_a = None if oprf_a is None else oprf_a.detach().to(dtype)
         # Zeroed at padding first, so junk there reaches no output and no gradient (0 * NaN would).
         q, k, v = (masked(x.to(dtype), key_padding_mask) for x in (q, k, v))
+        if not causal:  # one Function with a hand-written backward (ops.favor.window_bidirectional)
+            out = bidirectional_window_rows(q, k, v, projection, window, key_padding_mask, oprf_a)
+            return masked(out, key_padding_mask).to(out_dtype)
         w = torch.cat([v, v.new_ones(B, H, L, 1)], dim=-1)  # (B, H, L, D + 1): the denominator rides along
-        far_part = _causal_far if causal else _bidirectional_far
-        far, sigma_b = far_part(q, k, w, projection, key_padding_mask, oprf_a, block)  # (R, n, T, D + 1), (R, n, T, 1)
+        far, sigma_b = _causal_far(q, k, w, projection, key_padding_mask, oprf_a, block)  # (R, n, T, D + 1), (R, n, T, 1)
 
         # exact part: each query block against its neighbour key blocks (row-major blocks [R, n, T, F])
         rows = B * H
-        shifts = range(-1, 1 if causal else 2)
+        shifts = range(-1, 1)  # causal: the previous block and the own one
         d_scale = D**-0.25
         qb = _row_blocks((q * d_scale).reshape(rows, L, D), block)  # (R, n, T, D)
         n = qb.shape[1]
@@ -292,7 +248,7 @@ def _favor_window_rows(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, wind
         total = exact + far * torch.exp(sigma_b - mu)
         out = safe_divide(total[..., :D], total[..., D])  # (R, n, T, D)
         out = masked(out.reshape(rows, -1, D)[:, :L].view(B, H, L, D), key_padding_mask)
-    return out.to(v.dtype)
+    return out.to(out_dtype)
 
 
 def implied_window_attention(
