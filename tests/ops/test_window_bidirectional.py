@@ -72,3 +72,29 @@ def test_half_precision_inputs_get_outputs_in_their_dtype(causal: bool) -> None:
     out = ops.favor_window_attention(*(x.bfloat16() for x in (q, k, v)), projection.float(), 8, causal=causal)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.double(), want, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_transposed_inputs_as_a_model_passes_them(batch: int) -> None:
+    """q, k, v as views of [batch, length, heads, dim] (how attention layers split heads) give the contiguous
+    inputs' outputs and gradients. With one batch element (or one per row chunk) the rows are a strided
+    view, not a copy."""
+    q, k, v = random_qkv(batch, 3, 24, 4, seed=11)
+    projection = random_projection(8, 4)
+    grad = torch.randn(batch, 3, 24, 4, generator=generator(12), dtype=F64)
+    results = []
+    for layout in ("contiguous", "transposed"):
+        inputs = [x.clone().requires_grad_() for x in (q, k, v)]
+        if layout == "transposed":
+            leaves = [x.detach().transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v)]
+            inputs = leaves
+            args = [x.transpose(1, 2) for x in leaves]
+            assert not args[0].is_contiguous()
+        else:
+            args = inputs
+        out = ops.favor_window_attention(*args, projection, 8)
+        out.backward(grad)
+        grads = [x.grad.transpose(1, 2) if layout == "transposed" else x.grad for x in inputs]
+        results.append([out.detach(), *grads])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-14)

@@ -180,7 +180,8 @@ def bidirectional_window_rows(q: Tensor, k: Tensor, v: Tensor, projection: Tenso
         valid = torch.ones(B, H, L, dtype=torch.bool, device=q.device) if key_padding_mask is None else (
             ~key_padding_mask)[:, None, :].expand(B, H, L)
         valid = torch.nn.functional.pad(valid.reshape(B * H, L), (0, tail), value=False)
-    q, k, v = (torch.nn.functional.pad(x.reshape(B * H, L, D), (0, 0, 0, tail)) for x in (q, k, v))
+    # contiguous rows (a model's q, k, v are often [B, L, H, D] transposed): the Function views them as blocks
+    q, k, v = (torch.nn.functional.pad(x.reshape(B * H, L, D), (0, 0, 0, tail)).contiguous() for x in (q, k, v))
     a = None if oprf_a is None else oprf_a.expand(B, H).reshape(B * H)
     out = _BidirectionalBand.apply(q, k, v, projection, valid, a, window)
     return out[:, :L].view(B, H, L, D)
